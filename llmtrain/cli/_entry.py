@@ -1,0 +1,183 @@
+"""What every llmtrain command shares: Hydra composition onto the typed schema, and one-line user errors.
+
+Each command is ``hydra_command(name, config_name, schema, task)``; ``task`` receives the typed config object
+(never a ``DictConfig``). Mistakes a user can fix -- an unknown key, a wrong type, a failed check, a
+``UserError`` -- are printed as ``<command>: error: <one line>`` with exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from llmtrain.config import register_configs
+from llmtrain.errors import UserError
+
+T = TypeVar("T")
+USER_ERROR_EXIT = 2
+CONF_DIR = os.environ.get("LLMTRAIN_CONF_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
+# Flags after which Hydra does something other than run the task once (help, printing, sweeps).
+_HYDRA_ONLY_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "-p", "--package", "-i", "--info",
+                     "-m", "--multirun", "--shell-completion", "-sc", "--resolve", "--version"}
+
+log = logging.getLogger("llmtrain")
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception and of its causes, joined: what a user needs, without a traceback."""
+    parts: list[str] = []
+    while exc is not None and len(parts) < 3:
+        lines = [line.strip() for line in str(exc).strip().splitlines()]
+        # Hydra lists the choices of a group on later lines; OmegaConf repeats its message as a $VALUE template.
+        options = _listed_options(lines)
+        if lines and lines[0] not in parts and "$VALUE" not in lines[0]:
+            parts.append(lines[0].rstrip(".") + (f"; choose one of: {', '.join(options)}" if options else ""))
+        exc = exc.__cause__ or exc.__context__
+    return ": ".join(parts) or type(exc).__name__
+
+
+def _listed_options(lines: list[str]) -> list[str]:
+    """The choices Hydra lists under 'Available options in ...:' (schema entries left out)."""
+    if not any(line.startswith("Available options") for line in lines):
+        return []
+    start = next(i for i, line in enumerate(lines) if line.startswith("Available options")) + 1
+    options = []
+    for line in lines[start:]:
+        if not line or line.startswith("Config search path"):
+            break
+        if not line.endswith("_schema"):
+            options.append(line)
+    return options
+
+
+def fail(command: str, message: str) -> NoReturn:
+    print(f"{command}: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(USER_ERROR_EXIT)
+
+
+def unknown_keys(cfg: DictConfig, schema: type, prefix: str = "") -> list[str]:
+    """Keys present in ``cfg`` that ``schema`` does not declare (``+key=`` overrides that OmegaConf keeps)."""
+    names = {f.name: f for f in dataclasses.fields(schema)}
+    found = []
+    for key in cfg.keys():
+        full = f"{prefix}{key}"
+        if key not in names:
+            found.append(full)
+            continue
+        sub_type = OmegaConf.get_type(cfg, key)
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and sub_type is not None and dataclasses.is_dataclass(sub_type):
+            found += unknown_keys(node, sub_type, prefix=f"{full}.")
+    return found
+
+
+def to_typed(cfg: DictConfig, schema: type[T]) -> T:
+    """The composed config as the schema's dataclass tree: unknown keys, missing values, failed checks -> ValueError."""
+    extra = unknown_keys(cfg, schema)
+    if extra:
+        raise ValueError(f"unknown config key(s): {', '.join(extra)} (not in {schema.__name__})")
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ValueError(f"missing required value(s): {', '.join(missing)} (add {missing[0]}=...)")
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, schema), type(obj)
+    return obj
+
+
+def _precheck(command: str, config_name: str, schema: type, argv: list[str]) -> None:
+    """Compose the config once with the Compose API so bad overrides fail as one line, not Hydra's report."""
+    from hydra import compose, initialize_config_dir
+
+    overrides = [a for a in argv if not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))]
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3", job_name=command):
+            cfg = compose(config_name=config_name, overrides=overrides)
+        to_typed(cfg, schema)
+    except (OmegaConfBaseException, ValueError, UserError) as exc:
+        fail(command, one_line(exc))
+    except Exception as exc:  # Hydra's override/composition errors have no common public base
+        if type(exc).__module__.startswith(("hydra", "omegaconf")):
+            fail(command, one_line(exc))
+        raise
+
+
+def field_docs(schema: type) -> dict[str, str]:
+    """The one-line docstring written under each field of a dataclass (read from its source)."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(schema)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, following in zip(body, body[1:], strict=False):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)):
+            docs[node.target.id] = " ".join(str(following.value.value).split())
+    return docs
+
+
+def usage(command: str, doc: str, config_name: str, schema: type) -> str:
+    """``--help``: the command's docstring, the config groups and every field with its default and meaning."""
+    lines = [doc.strip(), "", "Config groups (group=option):"]
+    for group in sorted(p for p in Path(CONF_DIR).iterdir() if p.is_dir() and p.name != "hydra"):
+        options = sorted(f.stem for f in group.glob("*.yaml"))
+        lines.append(f"  {group.name}: {', '.join(options)}")
+    lines += ["", "Settings (section.key=value):"]
+
+    def walk(cls: type, prefix: str) -> None:
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+                walk(f.default_factory, f"{prefix}{f.name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            shown = "(required)" if default == "???" else f"= {getattr(default, 'value', default)!r}"
+            lines.append(f"  {prefix}{f.name} {shown}\n      {docs.get(f.name, '')}")
+
+    walk(schema, "")
+    lines += ["", f"Print the composed config: {command} --cfg job [overrides]. Hydra's own flags: --hydra-help."]
+    return "\n".join(lines)
+
+
+def hydra_command(command: str, config_name: str, schema: type[T], task: Callable[[T], Any]) -> Callable[[], None]:
+    """Build a console-script ``main`` that composes ``conf/<config_name>.yaml`` and runs ``task(typed_cfg)``."""
+    import hydra
+
+    register_configs()
+
+    @hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")
+    def _hydra_main(cfg: DictConfig) -> None:
+        try:
+            typed = to_typed(cfg, schema)
+        except (ValueError, OmegaConfBaseException) as exc:
+            fail(command, one_line(exc))
+        try:
+            task(typed)
+        except UserError as exc:
+            fail(command, one_line(exc))
+        except KeyboardInterrupt:
+            print(f"{command}: interrupted", file=sys.stderr)
+            sys.exit(130)
+
+    def main() -> None:
+        argv = sys.argv[1:]
+        if "-h" in argv or "--help" in argv:
+            print(usage(command, sys.modules[task.__module__].__doc__ or "", config_name, schema))
+            return
+        if not _HYDRA_ONLY_FLAGS.intersection(argv):
+            _precheck(command, config_name, schema, argv)
+        sys.argv[0] = command
+        _hydra_main()
+
+    main.__doc__ = f"Entry point of `{command}`."
+    return main

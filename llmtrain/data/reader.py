@@ -1,0 +1,172 @@
+"""What every rank reads: ``(x, y)`` windows of ``block_size`` tokens from the packed shards.
+
+The training stream is defined once for the whole world: a global sample counter walks an epoch-by-epoch
+permutation of all windows (deterministic from the seed). At each step the world takes the next
+``world_size * batch_size`` samples and rank ``r`` takes the ``r``-th block of ``batch_size`` of them. So
+within an epoch the ranks' windows are disjoint and together cover it, and the state is the counter alone:
+a run resumed on another number of ranks continues the exact same global order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmtrain.data.shards import META_FILE, TOKENIZER_FILE, TokenSplit, read_meta
+from llmtrain.data.tokenizer import Tokenizer
+from llmtrain.errors import UserError
+
+
+class WindowIndex:
+    """Non-overlapping windows of ``block_size + 1`` tokens (inputs plus the shifted target) inside each shard."""
+
+    def __init__(self, split: TokenSplit, block_size: int) -> None:
+        if block_size < 1:
+            raise UserError(f"block_size={block_size} must be >= 1")
+        self.split, self.block_size = split, block_size
+        per_shard = [max(0, (len(s) - 1) // block_size) for s in split.shards]
+        self._first = np.cumsum([0] + per_shard)  # index of each shard's first window
+        self.num_windows = int(self._first[-1])
+        if self.num_windows == 0:
+            raise UserError(f"the {split.name} split has {split.num_tokens} tokens, fewer than one window of "
+                            f"block_size+1 = {block_size + 1}; use a smaller block_size or a larger corpus")
+
+    def gather(self, windows: np.ndarray) -> np.ndarray:
+        """Token ids of the given windows as an int64 array of shape (len(windows), block_size + 1)."""
+        out = np.empty((len(windows), self.block_size + 1), dtype=np.int64)
+        shard_of = np.searchsorted(self._first, windows, side="right") - 1
+        for row, (w, s) in enumerate(zip(windows, shard_of, strict=True)):
+            start = int(w - self._first[s]) * self.block_size
+            out[row] = self.split.shards[s][start: start + self.block_size + 1]
+        return out
+
+
+def to_xy(tokens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split (B, T+1) token windows into inputs (B, T) and next-token targets (B, T)."""
+    t = torch.from_numpy(tokens)
+    return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+
+class TokenWindowReader:
+    """This rank's share of the shuffled training windows, resumable from ``state_dict()``."""
+
+    def __init__(self, split: TokenSplit, block_size: int, seed: int, rank: int, world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world of {world_size}")
+        self.index = WindowIndex(split, block_size)
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.consumed_samples = 0
+        """Samples taken by the whole world so far: the reader's entire state."""
+        self._perms: dict[int, np.ndarray] = {}
+
+    @property
+    def num_windows(self) -> int:
+        return self.index.num_windows
+
+    @property
+    def epoch(self) -> float:
+        return self.consumed_samples / self.num_windows
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
+            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+        return self._perms[epoch]
+
+    def windows_at(self, samples: np.ndarray) -> np.ndarray:
+        """Window ids of global sample positions (same answer on every rank)."""
+        epochs, positions = np.divmod(samples, self.num_windows)
+        return np.array([self._permutation(int(e))[p] for e, p in zip(epochs, positions, strict=True)], dtype=np.int64)
+
+    def next_windows(self, batch_size: int) -> np.ndarray:
+        """Advance the world by one step of ``batch_size`` per rank; the window ids this rank gets."""
+        first = self.consumed_samples + self.rank * batch_size
+        self.consumed_samples += self.world_size * batch_size
+        return self.windows_at(np.arange(first, first + batch_size))
+
+    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's next ``batch_size`` windows as (x, y) of shape (batch_size, block_size)."""
+        return to_xy(self.index.gather(self.next_windows(batch_size)))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless single windows: (x, y) each of shape (block_size,)."""
+        while True:
+            x, y = self.next_batch(1)
+            yield x[0], y[0]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"consumed_samples": self.consumed_samples, "seed": self.seed,
+                "block_size": self.index.block_size, "num_windows": self.num_windows}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = self.state_dict()
+        for key in ("seed", "block_size", "num_windows"):
+            if state[key] != mine[key]:
+                raise UserError(f"the saved data-reader state has {key}={state[key]}, this run has {mine[key]}: "
+                                "the dataset or block_size changed since the checkpoint")
+        self.consumed_samples = int(state["consumed_samples"])
+
+
+class ValidationWindows:
+    """A fixed set of validation windows, spread evenly over the split; the same for any world size."""
+
+    def __init__(self, split: TokenSplit, block_size: int, max_windows: int = 0) -> None:
+        self.index = WindowIndex(split, block_size)
+        n = self.index.num_windows
+        if max_windows and max_windows < n:
+            self.windows = np.unique(np.linspace(0, n - 1, max_windows).round().astype(np.int64))
+        else:
+            self.windows = np.arange(n, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def batches(self, batch_size: int, rank: int = 0,
+                world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's share (every ``world_size``-th window) in batches; the union over ranks is the whole set."""
+        mine = self.windows[rank::world_size]
+        for start in range(0, len(mine), batch_size):
+            yield to_xy(self.index.gather(mine[start: start + batch_size]))
+
+
+class PreparedData:
+    """A folder written by ``llmtrain-prepare``: meta, tokenizer and splits."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        meta = read_meta(self.folder)
+        if meta is None:
+            raise UserError(f"data.dir={self.folder} is not a prepared dataset (no {META_FILE}); "
+                            f"run: llmtrain-prepare data.dir={self.folder}")
+        self.meta = meta
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    @property
+    def tokenizer_fingerprint(self) -> str:
+        return self.meta["tokenizer"]["sha256"]
+
+    def tokenizer(self) -> Tokenizer:
+        tokenizer = Tokenizer.load(self.folder / TOKENIZER_FILE)
+        if tokenizer.fingerprint != self.tokenizer_fingerprint:
+            raise UserError(f"{self.folder / TOKENIZER_FILE} does not match the tokenizer the shards were made with "
+                            f"(sha256 {tokenizer.fingerprint[:12]} != {self.tokenizer_fingerprint[:12]})")
+        return tokenizer
+
+    def split(self, name: str) -> TokenSplit:
+        return TokenSplit.open(self.folder, self.meta, name)
+
+    def train_reader(self, block_size: int, seed: int, rank: int, world_size: int) -> TokenWindowReader:
+        return TokenWindowReader(self.split("train"), block_size, seed, rank, world_size)
+
+    def val_windows(self, block_size: int, max_windows: int = 0) -> ValidationWindows:
+        return ValidationWindows(self.split("val"), block_size, max_windows)
+
+    def __repr__(self) -> str:
+        return f"PreparedData({self.folder}, {self.meta['splits']['train']['tokens']} train tokens)"

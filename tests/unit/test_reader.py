@@ -1,0 +1,150 @@
+"""The per-rank reader: disjoint ranks that cover each epoch, one global order for any world size, exact resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from llmtrain.data.reader import PreparedData, TokenWindowReader
+from llmtrain.errors import UserError
+
+BLOCK = 64
+
+
+@pytest.fixture(scope="module")
+def data(prepared_small) -> PreparedData:
+    return PreparedData(prepared_small)
+
+
+def readers(data: PreparedData, world_size: int, seed: int = 7) -> list[TokenWindowReader]:
+    return [data.train_reader(BLOCK, seed, rank, world_size) for rank in range(world_size)]
+
+
+def test_dataset_spans_several_shards(data):
+    split = data.split("train")
+    assert len(split.shards) >= 3, "the fixture must exercise windows in more than one shard"
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_ranks_disjoint_and_cover_the_epoch(data, world_size):
+    ranks = readers(data, world_size)
+    n = ranks[0].num_windows
+    batch = 5
+    taken: list[list[int]] = [[] for _ in ranks]
+    for _ in range(-(-n // (world_size * batch))):  # enough steps to pass the end of epoch 0
+        for r, reader in enumerate(ranks):
+            first = reader.consumed_samples + r * batch
+            ids = reader.next_windows(batch)
+            taken[r] += [w for k, w in enumerate(ids) if first + k < n]  # keep epoch-0 samples only
+    flat = [w for t in taken for w in t]
+    assert len(flat) == len(set(flat)) == n  # disjoint, and nothing repeated
+    assert sorted(flat) == list(range(n))  # together they cover every window
+    for a in range(world_size):
+        for b in range(a + 1, world_size):
+            assert not set(taken[a]) & set(taken[b])
+
+
+def test_order_is_deterministic_and_shuffled(data):
+    a = readers(data, 1, seed=3)[0].next_windows(50)
+    b = readers(data, 1, seed=3)[0].next_windows(50)
+    c = readers(data, 1, seed=4)[0].next_windows(50)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert not np.array_equal(a, np.sort(a))
+
+
+def test_same_global_order_for_any_world_size(data):
+    single = readers(data, 1)[0]
+    expected = np.concatenate([single.next_windows(12) for _ in range(10)])
+    for world_size in (2, 3, 4):
+        ranks = readers(data, world_size)
+        per_rank = 12 // world_size
+        got = np.concatenate([r.next_windows(per_rank) for _ in range(10) for r in ranks])
+        assert np.array_equal(got, expected), world_size
+
+
+def test_epochs_are_permutations_that_differ(data):
+    reader = readers(data, 1)[0]
+    n = reader.num_windows
+    e0 = reader.windows_at(np.arange(0, n))
+    e1 = reader.windows_at(np.arange(n, 2 * n))
+    assert sorted(e0) == sorted(e1) == list(range(n))
+    assert not np.array_equal(e0, e1)
+
+
+def test_tokens_are_shard_slices_and_targets_shift_by_one(data):
+    reader = readers(data, 1)[0]
+    x, y = reader.next_batch(8)
+    assert x.shape == y.shape == (8, BLOCK)
+    assert (x[:, 1:] == y[:, :-1]).all()
+    split = data.split("train")
+    flat = np.concatenate([np.asarray(s) for s in split.shards])
+    ids = reader.windows_at(np.arange(0, 8))
+    # window w of shard s starts at s's offset + (w - first window of s) * BLOCK
+    firsts = np.cumsum([0] + [(len(s) - 1) // BLOCK for s in split.shards])
+    starts = np.cumsum([0] + [len(s) for s in split.shards])
+    for row, w in enumerate(ids):
+        s = np.searchsorted(firsts, w, side="right") - 1
+        start = starts[s] + (w - firsts[s]) * BLOCK
+        assert np.array_equal(x[row].numpy(), flat[start:start + BLOCK])
+        assert np.array_equal(y[row].numpy(), flat[start + 1:start + BLOCK + 1])
+
+
+def test_resume_continues_the_same_sequence(data):
+    uninterrupted = readers(data, 1)[0]
+    expected = [uninterrupted.next_windows(4) for _ in range(12)]
+    first = readers(data, 1)[0]
+    for _ in range(7):
+        first.next_windows(4)
+    resumed = readers(data, 1)[0]
+    resumed.load_state_dict(first.state_dict())
+    got = [resumed.next_windows(4) for _ in range(5)]
+    assert len(got) == 5 and all(np.array_equal(a, b) for a, b in zip(got, expected[7:], strict=True))
+
+
+def test_resume_on_another_world_size(data):
+    """2 ranks for 3 steps, then 1 rank at the same global batch: the global sequence is unchanged."""
+    expected = readers(data, 1)[0]
+    reference = np.concatenate([expected.next_windows(4) for _ in range(6)])
+    two = readers(data, 2)
+    before = np.concatenate([r.next_windows(2) for _ in range(3) for r in two])
+    state = two[0].state_dict()
+    assert two[1].state_dict() == state  # every rank holds the same global state
+    one = readers(data, 1)[0]
+    one.load_state_dict(state)
+    after = np.concatenate([one.next_windows(4) for _ in range(3)])
+    assert np.array_equal(np.concatenate([before, after]), reference)
+    # and back from 1 to 3 ranks
+    three = readers(data, 3)
+    for r in three:
+        r.load_state_dict(one.state_dict())
+    more = np.concatenate([r.next_windows(2) for r in three])
+    assert np.array_equal(more, expected.next_windows(6))
+
+
+def test_state_from_another_dataset_is_refused(data):
+    state = readers(data, 1)[0].state_dict()
+    other = data.train_reader(BLOCK * 2, 7, 0, 1)
+    with pytest.raises(UserError, match="block_size"):
+        other.load_state_dict(state)
+
+
+@pytest.mark.parametrize("max_windows", [0, 10])
+def test_validation_windows_identical_for_any_world_size(data, max_windows):
+    val = data.val_windows(BLOCK, max_windows)
+    assert len(val) == (max_windows or val.index.num_windows)
+
+    def all_rows(world_size):
+        rows = [x for r in range(world_size) for x, _ in val.batches(3, r, world_size)]
+        return sorted(map(tuple, np.concatenate([x.numpy() for x in rows]).tolist()))
+
+    reference = all_rows(1)
+    assert len(reference) == len(val)
+    for world_size in (2, 3):
+        assert all_rows(world_size) == reference
+
+
+def test_split_shorter_than_one_window_is_refused(data):
+    tokens = data.split("val").num_tokens
+    with pytest.raises(UserError, match=f"the val split has {tokens} tokens, fewer than one window"):
+        data.val_windows(tokens + 10)
