@@ -43,6 +43,44 @@ class TextUnit(str, Enum):
     line = "line"
 
 
+class Norm(str, Enum):
+    layernorm = "layernorm"
+    rmsnorm = "rmsnorm"
+
+
+class MLP(str, Enum):
+    gelu = "gelu"
+    swiglu = "swiglu"
+
+
+class Positions(str, Enum):
+    learned = "learned"
+    rope = "rope"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class OptimizerName(str, Enum):
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+class Decay(str, Enum):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+class WandbMode(str, Enum):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
 def raise_problems(problems: list[str], section: str) -> None:
     """Raise one ``ValueError`` listing every problem found in a section (no-op when there are none)."""
     if problems:
@@ -120,6 +158,247 @@ class DataConfig:
 
 
 @dataclass(kw_only=True)
+class ModelConfig:
+    """A decoder-only Transformer (``model=<preset>`` picks a file in conf/model/)."""
+
+    name: str = "custom"
+    """Preset name, for logs and exports."""
+    n_layer: int = 4
+    """Number of Transformer blocks."""
+    n_head: int = 4
+    """Attention heads (query heads)."""
+    n_kv_head: int = 0
+    """Key/value heads for grouped-query attention; 0 = n_head (plain multi-head attention)."""
+    n_embd: int = 128
+    """Residual stream width."""
+    block_size: int = 256
+    """Context length in tokens."""
+    vocab_size: int = 0
+    """Vocabulary size; 0 = take it from the prepared dataset (the usual case)."""
+    norm: Norm = Norm.layernorm
+    """Normalization: layernorm | rmsnorm."""
+    norm_eps: float = 1e-5
+    """Epsilon of the norms."""
+    mlp: MLP = MLP.gelu
+    """Feed-forward: gelu (4x width) | swiglu (gated, hidden width mlp_hidden)."""
+    mlp_hidden: int = 0
+    """Feed-forward hidden width; 0 = 4*n_embd for gelu, 8/3*n_embd rounded up to a multiple of 64 for swiglu."""
+    pos: Positions = Positions.learned
+    """Positions: learned absolute embeddings | rope (rotary)."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    tie_embeddings: bool = True
+    """Share the token embedding with the output head."""
+    dropout: float = 0.0
+    """Dropout on attention weights, residual branches and embeddings."""
+    bias: bool = False
+    """Biases in linear layers and norms."""
+    init_std: float = 0.02
+    """Standard deviation of the weight init; residual projections get init_std / sqrt(2 * n_layer)."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        kv = self.n_kv_head or self.n_head
+        if min(self.n_layer, self.n_head, self.n_embd, self.block_size) < 1:
+            problems.append("model.n_layer, n_head, n_embd and block_size must be >= 1")
+        elif self.n_embd % self.n_head:
+            problems.append(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
+        elif self.n_head % kv:
+            problems.append(f"model.n_head={self.n_head} must be divisible by model.n_kv_head={kv}")
+        elif self.pos == Positions.rope and (self.n_embd // self.n_head) % 2:
+            problems.append(f"model.pos=rope needs an even head size, got {self.n_embd // self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"model.dropout={self.dropout} must be in [0, 1)")
+        if self.vocab_size < 0:
+            problems.append(f"model.vocab_size={self.vocab_size} must be >= 0")
+        raise_problems(problems, "model")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def hidden(self) -> int:
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        if self.mlp == MLP.swiglu:
+            return -(-int(8 * self.n_embd / 3) // 64) * 64
+        return 4 * self.n_embd
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    name: OptimizerName = OptimizerName.adamw
+    """adamw (DeepSpeed's CPU Adam when the optimizer is offloaded) | sgd (with momentum)."""
+    lr: float = 1e-3
+    """Peak learning rate, reached after warmup_steps."""
+    min_lr_ratio: float = 0.1
+    """The schedule decays to lr * min_lr_ratio at train.max_steps."""
+    warmup_steps: int = 100
+    """Linear warm-up from 0 over this many optimizer steps."""
+    decay: Decay = Decay.cosine
+    """After warm-up: cosine | linear | constant."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to weight matrices and embeddings only (not to norms or biases)."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.95
+    """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.lr <= 0:
+            problems.append(f"optim.lr={self.lr} must be > 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            problems.append(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if self.warmup_steps < 0:
+            problems.append(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        if self.grad_clip < 0:
+            problems.append(f"optim.grad_clip={self.grad_clip} must be >= 0")
+        raise_problems(problems, "optim")
+
+
+@dataclass(kw_only=True)
+class TrainLoopConfig:
+    """Steps, batch sizes, evaluation, checkpoints and logging cadence."""
+
+    max_steps: int = 1000
+    """Optimizer steps to train for."""
+    global_batch_size: int = 32
+    """Sequences per optimizer step over all ranks = micro_batch_size x grad accumulation x data-parallel ranks."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward on one rank."""
+    seed: int = 1337
+    """Seed of the model init and the data order."""
+    eval_every: int = 100
+    """Evaluate on the fixed validation windows every N steps (0 = only at the end)."""
+    eval_windows: int = 200
+    """Validation windows per evaluation (0 = all), spread evenly over the val split."""
+    checkpoint_every: int = 200
+    """Save a checkpoint every N steps (0 = only at the end)."""
+    keep_checkpoints: int = 2
+    """Keep the newest K complete checkpoints."""
+    log_every: int = 10
+    """Log metrics every N steps."""
+    max_nonfinite_steps: int = 5
+    """Stop after this many consecutive steps with a non-finite loss (each is skipped)."""
+    stop_at_step: int = 0
+    """Save a checkpoint and stop at this step (0 = never); the schedule still spans max_steps."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "keep_checkpoints",
+                     "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                problems.append(f"train.{name}={getattr(self, name)} must be >= 1")
+        for name in ("eval_every", "eval_windows", "checkpoint_every", "stop_at_step"):
+            if getattr(self, name) < 0:
+                problems.append(f"train.{name}={getattr(self, name)} must be >= 0")
+        if self.micro_batch_size > 0 and self.global_batch_size % self.micro_batch_size:
+            problems.append(f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                            f"train.micro_batch_size={self.micro_batch_size}")
+        raise_problems(problems, "train")
+
+
+@dataclass(kw_only=True)
+class DistConfig:
+    """Data parallelism under DeepSpeed ZeRO."""
+
+    zero_stage: int = 0
+    """ZeRO stage: 0 (plain data parallel) | 1 (optimizer states sharded) | 2 (+ gradients) | 3 (+ parameters)."""
+    offload_optimizer: bool = False
+    """Keep optimizer states (and the update) on the CPU; needs zero_stage >= 1."""
+    offload_params: bool = False
+    """Keep parameters on the CPU; needs zero_stage = 3."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass (memory for compute)."""
+    backend: str = "auto"
+    """torch.distributed backend: auto (nccl with CUDA, gloo otherwise) | nccl | gloo."""
+    timeout_s: int = 600
+    """Collective timeout: a lost rank ends the job after this many seconds instead of hanging."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.zero_stage not in (0, 1, 2, 3):
+            problems.append(f"dist.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+        if self.offload_optimizer and self.zero_stage < 1:
+            problems.append("dist.offload_optimizer=true needs dist.zero_stage >= 1")
+        if self.offload_params and self.zero_stage != 3:
+            problems.append("dist.offload_params=true needs dist.zero_stage=3")
+        if self.backend not in ("auto", "nccl", "gloo"):
+            problems.append(f"dist.backend={self.backend} must be auto, nccl or gloo")
+        raise_problems(problems, "dist")
+
+
+@dataclass(kw_only=True)
+class WandbConfig:
+    """Weights & Biases logging (rank 0 only)."""
+
+    mode: WandbMode = WandbMode.disabled
+    """online (needs `wandb login`) | offline (synced later with `wandb sync`) | disabled."""
+    project: str = "llmtrain"
+    """wandb project."""
+    entity: str | None = None
+    """wandb entity (team or user); None = your default."""
+    name: str | None = None
+    """Run name; None = the name of run.dir."""
+    group: str | None = None
+    """Run group, e.g. to compare several runs."""
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Where a training run lives."""
+
+    dir: str = MISSING
+    """Run folder: checkpoints, metrics.jsonl, config.yaml, wandb files. Re-running resumes from it."""
+    resume: bool = True
+    """Continue from the newest complete checkpoint in run.dir when there is one."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Root of ``llmtrain-train``."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """The prepared dataset (prepared first, from these settings, when data.dir holds none)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model architecture."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    """The training loop."""
+    dist: DistConfig = field(default_factory=DistConfig)
+    """Data parallelism."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """wandb logging."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """The run folder."""
+    precision: Precision = Precision.bf16
+    """fp32 | bf16 | fp16 (fp16 needs CUDA; dynamic loss scaling)."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.dist.offload_optimizer and self.optim.name == OptimizerName.sgd:
+            problems.append("dist.offload_optimizer=true works with optim.name=adamw only (DeepSpeed's CPU Adam)")
+        if self.model.vocab_size and self.model.vocab_size < 260:
+            problems.append(f"model.vocab_size={self.model.vocab_size} is below the tokenizer's minimum of 260")
+        raise_problems(problems, "training")
+
+
+@dataclass(kw_only=True)
 class PrepareConfig:
     """Root of ``llmtrain-prepare``."""
 
@@ -147,3 +426,5 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="prepare_schema", node=PrepareConfig)
     cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)

@@ -133,6 +133,15 @@ class ValidationWindows:
             yield to_xy(self.index.gather(mine[start: start + batch_size]))
 
 
+def unigram_entropy(split: TokenSplit, vocab_size: int) -> float:
+    """Entropy in nats of the split's own token frequencies: what a model that ignores context can reach."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for shard in split.shards:
+        counts += np.bincount(np.asarray(shard), minlength=vocab_size)[:vocab_size]
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
 class PreparedData:
     """A folder written by ``llmtrain-prepare``: meta, tokenizer and splits."""
 

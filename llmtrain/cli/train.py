@@ -1,0 +1,35 @@
+"""Train a GPT under DeepSpeed ZeRO; re-running the same command resumes from the newest complete checkpoint.
+
+    llmtrain-train data.dir=data/stdlib run.dir=runs/small model=small
+    torchrun --nproc_per_node 2 -m llmtrain.cli.train data.dir=data/stdlib run.dir=runs/z2 dist.zero_stage=2
+    deepspeed --num_gpus 8 -m llmtrain.cli.train data.dir=... run.dir=... model=gpt2-124m precision=bf16
+
+A data.dir that holds no prepared dataset is prepared first from the data.* settings (default: the stdlib).
+"""
+
+from __future__ import annotations
+
+from llmtrain.cli._entry import hydra_command
+from llmtrain.config import TrainConfig
+
+
+def run(cfg: TrainConfig) -> None:
+    from llmtrain.dist.env import shutdown
+    from llmtrain.train.trainer import Trainer
+
+    try:
+        trainer = Trainer(cfg)
+        result = trainer.fit()
+        if trainer.env.is_main and result.stopped_early:
+            print(f"stopped at step {result.steps} with a checkpoint in {cfg.run.dir}; re-run to continue", flush=True)
+        elif trainer.env.is_main:
+            print(f"step {result.steps}: val_loss {result.val_loss:.4f} (ppl {result.val_ppl:.2f}) vs unigram entropy "
+                  f"of the val tokens {result.unigram_entropy:.4f}; {result.skipped_steps} skipped step(s)", flush=True)
+    finally:
+        shutdown()
+
+
+main = hydra_command("llmtrain-train", "train", TrainConfig, run)
+
+if __name__ == "__main__":
+    main()

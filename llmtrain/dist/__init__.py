@@ -1,0 +1,1 @@
+"""Process-group / launcher environment and the DeepSpeed wrapping (the only distributed code)."""

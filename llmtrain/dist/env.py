@@ -1,0 +1,98 @@
+"""The launcher's environment, read in one place: rank, world size, device, backend.
+
+Works the same under ``torchrun``, the ``deepspeed`` launcher, ``srun`` and as a plain single process
+(then a one-rank group on a free loopback port is made). On a host without CUDA, DeepSpeed's CPU
+accelerator is selected before DeepSpeed is imported, so users set nothing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+from llmtrain.errors import UserError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launcher_vars() -> tuple[int, int, int, int]:
+    """RANK/LOCAL_RANK/WORLD_SIZE from torchrun or the deepspeed launcher; a single process otherwise."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", str(world))))
+    return rank, local_rank, world, local_world
+
+
+def select_accelerator() -> bool:
+    """Tell DeepSpeed to use its CPU accelerator when there is no CUDA (must run before importing deepspeed)."""
+    has_cuda = torch.cuda.is_available()
+    if not has_cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return has_cuda
+
+
+def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistEnv:
+    """Join (or make) the process group; pick the device and the CPU threads of this rank."""
+    has_cuda = select_accelerator()
+    rank, local_rank, world, local_world = _launcher_vars()
+    if backend == "auto":
+        backend = "nccl" if has_cuda else "gloo"
+    if backend == "nccl" and not has_cuda:
+        raise UserError("dist.backend=nccl needs CUDA; this host has none (use dist.backend=auto or gloo)")
+    if has_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        if "OMP_NUM_THREADS" not in os.environ:  # ranks on one host share its cores instead of oversubscribing
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    import deepspeed
+
+    quiet_deepspeed()
+    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+                               verbose=False)
+    return DistEnv(rank, local_rank, world, local_world, device, backend)
+
+
+def quiet_deepspeed() -> None:
+    """DeepSpeed logs every set-up detail at INFO on every rank; keep its warnings only."""
+    import logging
+    import warnings
+
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    # DeepSpeed's ZeRO calls a c10d function that torch deprecated (harmless; upstream's to update).
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*is deprecated", category=FutureWarning)
+
+
+def shutdown() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,1 @@
+"""The synchronous trainer and its components: optimizer + schedule, checkpoints, metrics."""

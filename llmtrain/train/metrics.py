@@ -1,0 +1,105 @@
+"""Metrics on rank 0: a progress bar, ``metrics.jsonl`` and wandb; MFU against a known or measured peak.
+
+MFU = achieved model FLOPs / peak FLOPs, with training FLOPs per token = 6N + 12*L*H*Q*T (PaLM appendix B,
+as in nanoGPT; N = non-embedding parameters) -- activation recomputation is not counted as useful work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from llmtrain.config import WandbConfig, WandbMode
+
+log = logging.getLogger("llmtrain")
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, SXM parts.
+KNOWN_BF16_PEAKS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
+
+
+def measure_matmul_peak(dtype: torch.dtype, device: torch.device, size: int = 2048, seconds: float = 1.0) -> float:
+    """FLOP/s of repeated (size x size) @ (size x size) matmuls: the attainable peak on this host."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    for _ in range(2):
+        a @ b  # warm-up
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * n / (time.perf_counter() - start)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """The peak FLOP/s of one device for MFU, and where the number came from."""
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        name = torch.cuda.get_device_name(device)
+        for key, flops in KNOWN_BF16_PEAKS.items():
+            if key in name:
+                return flops, f"{name} data sheet"
+    flops = measure_matmul_peak(dtype, device)
+    return flops, f"measured {dtype} matmul on {device.type}"
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class MetricsLogger:
+    """Writes on rank 0 only; every other rank gets a logger that does nothing."""
+
+    def __init__(self, run_dir: Path, enabled: bool, wandb_cfg: WandbConfig, config: dict[str, Any],
+                 total_steps: int, start_step: int) -> None:
+        self.enabled = enabled
+        self.wandb = None
+        self.bar = None
+        if not enabled:
+            return
+        self.path = run_dir / "metrics.jsonl"
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        if wandb_cfg.mode != WandbMode.disabled:
+            self.wandb = self._start_wandb(run_dir, wandb_cfg, config)
+
+    @staticmethod
+    def _start_wandb(run_dir: Path, cfg: WandbConfig, config: dict[str, Any]):
+        import wandb
+
+        id_file = run_dir / "wandb_id.txt"  # the same wandb run continues after an auto-resume
+        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        id_file.write_text(run_id)
+        return wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or run_dir.name, group=cfg.group,
+                          id=run_id, resume="allow", dir=str(run_dir), mode=cfg.mode.value, config=config)
+
+    def log(self, step: int, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **row}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(row, step=step)
+        if self.bar is not None and "loss" in row:
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row.get('tokens_per_s', 0):,.0f}", refresh=False)
+        if "val_loss" in row:
+            log.info("step %d: val_loss %.4f, val_ppl %.2f", step, row["val_loss"], row["val_ppl"])
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()

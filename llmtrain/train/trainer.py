@@ -1,0 +1,299 @@
+"""The synchronous trainer: a GPT under DeepSpeed ZeRO, with exact resume, evaluation and metrics.
+
+    llmtrain-train data.dir=data/stdlib run.dir=runs/small model=small
+    torchrun --nproc_per_node 2 -m llmtrain.cli.train data.dir=data/stdlib run.dir=runs/z2 model=small dist.zero_stage=2
+
+``Trainer.__init__`` builds its components in a fixed order (each needs the ones above it); ``fit`` runs the
+loop. Alternative training modes subclass ``Trainer`` rather than branching inside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from llmtrain.config import Precision, TrainConfig, to_plain
+from llmtrain.dist.deepspeed import build_ds_config, initialize
+from llmtrain.dist.env import DistEnv, init_distributed
+from llmtrain.errors import UserError
+from llmtrain.model import GPT
+from llmtrain.train.checkpoint import Checkpointer
+from llmtrain.train.metrics import MetricsLogger, peak_flops, peak_memory_gb
+from llmtrain.train.optim import build_optimizer, lr_at, set_lr
+
+log = logging.getLogger("llmtrain")
+# Model fields that may change between a checkpoint and its resumption (they change no tensor shape).
+RESUMABLE_MODEL_CHANGES = ("name", "dropout")
+DTYPES = {Precision.fp32: torch.float32, Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}
+
+
+@dataclass
+class TrainResult:
+    """What ``fit`` returns: per-step losses of this invocation and the final validation numbers."""
+
+    losses: dict[int, float] = field(default_factory=dict)
+    val_loss: float = float("nan")
+    val_ppl: float = float("nan")
+    unigram_entropy: float = float("nan")
+    steps: int = 0
+    skipped_steps: int = 0
+    stopped_early: bool = False
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        # 1. Distributed environment: every component below takes rank / world size from it.
+        self.env: DistEnv = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
+        self._check_hardware()
+        # 2. The run folder, the same path on every rank (it comes from the config, never from a clock).
+        self.run_dir = Path(cfg.run.dir).expanduser().resolve()
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        # 3. Data: prepared by rank 0 when data.dir holds none yet; then opened by all.
+        self.data = self._open_data()
+        # 4. Model: vocabulary from the dataset, identical initial weights on every rank (same seed).
+        self.model_cfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or self.data.vocab_size)
+        if self.model_cfg.vocab_size != self.data.vocab_size:
+            raise UserError(f"model.vocab_size={self.model_cfg.vocab_size} but the tokenizer of {cfg.data.dir} has "
+                            f"{self.data.vocab_size} tokens; leave model.vocab_size=0 to take it from the data")
+        torch.manual_seed(cfg.train.seed)
+        model = GPT(self.model_cfg)
+        model.activation_checkpointing = cfg.dist.activation_checkpointing
+        self.num_params = model.num_params()
+        self.flops_per_token = model.flops_per_token()
+        # 5. Optimizer and the DeepSpeed engine (ZeRO stage, precision, accumulation, clipping).
+        self.ds_config = build_ds_config(cfg, self.env.world_size)
+        self.grad_accum = self.ds_config["gradient_accumulation_steps"]
+        optimizer = build_optimizer(cfg.optim, model, cfg.dist.offload_optimizer, self.env.device)
+        self.engine = initialize(model, optimizer, self.ds_config)
+        # 6. Data readers: this rank's training windows; the fixed validation set.
+        block = self.model_cfg.block_size
+        self.reader = self.data.train_reader(block, cfg.train.seed, self.env.rank, self.env.world_size)
+        self.val = self.data.val_windows(block, cfg.train.eval_windows)
+        # 7. Checkpoints, and auto-resume from the newest complete one.
+        self.checkpointer = Checkpointer(self.run_dir, self.env.rank, self.env.world_size, cfg.dist.zero_stage,
+                                         cfg.train.keep_checkpoints)
+        self.step, self.tokens_seen, self.skipped_steps = 0, 0, 0
+        if cfg.run.resume:
+            self._resume()
+        self.config_yaml = yaml.safe_dump(to_plain(cfg), sort_keys=False)
+        if self.env.is_main:
+            (self.run_dir / "config.yaml").write_text(self.config_yaml)
+        # 8. Metrics (rank 0 writes), with the peak FLOP/s that MFU is measured against.
+        self.peak_flops, peak_source = peak_flops(self.env.device, DTYPES[cfg.precision])
+        self.metrics = MetricsLogger(self.run_dir, self.env.is_main, cfg.wandb, to_plain(cfg), cfg.train.max_steps,
+                                     self.step)
+        self._stop_requested = False
+        if self.env.is_main:
+            log.info("model %s: %.2fM parameters (non-embedding), %.3g FLOPs/token; ZeRO-%d, %s, %d rank(s) on %s, "
+                     "global batch %d = %d micro x %d accumulation x %d ranks; peak %.3g FLOP/s (%s)",
+                     self.model_cfg.name, self.num_params / 1e6, self.flops_per_token, cfg.dist.zero_stage,
+                     cfg.precision.value, self.env.world_size, self.env.device.type, cfg.train.global_batch_size,
+                     cfg.train.micro_batch_size, self.grad_accum, self.env.world_size, self.peak_flops, peak_source)
+
+    # -- set-up helpers -------------------------------------------------------------------------------------
+    def _check_hardware(self) -> None:
+        if self.cfg.precision == Precision.fp16 and self.env.device.type != "cuda":
+            raise UserError("precision=fp16 needs a CUDA GPU; on CPU use precision=bf16 or precision=fp32")
+
+    def _open_data(self):
+        from llmtrain.data.reader import PreparedData
+        from llmtrain.data.shards import read_meta
+
+        if self.env.is_main and read_meta(self.cfg.data.dir) is None:
+            from llmtrain.data.prepare import prepare
+
+            log.info("%s holds no prepared dataset: preparing it first (data=%s)", self.cfg.data.dir,
+                     self.cfg.data.source.value)
+            prepare(self.cfg.data)
+        dist.barrier()
+        return PreparedData(self.cfg.data.dir)
+
+    def _client_state(self) -> dict[str, Any]:
+        # Under one key of our own: DeepSpeed drops client keys that clash with its own (e.g. skipped_steps).
+        return {"llmtrain": {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
+                             "reader": self.reader.state_dict(), "tokenizer_sha256": self.data.tokenizer_fingerprint,
+                             "model": to_plain(self.model_cfg), "seed": self.cfg.train.seed}}
+
+    def _resume(self) -> None:
+        loaded = self.checkpointer.load_latest(self.engine)
+        if loaded is None:
+            return
+        client = loaded["llmtrain"]
+        if client["tokenizer_sha256"] != self.data.tokenizer_fingerprint:
+            raise UserError(f"the checkpoint in {self.run_dir} was trained with another tokenizer (sha256 "
+                            f"{client['tokenizer_sha256'][:12]}, data.dir has {self.data.tokenizer_fingerprint[:12]}); "
+                            "use the same data.dir or a new run.dir")
+        mine = to_plain(self.model_cfg)
+        changed = [f"{k}: {v} -> {mine[k]}" for k, v in client["model"].items()
+                   if k not in RESUMABLE_MODEL_CHANGES and mine.get(k) != v]
+        if changed:
+            raise UserError(f"the checkpoint in {self.run_dir} has another model shape ({', '.join(changed)}); "
+                            "use a new run.dir")
+        self.step, self.tokens_seen = client["step"], client["tokens_seen"]
+        self.skipped_steps = client["skipped_steps"]
+        self.reader.load_state_dict(client["reader"])
+
+    # -- the loop -------------------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        cfg, result = self.cfg.train, TrainResult(unigram_entropy=self.unigram_entropy())
+        tokens_per_step = cfg.global_batch_size * self.model_cfg.block_size
+        consecutive_nonfinite, interval_start, interval_steps = 0, time.perf_counter(), 0
+        previous_handlers = self._catch_stop_signals()
+        try:
+            while self.step < cfg.max_steps:
+                loss, grad_norm, applied = self.train_step()
+                self.step += 1
+                self.tokens_seen += tokens_per_step
+                interval_steps += 1
+                result.losses[self.step] = loss
+                if not applied:
+                    self.skipped_steps += 1
+                    consecutive_nonfinite = consecutive_nonfinite + 1 if not math.isfinite(loss) else 0
+                    log.warning("step %d skipped (loss %s, grad norm %s)", self.step, loss, grad_norm)
+                    if consecutive_nonfinite >= cfg.max_nonfinite_steps:
+                        raise UserError(f"{consecutive_nonfinite} steps in a row had a non-finite loss (last at step "
+                                        f"{self.step}); stopping. The last good checkpoint in {self.run_dir} is "
+                                        "intact: lower optim.lr or check the data")
+                else:
+                    consecutive_nonfinite = 0
+                self.metrics.advance()
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    elapsed = time.perf_counter() - interval_start
+                    tokens_per_s = interval_steps * tokens_per_step / elapsed
+                    self._log_step(loss, grad_norm, tokens_per_s, elapsed / interval_steps)
+                    interval_start, interval_steps = time.perf_counter(), 0
+                last = self.step == cfg.max_steps
+                if last or (cfg.eval_every and self.step % cfg.eval_every == 0):
+                    result.val_loss = self.evaluate()
+                    result.val_ppl = math.exp(min(result.val_loss, 50))
+                    self.metrics.log(self.step, {"val_loss": result.val_loss, "val_ppl": result.val_ppl})
+                stop = self._agree_to_stop() or self.step == cfg.stop_at_step
+                if last or stop or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+                    self.checkpointer.save(self.engine, self.step, self._client_state(), self.config_yaml)
+                if stop and not last:
+                    result.stopped_early = True
+                    log.info("stopped at step %d with a checkpoint; re-run the same command to continue", self.step)
+                    break
+        finally:
+            self._restore_signals(previous_handlers)
+            self.metrics.close()
+        result.steps, result.skipped_steps = self.step, self.skipped_steps
+        return result
+
+    def train_step(self) -> tuple[float, float, bool]:
+        """One optimizer step over ``grad_accum`` micro-batches; (global mean loss, grad norm, applied)."""
+        cfg, engine = self.cfg, self.engine
+        set_lr(engine.optimizer, lr_at(self.step, cfg.optim, cfg.train.max_steps))
+        losses = []
+        for micro in range(self.grad_accum):
+            # Dropout masks depend only on (seed, step, micro-step, rank): resuming needs no RNG state.
+            torch.manual_seed(hash((cfg.train.seed, self.step, micro, self.env.rank)) % (1 << 62))
+            x, y = self.reader.next_batch(cfg.train.micro_batch_size)
+            _, loss = engine(x.to(engine.device), y.to(engine.device))
+            engine.backward(loss)
+            losses.append(loss.detach().float())
+            if micro == self.grad_accum - 1:
+                global_loss = self._global_mean(torch.stack(losses).mean())
+                if not math.isfinite(global_loss):
+                    self._discard_gradients()
+                local_norm = self._full_grad_norm()
+            engine.step()  # applies the update at the accumulation boundary only
+        grad_norm = engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else local_norm
+        applied = math.isfinite(global_loss) and engine.was_step_applied()
+        return global_loss, grad_norm, applied
+
+    def _full_grad_norm(self) -> float:
+        """Gradient norm before clipping when gradients are whole on every rank (ZeRO-0); DeepSpeed reports
+        it itself for ZeRO 1-3 and bf16."""
+        if self.cfg.dist.zero_stage != 0:
+            return float("nan")
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else float("nan")
+
+    def _discard_gradients(self) -> None:
+        """Make the coming update a no-op. ZeRO 1-3, bf16 and fp16 skip non-finite gradients themselves; plain
+        data parallelism in fp32 hands gradients to the torch optimizer, which skips parameters without one."""
+        if self.cfg.dist.zero_stage == 0 and self.cfg.precision == Precision.fp32:
+            for p in self.engine.module.parameters():
+                p.grad = None
+
+    def _agree_to_stop(self) -> bool:
+        """A signal reaches some ranks only: stop when any rank was asked to, all at the same step."""
+        flag = torch.tensor([float(self._stop_requested)], device=self.engine.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _global_mean(self, value: torch.Tensor) -> float:
+        value = value.to(self.engine.device)
+        dist.all_reduce(value)
+        return value.item() / self.env.world_size
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean next-token loss over the fixed validation windows; the same number for any world size."""
+        self.engine.eval()
+        bs = self.cfg.train.micro_batch_size
+        batches = list(self.val.batches(bs, self.env.rank, self.env.world_size))
+        # ZeRO-3 gathers parameters inside forward, so every rank must run the same number of forwards.
+        num_batches = math.ceil(math.ceil(len(self.val) / self.env.world_size) / bs)
+        totals = torch.zeros(2, dtype=torch.float64, device=self.engine.device)
+        for i in range(num_batches):
+            x, y = batches[min(i, len(batches) - 1)] if batches else next(self.val.batches(bs, 0, 1))
+            _, loss = self.engine(x.to(self.engine.device), y.to(self.engine.device))
+            if i < len(batches):
+                totals += torch.tensor([loss.double().item() * y.numel(), y.numel()], dtype=torch.float64,
+                                       device=self.engine.device)
+        dist.all_reduce(totals)
+        self.engine.train()
+        return (totals[0] / totals[1]).item()
+
+    def unigram_entropy(self) -> float:
+        """Entropy (nats/token) of the validation tokens' own unigram distribution: the loss to beat."""
+        from llmtrain.data.reader import unigram_entropy
+
+        return unigram_entropy(self.data.split("val"), self.data.vocab_size)
+
+    def _log_step(self, loss: float, grad_norm: float, tokens_per_s: float, step_time: float) -> None:
+        optimizer = self.engine.optimizer
+        row = {
+            "loss": loss,
+            "lr": optimizer.param_groups[0]["lr"],
+            "grad_norm": grad_norm,
+            "tokens_seen": self.tokens_seen,
+            "tokens_per_s": tokens_per_s,
+            "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * self.env.world_size),
+            "step_time_s": step_time,
+            "peak_mem_gb": peak_memory_gb(self.env.device),
+            "loss_scale": float(getattr(optimizer, "cur_scale", 1.0) or 1.0),
+            "skipped_steps": self.skipped_steps,
+        }
+        self.metrics.log(self.step, row)
+
+    # -- stop signals (Slurm's pre-emption warning, scancel --signal, Ctrl-C) ---------------------------------
+    def _catch_stop_signals(self) -> dict[int, Any]:
+        def request_stop(signum, _frame):
+            log.warning("signal %d: saving a checkpoint at the end of this step, then stopping", signum)
+            self._stop_requested = True
+
+        previous = {}
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, request_stop)
+        return previous
+
+    @staticmethod
+    def _restore_signals(previous: dict[int, Any]) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
