@@ -170,6 +170,8 @@ def hydra_command(command: str, config_name: str, schema: type[T], task: Callabl
             sys.exit(130)
 
     def main() -> None:
+        # The deepspeed launcher appends --local_rank=N (also in LOCAL_RANK); Hydra takes no such flag.
+        sys.argv = [a for a in sys.argv if not a.startswith(("--local_rank", "--local-rank"))]
         argv = sys.argv[1:]
         if "-h" in argv or "--help" in argv:
             print(usage(command, sys.modules[task.__module__].__doc__ or "", config_name, schema))

@@ -160,7 +160,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.norm_f(x))  # (B, T, vocab)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
     def num_params(self, non_embedding: bool = True) -> int:

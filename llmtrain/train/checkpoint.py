@@ -27,6 +27,7 @@ from llmtrain.errors import UserError
 
 log = logging.getLogger("llmtrain")
 MARKER = "COMPLETE.json"
+STATE = "llmtrain_state.json"
 UNIVERSAL = "universal"
 
 
@@ -51,17 +52,19 @@ class Checkpointer:
                     log.warning("ignoring %s: unreadable %s", folder, MARKER)
         return sorted(found)
 
-    def save(self, engine, step: int, client_state: dict[str, Any], config_yaml: str) -> Path:
-        """Collective: every rank writes its part; rank 0 then marks the folder complete and prunes old ones."""
+    def save(self, engine, step: int, state: dict[str, Any], config_yaml: str) -> Path:
+        """Collective: every rank writes its part; rank 0 then writes llmtrain's own state (JSON, readable
+        without loading any tensor), marks the folder complete and prunes old ones."""
         tag = tag_of(step)
         folder = self.root / tag
         if self.rank == 0 and folder.exists():  # a half-written save of the same step from a killed run
             shutil.rmtree(folder)
         dist.barrier()
-        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+        engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
         dist.barrier()
         if self.rank == 0:
             (folder / "config.yaml").write_text(config_yaml)
+            (folder / STATE).write_text(json.dumps(state, indent=1))
             meta = {"step": step, "world_size": self.world_size, "zero_stage": self.zero_stage}
             tmp = folder / (MARKER + ".tmp")
             tmp.write_text(json.dumps(meta))
@@ -76,24 +79,37 @@ class Checkpointer:
             if folder.name not in keep:
                 shutil.rmtree(folder, ignore_errors=True)
 
-    def load_latest(self, engine) -> dict[str, Any] | None:
-        """Load the newest complete checkpoint into ``engine``; its client state, or None when there is none."""
+    def latest_state(self) -> tuple[Path, dict[str, Any]] | None:
+        """The newest complete checkpoint and llmtrain's state in it (step, reader, tokenizer, model), unloaded."""
         found = self.complete()
         if not found:
             return None
-        step, folder = found[-1]
+        folder = found[-1][1]
+        try:
+            return folder, json.loads((folder / STATE).read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"checkpoint {folder} is corrupt ({STATE}: {exc}); remove it to resume from an "
+                            "older one") from None
+
+    def load(self, engine, folder: Path) -> None:
+        """Load the weights and optimizer state of ``folder`` into ``engine`` (collective)."""
+        step = int(json.loads((folder / MARKER).read_text())["step"])
         saved = json.loads((folder / MARKER).read_text())
         if saved["zero_stage"] != self.zero_stage:
             raise UserError(f"{folder} was saved with dist.zero_stage={saved['zero_stage']}, this run has "
                             f"{self.zero_stage}; resume with the same stage (or start a new run.dir)")
-        if saved["world_size"] == self.world_size or self.zero_stage == 0:
-            path, client = engine.load_checkpoint(str(self.root), tag=folder.name, load_lr_scheduler_states=False)
-        else:
-            path, client = self._load_universal(engine, folder)
+        try:
+            if saved["world_size"] == self.world_size or self.zero_stage == 0:
+                path, _ = engine.load_checkpoint(str(self.root), tag=folder.name, load_lr_scheduler_states=False)
+            else:
+                path, _ = self._load_universal(engine, folder)
+        except (OSError, RuntimeError, KeyError, EOFError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"checkpoint {folder} could not be loaded ({first[:200]}); it may be corrupt: "
+                            "remove it to resume from an older one") from None
         if path is None:
             raise UserError(f"DeepSpeed could not load checkpoint {folder}; it may be corrupt")
         log.info("resumed from %s (step %d, saved on %d ranks)", folder, step, saved["world_size"])
-        return client
 
     def _load_universal(self, engine, folder: Path):
         """ZeRO-sharded checkpoint on a new world size: convert once to the universal format, then load that."""

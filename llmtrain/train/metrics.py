@@ -10,6 +10,7 @@ import json
 import logging
 import resource
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,7 @@ def measure_matmul_peak(dtype: torch.dtype, device: torch.device, size: int = 20
     """FLOP/s of repeated (size x size) @ (size x size) matmuls: the attainable peak on this host."""
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
-    for _ in range(2):
-        a @ b  # warm-up
+    a @ b  # warm-up
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ b
@@ -46,8 +46,19 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
         for key, flops in KNOWN_BF16_PEAKS.items():
             if key in name:
                 return flops, f"{name} data sheet"
-    flops = measure_matmul_peak(dtype, device)
-    return flops, f"measured {dtype} matmul on {device.type}"
+    return probe_peak(dtype, device), f"measured {dtype} matmul on {device.type}"
+
+
+def probe_peak(dtype: torch.dtype, device: torch.device, seconds: float = 0.25) -> float:
+    """The best FLOP/s over growing square sizes, stopping before one matmul would take long: CPUs without
+    native bf16 run a 2048^3 bf16 matmul for about a minute, and fastest on small matrices."""
+    best = 0.0
+    for size in (256, 512, 1024, 2048):
+        flops = measure_matmul_peak(dtype, device, size, seconds)
+        best = max(best, flops)
+        if 2 * (2 * size) ** 3 / flops > seconds:  # the next size's single matmul would overrun the budget
+            break
+    return best
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -76,7 +87,7 @@ class MetricsLogger:
         import wandb
 
         id_file = run_dir / "wandb_id.txt"  # the same wandb run continues after an auto-resume
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id)
         return wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or run_dir.name, group=cfg.group,
                           id=run_id, resume="allow", dir=str(run_dir), mode=cfg.mode.value, config=config)

@@ -9,11 +9,13 @@ loop. Alternative training modes subclass ``Trainer`` rather than branching insi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,12 +89,13 @@ class Trainer:
         self.step, self.tokens_seen, self.skipped_steps = 0, 0, 0
         if cfg.run.resume:
             self._resume()
-        self.config_yaml = yaml.safe_dump(to_plain(cfg), sort_keys=False)
+        resolved = to_plain(dataclasses.replace(cfg, model=self.model_cfg))  # vocab_size filled in
+        self.config_yaml = yaml.safe_dump(resolved, sort_keys=False)
         if self.env.is_main:
             (self.run_dir / "config.yaml").write_text(self.config_yaml)
         # 8. Metrics (rank 0 writes), with the peak FLOP/s that MFU is measured against.
         self.peak_flops, peak_source = peak_flops(self.env.device, DTYPES[cfg.precision])
-        self.metrics = MetricsLogger(self.run_dir, self.env.is_main, cfg.wandb, to_plain(cfg), cfg.train.max_steps,
+        self.metrics = MetricsLogger(self.run_dir, self.env.is_main, cfg.wandb, resolved, cfg.train.max_steps,
                                      self.step)
         self._stop_requested = False
         if self.env.is_main:
@@ -121,16 +124,16 @@ class Trainer:
         return PreparedData(self.cfg.data.dir)
 
     def _client_state(self) -> dict[str, Any]:
-        # Under one key of our own: DeepSpeed drops client keys that clash with its own (e.g. skipped_steps).
-        return {"llmtrain": {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
-                             "reader": self.reader.state_dict(), "tokenizer_sha256": self.data.tokenizer_fingerprint,
-                             "model": to_plain(self.model_cfg), "seed": self.cfg.train.seed}}
+        """What continues a run exactly besides DeepSpeed's tensors. No RNG state: see train_step."""
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
+                "reader": self.reader.state_dict(), "tokenizer_sha256": self.data.tokenizer_fingerprint,
+                "model": to_plain(self.model_cfg), "seed": self.cfg.train.seed}
 
     def _resume(self) -> None:
-        loaded = self.checkpointer.load_latest(self.engine)
-        if loaded is None:
+        latest = self.checkpointer.latest_state()
+        if latest is None:
             return
-        client = loaded["llmtrain"]
+        folder, client = latest
         if client["tokenizer_sha256"] != self.data.tokenizer_fingerprint:
             raise UserError(f"the checkpoint in {self.run_dir} was trained with another tokenizer (sha256 "
                             f"{client['tokenizer_sha256'][:12]}, data.dir has {self.data.tokenizer_fingerprint[:12]}); "
@@ -141,6 +144,7 @@ class Trainer:
         if changed:
             raise UserError(f"the checkpoint in {self.run_dir} has another model shape ({', '.join(changed)}); "
                             "use a new run.dir")
+        self.checkpointer.load(self.engine, folder)  # refused mismatches above never reach DeepSpeed
         self.step, self.tokens_seen = client["step"], client["tokens_seen"]
         self.skipped_steps = client["skipped_steps"]
         self.reader.load_state_dict(client["reader"])
@@ -204,12 +208,13 @@ class Trainer:
             _, loss = engine(x.to(engine.device), y.to(engine.device))
             engine.backward(loss)
             losses.append(loss.detach().float())
+            discard = False
             if micro == self.grad_accum - 1:
                 global_loss = self._global_mean(torch.stack(losses).mean())
-                if not math.isfinite(global_loss):
-                    self._discard_gradients()
                 local_norm = self._full_grad_norm()
-            engine.step()  # applies the update at the accumulation boundary only
+                discard = not math.isfinite(global_loss)
+            with self._discarding_gradients() if discard else contextlib.nullcontext():
+                engine.step()  # applies the update at the accumulation boundary only
         grad_norm = engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else local_norm
         applied = math.isfinite(global_loss) and engine.was_step_applied()
@@ -223,12 +228,23 @@ class Trainer:
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.nn.utils.get_total_norm(grads)) if grads else float("nan")
 
-    def _discard_gradients(self) -> None:
+    @contextlib.contextmanager
+    def _discarding_gradients(self) -> Iterator[None]:
         """Make the coming update a no-op. ZeRO 1-3, bf16 and fp16 skip non-finite gradients themselves; plain
         data parallelism in fp32 hands gradients to the torch optimizer, which skips parameters without one."""
-        if self.cfg.dist.zero_stage == 0 and self.cfg.precision == Precision.fp32:
-            for p in self.engine.module.parameters():
-                p.grad = None
+        if self.cfg.dist.zero_stage != 0 or self.cfg.precision != Precision.fp32:
+            yield
+            return
+        for p in self.engine.module.parameters():
+            p.grad = None
+        # DeepSpeed's fp32 clip_grad_norm_ indexes the first gradient and fails when none is left: no clipping
+        # for this (empty) update.
+        clip = self.engine._config.gradient_clipping
+        self.engine._config.gradient_clipping = 0.0
+        try:
+            yield
+        finally:
+            self.engine._config.gradient_clipping = clip
 
     def _agree_to_stop(self) -> bool:
         """A signal reaches some ranks only: stop when any rank was asked to, all at the same step."""

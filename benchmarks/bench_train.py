@@ -1,0 +1,156 @@
+"""Training throughput, MFU and ZeRO memory, side by side in one run (CPU here; the same script runs on GPUs).
+
+    .venv/bin/pip install transformers        # the reference loop only; not a dependency of llmtrain
+    .venv/bin/python benchmarks/bench_train.py --data data/stdlib   # ~10 minutes on 2 cores
+
+1. `small` in one process, fp32 and bf16: llmtrain (DeepSpeed engine, ZeRO-0) against a plain PyTorch loop
+   over Hugging Face `transformers`' GPT2LMHeadModel of the same shape with torch.optim.AdamW: tokens/s,
+   MFU against the matmul peak measured in this run, and the ratio ours/theirs.
+2. ZeRO 0/1/2/3 on 2 ranks (1 thread each) against 1 process with 2 threads, same global batch: tokens/s.
+3. Bytes per rank of parameters + gradients + optimizer states per ZeRO stage (bf16 + fp32 Adam) against the
+   ZeRO paper's 16Ψ, 4Ψ + 12Ψ/N, 2Ψ + 14Ψ/N, 16Ψ/N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from llmtrain.train.metrics import probe_peak
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SMALL = dict(n_layer=6, n_head=6, n_embd=384, block_size=256)
+FORMULA = {0: lambda n: 16, 1: lambda n: 4 + 12 / n, 2: lambda n: 2 + 14 / n, 3: lambda n: 16 / n}
+
+
+def table(title: str, header: list[str], rows: list[list]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    print(f"\n{title}", flush=True)
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)), flush=True)
+
+
+def ours(data: str, work: Path, name: str, ranks: int, threads: int, precision: str, stage: int, steps: int,
+         micro: int, global_batch: int) -> dict:
+    """tokens/s and MFU from llmtrain's own metrics.jsonl, first logged interval (warm-up) left out."""
+    run_dir = work / name
+    args = [f"data.dir={data}", f"run.dir={run_dir}", "model=small", "model.bias=true", f"precision={precision}",
+            f"dist.zero_stage={stage}", f"train.max_steps={steps}", f"train.micro_batch_size={micro}",
+            f"train.global_batch_size={global_batch}", f"train.log_every={max(1, steps // 4)}", "train.eval_every=0",
+            "train.eval_windows=8", "train.checkpoint_every=0", "run.resume=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    if ranks == 1:
+        cmd = [str(BIN / "llmtrain-train"), *args]
+    else:
+        cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={ranks}", "-m", "llmtrain.cli.train", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    if proc.returncode:
+        raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "tokens_per_s" in r][1:]
+    return {"tokens_per_s": sum(r["tokens_per_s"] for r in rows) / len(rows),
+            "mfu": sum(r["mfu"] for r in rows) / len(rows)}
+
+
+def hf_reference(vocab: int, precision: str, steps: int, micro: int, threads: int) -> float:
+    """tokens/s of a plain loop over transformers' GPT-2 of the same shape, AdamW, same batch."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.set_num_threads(threads)
+    cfg = GPT2Config(vocab_size=vocab, n_positions=SMALL["block_size"], n_embd=SMALL["n_embd"],
+                     n_layer=SMALL["n_layer"], n_head=SMALL["n_head"], resid_pdrop=0.0, embd_pdrop=0.0,
+                     attn_pdrop=0.0, attn_implementation="sdpa")
+    model = GPT2LMHeadModel(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, foreach=True)
+    x = torch.randint(0, vocab, (micro, SMALL["block_size"]))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    times = []
+    for step in range(steps):
+        start = time.perf_counter()
+        with autocast:
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step >= steps // 4:
+            times.append(time.perf_counter() - start)
+    return micro * SMALL["block_size"] * len(times) / sum(times)
+
+
+def memory(data: str, work: Path, stage: int) -> list[dict]:
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(REPO / "benchmarks" / "_memory_probe.py"),
+           data, str(work / f"mem{stage}"), str(stage)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode:
+        raise SystemExit(f"memory probe stage {stage} failed:\n{proc.stderr[-3000:]}")
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="a prepared data.dir (llmtrain-prepare data=stdlib ...)")
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--micro", type=int, default=8)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["single", "zero", "memory"])
+    args = parser.parse_args()
+    vocab = json.loads((Path(args.data) / "meta.json").read_text())["vocab_size"]
+    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+
+    if "single" not in args.skip:
+        rows = []
+        for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            torch.set_num_threads(2)
+            peak = probe_peak(dtype, torch.device("cpu"), seconds=0.5)
+            steps = args.steps if precision == "fp32" else max(4, args.steps // 6)
+            mine = ours(args.data, work, f"single-{precision}", 1, 2, precision, 0, steps, args.micro, args.micro)
+            theirs = hf_reference(vocab, precision, steps, args.micro, 2)
+            flops = mine["mfu"] * peak / mine["tokens_per_s"]  # FLOPs per token, as llmtrain counts them
+            rows.append([precision, f"{peak / 1e9:.1f}", f"{mine['tokens_per_s']:,.0f}", f"{mine['mfu']:.1%}",
+                         f"{theirs:,.0f}", f"{flops * theirs / peak:.1%}", f"{mine['tokens_per_s'] / theirs:.2f}"])
+        table("1. small, 1 process x 2 threads: llmtrain vs transformers GPT-2 + torch AdamW (MFU vs measured peak)",
+              ["precision", "peak GFLOP/s", "ours tok/s", "ours MFU", "HF tok/s", "HF MFU", "ours/HF"], rows)
+
+    if "zero" not in args.skip:
+        gb = 2 * args.micro
+        base = ours(args.data, work, "z-single", 1, 2, "fp32", 0, args.steps, args.micro, gb)
+        rows = [["1 process, 2 threads, ZeRO-0", f"{base['tokens_per_s']:,.0f}", "1.00"]]
+        for stage in (0, 1, 2, 3):
+            r = ours(args.data, work, f"z{stage}-2", 2, 1, "fp32", stage, args.steps, args.micro, gb)
+            rows.append([f"2 ranks x 1 thread, ZeRO-{stage}", f"{r['tokens_per_s']:,.0f}",
+                         f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}"])
+        table(f"2. small fp32, global batch {gb}: ZeRO stages on 2 ranks vs one process", ["setup", "tok/s", "ratio"],
+              rows)
+
+    if "memory" not in args.skip:
+        rows = []
+        for stage in (0, 1, 2, 3):
+            r = memory(args.data, work, stage)[0]
+            psi, n = r["psi"], r["world"]
+            # The paper's terms: bf16 params 2Ψ (/N at stage 3), fp32 master + Adam moments 12Ψ (/N at stage >= 1),
+            # bf16 gradients 2Ψ (/N at stage >= 2). Gradients live only inside a step, so they are not measured.
+            paper_params = 2 * psi / (n if stage == 3 else 1)
+            paper_optim = 12 * psi / (n if stage >= 1 else 1)
+            measured = r["params"] + r["optim"]
+            rows.append([stage, f"{psi / 1e6:.2f}M", f"{r['params'] / 2**20:.1f}", f"{paper_params / 2**20:.1f}",
+                         f"{r['optim'] / 2**20:.1f}", f"{paper_optim / 2**20:.1f}",
+                         f"{measured / (paper_params + paper_optim):.3f}", f"{FORMULA[stage](n) * psi / 2**20:.1f}",
+                         f"{r['rest'] / 2**20:.1f}"])
+        table("3. bytes per rank (MiB), 2 ranks, bf16 weights + fp32 Adam: measured vs the ZeRO paper's terms",
+              ["stage", "Ψ", "params", "paper", "optim states", "paper", "ratio", "paper total incl. grads",
+               "other tensors"], rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Training configuration: presets compose through the CLI path, the generated DeepSpeed dict, the LR schedule."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmtrain.cli._entry import CONF_DIR, _precheck, to_typed
+from llmtrain.config import Decay, OptimConfig, OptimizerName, Precision, TrainConfig, register_configs
+from llmtrain.dist.deepspeed import build_ds_config, grad_accumulation_steps
+from llmtrain.errors import UserError
+from llmtrain.model import GPT
+from llmtrain.train.optim import build_optimizer, lr_at, param_groups
+
+PRESETS = sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml"))
+
+
+def compose(overrides: list[str]) -> TrainConfig:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return to_typed(hydra_compose(config_name="train", overrides=["data.dir=d", "run.dir=r", *overrides]),
+                        TrainConfig)
+
+
+def test_presets_listed():
+    assert PRESETS == ["1.3b", "350m", "760m", "gpt2-124m", "llama", "small", "tiny"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_composes_and_builds(preset):
+    cfg = compose([f"model={preset}"])
+    assert cfg.model.name == preset
+    # the architecture is valid: build it on the meta device (no memory) with a GPT-2-sized vocabulary
+    with torch.device("meta"):
+        model = GPT(type(cfg.model)(**{**vars(cfg.model), "vocab_size": 50257}))
+    total = model.num_params(non_embedding=False) / 1e6
+    expected = {"tiny": (3, 4), "small": (29, 31), "gpt2-124m": (123, 126), "350m": (350, 360),
+                "760m": (750, 765), "1.3b": (1300, 1330), "llama": (150, 170)}[preset]
+    assert expected[0] <= total <= expected[1], total
+
+
+def test_public_override_names():
+    cfg = compose(["model=tiny", "precision=fp32", "dist.zero_stage=3", "train.max_steps=7"])
+    assert (cfg.precision, cfg.dist.zero_stage, cfg.train.max_steps) == (Precision.fp32, 3, 7)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.global_batch_size=10", "train.micro_batch_size=4"], "is not a multiple of train.micro_batch_size=4"),
+        (["model.n_embd=100", "model.n_head=3"], "model.n_embd=100 must be divisible by model.n_head=3"),
+        (["model=gpt5"], "Could not find 'model/gpt5'; choose one of: 1.3b, 350m, 760m, gpt2-124m, llama, small, tiny"),
+        (["precision=fp8"], "expected one of [fp32, bf16, fp16]"),
+        (["dist.zero_stage=4"], "dist.zero_stage=4 must be 0, 1, 2 or 3"),
+        (["dist.offload_optimizer=true"], "dist.offload_optimizer=true needs dist.zero_stage >= 1"),
+        (["dist.zero_stage=2", "dist.offload_optimizer=true", "optim.name=sgd"], "works with optim.name=adamw only"),
+        (["+train.epochs=3"], "unknown config key(s): train.epochs"),
+    ],
+)
+def test_bad_training_config_is_one_line(capsys, overrides, message):
+    with pytest.raises(SystemExit) as exit_info:
+        _precheck("llmtrain-train", "train", TrainConfig, ["data.dir=d", "run.dir=r", *overrides])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and err.startswith("llmtrain-train: error: ")
+    assert message in err, err
+
+
+def test_grad_accumulation_and_indivisible_batch():
+    assert grad_accumulation_steps(64, 4, 2) == 8
+    with pytest.raises(UserError, match=r"global_batch_size=12 is not divisible by train.micro_batch_size=4 x 2 "
+                                        r"data-parallel ranks = 8; choose a multiple of 8"):
+        grad_accumulation_steps(12, 4, 2)
+
+
+def test_generated_deepspeed_config():
+    cfg = compose(["dist.zero_stage=3", "dist.offload_optimizer=true", "dist.offload_params=true",
+                   "precision=bf16", "train.global_batch_size=32", "train.micro_batch_size=4", "optim.grad_clip=0.5"])
+    ds = build_ds_config(cfg, dp_world=2)
+    assert ds["train_batch_size"] == 32 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    fp16 = build_ds_config(compose(["precision=fp16"]), dp_world=1)
+    assert fp16["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}  # 0 = dynamic
+    plain = build_ds_config(compose(["precision=fp32"]), dp_world=1)
+    assert plain["zero_optimization"] == {"stage": 0} and not plain["bf16"]["enabled"]
+
+
+def test_lr_schedule_values():
+    cfg = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, decay=Decay.cosine)
+    assert lr_at(0, cfg, 110) == pytest.approx(0.1)
+    assert lr_at(9, cfg, 110) == pytest.approx(1.0)
+    assert lr_at(10, cfg, 110) == pytest.approx(1.0)
+    assert lr_at(60, cfg, 110) == pytest.approx(0.55)  # half-way down the cosine: (1 + 0.1) / 2
+    assert lr_at(110, cfg, 110) == pytest.approx(0.1)
+    linear = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.0, decay=Decay.linear)
+    assert lr_at(35, linear, 110) == pytest.approx(0.75)
+    constant = OptimConfig(lr=2.0, warmup_steps=0, decay=Decay.constant)
+    assert lr_at(0, constant, 10) == lr_at(9, constant, 10) == 2.0
+    assert all(math.isfinite(lr_at(s, cfg, 110)) for s in range(200))
+
+
+def test_weight_decay_groups_and_optimizers():
+    model = GPT(compose(["model=tiny"]).model.__class__(n_layer=1, n_head=2, n_embd=16, block_size=8,
+                                                           vocab_size=300, bias=True))
+    decay, no_decay = param_groups(model, 0.1)
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params(non_embedding=False)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    adamw = build_optimizer(OptimConfig(), model, offload=False, device=torch.device("cpu"))
+    sgd = build_optimizer(OptimConfig(name=OptimizerName.sgd, momentum=0.8), model, offload=False,
+                          device=torch.device("cpu"))
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["betas"] == (0.9, 0.95)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.8
