@@ -4,7 +4,7 @@
 
 After one bf16 training step it sums every live tensor's storage (each storage once), split into the
 engine's parameters (bf16 model weights), optimizer state (fp32 master copy, Adam moments) and the rest
-(gradient partitions and DeepSpeed's communication buffers), and prints one JSON line per rank.
+(DeepSpeed's communication buffers; gradients live only inside a step), and prints one JSON line per rank.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import json
 import sys
+import warnings
 
 import torch
 
@@ -29,8 +30,11 @@ def storages(tensors) -> dict[int, int]:
     return out
 
 
-def optimizer_tensors(opt) -> list[torch.Tensor]:
-    found = []
+def optimizer_tensors(wrapper) -> list[torch.Tensor]:
+    """Adam moments and the fp32 master copy. ZeRO-3 takes its master partitions out of the inner
+    optimizer's param_groups between steps; they live in fp32_partitioned_groups_flat."""
+    opt = getattr(wrapper, "optimizer", wrapper)
+    found = list(getattr(wrapper, "fp32_partitioned_groups_flat", []))
     for state in opt.state.values():
         found += [v for v in state.values() if isinstance(v, torch.Tensor)]
     for group in opt.param_groups:  # the fp32 master partitions DeepSpeed hands to the inner optimizer
@@ -49,14 +53,15 @@ def main() -> None:
     trainer.train_step()
     gc.collect()
     engine = trainer.engine
-    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     params = storages(engine.module.parameters())
-    optim = {k: v for k, v in storages(optimizer_tensors(inner)).items() if k not in params}
+    optim = {k: v for k, v in storages(optimizer_tensors(engine.optimizer)).items() if k not in params}
     # ZeRO-3 keeps each rank's bf16 partition in ds_tensor, outside module.parameters()' (empty) storages
     for p in engine.module.parameters():
         if hasattr(p, "ds_tensor"):
             params.update(storages([p.ds_tensor]))
-    everything = storages(o for o in gc.get_objects() if isinstance(o, torch.Tensor))
+    with warnings.catch_warnings():  # gc walks into deprecated torch.distributed attributes
+        warnings.simplefilter("ignore")
+        everything = storages(o for o in gc.get_objects() if isinstance(o, torch.Tensor))
     rest = {k: v for k, v in everything.items() if k not in params and k not in optim}
     psi = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
     print(json.dumps({"rank": trainer.env.rank, "stage": stage, "world": trainer.env.world_size, "psi": psi,

@@ -78,6 +78,16 @@ def test_zero_stages_on_two_ranks_match_one_process(run, stage):
     assert rel_diff(sharded, reference, range(1, STEPS + 1)) <= 1e-4, (sharded, reference)
 
 
+def test_deepspeed_launcher_runs_the_same_job(run, prepared_small, tmp_path):
+    reference = losses(run("z2-2ranks", 2, "precision=fp32", "dist.zero_stage=2"))
+    run_dir = tmp_path / "ds-launcher"
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", "29533", "--module", "llmtrain.cli.train",
+           f"data.dir={prepared_small}", f"run.dir={run_dir}", *COMMON, "precision=fp32", "dist.zero_stage=2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert losses(run_dir) == reference
+
+
 def test_validation_is_the_same_on_any_world_size(run):
     one = val_losses(run("z0-1rank", 1, "precision=fp32", "dist.zero_stage=0"))
     two = val_losses(run("z2-2ranks", 2, "precision=fp32", "dist.zero_stage=2"))
