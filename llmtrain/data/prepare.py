@@ -231,7 +231,8 @@ def pack(ids: datasets.Dataset, is_val: np.ndarray, tokenizer: Tokenizer, folder
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {name: ShardWriter(folder, name, dtype, shard_tokens) for name in ("train", "val")}
     row = 0
-    bar = tqdm(total=len(ids), desc="pack", unit="doc", disable=not _show_progress())
+    # prepare runs in one process (the CLI, or rank 0 of a training job), so the bar needs no rank check
+    bar = tqdm(total=len(ids), desc="pack", unit="doc", disable=not datasets.is_progress_bar_enabled())
     for batch in ids.data.to_batches(max_chunksize=4096):
         column = batch.column(0)
         offsets = column.offsets.to_numpy()
@@ -258,11 +259,6 @@ def _with_eod(values: np.ndarray, lengths: np.ndarray, keep: np.ndarray, eod_id:
     # Token j of kept document d lands j + d places further on: one EOD precedes it per earlier document.
     out[np.arange(len(tokens)) + np.repeat(np.arange(len(kept_lengths)), kept_lengths)] = tokens
     return out
-
-
-def _show_progress() -> bool:
-    """Bars on rank 0 only, and never when `datasets`' own bars are switched off."""
-    return os.environ.get("RANK", "0") == "0" and datasets.is_progress_bar_enabled()
 
 
 def _meta(cfg: DataConfig, tokenizer: Tokenizer, splits: dict[str, Any], stats: CorpusStats) -> dict[str, Any]:
