@@ -104,6 +104,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--micro", type=int, default=8)
     parser.add_argument("--skip", nargs="*", default=[], choices=["single", "zero", "memory"])
+    parser.add_argument("--precisions", nargs="*", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                        help="table 1's precisions; bf16 runs --steps/6 steps (slow on CPUs without native bf16)")
     args = parser.parse_args()
     vocab = json.loads((Path(args.data) / "meta.json").read_text())["vocab_size"]
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
@@ -111,6 +113,8 @@ def main() -> None:
     if "single" not in args.skip:
         rows = []
         for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            if precision not in args.precisions:
+                continue
             torch.set_num_threads(2)
             peak = probe_peak(dtype, torch.device("cpu"), seconds=0.5)
             steps = args.steps if precision == "fp32" else max(4, args.steps // 6)
