@@ -150,6 +150,19 @@ def test_resume_with_another_model_is_refused(run, prepared_small, tmp_path):
     assert "another model shape (n_layer: 2 -> 3)" in proc.stderr
 
 
+def test_corrupt_checkpoint_is_one_line(prepared_small, tmp_path):
+    run_dir = tmp_path / "corrupt"
+    launch(run_dir, prepared_small, 1, "precision=fp32", "train.stop_at_step=2")
+    weights = run_dir / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated, as by a full disk
+    proc = launch(run_dir, prepared_small, 1, "precision=fp32", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("llmtrain-train: error: checkpoint ") and "could not be loaded" in last, last
+    assert "Traceback" not in proc.stderr
+    assert (run_dir / "checkpoints" / "step_00000002" / "COMPLETE.json").is_file()  # nothing deleted
+
+
 def test_wandb_offline_run_holds_keys_and_config(run, prepared_small, tmp_path):
     run_dir = tmp_path / "wb"
     launch(run_dir, prepared_small, 1, "precision=fp32", "wandb.mode=offline", "wandb.project=llmtrain-test")
