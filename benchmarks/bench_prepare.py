@@ -20,21 +20,13 @@ import time
 from pathlib import Path
 
 import datasets
+from _table import table  # benchmarks/ is on sys.path when a benchmark runs as a script
 
 from llmtrain.config import DataConfig, Source
 from llmtrain.data.prepare import prepare
 from llmtrain.data.reader import PreparedData
 from llmtrain.data.sources import decode_utf8, stdlib_files
 from llmtrain.data.tokenizer import Tokenizer
-
-
-def table(title: str, header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    print(f"\n{title}")
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
 
 
 def raw_encode(texts: list[str], model: Path, threads: int, repeats: int) -> tuple[float, int]:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from _table import table  # benchmarks/ is on sys.path when a benchmark runs as a script
 
 from llmtrain.train.metrics import probe_peak
 
@@ -30,15 +31,6 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SMALL = dict(n_layer=6, n_head=6, n_embd=384, block_size=256)
 FORMULA = {0: lambda n: 16, 1: lambda n: 4 + 12 / n, 2: lambda n: 2 + 14 / n, 3: lambda n: 16 / n}
-
-
-def table(title: str, header: list[str], rows: list[list]) -> None:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    print(f"\n{title}", flush=True)
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)), flush=True)
 
 
 def ours(data: str, work: Path, name: str, ranks: int, threads: int, precision: str, stage: int, steps: int,

@@ -93,8 +93,8 @@ class Checkpointer:
 
     def load(self, engine, folder: Path) -> None:
         """Load the weights and optimizer state of ``folder`` into ``engine`` (collective)."""
-        step = int(json.loads((folder / MARKER).read_text())["step"])
         saved = json.loads((folder / MARKER).read_text())
+        step = int(saved["step"])
         if saved["zero_stage"] != self.zero_stage:
             raise UserError(f"{folder} was saved with dist.zero_stage={saved['zero_stage']}, this run has "
                             f"{self.zero_stage}; resume with the same stage (or start a new run.dir)")
@@ -102,7 +102,7 @@ class Checkpointer:
             if saved["world_size"] == self.world_size or self.zero_stage == 0:
                 path, _ = engine.load_checkpoint(str(self.root), tag=folder.name, load_lr_scheduler_states=False)
             else:
-                path, _ = self._load_universal(engine, folder)
+                path, _ = self._load_universal(engine, folder, saved)
         except (OSError, RuntimeError, KeyError, EOFError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"checkpoint {folder} could not be loaded ({first[:200]}); it may be corrupt: "
@@ -111,7 +111,7 @@ class Checkpointer:
             raise UserError(f"DeepSpeed could not load checkpoint {folder}; it may be corrupt")
         log.info("resumed from %s (step %d, saved on %d ranks)", folder, step, saved["world_size"])
 
-    def _load_universal(self, engine, folder: Path):
+    def _load_universal(self, engine, folder: Path, saved: dict[str, Any]):
         """ZeRO-sharded checkpoint on a new world size: convert once to the universal format, then load that."""
         universal = folder / UNIVERSAL
         if self.rank == 0 and not (universal / MARKER).is_file():
@@ -119,12 +119,12 @@ class Checkpointer:
 
             shutil.rmtree(universal, ignore_errors=True)
             log.info("converting %s (%s) to DeepSpeed's universal format for a new world size", folder.name,
-                     f"{json.loads((folder / MARKER).read_text())['world_size']} -> {self.world_size} ranks")
+                     f"{saved['world_size']} -> {self.world_size} ranks")
             with contextlib.redirect_stdout(sys.stderr):  # it prints progress; our stdout is for results
                 ds_to_universal(Namespace(input_folder=str(folder), output_folder=str(universal), num_extract_workers=1,
                                           num_merge_workers=1, keep_temp_folder=False, strict=True,
                                           inject_missing_state=True))
-            (universal / MARKER).write_text((folder / MARKER).read_text())
+            (universal / MARKER).write_text(json.dumps(saved))
         dist.barrier()
         engine._config.load_universal_checkpoint = True  # DeepSpeed reads it from its config at load time
         try:
