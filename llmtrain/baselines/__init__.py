@@ -1,0 +1,1 @@
+"""Baseline language models the GPT must beat."""
