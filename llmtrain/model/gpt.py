@@ -3,7 +3,8 @@
 Architecture only: no torch.distributed, DeepSpeed, logging or file I/O here. Each choice a user expects is a
 field of ``ModelConfig``: norm (LayerNorm | RMSNorm), MLP (GELU | SwiGLU), positions (learned | RoPE),
 grouped-query attention (``n_kv_head``), tied embeddings, dropout and biases. Attention goes through
-``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU).
+``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU). For generation, a ``KVCache``
+keeps the keys and values of past positions so each new token costs one position, not the whole prefix.
 """
 
 from __future__ import annotations
@@ -50,9 +51,51 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.to(x.dtype)
 
 
+class KVCache:
+    """Keys and values of the positions seen so far, for incremental decoding.
+
+    Prompts of different lengths share a batch by left padding: the first ``pad[b]`` positions of row b are
+    padding, which no real query attends to and which do not count as positions (row b's first real token is
+    at position 0, exactly as when it is decoded alone).
+    """
+
+    def __init__(self, cfg: ModelConfig, pad: torch.Tensor, dtype: torch.dtype) -> None:
+        shape = (cfg.n_layer, len(pad), cfg.kv_heads, cfg.block_size, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=pad.device)
+        self.v = torch.zeros(shape, dtype=dtype, device=pad.device)
+        self.pad = pad
+        self.length = 0
+        """Positions (padding included) already stored."""
+        self.attn_mask: torch.Tensor | None = None
+
+    def begin(self, T: int) -> torch.Tensor:
+        """Prepare to take T new positions: returns their (B, T) position ids and sets the attention mask."""
+        end = self.length + T
+        if end > self.k.shape[3]:
+            raise ValueError(f"the KV cache holds {self.k.shape[3]} positions (block_size); {end} requested")
+        query = torch.arange(self.length, end, device=self.pad.device)
+        key = torch.arange(end, device=self.pad.device)
+        allowed = (key[None, :] <= query[:, None])[None] & (key[None, None, :] >= self.pad[:, None, None])
+        # A padding query may see only itself: its output is never used, and the softmax stays finite.
+        allowed |= (key[None, :] == query[:, None])[None]
+        self.attn_mask = allowed[:, None]  # (B, 1, T, end)
+        return (query[None, :] - self.pad[:, None]).clamp(min=0)
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this layer's new (B, nkv, T, hs) keys/values; return all of them so far."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def end(self, T: int) -> None:
+        self.length += T
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
+        self.layer = layer
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
         self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
@@ -60,7 +103,8 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
@@ -68,12 +112,15 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         if rope is not None:
-            cos, sin = rope[0][:T], rope[1][:T]
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        mask = None
+        if cache is not None:
+            k, v = cache.store(self.layer, k, v)
+            mask = cache.attn_mask
         if self.n_kv_head != self.n_head:  # grouped-query attention: each kv head serves n_head / n_kv_head queries
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.proj(y))
@@ -98,13 +145,14 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.norm1, self.attn = build_norm(cfg), CausalSelfAttention(cfg)
+        self.norm1, self.attn = build_norm(cfg), CausalSelfAttention(cfg, layer)
         self.norm2, self.mlp = build_norm(cfg), FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rope)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope, cache)
         return x + self.mlp(self.norm2(x))
 
 
@@ -117,7 +165,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == Positions.learned else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layer))
         self.norm_f = build_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -141,27 +189,48 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
 
-    def forward(self, idx: torch.Tensor,
-                targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) token ids -> logits (B, T, vocab); with targets, also the mean cross-entropy."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> logits (B, T, vocab); with targets, also the mean cross-entropy.
+
+        With a ``cache`` (generation), idx continues the positions already in it, and it is extended.
+        """
         B, T = idx.shape
-        if T > self.cfg.block_size:
-            raise ValueError(f"sequence of {T} tokens is longer than block_size={self.cfg.block_size}")
+        if cache is None:
+            if T > self.cfg.block_size:
+                raise ValueError(f"sequence of {T} tokens is longer than block_size={self.cfg.block_size}")
+            pos = torch.arange(T, device=idx.device)  # (T,)
+        else:
+            pos = cache.begin(T)  # (B, T)
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(T, device=idx.device))
+            x = x + self.wpe(pos)
         x = self.drop(x)
-        rope = (self.rope_cos, self.rope_sin) if self.cfg.pos == Positions.rope else None
+        rope = None
+        if self.cfg.pos == Positions.rope:
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (T, hs/2) or (B, T, hs/2)
+            rope = (cos, sin) if pos.dim() == 1 else (cos[:, None], sin[:, None])  # broadcast over heads
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, use_reentrant=False)
             else:
-                x = block(x, rope)
+                x = block(x, rope, cache)
+        if cache is not None:
+            cache.end(T)
         logits = self.lm_head(self.norm_f(x))  # (B, T, vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
+
+    @property
+    def context_limit(self) -> int:
+        """The most positions one sequence can hold (prompt + generated tokens)."""
+        return self.cfg.block_size
+
+    def new_cache(self, pad: torch.Tensor) -> KVCache:
+        """An empty cache for a batch whose row b starts with pad[b] padding tokens."""
+        return KVCache(self.cfg, pad, self.wte.weight.dtype)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; non_embedding leaves out position embeddings (and the token table if untied)."""
