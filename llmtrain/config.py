@@ -43,6 +43,13 @@ class TextUnit(str, Enum):
     line = "line"
 
 
+class Arch(str, Enum):
+    """The model family: the Transformer, or the recurrent baseline it must beat."""
+
+    gpt = "gpt"
+    lstm = "lstm"
+
+
 class Norm(str, Enum):
     layernorm = "layernorm"
     rmsnorm = "rmsnorm"
@@ -79,6 +86,24 @@ class WandbMode(str, Enum):
     online = "online"
     offline = "offline"
     disabled = "disabled"
+
+
+class Device(str, Enum):
+    """Where a single-process command (generate, eval) runs."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class ExportFormat(str, Enum):
+    safetensors = "safetensors"
+    hf = "hf"
+
+
+class WeightDtype(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
 
 
 def raise_problems(problems: list[str], section: str) -> None:
@@ -159,12 +184,14 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    """A decoder-only Transformer (``model=<preset>`` picks a file in conf/model/)."""
+    """The model: a decoder-only Transformer or the LSTM baseline (``model=<preset>`` picks conf/model/)."""
 
     name: str = "custom"
     """Preset name, for logs and exports."""
+    arch: Arch = Arch.gpt
+    """gpt (decoder-only Transformer) | lstm (embedding -> n_layer LSTM of width n_embd -> head; a baseline)."""
     n_layer: int = 4
-    """Number of Transformer blocks."""
+    """Number of Transformer blocks (LSTM layers for arch=lstm)."""
     n_head: int = 4
     """Attention heads (query heads)."""
     n_kv_head: int = 0
@@ -172,7 +199,7 @@ class ModelConfig:
     n_embd: int = 128
     """Residual stream width."""
     block_size: int = 256
-    """Context length in tokens."""
+    """Context length in tokens (the training window; a limit on generation for arch=gpt only)."""
     vocab_size: int = 0
     """Vocabulary size; 0 = take it from the prepared dataset (the usual case)."""
     norm: Norm = Norm.layernorm
@@ -406,6 +433,143 @@ class PrepareConfig:
     """The corpus to prepare."""
 
 
+@dataclass(kw_only=True)
+class TrainedRef:
+    """A trained model to load."""
+
+    dir: str = MISSING
+    """A run folder (its newest complete checkpoint), one of its checkpoints/step_* folders, or an exported folder."""
+    step: int = 0
+    """With a run folder: load this step's checkpoint instead of the newest (0 = newest)."""
+
+
+@dataclass(kw_only=True)
+class SamplingConfig:
+    """How generated tokens are chosen."""
+
+    max_new_tokens: int = 100
+    """Tokens to generate per prompt (at most; generation also stops at end-of-document)."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 = greedy decoding."""
+    top_k: int = 0
+    """Sample among the k most likely tokens only; 0 = all."""
+    top_p: float = 1.0
+    """Nucleus sampling: the smallest set of tokens whose probability reaches top_p, in (0, 1]; 1 = all."""
+    stop_at_eod: bool = True
+    """Stop a sample at the end-of-document token."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.temperature < 0:
+            problems.append(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            problems.append(f"top_k={self.top_k} must be >= 0 (0 = off)")
+        if not 0.0 < self.top_p <= 1.0:
+            problems.append(f"top_p={self.top_p} must be in (0, 1]")
+        raise_problems(problems, "sampling")
+
+
+@dataclass(kw_only=True)
+class GenerateConfig(SamplingConfig):
+    """Root of ``llmtrain-generate``."""
+
+    run: TrainedRef = field(default_factory=TrainedRef)
+    """The model to sample from."""
+    prompt: str = ""
+    """The prompt; empty = an unconditional sample (a new document)."""
+    prompts_file: str = ""
+    """A UTF-8 file of prompts, one per line (escape a newline inside a prompt as \\n); used instead of prompt."""
+    seed: int = 1234
+    """Seed of the sampler: the same seed, prompts and batch give the same samples."""
+    batch_size: int = 8
+    """Prompts decoded together (left-padded to the longest)."""
+    echo_prompt: bool = True
+    """Print each prompt before its continuation."""
+    device: Device = Device.auto
+    """auto (cuda when present) | cpu | cuda."""
+    dtype: WeightDtype = WeightDtype.fp32
+    """Weights and activations: fp32 | bf16."""
+    tokenizer: str = ""
+    """Optional sentencepiece model to check against the one the model was trained with."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        problems = []
+        if self.prompt and self.prompts_file:
+            problems.append("give prompt=... or prompts_file=..., not both")
+        if self.batch_size < 1:
+            problems.append(f"batch_size={self.batch_size} must be >= 1")
+        raise_problems(problems, "generate")
+
+
+@dataclass(kw_only=True)
+class ExportConfig:
+    """Root of ``llmtrain-export``."""
+
+    run: TrainedRef = field(default_factory=TrainedRef)
+    """The model to export."""
+    format: ExportFormat = ExportFormat.safetensors
+    """safetensors (llmtrain's consolidated folder) | hf (a folder transformers loads: GPT-2 or Llama)."""
+    out: str = MISSING
+    """Output folder (must be empty or absent unless overwrite=true)."""
+    dtype: WeightDtype = WeightDtype.fp32
+    """Weights written as fp32 | bf16."""
+    overwrite: bool = False
+    """Replace the files of an existing non-empty out folder."""
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Root of ``llmtrain-eval``."""
+
+    run: TrainedRef = field(default_factory=TrainedRef)
+    """The model to evaluate."""
+    data_dir: str = ""
+    """A prepared dataset whose validation windows to score; empty = the run's own data.dir."""
+    text_file: str = ""
+    """A UTF-8 text file to score instead (one document, tokenized with the run's tokenizer)."""
+    max_windows: int = 0
+    """Score at most this many windows; 0 = all."""
+    batch_size: int = 16
+    """Windows per forward pass."""
+    device: Device = Device.auto
+    """auto (cuda when present) | cpu | cuda."""
+    dtype: WeightDtype = WeightDtype.fp32
+    """fp32 | bf16."""
+
+
+@dataclass(kw_only=True)
+class NgramConfig:
+    """Root of ``llmtrain-ngram``: the interpolated Kneser-Ney baseline."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """The prepared dataset (data.dir)."""
+    order: int = 3
+    """n of the n-gram model."""
+    discount: float = 0.0
+    """Kneser-Ney discount for every order; 0 = estimated per order as n1 / (n1 + 2 n2)."""
+    train_tokens: int = 0
+    """Fit on the windows a training run would read first, this many tokens in all (0 = the whole train split)."""
+    block_size: int = 256
+    """Window length: the same as the model compared with, so both score the same validation tokens."""
+    seed: int = 1234
+    """The training run's train.seed (it fixes which windows come first)."""
+    max_windows: int = 0
+    """Score at most this many validation windows; 0 = all."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.order < 1:
+            problems.append(f"order={self.order} must be >= 1")
+        if not 0.0 <= self.discount < 1.0:
+            problems.append(f"discount={self.discount} must be in [0, 1) (0 = estimated)")
+        if self.train_tokens < 0 or self.block_size < 1:
+            problems.append("train_tokens must be >= 0 and block_size >= 1")
+        raise_problems(problems, "ngram")
+
+
 def to_plain(obj: Any) -> Any:
     """A dataclass tree as JSON-ready builtins (enums become their values)."""
     if dataclasses.is_dataclass(obj):
@@ -428,3 +592,7 @@ def register_configs() -> None:
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(name="generate_schema", node=GenerateConfig)
+    cs.store(name="export_schema", node=ExportConfig)
+    cs.store(name="eval_schema", node=EvalConfig)
+    cs.store(name="ngram_schema", node=NgramConfig)

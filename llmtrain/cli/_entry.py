@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -110,18 +111,18 @@ def _precheck(command: str, config_name: str, schema: type, argv: list[str]) -> 
 
 
 def field_docs(schema: type) -> dict[str, str]:
-    """The one-line docstring written under each field of a dataclass (read from its source)."""
+    """The one-line docstring written under each field of a dataclass and of its dataclass bases (from source)."""
     import ast
     import inspect
     import textwrap
 
-    tree = ast.parse(textwrap.dedent(inspect.getsource(schema)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs = {}
-    for node, following in zip(body, body[1:], strict=False):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)):
-            docs[node.target.id] = " ".join(str(following.value.value).split())
+    docs: dict[str, str] = {}
+    for cls in reversed([c for c in schema.__mro__ if dataclasses.is_dataclass(c)]):
+        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body  # type: ignore[attr-defined]
+        for node, following in zip(body, body[1:], strict=False):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)):
+                docs[node.target.id] = " ".join(str(following.value.value).split())
     return docs
 
 
@@ -149,8 +150,20 @@ def usage(command: str, doc: str, config_name: str, schema: type) -> str:
     return "\n".join(lines)
 
 
-def hydra_command(command: str, config_name: str, schema: type[T], task: Callable[[T], Any]) -> Callable[[], None]:
-    """Build a console-script ``main`` that composes ``conf/<config_name>.yaml`` and runs ``task(typed_cfg)``."""
+def quote_verbatim(value: str) -> str:
+    """``value`` as a Hydra quoted string that parses back to exactly ``value`` (no grammar, no interpolation)."""
+    value = value.replace("${", "\\${")  # OmegaConf would interpolate ${...}
+    value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)  # Hydra unescapes only these backslashes
+    return "'" + value.replace("'", "\\'") + "'"
+
+
+def hydra_command(command: str, config_name: str, schema: type[T], task: Callable[[T], Any],
+                  verbatim: tuple[str, ...] = ()) -> Callable[[], None]:
+    """Build a console-script ``main`` that composes ``conf/<config_name>.yaml`` and runs ``task(typed_cfg)``.
+
+    ``verbatim`` keys (free text such as a prompt) take the rest of their argument literally: ``prompt=def f(``
+    works without the quoting Hydra's override grammar would otherwise need.
+    """
     import hydra
 
     register_configs()
@@ -172,6 +185,10 @@ def hydra_command(command: str, config_name: str, schema: type[T], task: Callabl
     def main() -> None:
         # The deepspeed launcher appends --local_rank=N (also in LOCAL_RANK); Hydra takes no such flag.
         sys.argv = [a for a in sys.argv if not a.startswith(("--local_rank", "--local-rank"))]
+        for i, arg in enumerate(sys.argv[1:], start=1):
+            key, sep, value = arg.partition("=")
+            if sep and key in verbatim:
+                sys.argv[i] = f"{key}={quote_verbatim(value)}"
         argv = sys.argv[1:]
         if "-h" in argv or "--help" in argv:
             print(usage(command, sys.modules[task.__module__].__doc__ or "", config_name, schema))

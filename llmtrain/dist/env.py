@@ -96,3 +96,10 @@ def quiet_deepspeed() -> None:
 def shutdown() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def local_device(choice: str = "auto") -> torch.device:
+    """The device of a single-process command: ``auto`` takes CUDA when there is one."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but this host has no CUDA GPU; use device=auto or device=cpu")
+    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")

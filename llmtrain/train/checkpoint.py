@@ -1,7 +1,8 @@
 """Checkpoints through DeepSpeed, made complete-or-invisible, with the client state to continue exactly.
 
 Layout: ``<run.dir>/checkpoints/step_00000100/`` holds DeepSpeed's files (one per rank and ZeRO shard), the
-resolved ``config.yaml``, and ``COMPLETE.json`` -- written by rank 0 only after every rank has saved. Auto-
+resolved ``config.yaml``, a copy of the tokenizer (so a checkpoint is self-contained for generation and export),
+and ``COMPLETE.json`` -- written by rank 0 only after every rank has saved. Auto-
 resume picks the newest folder that has the marker, so a save killed half-way is never picked up.
 
 A run resumed on another number of data-parallel ranks: ZeRO 0 loads directly (nothing is sharded); ZeRO 1/2/3
@@ -36,9 +37,12 @@ def tag_of(step: int) -> str:
 
 
 class Checkpointer:
-    def __init__(self, run_dir: Path, rank: int, world_size: int, zero_stage: int, keep: int) -> None:
+    def __init__(self, run_dir: Path, rank: int, world_size: int, zero_stage: int, keep: int,
+                 attachments: dict[str, Path] | None = None) -> None:
         self.root = run_dir / "checkpoints"
         self.rank, self.world_size, self.zero_stage, self.keep = rank, world_size, zero_stage, keep
+        self.attachments = attachments or {}
+        """Files copied into every checkpoint by rank 0, by their name there (the tokenizer)."""
 
     def complete(self) -> list[tuple[int, Path]]:
         """(step, folder) of every complete checkpoint, oldest first."""
@@ -65,6 +69,8 @@ class Checkpointer:
         if self.rank == 0:
             (folder / "config.yaml").write_text(config_yaml)
             (folder / STATE).write_text(json.dumps(state, indent=1))
+            for name, source in self.attachments.items():
+                shutil.copyfile(source, folder / name)
             meta = {"step": step, "world_size": self.world_size, "zero_stage": self.zero_stage}
             tmp = folder / (MARKER + ".tmp")
             tmp.write_text(json.dumps(meta))

@@ -25,10 +25,11 @@ import torch.distributed as dist
 import yaml
 
 from llmtrain.config import Precision, TrainConfig, to_plain
+from llmtrain.data.shards import TOKENIZER_FILE
 from llmtrain.dist.deepspeed import build_ds_config, initialize
 from llmtrain.dist.env import DistEnv, init_distributed
 from llmtrain.errors import UserError
-from llmtrain.model import GPT
+from llmtrain.model import build_model
 from llmtrain.train.checkpoint import Checkpointer
 from llmtrain.train.metrics import MetricsLogger, peak_flops, peak_memory_gb
 from llmtrain.train.optim import build_optimizer, lr_at, set_lr
@@ -70,7 +71,7 @@ class Trainer:
             raise UserError(f"model.vocab_size={self.model_cfg.vocab_size} but the tokenizer of {cfg.data.dir} has "
                             f"{self.data.vocab_size} tokens; leave model.vocab_size=0 to take it from the data")
         torch.manual_seed(cfg.train.seed)
-        model = GPT(self.model_cfg)
+        model = build_model(self.model_cfg)
         model.activation_checkpointing = cfg.dist.activation_checkpointing
         self.num_params = model.num_params()
         self.flops_per_token = model.flops_per_token()
@@ -84,8 +85,9 @@ class Trainer:
         self.reader = self.data.train_reader(block, cfg.train.seed, self.env.rank, self.env.world_size)
         self.val = self.data.val_windows(block, cfg.train.eval_windows)
         # 7. Checkpoints, and auto-resume from the newest complete one.
+        tokenizer_copy = {TOKENIZER_FILE: self.data.folder / TOKENIZER_FILE}  # checkpoints stand on their own
         self.checkpointer = Checkpointer(self.run_dir, self.env.rank, self.env.world_size, cfg.dist.zero_stage,
-                                         cfg.train.keep_checkpoints)
+                                         cfg.train.keep_checkpoints, tokenizer_copy)
         self.step, self.tokens_seen, self.skipped_steps = 0, 0, 0
         if cfg.run.resume:
             self._resume()

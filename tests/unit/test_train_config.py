@@ -12,7 +12,7 @@ from llmtrain.cli._entry import CONF_DIR, _precheck, to_typed
 from llmtrain.config import Decay, OptimConfig, OptimizerName, Precision, TrainConfig, register_configs
 from llmtrain.dist.deepspeed import build_ds_config, grad_accumulation_steps
 from llmtrain.errors import UserError
-from llmtrain.model import GPT
+from llmtrain.model import GPT, build_model
 from llmtrain.train.optim import build_optimizer, lr_at, param_groups
 
 PRESETS = sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml"))
@@ -29,7 +29,7 @@ def compose(overrides: list[str]) -> TrainConfig:
 
 
 def test_presets_listed():
-    assert PRESETS == ["1.3b", "350m", "760m", "gpt2-124m", "llama", "small", "tiny"]
+    assert PRESETS == ["1.3b", "350m", "760m", "gpt2-124m", "llama", "lstm", "small", "tiny"]
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -38,10 +38,10 @@ def test_every_preset_composes_and_builds(preset):
     assert cfg.model.name == preset
     # the architecture is valid: build it on the meta device (no memory) with a GPT-2-sized vocabulary
     with torch.device("meta"):
-        model = GPT(type(cfg.model)(**{**vars(cfg.model), "vocab_size": 50257}))
+        model = build_model(type(cfg.model)(**{**vars(cfg.model), "vocab_size": 50257}))
     total = model.num_params(non_embedding=False) / 1e6
     expected = {"tiny": (3, 4), "small": (29, 31), "gpt2-124m": (123, 126), "350m": (350, 360),
-                "760m": (750, 765), "1.3b": (1300, 1330), "llama": (150, 170)}[preset]
+                "760m": (750, 765), "1.3b": (1300, 1330), "llama": (150, 170), "lstm": (38, 40)}[preset]
     assert expected[0] <= total <= expected[1], total
 
 
@@ -55,7 +55,7 @@ def test_public_override_names():
     [
         (["train.global_batch_size=10", "train.micro_batch_size=4"], "is not a multiple of train.micro_batch_size=4"),
         (["model.n_embd=100", "model.n_head=3"], "model.n_embd=100 must be divisible by model.n_head=3"),
-        (["model=gpt5"], "Could not find 'model/gpt5'; choose one of: 1.3b, 350m, 760m, gpt2-124m, llama, small, tiny"),
+        (["model=gpt5"], "Could not find 'model/gpt5'; choose one of: 1.3b, 350m, 760m, gpt2-124m, llama, lstm, small, tiny"),
         (["precision=fp8"], "expected one of [fp32, bf16, fp16]"),
         (["dist.zero_stage=4"], "dist.zero_stage=4 must be 0, 1, 2 or 3"),
         (["dist.offload_optimizer=true"], "dist.offload_optimizer=true needs dist.zero_stage >= 1"),

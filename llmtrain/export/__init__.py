@@ -1,0 +1,1 @@
+"""Checkpoint consolidation and export to other tools' formats."""

@@ -1,0 +1,199 @@
+"""One trained model, whatever trained it, loaded on one process: configuration, fp32 weights, tokenizer.
+
+``load_trained(path)`` accepts a run folder (its newest complete checkpoint, or ``step``), one checkpoint folder
+of any ZeRO stage saved by any number of ranks (DeepSpeed's ``zero_to_fp32`` merges the shards; the original
+world size is not needed), or a folder in the consolidated format below. The consolidated format does not
+depend on how the model was trained, so every training mode exports through it:
+
+    model.safetensors   weights by llmtrain's parameter names (a tied output head is stored once, as wte.weight)
+    config.json         {"format": "llmtrain", "format_version": 1, "model": {ModelConfig}, "step": ...,
+                         "tokens_seen": ..., "tokenizer_sha256": ..., "dtype": "fp32" | "bf16"}
+    tokenizer.model     the sentencepiece model the run was trained with
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmtrain.config import ModelConfig, to_plain
+from llmtrain.data.shards import TOKENIZER_FILE
+from llmtrain.data.tokenizer import Tokenizer
+from llmtrain.errors import UserError
+from llmtrain.model import build_model
+
+log = logging.getLogger("llmtrain")
+FORMAT, FORMAT_VERSION = "llmtrain", 1
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+MARKER, STATE = "COMPLETE.json", "llmtrain_state.json"  # written by llmtrain.train.checkpoint
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainedModel:
+    model_cfg: ModelConfig
+    state_dict: dict[str, torch.Tensor]
+    """fp32 (or the exported dtype) weights by parameter name; a tied head may be left out."""
+    tokenizer: Tokenizer
+    source: Path
+    step: int
+    tokens_seen: int
+    data_dir: str | None = None
+    """The prepared dataset it was trained on, when known (checkpoints record it; exports do not)."""
+
+    def build(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+        """The model with these weights, in eval mode."""
+        model = build_model(self.model_cfg)
+        missing, unexpected = model.load_state_dict(self.state_dict, strict=False)
+        allowed = {"lm_head.weight"} if self.model_cfg.tie_embeddings else set()
+        if set(missing) - allowed or unexpected:
+            raise UserError(f"{self.source} does not match its model config (missing {sorted(set(missing) - allowed)},"
+                            f" unexpected {sorted(unexpected)})")
+        return model.to(device=device, dtype=dtype).eval()
+
+
+def model_config_from(plain: dict[str, Any]) -> ModelConfig:
+    """A ModelConfig from its saved JSON form (enums from strings; fields added later keep their defaults)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), plain))
+
+
+def resolve_checkpoint(path: str | Path, step: int = 0) -> Path:
+    """The folder to load: an export folder, a checkpoint folder, or a run's newest (or ``step``) complete one."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UserError(f"{path} does not exist")
+    if (path / CONFIG).is_file() and (path / WEIGHTS).is_file():
+        return path
+    if path.name.startswith("step_") and (path / "llmtrain_state.json").exists() or (path / MARKER).exists():
+        if not (path / MARKER).is_file():
+            raise UserError(f"{path} is an incomplete checkpoint (no {MARKER}: its save did not finish)")
+        return path
+    if path.name.startswith("step_"):
+        raise UserError(f"{path} is an incomplete checkpoint (no {MARKER}: its save did not finish)")
+    complete = []
+    for folder in (path / "checkpoints").glob("step_*"):
+        if (folder / MARKER).is_file():
+            complete.append((int(json.loads((folder / MARKER).read_text())["step"]), folder))
+    if not complete:
+        raise UserError(f"{path} holds no complete checkpoint (expected a run folder with checkpoints/step_*/"
+                        f"{MARKER}, a step_* folder, or an exported folder with {WEIGHTS})")
+    if step:
+        chosen = [folder for s, folder in complete if s == step]
+        if not chosen:
+            raise UserError(f"{path} has no complete checkpoint of step {step}; it has steps "
+                            f"{', '.join(str(s) for s, _ in sorted(complete))}")
+        return chosen[0]
+    return max(complete)[1]
+
+
+def load_trained(path: str | Path, step: int = 0, tokenizer: str | Path | None = None) -> TrainedModel:
+    """Load a trained model on this process; ``tokenizer`` (optional) must be the one it was trained with."""
+    folder = resolve_checkpoint(path, step)
+    try:
+        if (folder / WEIGHTS).is_file():
+            trained = _load_exported(folder)
+        else:
+            trained = _load_checkpoint(folder)
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(f"{folder} could not be loaded ({first}); it may be corrupt") from None
+    if tokenizer is not None:
+        given = Tokenizer.load(tokenizer)
+        if given.fingerprint != trained.tokenizer.fingerprint:
+            raise UserError(f"tokenizer {tokenizer} (sha256 {given.fingerprint[:12]}) is not the one {folder} was "
+                            f"trained with (sha256 {trained.tokenizer.fingerprint[:12]})")
+    return trained
+
+
+def _load_exported(folder: Path) -> TrainedModel:
+    from safetensors.torch import load_file
+
+    meta = json.loads((folder / CONFIG).read_text())
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{folder / CONFIG} is not an llmtrain export (format {meta.get('format')!r}, version "
+                        f"{meta.get('format_version')!r}); a Hugging Face folder is loaded with transformers")
+    tok = _tokenizer(folder / TOKENIZER_FILE, meta["tokenizer_sha256"], folder)
+    return TrainedModel(model_config_from(meta["model"]), load_file(str(folder / WEIGHTS)), tok, folder,
+                        int(meta["step"]), int(meta["tokens_seen"]))
+
+
+def _load_checkpoint(folder: Path) -> TrainedModel:
+    state = json.loads((folder / STATE).read_text())
+    marker = json.loads((folder / MARKER).read_text())
+    import yaml
+
+    data_dir = yaml.safe_load((folder / "config.yaml").read_text())["data"]["dir"]
+    tok_path = folder / TOKENIZER_FILE
+    if not tok_path.is_file():  # checkpoints written before tokenizers were copied into them
+        tok_path = Path(data_dir) / TOKENIZER_FILE
+    tok = _tokenizer(tok_path, state["tokenizer_sha256"], folder)
+    model_cfg = model_config_from(state["model"])
+    weights = _consolidate(folder, int(marker["zero_stage"]), model_cfg)
+    return TrainedModel(model_cfg, weights, tok, folder, int(state["step"]), int(state["tokens_seen"]), data_dir)
+
+
+def _tokenizer(path: Path, sha256: str, folder: Path) -> Tokenizer:
+    if not path.is_file():
+        raise UserError(f"the tokenizer of {folder} is missing ({path})")
+    tok = Tokenizer.load(path)
+    if tok.fingerprint != sha256:
+        raise UserError(f"{path} (sha256 {tok.fingerprint[:12]}) is not the tokenizer {folder} was trained with "
+                        f"(sha256 {sha256[:12]})")
+    return tok
+
+
+def _consolidate(folder: Path, zero_stage: int, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """fp32 weights from DeepSpeed's files: ZeRO >= 1 merges the fp32 partitions of every rank (DeepSpeed's
+    zero_to_fp32); ZeRO-0 keeps whole weights, and under bf16 their fp32 masters in the optimizer state."""
+    if zero_stage > 0:
+        from llmtrain.dist.env import select_accelerator
+
+        select_accelerator()  # before deepspeed is imported: no CUDA -> its CPU accelerator, without a warning
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(sys.stderr):  # it prints progress; stdout is for generated text
+            weights = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+        return {k: v.detach().clone() for k, v in weights.items()}
+    saved = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    weights = {k: v.float() for k, v in saved["module"].items()}
+    masters = (saved.get("optimizer") or {}).get("fp32_groups")
+    if masters is not None and any(v.dtype != torch.float32 for v in saved["module"].values()):
+        # DeepSpeed keeps the fp32 masters per optimizer group, in the order llmtrain built the groups.
+        from llmtrain.train.optim import param_groups
+
+        with torch.device("meta"):
+            model = build_model(model_cfg)
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        for group, group_masters in zip(param_groups(model, 0.0), masters, strict=True):
+            for param, master in zip(group["params"], group_masters, strict=True):
+                weights[name_of[id(param)]] = master.float()
+        if model_cfg.tie_embeddings:
+            weights["lm_head.weight"] = weights["wte.weight"]
+    return weights
+
+
+def save_consolidated(trained: TrainedModel, out: str | Path, dtype: str = "fp32") -> Path:
+    """Write ``trained`` into ``out`` in the consolidated format (a tied head stored once)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.to(DTYPES[dtype]).contiguous() for k, v in trained.state_dict.items()
+               if not (trained.model_cfg.tie_embeddings and k == "lm_head.weight")}
+    save_file(weights, str(out / WEIGHTS), metadata={"format": FORMAT})
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": to_plain(trained.model_cfg),
+            "step": trained.step, "tokens_seen": trained.tokens_seen,
+            "tokenizer_sha256": trained.tokenizer.fingerprint, "dtype": dtype}
+    (out / CONFIG).write_text(json.dumps(meta, indent=1))
+    trained.tokenizer.save(out / TOKENIZER_FILE)
+    return out
