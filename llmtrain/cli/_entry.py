@@ -128,11 +128,18 @@ def field_docs(schema: type) -> dict[str, str]:
 
 def usage(command: str, doc: str, config_name: str, schema: type) -> str:
     """``--help``: the command's docstring, the config groups and every field with its default and meaning."""
-    lines = [doc.strip(), "", "Config groups (group=option):"]
-    for group in sorted(p for p in Path(CONF_DIR).iterdir() if p.is_dir() and p.name != "hydra"):
-        options = sorted(f.stem for f in group.glob("*.yaml"))
-        lines.append(f"  {group.name}: {', '.join(options)}")
-    lines += ["", "Settings (section.key=value):"]
+    import yaml
+
+    lines = [doc.strip(), ""]
+    defaults = yaml.safe_load((Path(CONF_DIR) / f"{config_name}.yaml").read_text()).get("defaults", [])
+    groups = sorted(k for d in defaults if isinstance(d, dict) for k in d if not k.startswith("override"))
+    if groups:
+        lines.append("Config groups (group=option):")
+        for group in groups:
+            options = sorted(f.stem for f in (Path(CONF_DIR) / group).glob("*.yaml"))
+            lines.append(f"  {group}: {', '.join(options)}")
+        lines.append("")
+    lines += ["Settings (section.key=value):"]
 
     def walk(cls: type, prefix: str) -> None:
         docs = field_docs(cls)

@@ -2,8 +2,7 @@
 
 Architecture only, like ``gpt.py``, and with the same interface, so the same trainer, checkpoints and generator
 serve both: ``forward(idx, targets, cache)``, ``num_params``, ``flops_per_token``, ``new_cache``.
-Fields of ``ModelConfig`` it uses: n_layer, n_embd (embedding and hidden width), dropout, tie_embeddings,
-init_std; block_size is only the training window (the recurrence itself has no context limit).
+Fields of ``ModelConfig`` it uses: n_layer, n_embd (embedding and hidden width), dropout, tie_embeddings; block_size is only the training window (the recurrence itself has no context limit).
 """
 
 from __future__ import annotations
@@ -39,9 +38,11 @@ class LSTMLM(nn.Module):
             self.lm_head.weight = self.wte.weight
         self.activation_checkpointing = False
         """Accepted for the trainer's sake; the LSTM does not recompute activations."""
-        nn.init.normal_(self.wte.weight, std=cfg.init_std)
+        # Embedding and head uniform in +-0.1, as in PyTorch's word_language_model example (Zaremba et al. 2014):
+        # GPT's N(0, 0.02) leaves the LSTM's inputs too small to learn from quickly (no norm layer rescales them).
+        nn.init.uniform_(self.wte.weight, -0.1, 0.1)
         if not cfg.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
+            nn.init.uniform_(self.lm_head.weight, -0.1, 0.1)
         # nn.LSTM's own init (uniform +-1/sqrt(hidden)) is the usual one; forget-gate bias 1 helps early training.
         for name, param in self.lstm.named_parameters():
             if name.startswith("bias_ih"):

@@ -118,3 +118,32 @@ def test_ngram_cli_at_equal_tokens(prepared_small):
     assert row[2].strip() == "20,480"  # 320 windows of 64 targets
     full = run_cli("llmtrain-ngram", f"data.dir={prepared_small}", "order=3", "block_size=64")
     assert float(full.stdout.strip().splitlines()[-1].split("|")[-2]) < float(row[-2])  # more data, lower ppl
+
+
+@pytest.mark.parametrize(("command", "fragment"), [
+    ("llmtrain-generate", "  top_p = 1.0\n      Nucleus sampling"),
+    ("llmtrain-export", "  format = 'safetensors'\n      safetensors (llmtrain's consolidated folder) | hf"),
+    ("llmtrain-eval", "  text_file = ''\n      A UTF-8 text file to score instead"),
+    ("llmtrain-ngram", "  order = 3\n      n of the n-gram model."),
+])
+def test_help_of_each_command(command, fragment):
+    proc = run_cli(command, "--help")
+    assert proc.returncode == 0 and fragment in proc.stdout, proc.stdout
+    assert ("Config groups" in proc.stdout) == (command == "llmtrain-ngram")  # only groups its root uses
+
+
+def test_zero0_checkpoints_load_fp32_and_bf16_masters(run):
+    import torch
+
+    from llmtrain.export.consolidate import load_trained
+
+    fp32_dir = run("z0-1rank", 1, "precision=fp32", "dist.zero_stage=0")
+    assert abs(eval_loss(f"run.dir={fp32_dir}", "max_windows=40") - val_losses(fp32_dir)[STEPS]) < 1e-4
+    bf16_dir = run("bf16-z0-1rank", 1, "precision=bf16", "dist.zero_stage=0")
+    trained = load_trained(bf16_dir)
+    module = torch.load(bf16_dir / "checkpoints" / f"step_{STEPS:08d}" / "mp_rank_00_model_states.pt",
+                        map_location="cpu", weights_only=False)["module"]
+    for name, weight in module.items():  # the fp32 masters, mapped to the right names, round to the bf16 weights
+        master = trained.state_dict[name]
+        assert master.dtype == torch.float32 and torch.equal(master.bfloat16(), weight), name
+    assert any(not torch.equal(trained.state_dict[n], w.float()) for n, w in module.items())  # more than bf16
