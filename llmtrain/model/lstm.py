@@ -2,7 +2,8 @@
 
 Architecture only, like ``gpt.py``, and with the same interface, so the same trainer, checkpoints and generator
 serve both: ``forward(idx, targets, cache)``, ``num_params``, ``flops_per_token``, ``new_cache``.
-Fields of ``ModelConfig`` it uses: n_layer, n_embd (embedding and hidden width), dropout, tie_embeddings; block_size is only the training window (the recurrence itself has no context limit).
+Fields of ``ModelConfig`` it uses: n_layer, n_embd (embedding and hidden width), dropout, tie_embeddings;
+block_size is only the training window (the recurrence itself has no context limit).
 """
 
 from __future__ import annotations

@@ -55,7 +55,8 @@ def test_public_override_names():
     [
         (["train.global_batch_size=10", "train.micro_batch_size=4"], "is not a multiple of train.micro_batch_size=4"),
         (["model.n_embd=100", "model.n_head=3"], "model.n_embd=100 must be divisible by model.n_head=3"),
-        (["model=gpt5"], "Could not find 'model/gpt5'; choose one of: 1.3b, 350m, 760m, gpt2-124m, llama, lstm, small, tiny"),
+        (["model=gpt5"],
+         "Could not find 'model/gpt5'; choose one of: 1.3b, 350m, 760m, gpt2-124m, llama, lstm, small, tiny"),
         (["precision=fp8"], "expected one of [fp32, bf16, fp16]"),
         (["dist.zero_stage=4"], "dist.zero_stage=4 must be 0, 1, 2 or 3"),
         (["dist.offload_optimizer=true"], "dist.offload_optimizer=true needs dist.zero_stage >= 1"),
