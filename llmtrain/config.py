@@ -88,6 +88,13 @@ class WandbMode(str, Enum):
     disabled = "disabled"
 
 
+class Mode(str, Enum):
+    """How ranks train together: synchronous DeepSpeed ZeRO, or asynchronous SGD through parameter servers."""
+
+    sync = "sync"
+    async_ps = "async_ps"
+
+
 class Device(str, Enum):
     """Where a single-process command (generate, eval) runs."""
 
@@ -386,6 +393,26 @@ class WandbConfig:
 
 
 @dataclass(kw_only=True)
+class PSConfig:
+    """The parameter-server mode (mode=async_ps): the first num_servers ranks serve, the others compute."""
+
+    num_servers: int = 1
+    """Parameter servers; the model's tensors are split among them, balanced by size."""
+    staleness_lr: bool = False
+    """Divide the learning rate of each update by its staleness (Zhang et al. 2016)."""
+    timeout_s: int = 60
+    """A pull or push that takes longer fails the worker (a lost server ends the job within this time)."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.num_servers < 1:
+            problems.append(f"ps.num_servers={self.num_servers} must be >= 1")
+        if self.timeout_s < 1:
+            problems.append(f"ps.timeout_s={self.timeout_s} must be >= 1")
+        raise_problems(problems, "ps")
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     """Where a training run lives."""
 
@@ -415,9 +442,15 @@ class TrainConfig:
     """The run folder."""
     precision: Precision = Precision.bf16
     """fp32 | bf16 | fp16 (fp16 needs CUDA; dynamic loss scaling)."""
+    mode: Mode = Mode.sync
+    """sync (DeepSpeed ZeRO, every rank a data-parallel replica) | async_ps (workers and parameter servers)."""
+    ps: PSConfig = field(default_factory=PSConfig)
+    """The parameter-server mode's settings."""
 
     def __post_init__(self) -> None:
         problems = []
+        if self.mode == Mode.async_ps and self.precision != Precision.fp32:
+            problems.append("mode=async_ps trains in fp32 (servers keep fp32 weights): add precision=fp32")
         if self.dist.offload_optimizer and self.optim.name == OptimizerName.sgd:
             problems.append("dist.offload_optimizer=true works with optim.name=adamw only (DeepSpeed's CPU Adam)")
         if self.model.vocab_size and self.model.vocab_size < 260:

@@ -3,6 +3,7 @@
     llmtrain-train data.dir=data/stdlib run.dir=runs/small model=small
     torchrun --nproc_per_node 2 -m llmtrain.cli.train data.dir=data/stdlib run.dir=runs/z2 dist.zero_stage=2
     deepspeed --num_gpus 8 -m llmtrain.cli.train data.dir=... run.dir=... model=gpt2-124m precision=bf16
+    torchrun --nproc_per_node 3 -m llmtrain.cli.train ... mode=async_ps precision=fp32   # 1 server + 2 workers
 
 A data.dir that holds no prepared dataset is prepared first from the data.* settings (default: the stdlib).
 """
@@ -10,15 +11,25 @@ A data.dir that holds no prepared dataset is prepared first from the data.* sett
 from __future__ import annotations
 
 from llmtrain.cli._entry import hydra_command
-from llmtrain.config import TrainConfig
+from llmtrain.config import Mode, TrainConfig
+
+
+def trainer_class(mode: Mode) -> type:
+    """The one place a training mode picks its trainer."""
+    if mode == Mode.async_ps:
+        from llmtrain.ps.trainer import AsyncPSTrainer
+
+        return AsyncPSTrainer
+    from llmtrain.train.trainer import Trainer
+
+    return Trainer
 
 
 def run(cfg: TrainConfig) -> None:
     from llmtrain.dist.env import shutdown
-    from llmtrain.train.trainer import Trainer
 
     try:
-        trainer = Trainer(cfg)
+        trainer = trainer_class(cfg.mode)(cfg)
         result = trainer.fit()
         if trainer.env.is_main and result.stopped_early:
             print(f"stopped at step {result.steps} with a checkpoint in {cfg.run.dir}; re-run to continue", flush=True)

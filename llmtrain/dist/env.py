@@ -37,7 +37,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launcher_vars() -> tuple[int, int, int, int]:
+def launcher_vars() -> tuple[int, int, int, int]:
     """RANK/LOCAL_RANK/WORLD_SIZE from torchrun or the deepspeed launcher; a single process otherwise."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
@@ -60,7 +60,7 @@ def select_accelerator() -> bool:
 def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistEnv:
     """Join (or make) the process group; pick the device and the CPU threads of this rank."""
     has_cuda = select_accelerator()
-    rank, local_rank, world, local_world = _launcher_vars()
+    rank, local_rank, world, local_world = launcher_vars()
     if backend == "auto":
         backend = "nccl" if has_cuda else "gloo"
     if backend == "nccl" and not has_cuda:

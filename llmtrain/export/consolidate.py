@@ -123,16 +123,21 @@ def _load_exported(folder: Path) -> TrainedModel:
         raise UserError(f"{folder / CONFIG} is not an llmtrain export (format {meta.get('format')!r}, version "
                         f"{meta.get('format_version')!r}); a Hugging Face folder is loaded with transformers")
     tok = _tokenizer(folder / TOKENIZER_FILE, meta["tokenizer_sha256"], folder)
+    data_dir = _data_dir(folder) if (folder / "config.yaml").is_file() else None  # a run's own checkpoint
     return TrainedModel(model_config_from(meta["model"]), load_file(str(folder / WEIGHTS)), tok, folder,
-                        int(meta["step"]), int(meta["tokens_seen"]))
+                        int(meta["step"]), int(meta["tokens_seen"]), data_dir)
+
+
+def _data_dir(folder: Path) -> str:
+    import yaml
+
+    return yaml.safe_load((folder / "config.yaml").read_text())["data"]["dir"]
 
 
 def _load_checkpoint(folder: Path) -> TrainedModel:
     state = json.loads((folder / STATE).read_text())
     marker = json.loads((folder / MARKER).read_text())
-    import yaml
-
-    data_dir = yaml.safe_load((folder / "config.yaml").read_text())["data"]["dir"]
+    data_dir = _data_dir(folder)
     tok_path = folder / TOKENIZER_FILE
     if not tok_path.is_file():  # checkpoints written before tokenizers were copied into them
         tok_path = Path(data_dir) / TOKENIZER_FILE

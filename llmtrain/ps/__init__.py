@@ -1,0 +1,1 @@
+"""Asynchronous SGD through parameter servers (Downpour-style), over torch.distributed.rpc (TensorPipe)."""

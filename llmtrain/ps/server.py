@@ -1,0 +1,78 @@
+"""A parameter server: the fp32 master copy of its shard of the model and the optimizer state for it.
+
+Every pushed gradient is applied as it arrives (no waiting for other workers). Each update records its
+staleness: the server's version when it is applied minus the version the worker computed it on. Calls arrive
+on TensorPipe's RPC threads, so one lock orders them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from llmtrain.config import OptimConfig, OptimizerName
+from llmtrain.train.optim import lr_at
+
+
+def shard_names(named_sizes: Sequence[tuple[str, int]], num_servers: int) -> list[list[str]]:
+    """Split parameter names among servers, balanced by size: largest first, each to the least loaded server.
+    Deterministic, so every process computes the same split."""
+    if num_servers > len(named_sizes):
+        raise ValueError(f"{num_servers} servers for {len(named_sizes)} tensors: some would hold nothing")
+    loads, shards = [0] * num_servers, [[] for _ in range(num_servers)]
+    for name, size in sorted(named_sizes, key=lambda item: (-item[1], item[0])):
+        target = min(range(num_servers), key=lambda i: (loads[i], i))
+        shards[target].append(name)
+        loads[target] += size
+    return [sorted(shard) for shard in shards]
+
+
+class ParameterServer:
+    def __init__(self, params: dict[str, torch.Tensor], optim: OptimConfig, max_steps: int, num_workers: int,
+                 staleness_lr: bool) -> None:
+        self.params = {n: nn.Parameter(t.detach().clone().float()) for n, t in params.items()}
+        decay = [p for p in self.params.values() if p.dim() >= 2]  # as llmtrain.train.optim.param_groups
+        no_decay = [p for p in self.params.values() if p.dim() < 2]
+        groups = [g for g in ({"params": decay, "weight_decay": optim.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        if optim.name == OptimizerName.sgd:
+            self.optimizer = torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+        self.optim_cfg, self.max_steps, self.num_workers = optim, max_steps, num_workers
+        self.budget = max_steps * num_workers
+        """Updates to apply in all: num_workers pushes carry as many tokens as one synchronous step."""
+        self.staleness_lr = staleness_lr
+        self.version = 0
+        self.lock = threading.Lock()
+        self.records: list[dict] = []
+        """One per applied update: worker, staleness, loss, apply seconds (read by the metrics of server 0)."""
+
+    def pull(self) -> tuple[int, dict[str, torch.Tensor]]:
+        with self.lock:
+            return self.version, {n: p.detach().clone() for n, p in self.params.items()}
+
+    def push(self, worker: int, grads: dict[str, torch.Tensor], computed_on: int, loss: float) -> bool:
+        """Apply one worker's gradient now; False once the token budget is spent (the worker then stops)."""
+        with self.lock:
+            if self.version >= self.budget:
+                return False
+            start = time.perf_counter()
+            staleness = self.version - computed_on
+            lr = lr_at(self.version // self.num_workers, self.optim_cfg, self.max_steps)
+            if self.staleness_lr and staleness > 1:
+                lr /= staleness
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            for name, param in self.params.items():
+                param.grad = grads[name]
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.version += 1
+            self.records.append({"worker": worker, "staleness": staleness, "loss": loss, "lr": lr,
+                                 "apply_s": time.perf_counter() - start, "time": time.time()})
+            return self.version < self.budget

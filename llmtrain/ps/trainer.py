@@ -1,0 +1,255 @@
+"""The asynchronous trainer (mode=async_ps): ranks 0..S-1 are parameter servers, the others workers.
+
+    torchrun --standalone --nproc_per_node 3 -m llmtrain.cli.train experiment=demo mode=async_ps precision=fp32
+
+Workers loop without waiting for each other: pull every shard (concurrently) -> forward/backward on their own
+slice of the data (the same resumable reader, worker index as rank) -> push each shard's gradient -> repeat.
+Servers apply each gradient on arrival. The budget is the sync run's: W pushes of global_batch_size / W
+sequences each make one "step", so train.max_steps means the same number of tokens in both modes.
+Transport: torch.distributed.rpc over TensorPipe, joined through the launcher's MASTER_ADDR/MASTER_PORT
+rendezvous (the same environment as sync mode). Server 0 (rank 0) writes the metrics and the final model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed.rpc as rpc
+import yaml
+
+from llmtrain.config import TrainConfig, to_plain
+from llmtrain.dist.env import DistEnv, launcher_vars
+from llmtrain.errors import UserError
+from llmtrain.evaluate import mean_loss, perplexity
+from llmtrain.model import build_model
+from llmtrain.ps.server import ParameterServer, shard_names
+from llmtrain.train.metrics import MetricsLogger
+from llmtrain.train.trainer import TrainResult
+
+log = logging.getLogger("llmtrain")
+
+# The server object of this process (server ranks only); the RPC entry points below reach it.
+_SERVER: ParameterServer | None = None
+_FINISHED: set[int] = set()
+_ALL_FINISHED = threading.Event()
+_NUM_WORKERS = 0
+
+
+def _pull() -> tuple[int, dict[str, torch.Tensor]]:
+    return _SERVER.pull()
+
+
+def _push(worker: int, grads: dict[str, torch.Tensor], computed_on: int, loss: float) -> bool:
+    return _SERVER.push(worker, grads, computed_on, loss)
+
+
+def _worker_finished(worker: int) -> None:
+    _FINISHED.add(worker)
+    if len(_FINISHED) == _NUM_WORKERS:
+        _ALL_FINISHED.set()
+
+
+class AsyncPSTrainer:
+    def __init__(self, cfg: TrainConfig) -> None:
+        global _SERVER, _NUM_WORKERS
+        self.cfg = cfg
+        # 1. Roles from the launcher's environment: servers first, then workers.
+        rank, local_rank, world, local_world = launcher_vars()
+        self.num_servers = cfg.ps.num_servers
+        self.num_workers = world - self.num_servers
+        if self.num_workers < 1:
+            raise UserError(f"mode=async_ps with ps.num_servers={self.num_servers} needs at least "
+                            f"{self.num_servers + 1} processes; the launcher started {world}")
+        if cfg.train.global_batch_size % (self.num_workers * cfg.train.micro_batch_size):
+            raise UserError(f"train.global_batch_size={cfg.train.global_batch_size} must be a multiple of "
+                            f"{self.num_workers} workers x train.micro_batch_size={cfg.train.micro_batch_size}")
+        self.env = DistEnv(rank, local_rank, world, local_world, torch.device("cpu"), "tensorpipe")
+        self.is_server = rank < self.num_servers
+        self.worker = rank - self.num_servers
+        if not self.is_server and torch.cuda.is_available():
+            self.env = dataclasses.replace(self.env, device=torch.device("cuda", local_rank))
+        torch.set_num_threads(max(1, torch.get_num_threads() // max(1, local_world)))
+        # 2. Run folder and data: rank 0 prepares the dataset if needed, the others wait for it.
+        self.run_dir = Path(cfg.run.dir).expanduser().resolve()
+        self.data = self._open_data(rank)
+        # 3. The model, identical on every process (same seed); its tensors split among the servers.
+        self.model_cfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or self.data.vocab_size)
+        torch.manual_seed(cfg.train.seed)
+        self._model = build_model(self.model_cfg)
+        sizes = [(n, p.numel()) for n, p in self._model.named_parameters()]  # a tied weight appears once
+        self.shards = shard_names(sizes, self.num_servers)
+        # 4. Servers hold their shard before anyone can call them; then all join the RPC group.
+        if self.is_server:
+            params = dict(self._model.named_parameters())
+            _SERVER = ParameterServer({n: params[n] for n in self.shards[rank]}, cfg.optim, cfg.train.max_steps,
+                                      self.num_workers, cfg.ps.staleness_lr)
+            _NUM_WORKERS = self.num_workers
+        options = rpc.TensorPipeRpcBackendOptions(init_method="env://", rpc_timeout=cfg.ps.timeout_s)
+        rpc.init_rpc(self.name(rank), rank=rank, world_size=world, rpc_backend_options=options)
+
+    def _open_data(self, rank: int):
+        from llmtrain.data.reader import PreparedData
+        from llmtrain.data.shards import read_meta
+
+        if rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if read_meta(self.cfg.data.dir) is None:
+                from llmtrain.data.prepare import prepare
+
+                prepare(self.cfg.data)
+        deadline = time.time() + 600
+        while read_meta(self.cfg.data.dir) is None:  # there is no process group to wait on yet
+            if time.time() > deadline:
+                raise UserError(f"data.dir={self.cfg.data.dir} was not prepared within 10 minutes")
+            time.sleep(1)
+        return PreparedData(self.cfg.data.dir)
+
+    def name(self, rank: int) -> str:
+        return f"ps{rank}" if rank < self.num_servers else f"worker{rank - self.num_servers}"
+
+    # -- roles ---------------------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        try:
+            return self._serve() if self.is_server else self._work()
+        finally:
+            rpc.shutdown()
+
+    def _work(self) -> TrainResult:
+        cfg, model = self.cfg.train, self._model.to(self.env.device)
+        reader = self.data.train_reader(self.model_cfg.block_size, cfg.seed, self.worker, self.num_workers)
+        batch = cfg.global_batch_size // self.num_workers
+        micro_steps = batch // cfg.micro_batch_size
+        params = dict(model.named_parameters())
+        servers = [self.name(i) for i in range(self.num_servers)]
+        result, going = TrainResult(), True
+        while going:
+            pulled = [rpc.rpc_async(s, _pull) for s in servers]
+            versions = []
+            with torch.no_grad():
+                for fut in pulled:
+                    version, tensors = fut.wait()
+                    versions.append(version)
+                    for name, tensor in tensors.items():
+                        params[name].copy_(tensor)
+            model.zero_grad(set_to_none=True)
+            losses = []
+            for _ in range(micro_steps):
+                x, y = reader.next_batch(cfg.micro_batch_size)
+                _, loss = model(x.to(self.env.device), y.to(self.env.device))
+                (loss / micro_steps).backward()
+                losses.append(loss.item())
+            if self.cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.optim.grad_clip)
+            loss = float(np.mean(losses))
+            pushed = [rpc.rpc_async(s, _push, args=(self.worker, {n: params[n].grad.cpu() for n in shard},
+                                                    versions[i], loss))
+                      for i, (s, shard) in enumerate(zip(servers, self.shards, strict=True))]
+            going = all(fut.wait() for fut in pushed)
+            result.steps += 1
+        for s in servers:
+            rpc.rpc_sync(s, _worker_finished, args=(self.worker,))
+        return result
+
+    def _serve(self) -> TrainResult:
+        if self.env.rank != 0:
+            _ALL_FINISHED.wait()
+            return TrainResult()
+        return self._serve_and_report()
+
+    def _serve_and_report(self) -> TrainResult:
+        """Server 0: apply updates (on RPC threads) while this thread logs metrics and evaluates."""
+        cfg = self.cfg.train
+        resolved = to_plain(dataclasses.replace(self.cfg, model=self.model_cfg))
+        metrics = MetricsLogger(self.run_dir, True, self.cfg.wandb, resolved, cfg.max_steps, 0)
+        result = TrainResult(unigram_entropy=self._unigram_entropy())
+        seen, step, interval_start = 0, 0, time.time()
+        tokens_per_update = cfg.global_batch_size // self.num_workers * self.model_cfg.block_size
+        interval: list[dict] = []
+        finished = False
+        while not finished:
+            finished = _ALL_FINISHED.wait(timeout=0.2)
+            with _SERVER.lock:
+                new = _SERVER.records[seen:]
+            for record in new:  # W updates make one step (as many tokens as one synchronous step)
+                seen += 1
+                interval.append(record)
+                if seen % self.num_workers:
+                    continue
+                step += 1
+                metrics.advance()
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    seconds = record["time"] - interval_start
+                    self._log(metrics, step, interval, tokens_per_update, seconds)
+                    result.losses[step] = float(np.mean([r["loss"] for r in interval[-self.num_workers:]]))
+                    interval, interval_start = [], record["time"]
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                    val = self.evaluate()  # on the weights of now: the workers go on meanwhile
+                    metrics.log(step, {"val_loss": val, "val_ppl": perplexity(val)})
+        result.val_loss = self.evaluate()
+        result.val_ppl = perplexity(result.val_loss)
+        result.steps = step
+        metrics.log(step, {"val_loss": result.val_loss, "val_ppl": result.val_ppl})
+        metrics.close()
+        self._save_final(step, seen * tokens_per_update)
+        return result
+
+    def _log(self, metrics: MetricsLogger, step: int, records: list[dict], tokens_per_update: int,
+             seconds: float) -> None:
+        staleness = np.array([r["staleness"] for r in records])
+        tokens = len(records) * tokens_per_update
+        metrics.log(step, {
+            "loss": float(np.mean([r["loss"] for r in records[-self.num_workers:]])), "lr": records[-1]["lr"],
+            "tokens_seen": step * self.num_workers * tokens_per_update, "tokens_per_s": tokens / max(seconds, 1e-9),
+            "updates_per_s": len(records) / max(seconds, 1e-9),
+            "staleness_mean": float(staleness.mean()), "staleness_p50": float(np.percentile(staleness, 50)),
+            "staleness_p95": float(np.percentile(staleness, 95)), "staleness_max": int(staleness.max()),
+            "apply_s": float(np.mean([r["apply_s"] for r in records])),
+        })
+
+    # -- the whole model, on server 0 ------------------------------------------------------------------------
+    def gather_state(self) -> dict[str, torch.Tensor]:
+        """Every shard's current tensors (this server's directly, the others' by RPC)."""
+        state = {}
+        for i in range(self.num_servers):
+            _, tensors = _SERVER.pull() if i == 0 else rpc.rpc_sync(self.name(i), _pull)
+            state.update(tensors)
+        return state
+
+    def evaluate(self) -> float:
+        model = self._model
+        model.load_state_dict(self.gather_state(), strict=False)
+        model.eval()
+        val = self.data.val_windows(self.model_cfg.block_size, self.cfg.train.eval_windows)
+        loss, _ = mean_loss(model, val.batches(self.cfg.train.micro_batch_size), torch.device("cpu"))
+        model.train()
+        return loss
+
+    def _unigram_entropy(self) -> float:
+        from llmtrain.data.reader import unigram_entropy
+
+        return unigram_entropy(self.data.split("val"), self.data.vocab_size)
+
+    def _save_final(self, step: int, tokens_seen: int) -> None:
+        """The final model in the consolidated format, as a complete checkpoint folder of the run, so
+        llmtrain-generate / -export / -eval read it like any other."""
+        import json
+        import shutil
+
+        from llmtrain.export.consolidate import MARKER, TrainedModel, save_consolidated
+
+        folder = self.run_dir / "checkpoints" / f"step_{step:08d}"
+        shutil.rmtree(folder, ignore_errors=True)
+        tokenizer = self.data.tokenizer()
+        trained = TrainedModel(self.model_cfg, self.gather_state(), tokenizer, folder, step, tokens_seen)
+        save_consolidated(trained, folder)
+        resolved = to_plain(dataclasses.replace(self.cfg, model=self.model_cfg))
+        (folder / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        (folder / MARKER).write_text(json.dumps({"step": step, "world_size": self.env.world_size,
+                                                 "mode": "async_ps", "zero_stage": None}))
+        log.info("final model (step %d) in %s", step, folder)
