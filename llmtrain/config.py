@@ -398,6 +398,9 @@ class PSConfig:
 
     num_servers: int = 1
     """Parameter servers; the model's tensors are split among them, balanced by size."""
+    max_staleness: int = 0
+    """Bound on asynchrony: a worker more than this many updates ahead of the slowest live worker waits at
+    its pull (stale-synchronous parallel); 0 = no bound."""
     staleness_lr: bool = False
     """Divide the learning rate of each update by its staleness (Zhang et al. 2016)."""
     timeout_s: int = 60
@@ -407,8 +410,8 @@ class PSConfig:
         problems = []
         if self.num_servers < 1:
             problems.append(f"ps.num_servers={self.num_servers} must be >= 1")
-        if self.timeout_s < 1:
-            problems.append(f"ps.timeout_s={self.timeout_s} must be >= 1")
+        if self.timeout_s < 1 or self.max_staleness < 0:
+            problems.append("ps.timeout_s must be >= 1 and ps.max_staleness >= 0")
         raise_problems(problems, "ps")
 
 

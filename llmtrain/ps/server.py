@@ -33,7 +33,7 @@ def shard_names(named_sizes: Sequence[tuple[str, int]], num_servers: int) -> lis
 
 class ParameterServer:
     def __init__(self, params: dict[str, torch.Tensor], optim: OptimConfig, max_steps: int, num_workers: int,
-                 staleness_lr: bool) -> None:
+                 staleness_lr: bool, max_staleness: int = 0, timeout_s: float = 60.0) -> None:
         self.params = {n: nn.Parameter(t.detach().clone().float()) for n, t in params.items()}
         decay = [p for p in self.params.values() if p.dim() >= 2]  # as llmtrain.train.optim.param_groups
         no_decay = [p for p in self.params.values() if p.dim() < 2]
@@ -47,18 +47,54 @@ class ParameterServer:
         self.budget = max_steps * num_workers
         """Updates to apply in all: num_workers pushes carry as many tokens as one synchronous step."""
         self.staleness_lr = staleness_lr
+        self.max_staleness, self.timeout_s = max_staleness, timeout_s
         self.version = 0
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()
         self.records: list[dict] = []
-        """One per applied update: worker, staleness, loss, apply seconds (read by the metrics of server 0)."""
+        """One per applied update: worker, staleness, loss, timings (read by the metrics of server 0)."""
+        self.clock = {w: 0 for w in range(num_workers)}
+        """Updates applied per worker."""
+        self.last_seen = {w: time.monotonic() for w in range(num_workers)}
+        self.finished: set[int] = set()
+        self.released = threading.Event()
+        """Set by server 0 when the run is over: the other servers may then leave."""
 
-    def pull(self) -> tuple[int, dict[str, torch.Tensor]]:
+    def live_workers(self) -> list[int]:
+        """Workers neither finished nor silent for longer than the timeout (killed, or their host lost)."""
+        now = time.monotonic()
+        return [w for w in self.clock if w not in self.finished and now - self.last_seen[w] < self.timeout_s]
+
+    def pull(self, worker: int) -> tuple[int, dict[str, torch.Tensor]]:
+        """The shard and its version; with max_staleness, first wait while this worker is too far ahead."""
         with self.lock:
+            self.last_seen[worker] = time.monotonic()
+            while self.max_staleness and self.version < self.budget:
+                live = self.live_workers() or [worker]
+                if self.clock[worker] - min(self.clock[w] for w in live) <= self.max_staleness:
+                    break
+                self.lock.wait(timeout=0.1)
+                self.last_seen[worker] = time.monotonic()
             return self.version, {n: p.detach().clone() for n, p in self.params.items()}
 
-    def push(self, worker: int, grads: dict[str, torch.Tensor], computed_on: int, loss: float) -> bool:
+    def finish(self, worker: int) -> None:
+        with self.lock:
+            self.finished.add(worker)
+            self.lock.notify_all()
+
+    def wait_until_done(self) -> bool:
+        """Block until the budget is spent and every live worker has finished; True if none was lost."""
+        with self.lock:
+            while True:
+                if len(self.finished) == len(self.clock):
+                    return True
+                if not self.live_workers():  # the rest were lost (silent for longer than the timeout)
+                    return False
+                self.lock.wait(timeout=0.2)
+
+    def push(self, worker: int, grads: dict[str, torch.Tensor], computed_on: int, stats: dict) -> bool:
         """Apply one worker's gradient now; False once the token budget is spent (the worker then stops)."""
         with self.lock:
+            self.last_seen[worker] = time.monotonic()
             if self.version >= self.budget:
                 return False
             start = time.perf_counter()
@@ -73,6 +109,8 @@ class ParameterServer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.version += 1
-            self.records.append({"worker": worker, "staleness": staleness, "loss": loss, "lr": lr,
+            self.clock[worker] += 1
+            self.records.append({"worker": worker, "staleness": staleness, "lr": lr, **stats,
                                  "apply_s": time.perf_counter() - start, "time": time.time()})
+            self.lock.notify_all()
             return self.version < self.budget

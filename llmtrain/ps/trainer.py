@@ -36,28 +36,32 @@ log = logging.getLogger("llmtrain")
 
 # The server object of this process (server ranks only); the RPC entry points below reach it.
 _SERVER: ParameterServer | None = None
-_FINISHED: set[int] = set()
-_ALL_FINISHED = threading.Event()
-_NUM_WORKERS = 0
 
 
-def _pull() -> tuple[int, dict[str, torch.Tensor]]:
-    return _SERVER.pull()
+def _pull(worker: int) -> tuple[int, dict[str, torch.Tensor]]:
+    return _SERVER.pull(worker)
 
 
-def _push(worker: int, grads: dict[str, torch.Tensor], computed_on: int, loss: float) -> bool:
-    return _SERVER.push(worker, grads, computed_on, loss)
+def _push(worker: int, grads: dict[str, torch.Tensor], computed_on: int, stats: dict) -> bool:
+    return _SERVER.push(worker, grads, computed_on, stats)
 
 
-def _worker_finished(worker: int) -> None:
-    _FINISHED.add(worker)
-    if len(_FINISHED) == _NUM_WORKERS:
-        _ALL_FINISHED.set()
+def _finished(worker: int) -> None:
+    _SERVER.finish(worker)
+
+
+def _read_shard() -> dict[str, torch.Tensor]:
+    with _SERVER.lock:
+        return {n: p.detach().clone() for n, p in _SERVER.params.items()}
+
+
+def _release() -> None:
+    _SERVER.released.set()
 
 
 class AsyncPSTrainer:
     def __init__(self, cfg: TrainConfig) -> None:
-        global _SERVER, _NUM_WORKERS
+        global _SERVER
         self.cfg = cfg
         # 1. Roles from the launcher's environment: servers first, then workers.
         rank, local_rank, world, local_world = launcher_vars()
@@ -88,8 +92,7 @@ class AsyncPSTrainer:
         if self.is_server:
             params = dict(self._model.named_parameters())
             _SERVER = ParameterServer({n: params[n] for n in self.shards[rank]}, cfg.optim, cfg.train.max_steps,
-                                      self.num_workers, cfg.ps.staleness_lr)
-            _NUM_WORKERS = self.num_workers
+                                      self.num_workers, cfg.ps.staleness_lr, cfg.ps.max_staleness, cfg.ps.timeout_s)
         options = rpc.TensorPipeRpcBackendOptions(init_method="env://", rpc_timeout=cfg.ps.timeout_s)
         rpc.init_rpc(self.name(rank), rank=rank, world_size=world, rpc_backend_options=options)
 
@@ -115,28 +118,40 @@ class AsyncPSTrainer:
 
     # -- roles ---------------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
+        # Shutdown is not graceful (that would wait for every process, a lost one included): each role leaves
+        # only once nothing more is asked of it (workers after their last push, servers when released).
         try:
             return self._serve() if self.is_server else self._work()
         finally:
-            rpc.shutdown()
+            rpc.shutdown(graceful=False)
+
+    def _call(self, server: int, fut):
+        try:
+            return fut.wait()
+        except RuntimeError as exc:
+            first = (str(exc).strip().splitlines() or ["no answer"])[0][:160]
+            raise UserError(f"worker {self.worker}: parameter server {self.name(server)} did not answer within "
+                            f"ps.timeout_s={self.cfg.ps.timeout_s} s ({first}); stopping") from None
 
     def _work(self) -> TrainResult:
         cfg, model = self.cfg.train, self._model.to(self.env.device)
         reader = self.data.train_reader(self.model_cfg.block_size, cfg.seed, self.worker, self.num_workers)
-        batch = cfg.global_batch_size // self.num_workers
-        micro_steps = batch // cfg.micro_batch_size
+        micro_steps = cfg.global_batch_size // self.num_workers // cfg.micro_batch_size
         params = dict(model.named_parameters())
-        servers = [self.name(i) for i in range(self.num_servers)]
-        result, going = TrainResult(), True
+        servers = range(self.num_servers)
+        result, going, push_s = TrainResult(), True, 0.0
         while going:
-            pulled = [rpc.rpc_async(s, _pull) for s in servers]
-            versions = []
+            start = time.perf_counter()
+            pulled = [rpc.rpc_async(self.name(i), _pull, args=(self.worker,)) for i in servers]
+            versions, pulled_bytes = [], 0
             with torch.no_grad():
-                for fut in pulled:
-                    version, tensors = fut.wait()
+                for i, fut in zip(servers, pulled, strict=True):
+                    version, tensors = self._call(i, fut)
                     versions.append(version)
                     for name, tensor in tensors.items():
                         params[name].copy_(tensor)
+                        pulled_bytes += tensor.numel() * tensor.element_size()
+            pull_s = time.perf_counter() - start
             model.zero_grad(set_to_none=True)
             losses = []
             for _ in range(micro_steps):
@@ -146,21 +161,25 @@ class AsyncPSTrainer:
                 losses.append(loss.item())
             if self.cfg.optim.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.optim.grad_clip)
-            loss = float(np.mean(losses))
-            pushed = [rpc.rpc_async(s, _push, args=(self.worker, {n: params[n].grad.cpu() for n in shard},
-                                                    versions[i], loss))
-                      for i, (s, shard) in enumerate(zip(servers, self.shards, strict=True))]
-            going = all(fut.wait() for fut in pushed)
+            start = time.perf_counter()
+            grads = [{n: params[n].grad.cpu() for n in shard} for shard in self.shards]
+            pushed_bytes = sum(g.numel() * g.element_size() for shard in grads for g in shard.values())
+            stats = {"loss": float(np.mean(losses)), "pull_s": pull_s, "push_s": push_s,
+                     "bytes": pulled_bytes + pushed_bytes}
+            pushed = [rpc.rpc_async(self.name(i), _push, args=(self.worker, grads[i], versions[i], stats))
+                      for i in servers]
+            going = all([self._call(i, fut) for i, fut in zip(servers, pushed, strict=True)])
+            push_s = time.perf_counter() - start  # reported with the next push
             result.steps += 1
-        for s in servers:
-            rpc.rpc_sync(s, _worker_finished, args=(self.worker,))
+        for i in servers:
+            rpc.rpc_sync(self.name(i), _finished, args=(self.worker,))
         return result
 
     def _serve(self) -> TrainResult:
-        if self.env.rank != 0:
-            _ALL_FINISHED.wait()
-            return TrainResult()
-        return self._serve_and_report()
+        if self.env.rank == 0:
+            return self._serve_and_report()
+        _SERVER.released.wait()  # server 0 still reads this shard for the final evaluation and model
+        return TrainResult()
 
     def _serve_and_report(self) -> TrainResult:
         """Server 0: apply updates (on RPC threads) while this thread logs metrics and evaluates."""
@@ -168,12 +187,14 @@ class AsyncPSTrainer:
         resolved = to_plain(dataclasses.replace(self.cfg, model=self.model_cfg))
         metrics = MetricsLogger(self.run_dir, True, self.cfg.wandb, resolved, cfg.max_steps, 0)
         result = TrainResult(unigram_entropy=self._unigram_entropy())
+        self._lost: list[bool] = []
         seen, step, interval_start = 0, 0, time.time()
         tokens_per_update = cfg.global_batch_size // self.num_workers * self.model_cfg.block_size
         interval: list[dict] = []
-        finished = False
-        while not finished:
-            finished = _ALL_FINISHED.wait(timeout=0.2)
+        done = threading.Thread(target=lambda: self._lost.append(not _SERVER.wait_until_done()), daemon=True)
+        done.start()
+        while done.is_alive():
+            done.join(timeout=0.2)
             with _SERVER.lock:
                 new = _SERVER.records[seen:]
             for record in new:  # W updates make one step (as many tokens as one synchronous step)
@@ -191,12 +212,17 @@ class AsyncPSTrainer:
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
                     val = self.evaluate()  # on the weights of now: the workers go on meanwhile
                     metrics.log(step, {"val_loss": val, "val_ppl": perplexity(val)})
+        if self._lost[0]:
+            log.warning("%d worker(s) were lost (silent for more than ps.timeout_s=%d s); the others finished "
+                        "the run", len(_SERVER.clock) - len(_SERVER.finished), self.cfg.ps.timeout_s)
         result.val_loss = self.evaluate()
         result.val_ppl = perplexity(result.val_loss)
         result.steps = step
         metrics.log(step, {"val_loss": result.val_loss, "val_ppl": result.val_ppl})
         metrics.close()
         self._save_final(step, seen * tokens_per_update)
+        for i in range(1, self.num_servers):
+            rpc.rpc_sync(self.name(i), _release)
         return result
 
     def _log(self, metrics: MetricsLogger, step: int, records: list[dict], tokens_per_update: int,
@@ -210,6 +236,10 @@ class AsyncPSTrainer:
             "staleness_mean": float(staleness.mean()), "staleness_p50": float(np.percentile(staleness, 50)),
             "staleness_p95": float(np.percentile(staleness, 95)), "staleness_max": int(staleness.max()),
             "apply_s": float(np.mean([r["apply_s"] for r in records])),
+            "pull_s": float(np.mean([r["pull_s"] for r in records])),
+            "push_s": float(np.mean([r["push_s"] for r in records if r["push_s"]] or [0.0])),
+            "bytes_per_update": float(np.mean([r["bytes"] for r in records])),
+            "staleness_hist": np.bincount(staleness).tolist(),
         })
 
     # -- the whole model, on server 0 ------------------------------------------------------------------------
@@ -217,8 +247,7 @@ class AsyncPSTrainer:
         """Every shard's current tensors (this server's directly, the others' by RPC)."""
         state = {}
         for i in range(self.num_servers):
-            _, tensors = _SERVER.pull() if i == 0 else rpc.rpc_sync(self.name(i), _pull)
-            state.update(tensors)
+            state.update(_read_shard() if i == 0 else rpc.rpc_sync(self.name(i), _read_shard))
         return state
 
     def evaluate(self) -> float:

@@ -45,3 +45,70 @@ def test_result_generates_and_evaluates_like_any_checkpoint(run):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     final = [r["val_loss"] for r in rows if "val_loss" in r][-1]
     assert abs(float(proc.stdout.strip().splitlines()[-1].split("|")[-3]) - final) < 1e-4
+
+
+def start_processes(run_dir, data_dir, world: int, *overrides: str):
+    """Start each rank as its own process with the launcher variables (as srun or any launcher that does not
+    tear the job down when one process dies would): torchrun stops every rank when one fails."""
+    import os
+    import socket
+    import subprocess
+
+    from tests.conftest import BIN, REPO
+    from tests.integration.conftest import COMMON
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "OMP_NUM_THREADS": "1"}
+        args = [f"data.dir={data_dir}", f"run.dir={run_dir}", *COMMON, "precision=fp32", "mode=async_ps",
+                "ps.timeout_s=5", *overrides]
+        procs.append(subprocess.Popen([str(BIN / "llmtrain-train"), *args], env=env, cwd=REPO, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    return procs
+
+
+def wait_for_step(run_dir, step: int, timeout: float = 120) -> None:
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = run_dir / "metrics.jsonl"
+        if path.exists() and any(json.loads(line).get("step", 0) >= step for line in path.read_text().splitlines()):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def test_killed_worker_leaves_the_others_to_finish(prepared_small, tmp_path):
+    import signal
+
+    server, survivor, victim = start_processes(tmp_path / "run", prepared_small, 3, "train.max_steps=150",
+                                               "train.log_every=5")
+    wait_for_step(tmp_path / "run", 10)
+    victim.send_signal(signal.SIGKILL)
+    out, err = server.communicate(timeout=180)
+    assert server.returncode == 0, err[-2000:]
+    assert survivor.wait(timeout=60) == 0, survivor.stderr.read()[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows if "loss" in r) == 150  # the whole token budget, by the survivor
+    assert "1 worker(s) were lost" in err and "step 150: val_loss" in out
+
+
+def test_lost_server_stops_every_worker_with_one_line(prepared_small, tmp_path):
+    import signal
+    import time
+
+    server, *workers = start_processes(tmp_path / "run", prepared_small, 3, "train.max_steps=100000")
+    wait_for_step(tmp_path / "run", 10)
+    server.send_signal(signal.SIGKILL)
+    killed = time.time()
+    for worker in workers:
+        _, err = worker.communicate(timeout=60)
+        assert worker.returncode == 2, err[-2000:]
+        assert "parameter server ps0 did not answer" in err, err[-2000:]
+    assert time.time() - killed < 5 + 15  # within ps.timeout_s (5 s) and start-up slack
