@@ -33,7 +33,7 @@ def shard_names(named_sizes: Sequence[tuple[str, int]], num_servers: int) -> lis
 
 class ParameterServer:
     def __init__(self, params: dict[str, torch.Tensor], optim: OptimConfig, max_steps: int, num_workers: int,
-                 staleness_lr: bool, max_staleness: int = 0, timeout_s: float = 60.0) -> None:
+                 staleness_lr: bool, max_staleness: int = 0, timeout_s: float = 60.0, stop_at_step: int = 0) -> None:
         self.params = {n: nn.Parameter(t.detach().clone().float()) for n, t in params.items()}
         decay = [p for p in self.params.values() if p.dim() >= 2]  # as llmtrain.train.optim.param_groups
         no_decay = [p for p in self.params.values() if p.dim() < 2]
@@ -44,8 +44,8 @@ class ParameterServer:
         else:
             self.optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
         self.optim_cfg, self.max_steps, self.num_workers = optim, max_steps, num_workers
-        self.budget = max_steps * num_workers
-        """Updates to apply in all: num_workers pushes carry as many tokens as one synchronous step."""
+        self.budget = min(stop_at_step or max_steps, max_steps) * num_workers
+        """Updates to apply in this run: num_workers pushes carry as many tokens as one synchronous step."""
         self.staleness_lr = staleness_lr
         self.max_staleness, self.timeout_s = max_staleness, timeout_s
         self.version = 0
@@ -58,6 +58,19 @@ class ParameterServer:
         self.finished: set[int] = set()
         self.released = threading.Event()
         """Set by server 0 when the run is over: the other servers may then leave."""
+
+    def state_dict(self) -> dict:
+        """Everything to continue exactly: weights, optimizer state, version and per-worker update counts."""
+        with self.lock:
+            return {"params": {n: p.detach().clone() for n, p in self.params.items()},
+                    "optimizer": self.optimizer.state_dict(), "version": self.version, "clock": dict(self.clock)}
+
+    def load_state_dict(self, state: dict) -> None:
+        with self.lock, torch.no_grad():
+            for name, param in self.params.items():
+                param.copy_(state["params"][name])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.version, self.clock = int(state["version"]), {int(w): int(c) for w, c in state["clock"].items()}
 
     def live_workers(self) -> list[int]:
         """Workers neither finished nor silent for longer than the timeout (killed, or their host lost)."""

@@ -13,6 +13,7 @@ rendezvous (the same environment as sync mode). Server 0 (rank 0) writes the met
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import threading
 import time
@@ -27,6 +28,7 @@ from llmtrain.config import TrainConfig, to_plain
 from llmtrain.dist.env import DistEnv, launcher_vars
 from llmtrain.errors import UserError
 from llmtrain.evaluate import mean_loss, perplexity
+from llmtrain.export.consolidate import MARKER
 from llmtrain.model import build_model
 from llmtrain.ps.server import ParameterServer, shard_names
 from llmtrain.train.metrics import MetricsLogger
@@ -53,6 +55,14 @@ def _finished(worker: int) -> None:
 def _read_shard() -> dict[str, torch.Tensor]:
     with _SERVER.lock:
         return {n: p.detach().clone() for n, p in _SERVER.params.items()}
+
+
+def _clock(worker: int) -> int:
+    return _SERVER.clock[worker]
+
+
+def _save_shard(path: str) -> None:
+    torch.save(_SERVER.state_dict(), path)
 
 
 def _release() -> None:
@@ -86,13 +96,16 @@ class AsyncPSTrainer:
         self.model_cfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or self.data.vocab_size)
         torch.manual_seed(cfg.train.seed)
         self._model = build_model(self.model_cfg)
+        self.start_step = 0
         sizes = [(n, p.numel()) for n, p in self._model.named_parameters()]  # a tied weight appears once
         self.shards = shard_names(sizes, self.num_servers)
         # 4. Servers hold their shard before anyone can call them; then all join the RPC group.
         if self.is_server:
             params = dict(self._model.named_parameters())
             _SERVER = ParameterServer({n: params[n] for n in self.shards[rank]}, cfg.optim, cfg.train.max_steps,
-                                      self.num_workers, cfg.ps.staleness_lr, cfg.ps.max_staleness, cfg.ps.timeout_s)
+                                      self.num_workers, cfg.ps.staleness_lr, cfg.ps.max_staleness, cfg.ps.timeout_s,
+                                      cfg.train.stop_at_step)
+            self._resume_server(rank)
         options = rpc.TensorPipeRpcBackendOptions(init_method="env://", rpc_timeout=cfg.ps.timeout_s)
         rpc.init_rpc(self.name(rank), rank=rank, world_size=world, rpc_backend_options=options)
 
@@ -137,6 +150,9 @@ class AsyncPSTrainer:
         cfg, model = self.cfg.train, self._model.to(self.env.device)
         reader = self.data.train_reader(self.model_cfg.block_size, cfg.seed, self.worker, self.num_workers)
         micro_steps = cfg.global_batch_size // self.num_workers // cfg.micro_batch_size
+        # A resumed run continues this worker's data where its last applied update left it.
+        done = self._call(0, rpc.rpc_async(self.name(0), _clock, args=(self.worker,)))
+        reader.consumed_samples = done * micro_steps * self.num_workers * cfg.micro_batch_size
         params = dict(model.named_parameters())
         servers = range(self.num_servers)
         result, going, push_s = TrainResult(), True, 0.0
@@ -185,10 +201,10 @@ class AsyncPSTrainer:
         """Server 0: apply updates (on RPC threads) while this thread logs metrics and evaluates."""
         cfg = self.cfg.train
         resolved = to_plain(dataclasses.replace(self.cfg, model=self.model_cfg))
-        metrics = MetricsLogger(self.run_dir, True, self.cfg.wandb, resolved, cfg.max_steps, 0)
+        metrics = MetricsLogger(self.run_dir, True, self.cfg.wandb, resolved, cfg.max_steps, self.start_step)
         result = TrainResult(unigram_entropy=self._unigram_entropy())
         self._lost: list[bool] = []
-        seen, step, interval_start = 0, 0, time.time()
+        seen, step, interval_start = 0, self.start_step, time.time()
         tokens_per_update = cfg.global_batch_size // self.num_workers * self.model_cfg.block_size
         interval: list[dict] = []
         done = threading.Thread(target=lambda: self._lost.append(not _SERVER.wait_until_done()), daemon=True)
@@ -209,18 +225,22 @@ class AsyncPSTrainer:
                     self._log(metrics, step, interval, tokens_per_update, seconds)
                     result.losses[step] = float(np.mean([r["loss"] for r in interval[-self.num_workers:]]))
                     interval, interval_start = [], record["time"]
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                last = step == cfg.max_steps or step == cfg.stop_at_step
+                if cfg.eval_every and step % cfg.eval_every == 0 and not last:
                     val = self.evaluate()  # on the weights of now: the workers go on meanwhile
                     metrics.log(step, {"val_loss": val, "val_ppl": perplexity(val)})
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not last:
+                    self._save_checkpoint(step, step * self.num_workers * tokens_per_update)
         if self._lost[0]:
             log.warning("%d worker(s) were lost (silent for more than ps.timeout_s=%d s); the others finished "
                         "the run", len(_SERVER.clock) - len(_SERVER.finished), self.cfg.ps.timeout_s)
-        result.val_loss = self.evaluate()
-        result.val_ppl = perplexity(result.val_loss)
-        result.steps = step
-        metrics.log(step, {"val_loss": result.val_loss, "val_ppl": result.val_ppl})
+        result.steps, result.stopped_early = step, step < cfg.max_steps
+        if not result.stopped_early:
+            result.val_loss = self.evaluate()
+            result.val_ppl = perplexity(result.val_loss)
+            metrics.log(step, {"val_loss": result.val_loss, "val_ppl": result.val_ppl})
         metrics.close()
-        self._save_final(step, seen * tokens_per_update)
+        self._save_checkpoint(step, step * self.num_workers * tokens_per_update)
         for i in range(1, self.num_servers):
             rpc.rpc_sync(self.name(i), _release)
         return result
@@ -264,21 +284,60 @@ class AsyncPSTrainer:
 
         return unigram_entropy(self.data.split("val"), self.data.vocab_size)
 
-    def _save_final(self, step: int, tokens_seen: int) -> None:
-        """The final model in the consolidated format, as a complete checkpoint folder of the run, so
-        llmtrain-generate / -export / -eval read it like any other."""
-        import json
+    def _save_checkpoint(self, step: int, tokens_seen: int) -> None:
+        """A complete checkpoint folder: every server's shard state (to resume) and the whole model in the
+        consolidated format (so llmtrain-generate / -export / -eval read it like any other); marked complete
+        last, older ones pruned."""
         import shutil
 
-        from llmtrain.export.consolidate import MARKER, TrainedModel, save_consolidated
+        from llmtrain.export.consolidate import TrainedModel, save_consolidated
 
         folder = self.run_dir / "checkpoints" / f"step_{step:08d}"
         shutil.rmtree(folder, ignore_errors=True)
-        tokenizer = self.data.tokenizer()
-        trained = TrainedModel(self.model_cfg, self.gather_state(), tokenizer, folder, step, tokens_seen)
+        folder.mkdir(parents=True)
+        for i in range(self.num_servers):
+            path = str(folder / f"ps{i}.pt")
+            _save_shard(path) if i == 0 else rpc.rpc_sync(self.name(i), _save_shard, args=(path,))
+        trained = TrainedModel(self.model_cfg, self.gather_state(), self.data.tokenizer(), folder, step, tokens_seen)
         save_consolidated(trained, folder)
         resolved = to_plain(dataclasses.replace(self.cfg, model=self.model_cfg))
         (folder / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-        (folder / MARKER).write_text(json.dumps({"step": step, "world_size": self.env.world_size,
-                                                 "mode": "async_ps", "zero_stage": None}))
-        log.info("final model (step %d) in %s", step, folder)
+        marker = {"step": step, "world_size": self.env.world_size, "mode": "async_ps",
+                  "num_servers": self.num_servers, "num_workers": self.num_workers, "zero_stage": None}
+        (folder / MARKER).write_text(json.dumps(marker))
+        complete = sorted(self._complete_checkpoints())
+        for _, old in complete[: max(0, len(complete) - self.cfg.train.keep_checkpoints)]:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("checkpoint (step %d) in %s", step, folder)
+
+    def _complete_checkpoints(self) -> list[tuple[int, Path]]:
+        found = []
+        for folder in (self.run_dir / "checkpoints").glob("step_*"):
+            if (folder / MARKER).is_file():
+                found.append((int(json.loads((folder / MARKER).read_text())["step"]), folder))
+        return found
+
+    def _resume_server(self, rank: int) -> None:
+        """Continue from the run's newest complete checkpoint: this server's shard, optimizer and counters."""
+        complete = self._complete_checkpoints() if self.cfg.run.resume else []
+        if not complete:
+            return
+        step, folder = max(complete)
+        marker = json.loads((folder / MARKER).read_text())
+        if marker.get("mode") != "async_ps":
+            raise UserError(f"{folder} was saved by mode={marker.get('mode', 'sync')}; resume it with that mode "
+                            "or start a new run.dir")
+        if (marker["num_servers"], marker["num_workers"]) != (self.num_servers, self.num_workers):
+            raise UserError(f"{folder} was saved by {marker['num_servers']} server(s) and {marker['num_workers']}"
+                            f" worker(s); resume with the same (this run has {self.num_servers} and "
+                            f"{self.num_workers}) or start a new run.dir")
+        saved = json.loads((folder / "config.json").read_text())
+        if saved["tokenizer_sha256"] != self.data.tokenizer_fingerprint or saved["model"] != to_plain(self.model_cfg):
+            raise UserError(f"the checkpoint in {self.run_dir} has another model or tokenizer; use a new run.dir")
+        try:
+            _SERVER.load_state_dict(torch.load(folder / f"ps{rank}.pt", map_location="cpu", weights_only=False))
+        except (OSError, RuntimeError, KeyError, EOFError) as exc:
+            raise UserError(f"checkpoint {folder} could not be loaded ({str(exc)[:160]}); it may be corrupt") from None
+        self.start_step = step
+        if rank == 0:
+            log.info("resumed from %s (step %d)", folder, step)

@@ -112,3 +112,19 @@ def test_lost_server_stops_every_worker_with_one_line(prepared_small, tmp_path):
         assert worker.returncode == 2, err[-2000:]
         assert "parameter server ps0 did not answer" in err, err[-2000:]
     assert time.time() - killed < 5 + 15  # within ps.timeout_s (5 s) and start-up slack
+
+
+def test_stop_and_rerun_continues_exactly_with_one_worker(run, prepared_small, tmp_path):
+    from tests.integration.conftest import launch
+
+    reference = losses(run("ps-1s1w-sgd", 2, *SGD, "mode=async_ps"))
+    run_dir = tmp_path / "resumed"
+    launch(run_dir, prepared_small, 2, *SGD, "mode=async_ps", "train.stop_at_step=10")
+    assert sorted(losses(run_dir)) == list(range(1, 11))
+    launch(run_dir, prepared_small, 2, *SGD, "mode=async_ps")
+    resumed = losses(run_dir)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    assert max(abs(resumed[s] - reference[s]) / reference[s] for s in range(11, STEPS + 1)) <= 1e-6
+    # a checkpoint of another layout is refused with one line
+    proc = launch(run_dir, prepared_small, 3, *SGD, "mode=async_ps", "train.global_batch_size=16", check=False)
+    assert proc.returncode != 0 and "resume with the same" in proc.stderr
