@@ -462,6 +462,30 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
+class CompareSection:
+    """What ``llmtrain-compare`` runs side by side."""
+
+    dir: str = MISSING
+    """Output folder: one run folder per mode, the plots and the table."""
+    compute_ranks: int = 2
+    """Ranks that compute gradients in each mode: sync data-parallel ranks = async workers."""
+    staleness_lr: bool = True
+    """Also run async with ps.staleness_lr=true."""
+
+    def __post_init__(self) -> None:
+        if self.compute_ranks < 1:
+            raise_problems([f"compare.compute_ranks={self.compute_ranks} must be >= 1"], "compare")
+
+
+@dataclass(kw_only=True)
+class CompareConfig(TrainConfig):
+    """Root of ``llmtrain-compare``: a training config, run in both modes, plus what to compare."""
+
+    compare: CompareSection = field(default_factory=CompareSection)
+    """The comparison's settings."""
+
+
+@dataclass(kw_only=True)
 class PrepareConfig:
     """Root of ``llmtrain-prepare``."""
 
@@ -632,3 +656,4 @@ def register_configs() -> None:
     cs.store(name="export_schema", node=ExportConfig)
     cs.store(name="eval_schema", node=EvalConfig)
     cs.store(name="ngram_schema", node=NgramConfig)
+    cs.store(name="compare_schema", node=CompareConfig)

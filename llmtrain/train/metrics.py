@@ -95,7 +95,7 @@ class MetricsLogger:
     def log(self, step: int, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        row = {"step": step, **row}
+        row = {"step": step, **row, "time": time.time()}  # wall clock: loss vs time plots
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.wandb is not None:

@@ -128,3 +128,19 @@ def test_stop_and_rerun_continues_exactly_with_one_worker(run, prepared_small, t
     # a checkpoint of another layout is refused with one line
     proc = launch(run_dir, prepared_small, 3, *SGD, "mode=async_ps", "train.global_batch_size=16", check=False)
     assert proc.returncode != 0 and "resume with the same" in proc.stderr
+
+
+def test_compare_runs_both_modes_and_writes_plots_and_table(prepared_small, tmp_path):
+    from tests.integration.conftest import COMMON
+
+    out = tmp_path / "compare"
+    proc = run_cli("llmtrain-compare", f"data.dir={prepared_small}", *COMMON, f"compare.dir={out}",
+                   "compare.staleness_lr=false", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {p.name for p in out.iterdir()} >= {"sync", "async", "loss_vs_tokens.png", "loss_vs_time.png",
+                                                 "staleness_hist.png", "table.md"}
+    rows = [line.split("|") for line in (out / "table.md").read_text().splitlines()[2:]]
+    assert [r[1].strip() for r in rows] == ["sync", "async"]
+    assert all(r[3].strip() == f"{STEPS * 8 * 64:,}" for r in rows)  # the same token budget
+    sync_val = [json.loads(x) for x in (out / "sync" / "metrics.jsonl").read_text().splitlines()][-1]["val_loss"]
+    assert abs(float(rows[0][6]) - sync_val) < 1e-4

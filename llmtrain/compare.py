@@ -1,0 +1,134 @@
+"""Sync ZeRO against async parameter servers on the same model, data, token budget and compute ranks.
+
+Runs ``llmtrain-train`` once per mode (sync: N data-parallel ranks; async: N workers + 1 server; optionally
+async with the staleness-aware learning rate), each in its own run folder under ``compare.dir`` and in one
+wandb group, then writes loss-vs-tokens and loss-vs-wall-clock plots, the staleness histogram and a table.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from llmtrain.config import CompareConfig
+from llmtrain.errors import UserError
+
+
+@dataclass
+class ModeRun:
+    name: str
+    overrides: list[str]
+    ranks: int
+    started: float = 0.0
+    wall_s: float = 0.0
+    rows: list[dict] = field(default_factory=list)
+
+    def steps(self) -> list[dict]:
+        return [r for r in self.rows if "loss" in r]
+
+    def evals(self) -> list[dict]:
+        return [r for r in self.rows if "val_loss" in r]
+
+
+def plan(cfg: CompareConfig) -> list[ModeRun]:
+    n, out = cfg.compare.compute_ranks, Path(cfg.compare.dir)
+    group = cfg.wandb.group or out.name
+    common = ["precision=fp32", f"wandb.group={group}"]
+    runs = [ModeRun("sync", [*common, "mode=sync", f"run.dir={out / 'sync'}"], n),
+            ModeRun("async", [*common, "mode=async_ps", "ps.num_servers=1", "ps.staleness_lr=false",
+                              f"run.dir={out / 'async'}"], n + 1)]
+    if cfg.compare.staleness_lr:
+        runs.append(ModeRun("async+staleness-lr", [*common, "mode=async_ps", "ps.num_servers=1",
+                                                   "ps.staleness_lr=true", f"run.dir={out / 'async-slr'}"], n + 1))
+    return runs
+
+
+def launch(run: ModeRun, user_overrides: list[str]) -> None:
+    """One training run through torchrun on this node; its metrics are read back from metrics.jsonl."""
+    run_dir = Path(next(o for o in run.overrides if o.startswith("run.dir="))[len("run.dir="):])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={run.ranks}",
+           "-m", "llmtrain.cli.train", *user_overrides, *run.overrides]
+    print(f"[{run.name}] {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
+    run.started = time.time()
+    proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
+    run.wall_s = time.time() - run.started
+    if proc.returncode:
+        raise UserError(f"the {run.name} run failed (exit {proc.returncode}); its log is above, its folder {run_dir}")
+    run.rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def table(runs: list[ModeRun]) -> str:
+    header = ("mode", "compute ranks", "tokens", "wall s (with start-up)", "tokens/s", "val loss", "val ppl",
+              "staleness mean / p95 / max")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for run in runs:
+        steps, final = run.steps(), run.evals()[-1]
+        stale = "-"
+        if "staleness_mean" in steps[-1]:
+            stale = (f"{np.mean([r['staleness_mean'] for r in steps]):.2f} / "
+                     f"{max(r['staleness_p95'] for r in steps):.1f} / {max(r['staleness_max'] for r in steps)}")
+        tokens_per_s = np.mean([r["tokens_per_s"] for r in steps[1:] or steps])
+        lines.append(f"| {run.name} | {run.ranks if run.name == 'sync' else run.ranks - 1} | "
+                     f"{steps[-1]['tokens_seen']:,} | {run.wall_s:.0f} | {tokens_per_s:,.0f} | "
+                     f"{final['val_loss']:.4f} | {final['val_ppl']:.2f} | {stale} |")
+    return "\n".join(lines)
+
+
+def plot(runs: list[ModeRun], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for x_key, label, name in (("tokens_seen", "tokens", "loss_vs_tokens.png"),
+                               ("time", "wall-clock seconds since launch", "loss_vs_time.png")):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for i, run in enumerate(runs):
+            xs = [r[x_key] - (run.started if x_key == "time" else 0) for r in run.steps()]
+            ax.plot(xs, [r["loss"] for r in run.steps()], color=f"C{i}", label=f"{run.name} (train)", alpha=0.7)
+            evals = run.evals()
+            ex = [(e["time"] - run.started) if x_key == "time" else
+                  next(r["tokens_seen"] for r in run.steps() if r["step"] >= e["step"]) for e in evals]
+            ax.plot(ex, [e["val_loss"] for e in evals], "o--", color=f"C{i}", label=f"{run.name} (val)")
+        ax.set_xlabel(label)
+        ax.set_ylabel("loss (nats/token)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(out / name)
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for i, run in enumerate(runs):
+        hists = [np.array(r["staleness_hist"]) for r in run.steps() if "staleness_hist" in r]
+        if hists:
+            total = np.zeros(max(len(h) for h in hists))
+            for h in hists:
+                total[: len(h)] += h
+            ax.bar(np.arange(len(total)) + 0.4 * (i - 1), total, width=0.4, color=f"C{i}", label=run.name)
+    ax.set_xlabel("staleness (server updates between pull and apply)")
+    ax.set_ylabel("updates")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "staleness_hist.png", dpi=110)
+    plt.close(fig)
+    return [*written, out / "staleness_hist.png"]
+
+
+def compare(cfg: CompareConfig, user_overrides: list[str]) -> str:
+    out = Path(cfg.compare.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = plan(cfg)
+    for run in runs:
+        launch(run, user_overrides)
+    result = table(runs)
+    (out / "table.md").write_text(result + "\n")
+    plot(runs, out)
+    return result
