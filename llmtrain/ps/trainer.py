@@ -260,6 +260,8 @@ class AsyncPSTrainer:
             "push_s": float(np.mean([r["push_s"] for r in records if r["push_s"]] or [0.0])),
             "bytes_per_update": float(np.mean([r["bytes"] for r in records])),
             "staleness_hist": np.bincount(staleness).tolist(),
+            **{f"loss_worker{w}": float(np.mean([r["loss"] for r in records if r["worker"] == w]))
+               for w in sorted({r["worker"] for r in records})},
         })
 
     # -- the whole model, on server 0 ------------------------------------------------------------------------

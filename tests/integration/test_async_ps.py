@@ -34,6 +34,7 @@ def test_two_workers_run_asynchronously_and_learn(run):
     assert steps[-1]["tokens_seen"] == STEPS * 8 * 64
     assert max(r["staleness_max"] for r in steps) >= 1  # workers did not wait for each other
     assert all(r["staleness_mean"] >= 0 and r["updates_per_s"] > 0 for r in steps)
+    assert all("loss_worker0" in r or "loss_worker1" in r for r in steps)  # loss per worker
 
 
 def test_result_generates_and_evaluates_like_any_checkpoint(run):

@@ -26,7 +26,7 @@ GREEDY = SamplingConfig(max_new_tokens=12, temperature=0.0, stop_at_eod=False)
 
 
 def model_of(name: str) -> torch.nn.Module:
-    torch.manual_seed(1)  # init_std=0.3 and this seed: greedy decoding does not collapse into one repeated token
+    torch.manual_seed(4)  # init_std=0.3 and this seed: greedy decoding does not collapse into one repeated token
     return build_model(MODELS[name]).eval()
 
 
