@@ -8,6 +8,8 @@ import json
 from tests.conftest import run_cli
 from tests.integration.conftest import STEPS, losses
 
+# 60 steps: long enough that two workers' pulls and pushes interleave (with 20, a run once saw staleness 0 throughout)
+TWO_WORKERS = ("ps-1s2w", 3, "precision=fp32", "mode=async_ps", "train.max_steps=60")
 SGD = ("precision=fp32", "optim.name=sgd", "optim.lr=3e-2", "train.micro_batch_size=8")
 
 
@@ -25,20 +27,20 @@ def test_two_servers_shard_the_model_without_changing_it(run):
 
 
 def test_two_workers_run_asynchronously_and_learn(run):
-    run_dir = run("ps-1s2w", 3, "precision=fp32", "mode=async_ps")
+    run_dir = run(*TWO_WORKERS)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
-    assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in steps] == list(range(1, 61))
     assert steps[-1]["loss"] < steps[0]["loss"] - 0.5  # it learns
-    # every push was applied: STEPS steps x 2 workers x 4 sequences x 64 tokens
-    assert steps[-1]["tokens_seen"] == STEPS * 8 * 64
+    # every push was applied: 60 steps x 2 workers x 4 sequences x 64 tokens
+    assert steps[-1]["tokens_seen"] == 60 * 8 * 64
     assert max(r["staleness_max"] for r in steps) >= 1  # workers did not wait for each other
     assert all(r["staleness_mean"] >= 0 and r["updates_per_s"] > 0 for r in steps)
     assert all("loss_worker0" in r or "loss_worker1" in r for r in steps)  # loss per worker
 
 
 def test_result_generates_and_evaluates_like_any_checkpoint(run):
-    run_dir = run("ps-1s2w", 3, "precision=fp32", "mode=async_ps")
+    run_dir = run(*TWO_WORKERS)
     proc = run_cli("llmtrain-generate", f"run.dir={run_dir}", "prompt=def ", "max_new_tokens=10", "seed=1")
     assert proc.returncode == 0 and proc.stdout.startswith("def "), proc.stderr[-2000:]
     proc = run_cli("llmtrain-eval", f"run.dir={run_dir}", "max_windows=40")
