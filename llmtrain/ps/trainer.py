@@ -209,7 +209,9 @@ class AsyncPSTrainer:
         interval: list[dict] = []
         done = threading.Thread(target=lambda: self._lost.append(not _SERVER.wait_until_done()), daemon=True)
         done.start()
-        while done.is_alive():
+        running = True
+        while running:
+            running = done.is_alive()  # read once more after the end: the last updates land just before it
             done.join(timeout=0.2)
             with _SERVER.lock:
                 new = _SERVER.records[seen:]
