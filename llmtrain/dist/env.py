@@ -38,7 +38,13 @@ def _free_port() -> int:
 
 
 def launcher_vars() -> tuple[int, int, int, int]:
-    """RANK/LOCAL_RANK/WORLD_SIZE from torchrun or the deepspeed launcher; a single process otherwise."""
+    """RANK/LOCAL_RANK/WORLD_SIZE from torchrun, the deepspeed launcher or ``srun`` (one task per rank); a single
+    process otherwise."""
+    from llmtrain.dist.slurm import net_env, task_ranks
+
+    if "RANK" not in os.environ and (slurm := task_ranks(os.environ)) is not None:
+        os.environ.update(slurm)
+        os.environ.update(net_env(slurm["MASTER_ADDR"], os.environ))  # the interface that reaches rank 0
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
