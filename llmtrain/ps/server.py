@@ -72,6 +72,12 @@ class ParameterServer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.version, self.clock = int(state["version"]), {int(w): int(c) for w, c in state["clock"].items()}
 
+    def stop_at(self, updates: int) -> None:
+        """Spend no more than ``updates`` in this run (a stop request; never below what is already applied)."""
+        with self.lock:
+            self.budget = min(self.budget, max(updates, self.version))
+            self.lock.notify_all()
+
     def live_workers(self) -> list[int]:
         """Workers neither finished nor silent for longer than the timeout (killed, or their host lost)."""
         now = time.monotonic()

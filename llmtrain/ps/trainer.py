@@ -32,6 +32,7 @@ from llmtrain.export.consolidate import MARKER
 from llmtrain.model import build_model
 from llmtrain.ps.server import ParameterServer, shard_names
 from llmtrain.train.metrics import MetricsLogger
+from llmtrain.train.preemption import StopSignals, clear_preempted, mark_preempted
 from llmtrain.train.trainer import TrainResult
 
 log = logging.getLogger("llmtrain")
@@ -63,6 +64,10 @@ def _clock(worker: int) -> int:
 
 def _save_shard(path: str) -> None:
     torch.save(_SERVER.state_dict(), path)
+
+
+def _stop_at(updates: int) -> None:
+    _SERVER.stop_at(updates)
 
 
 def _release() -> None:
@@ -133,8 +138,10 @@ class AsyncPSTrainer:
     def fit(self) -> TrainResult:
         # Shutdown is not graceful (that would wait for every process, a lost one included): each role leaves
         # only once nothing more is asked of it (workers after their last push, servers when released).
+        # A stop signal reaches every process of a Slurm job: server 0 decides when to stop, the others go on.
         try:
-            return self._serve() if self.is_server else self._work()
+            with StopSignals(listen=self.env.rank == 0) as self._signals:
+                return self._serve() if self.is_server else self._work()
         finally:
             rpc.shutdown(graceful=False)
 
@@ -202,6 +209,7 @@ class AsyncPSTrainer:
         cfg = self.cfg.train
         resolved = to_plain(dataclasses.replace(self.cfg, model=self.model_cfg))
         metrics = MetricsLogger(self.run_dir, True, self.cfg.wandb, resolved, cfg.max_steps, self.start_step)
+        clear_preempted(self.run_dir)
         result = TrainResult(unigram_entropy=self._unigram_entropy())
         self._lost: list[bool] = []
         seen, step, interval_start = 0, self.start_step, time.time()
@@ -209,10 +217,13 @@ class AsyncPSTrainer:
         interval: list[dict] = []
         done = threading.Thread(target=lambda: self._lost.append(not _SERVER.wait_until_done()), daemon=True)
         done.start()
-        running = True
+        running, stopping = True, False
         while running:
             running = done.is_alive()  # read once more after the end: the last updates land just before it
             done.join(timeout=0.2)
+            if self._signals.requested and not stopping:
+                self._stop_soon()
+                stopping = True
             with _SERVER.lock:
                 new = _SERVER.records[seen:]
             for record in new:  # W updates make one step (as many tokens as one synchronous step)
@@ -243,12 +254,23 @@ class AsyncPSTrainer:
             metrics.log(step, {"val_loss": result.val_loss, "val_ppl": result.val_ppl})
         metrics.close()
         self._save_checkpoint(step, step * self.num_workers * tokens_per_update)
+        if stopping and result.stopped_early:
+            mark_preempted(self.run_dir, step, self._signals.requested)
         for i in range(1, self.num_servers):
             try:
                 rpc.rpc_sync(self.name(i), _release)
             except RuntimeError:  # the released server may leave before its answer arrives: nothing is lost
                 pass
         return result
+
+    def _stop_soon(self) -> None:
+        """End the run at a step boundary every server can still reach: pushes in flight put another server at
+        most one update per worker ahead of this one, so two steps from here is safe."""
+        steps_done = _SERVER.version // self.num_workers
+        updates = (steps_done + 2) * self.num_workers
+        log.info("stopping at step %d (a stop signal arrived); then a checkpoint", steps_done + 2)
+        for i in range(self.num_servers):
+            _stop_at(updates) if i == 0 else rpc.rpc_sync(self.name(i), _stop_at, args=(updates,))
 
     def _log(self, metrics: MetricsLogger, step: int, records: list[dict], tokens_per_update: int,
              seconds: float) -> None:

@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from llmtrain.model import build_model
 from llmtrain.train.checkpoint import Checkpointer
 from llmtrain.train.metrics import MetricsLogger, peak_flops, peak_memory_gb
 from llmtrain.train.optim import build_optimizer, lr_at, set_lr
+from llmtrain.train.preemption import StopSignals, clear_preempted, mark_preempted
 
 log = logging.getLogger("llmtrain")
 # Model fields that may change between a checkpoint and its resumption (they change no tensor shape).
@@ -99,7 +99,6 @@ class Trainer:
         self.peak_flops, peak_source = peak_flops(self.env.device, DTYPES[cfg.precision])
         self.metrics = MetricsLogger(self.run_dir, self.env.is_main, cfg.wandb, resolved, cfg.train.max_steps,
                                      self.step)
-        self._stop_requested = False
         if self.env.is_main:
             log.info("model %s: %.2fM parameters (non-embedding), %.3g FLOPs/token; ZeRO-%d, %s, %d rank(s) on %s, "
                      "global batch %d = %d micro x %d accumulation x %d ranks; peak %.3g FLOP/s (%s)",
@@ -156,8 +155,9 @@ class Trainer:
         cfg, result = self.cfg.train, TrainResult(unigram_entropy=self.unigram_entropy())
         tokens_per_step = cfg.global_batch_size * self.model_cfg.block_size
         consecutive_nonfinite, interval_start, interval_steps = 0, time.perf_counter(), 0
-        previous_handlers = self._catch_stop_signals()
-        try:
+        if self.env.is_main:
+            clear_preempted(self.run_dir)
+        with StopSignals() as signals, contextlib.closing(self.metrics):
             while self.step < cfg.max_steps:
                 loss, grad_norm, applied = self.train_step()
                 self.step += 1
@@ -185,16 +185,16 @@ class Trainer:
                     result.val_loss = self.evaluate()
                     result.val_ppl = math.exp(min(result.val_loss, 50))
                     self.metrics.log(self.step, {"val_loss": result.val_loss, "val_ppl": result.val_ppl})
-                stop = self._agree_to_stop() or self.step == cfg.stop_at_step
+                signum = self._agree_to_stop(signals.requested)
+                stop = bool(signum) or self.step == cfg.stop_at_step
                 if last or stop or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
                     self.checkpointer.save(self.engine, self.step, self._client_state(), self.config_yaml)
                 if stop and not last:
                     result.stopped_early = True
+                    if signum and self.env.is_main:
+                        mark_preempted(self.run_dir, self.step, signum)
                     log.info("stopped at step %d with a checkpoint; re-run the same command to continue", self.step)
                     break
-        finally:
-            self._restore_signals(previous_handlers)
-            self.metrics.close()
         result.steps, result.skipped_steps = self.step, self.skipped_steps
         return result
 
@@ -248,11 +248,11 @@ class Trainer:
         finally:
             self.engine._config.gradient_clipping = clip
 
-    def _agree_to_stop(self) -> bool:
-        """A signal reaches some ranks only: stop when any rank was asked to, all at the same step."""
-        flag = torch.tensor([float(self._stop_requested)], device=self.engine.device)
+    def _agree_to_stop(self, signum: int) -> int:
+        """A signal may reach some ranks only: stop when any rank got one, all at the same step (its number)."""
+        flag = torch.tensor([float(signum)], device=self.engine.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return int(flag.item())
 
     def _global_mean(self, value: torch.Tensor) -> float:
         value = value.to(self.engine.device)
@@ -299,19 +299,3 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
         }
         self.metrics.log(self.step, row)
-
-    # -- stop signals (Slurm's pre-emption warning, scancel --signal, Ctrl-C) ---------------------------------
-    def _catch_stop_signals(self) -> dict[int, Any]:
-        def request_stop(signum, _frame):
-            log.warning("signal %d: saving a checkpoint at the end of this step, then stopping", signum)
-            self._stop_requested = True
-
-        previous = {}
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, request_stop)
-        return previous
-
-    @staticmethod
-    def _restore_signals(previous: dict[int, Any]) -> None:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
