@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Start llmtrain with the deepspeed launcher over a Slurm allocation (run it once, from the batch script).
+# The hostfile is built from the allocation ("<node> slots=<GPUs per node>"); arguments are Hydra overrides:
+#   bash scripts/deepspeed.sh data.dir=data/stdlib run.dir=runs/ds model=gpt2-124m precision=bf16
+# DS_LAUNCHER picks how deepspeed reaches the other nodes (default slurm: srun; pdsh and openmpi work too).
+# Outside Slurm it runs on this node alone (NPROC_PER_NODE processes, default: the GPUs, or 1).
+set -euo pipefail
+PY=${LLMTRAIN_PYTHON:-python}
+BIN=$(dirname "$("$PY" -c 'import sys; print(sys.executable)')")
+if [ -n "${SLURM_JOB_NODELIST:-}" ]; then
+  eval "$("$PY" -m llmtrain.dist.slurm env)"
+  HOSTFILE=${HOSTFILE:-${TMPDIR:-/tmp}/llmtrain-hostfile-${SLURM_JOB_ID}}
+  "$PY" -m llmtrain.dist.slurm hostfile "$HOSTFILE"
+  exec "$BIN/deepspeed" --hostfile "$HOSTFILE" --launcher "${DS_LAUNCHER:-slurm}" \
+    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --module llmtrain.cli.train "$@"
+fi
+NPROC_PER_NODE=${NPROC_PER_NODE:-$("$PY" -c 'import torch; print(torch.cuda.device_count() or 1)')}
+exec "$BIN/deepspeed" --num_gpus "$NPROC_PER_NODE" --master_port "${MASTER_PORT:-29500}" \
+  --module llmtrain.cli.train "$@"

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Start llmtrain on this node with torchrun (c10d rendezvous); run it once per node. Arguments are Hydra
+# overrides, passed through untouched:
+#   bash scripts/torchrun.sh data.dir=data/stdlib run.dir=runs/z2 dist.zero_stage=2          # one node
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 NPROC_PER_NODE=8 bash scripts/torchrun.sh ...  # node 0 of 2
+#   srun --ntasks-per-node=1 bash scripts/torchrun.sh ...                                    # inside sbatch
+# Under Slurm, NNODES, NODE_RANK, MASTER_ADDR (the first node of the allocation), MASTER_PORT (from the job
+# id) and NPROC_PER_NODE (the node's GPUs) come from the allocation; any of them set in the environment wins.
+# Also: LLMTRAIN_PYTHON (default: python), RDZV_ID, LOCAL_ADDR, GLOO/NCCL/TP_SOCKET_IFNAME.
+set -euo pipefail
+PY=${LLMTRAIN_PYTHON:-python}
+if [ -n "${SLURM_JOB_NODELIST:-}" ]; then eval "$("$PY" -m llmtrain.dist.slurm env)"; fi
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+NPROC_PER_NODE=${NPROC_PER_NODE:-$("$PY" -c 'import torch; print(torch.cuda.device_count() or 1)')}
+# This node's address towards the rendezvous host, and the interface gloo/NCCL/TensorPipe should use:
+# guessing from the hostname is how multi-node jobs end up listening on the wrong network and hang.
+eval "$("$PY" -m llmtrain.dist.slurm net "$MASTER_ADDR")"
+IS_HOST=false; [ "$NODE_RANK" = 0 ] && IS_HOST=true  # node 0 serves the rendezvous, whatever its hostname says
+# torchrun's agent ignores SIGUSR1 (an ignored signal stays ignored across exec), so Slurm's pre-emption
+# signal, sent to every process of the step, reaches the trainers (which checkpoint) without killing the agent.
+trap '' USR1
+exec "$PY" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" \
+  --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${RDZV_ID:-${SLURM_JOB_ID:-llmtrain}}" \
+  --rdzv-conf "is_host=$IS_HOST" --local-addr "$LOCAL_ADDR" --max-restarts 0 \
+  -m llmtrain.cli.train "$@"

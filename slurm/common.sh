@@ -1,0 +1,31 @@
+# Sourced by the slurm/*.sbatch templates (not submitted itself): run one job step, then requeue the job if
+# llmtrain stopped on a pre-emption signal. Usage inside a template:  llmtrain_step <srun options> -- <command>
+# Needs: LLMTRAIN_HOME (the checkout), PY (its python), TRAIN_ARGS (the Hydra overrides, an array).
+
+# The run folder, from the same overrides the job trains with (so experiment=... files count too).
+llmtrain_run_dir() {
+  "$PY" -m llmtrain.cli.train "${TRAIN_ARGS[@]}" --cfg job --resolve --package run 2>/dev/null \
+    | sed -n 's/^dir: *//p'
+}
+
+llmtrain_step() {
+  local srun_opts=() rc run_dir
+  while [ "$#" -gt 0 ] && [ "$1" != -- ]; do srun_opts+=("$1"); shift; done
+  shift
+  run_dir=$(llmtrain_run_dir)
+  if [ -z "$run_dir" ]; then
+    echo "llmtrain: error: cannot read run.dir from the overrides: ${TRAIN_ARGS[*]}" >&2
+    return 2
+  fi
+  echo "llmtrain: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST, run.dir=$run_dir" >&2
+  # --kill-on-bad-exit: a failed task ends the whole step (no hang until the time limit) and srun names it.
+  srun "${srun_opts[@]}" "$@"
+  rc=$?
+  if [ "$rc" = 0 ] && [ -f "$run_dir/PREEMPTED" ]; then
+    echo "llmtrain: stopped on a signal with a checkpoint ($(cat "$run_dir/PREEMPTED")); requeueing job $SLURM_JOB_ID" >&2
+    scontrol requeue "$SLURM_JOB_ID"
+    return 0
+  fi
+  [ "$rc" = 0 ] || echo "llmtrain: error: job step failed with exit code $rc (see the lines above for the rank)" >&2
+  return "$rc"
+}
