@@ -11,7 +11,9 @@ if [ -n "${SLURM_JOB_NODELIST:-}" ]; then
   eval "$("$PY" -m llmtrain.dist.slurm env)"
   HOSTFILE=${HOSTFILE:-${TMPDIR:-/tmp}/llmtrain-hostfile-${SLURM_JOB_ID}}
   "$PY" -m llmtrain.dist.slurm hostfile "$HOSTFILE"
-  exec "$BIN/deepspeed" --hostfile "$HOSTFILE" --launcher "${DS_LAUNCHER:-slurm}" \
+  LAUNCHER=${DS_LAUNCHER:-slurm}
+  NO_SSH=(); [ "$LAUNCHER" = slurm ] && NO_SSH=(--no_ssh_check)  # srun reaches the nodes; ssh is not needed
+  exec "$BIN/deepspeed" --hostfile "$HOSTFILE" --launcher "$LAUNCHER" "${NO_SSH[@]}" \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --module llmtrain.cli.train "$@"
 fi
 NPROC_PER_NODE=${NPROC_PER_NODE:-$("$PY" -c 'import torch; print(torch.cuda.device_count() or 1)')}

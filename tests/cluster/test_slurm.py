@@ -1,0 +1,166 @@
+"""The slurm/ templates submitted with sbatch to a real (one-node) Slurm: sync ZeRO-2, pre-emption -> requeue
+-> resume, the parameter-server job, a failed rank, the deepspeed launcher, and a Hydra/Submitit sweep."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.cluster.conftest import (
+    ONE_NODE_CPU,
+    SYNC,
+    checkpoint_steps,
+    logged_losses,
+    sbatch,
+    wait_for,
+    wait_for_step,
+)
+from tests.conftest import BIN, REPO
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm, prepared_small, tmp_path_factory) -> Path:
+    """slurm/train.sbatch: 2 ranks (one torchrun on the node), ZeRO-2, 120 steps, through to the end."""
+    run_dir = tmp_path_factory.mktemp("slurm") / "sync"
+    job = sbatch(*ONE_NODE_CPU, f"--output={run_dir}.out", "slurm/train.sbatch", f"data.dir={prepared_small}",
+                 f"run.dir={run_dir}", *SYNC)
+    info = wait_for(job, DONE, timeout=600)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), Path(f"{run_dir}.out").read_text()[-3000:]
+    return run_dir
+
+
+def test_sync_zero2_job_finishes_with_a_checkpoint(uninterrupted):
+    losses = logged_losses(uninterrupted)
+    assert sorted(losses) == list(range(1, 121))
+    assert checkpoint_steps(uninterrupted) == [120]
+    assert losses[120] < losses[1] - 1.0  # it learned (6.93 -> ~5.4 measured)
+    log = Path(f"{uninterrupted}.out").read_text()
+    assert "step 120: val_loss" in log and "2 rank(s)" in log
+    assert not (uninterrupted / "PREEMPTED").exists()
+
+
+def test_preempted_job_checkpoints_requeues_and_ends_as_if_uninterrupted(uninterrupted, prepared_small, tmp_path):
+    run_dir = tmp_path / "preempted"
+    out = Path(f"{run_dir}.out")
+    job = sbatch(*ONE_NODE_CPU, f"--output={out}", "slurm/train.sbatch", f"data.dir={prepared_small}",
+                 f"run.dir={run_dir}", *SYNC)
+    wait_for_step(run_dir, 15, job)
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)  # what --signal=USR1@120 sends at the limit
+    info = wait_for(job, {"PENDING"} | DONE, timeout=120)
+    assert info["JobState"] == "PENDING" and info["Restarts"] == "1", (info, out.read_text()[-3000:])
+    stopped_at = checkpoint_steps(run_dir)
+    assert len(stopped_at) == 1 and 15 <= stopped_at[0] < 120
+    # Slurm holds a requeued job back (BeginTime ~2 min ahead) before it may start again; start it now.
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    info = wait_for(job, DONE, timeout=600)
+    log = out.read_text()
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-3000:]
+    assert f"stopped at step {stopped_at[0]} with a checkpoint" in log and "requeueing job" in log
+    assert f"resumed from {run_dir}/checkpoints/step_{stopped_at[0]:08d}" in log
+    assert not (run_dir / "PREEMPTED").exists()
+    # every step, the ones after the requeue included, equals the uninterrupted job's (fp32: bitwise)
+    assert logged_losses(run_dir) == logged_losses(uninterrupted)
+
+
+def test_parameter_server_job_is_preempted_requeued_and_finishes(slurm, prepared_small, tmp_path):
+    """slurm/ps.sbatch: 1 server + 2 workers as 3 srun tasks (ranks from SLURM_PROCID); the signal reaches all
+    three, server 0 stops the run at a step boundary with a checkpoint, the job requeues and finishes."""
+    run_dir = tmp_path / "ps"
+    out = Path(f"{run_dir}.out")
+    job = sbatch("--ntasks=3", "--cpus-per-task=1", f"--output={out}", "slurm/ps.sbatch",
+                 f"data.dir={prepared_small}", f"run.dir={run_dir}", "ps.num_servers=1",
+                 *[a for a in SYNC if not a.startswith(("dist.", "train.max_steps"))], "train.max_steps=300")
+    wait_for_step(run_dir, 10, job)
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    info = wait_for(job, {"PENDING"} | DONE, timeout=120)
+    assert info["JobState"] == "PENDING" and info["Restarts"] == "1", (info, out.read_text()[-3000:])
+    stopped_at = checkpoint_steps(run_dir)
+    assert len(stopped_at) == 1 and 10 <= stopped_at[0] < 300
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    info = wait_for(job, DONE, timeout=600)
+    log = out.read_text()
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
+    assert f"resumed from {run_dir}/checkpoints/step_{stopped_at[0]:08d}" in log and "step 300: val_loss" in log
+    assert sorted(logged_losses(run_dir)) == list(range(1, 301))
+    assert checkpoint_steps(run_dir)[-1] == 300 and not (run_dir / "PREEMPTED").exists()
+    assert (run_dir / "checkpoints" / "step_00000300" / "ps0.pt").is_file()
+
+
+def _pid_of_rank(job: str, rank: int) -> int:
+    """The trainer process of ``rank`` in ``job`` (found by its environment, as an operator would with ps)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = dict(kv.split("=", 1) for kv in (entry / "environ").read_text().split("\0") if "=" in kv)
+            cmdline = (entry / "cmdline").read_text()
+        except OSError:
+            continue
+        if (environ.get("SLURM_JOB_ID") == job and environ.get("RANK") == str(rank)
+                and "llmtrain.cli.train" in cmdline and "torch.distributed.run" not in cmdline):
+            return int(entry.name)
+    raise AssertionError(f"no process of rank {rank} in job {job}")
+
+
+def test_a_failed_rank_ends_the_job_quickly_and_is_named(slurm, prepared_small, tmp_path):
+    run_dir = tmp_path / "killed"
+    args = [a for a in SYNC if not a.startswith("train.max_steps")] + ["train.max_steps=100000"]
+    job = sbatch(*ONE_NODE_CPU, f"--output={run_dir}.out", "slurm/train.sbatch", f"data.dir={prepared_small}",
+                 f"run.dir={run_dir}", *args)
+    wait_for_step(run_dir, 5, job)
+    os.kill(_pid_of_rank(job, 1), 9)
+    killed = time.monotonic()
+    info = wait_for(job, DONE, timeout=120)
+    seconds = time.monotonic() - killed
+    log = Path(f"{run_dir}.out").read_text()
+    print(f"\nrank 1 SIGKILLed: job {info['JobState']} exit {info['ExitCode']} {seconds:.1f} s later")
+    assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0"
+    assert seconds < 60
+    root_cause = log[log.index("Root Cause"):]
+    assert "rank      : 1 (local_rank: 1)" in root_cause and "Signal 9 (SIGKILL)" in root_cause
+    assert "llmtrain: error: job step failed with exit code 1" in log
+
+
+def test_deepspeed_launcher_with_a_hostfile_from_the_allocation(uninterrupted, prepared_small, tmp_path):
+    run_dir = tmp_path / "ds"
+    args = [a for a in SYNC if not a.startswith("train.max_steps")] + ["train.max_steps=10"]
+    cmd = " ".join(["bash", "scripts/deepspeed.sh", f"data.dir={prepared_small}", f"run.dir={run_dir}", *args])
+    job = sbatch("--nodes=1", "--cpus-per-task=2", f"--output={run_dir}.out", "--export=ALL,NPROC_PER_NODE=2",
+                 f"--wrap={cmd}")
+    info = wait_for(job, DONE, timeout=600)
+    log = Path(f"{run_dir}.out").read_text()
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
+    hostfile = Path(f"/tmp/llmtrain-hostfile-{job}").read_text()
+    assert hostfile == f"{info['NodeList']} slots=2\n"
+    # the same 2-rank job as the torchrun one: its first 10 steps are that job's (its lr schedule differs
+    # only by max_steps, which cosine decay reads: compare step 1..5 inside warm-up, identical for both)
+    mine, theirs = logged_losses(run_dir), logged_losses(uninterrupted)
+    assert [mine[s] for s in range(1, 6)] == [theirs[s] for s in range(1, 6)]
+
+
+def test_hydra_submitit_sweep_submits_one_job_per_setting(slurm, prepared_small, tmp_path):
+    sweep = tmp_path / "sweep"
+    args = [a for a in SYNC if not a.startswith(("train.max_steps", "optim.lr", "dist."))]
+    env = {**os.environ, "SWEEP_DIR": str(sweep), "CPUS_PER_TASK": "2", "TIME_MIN": "10",
+           "LLMTRAIN_PYTHON": str(BIN / "python")}
+    proc = subprocess.run(["bash", "slurm/sweep.sh", f"data.dir={prepared_small}", *args, "train.max_steps=10",
+                           "optim.lr=1e-3,1e-2"], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # submitit submits the settings as one Slurm job array: <array id>_<index> per setting
+    tasks = sorted(p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name))
+    assert len(tasks) == 2 and tasks[0].endswith("_0") and tasks[1].endswith("_1")
+    finals = {}
+    for num, lr in (("0", "0.001"), ("1", "0.01")):
+        run_dir = sweep / num
+        assert checkpoint_steps(run_dir) == [10]
+        assert f"lr: {lr}" in (run_dir / "config.yaml").read_text()
+        finals[lr] = logged_losses(run_dir)[10]
+    assert finals["0.001"] != finals["0.01"]
