@@ -5,7 +5,9 @@
 # DS_LAUNCHER picks how deepspeed reaches the other nodes (default slurm: srun; pdsh and openmpi work too).
 # Outside Slurm it runs on this node alone (NPROC_PER_NODE processes, default: the GPUs, or 1).
 set -euo pipefail
-PY=${LLMTRAIN_PYTHON:-python}
+case "${1:-}" in -h|--help) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
+VENV_PY="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python"  # the checkout's venv (scripts/setup.sh), if any
+PY=${LLMTRAIN_PYTHON:-$([ -x "$VENV_PY" ] && echo "$VENV_PY" || echo python)}
 BIN=$(dirname "$("$PY" -c 'import sys; print(sys.executable)')")
 if [ -n "${SLURM_JOB_NODELIST:-}" ]; then
   eval "$("$PY" -m llmtrain.dist.slurm env)"

@@ -6,6 +6,7 @@
 # Idempotent: a second call with the daemons up only checks that the node is idle. Writes /etc/slurm/slurm.conf
 # only when there is none or it is this script's own (its first line says so); logs in /var/log/slurm/.
 set -euo pipefail
+case "${1:-}" in -h|--help) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 MARK="# written by llmtrain scripts/slurm_local.sh"
 CONF=/etc/slurm/slurm.conf
 

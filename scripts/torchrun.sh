@@ -6,9 +6,11 @@
 #   srun --ntasks-per-node=1 bash scripts/torchrun.sh ...                                    # inside sbatch
 # Under Slurm, NNODES, NODE_RANK, MASTER_ADDR (the first node of the allocation), MASTER_PORT (from the job
 # id) and NPROC_PER_NODE (the node's GPUs) come from the allocation; any of them set in the environment wins.
-# Also: LLMTRAIN_PYTHON (default: python), RDZV_ID, LOCAL_ADDR, GLOO/NCCL/TP_SOCKET_IFNAME.
+# Also: LLMTRAIN_PYTHON (default: the checkout's .venv, else python), RDZV_ID, LOCAL_ADDR, GLOO/NCCL/TP_SOCKET_IFNAME.
 set -euo pipefail
-PY=${LLMTRAIN_PYTHON:-python}
+case "${1:-}" in -h|--help) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
+VENV_PY="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python"  # the checkout's venv (scripts/setup.sh), if any
+PY=${LLMTRAIN_PYTHON:-$([ -x "$VENV_PY" ] && echo "$VENV_PY" || echo python)}
 if [ -n "${SLURM_JOB_NODELIST:-}" ]; then eval "$("$PY" -m llmtrain.dist.slurm env)"; fi
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}

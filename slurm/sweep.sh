@@ -7,6 +7,7 @@
 # (srun tasks; llmtrain reads the ranks from Slurm). Requeue on pre-emption/time limit is submitit's own
 # (SIGUSR2 120 s before the limit); the requeued job resumes from its newest checkpoint.
 set -euo pipefail
+case "${1:-}" in -h|--help) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 # ---- resources and environment: edit, or set them in the environment ----------------------------------------
 PARTITION=${PARTITION:-}                   # empty: the cluster's default partition
 TIME_MIN=${TIME_MIN:-240}                  # per job, in minutes

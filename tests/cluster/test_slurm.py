@@ -47,25 +47,32 @@ def test_sync_zero2_job_finishes_with_a_checkpoint(uninterrupted):
     assert not (uninterrupted / "PREEMPTED").exists()
 
 
-def test_preempted_job_checkpoints_requeues_and_ends_as_if_uninterrupted(uninterrupted, prepared_small, tmp_path):
-    run_dir = tmp_path / "preempted"
+def preempt_and_requeue(job: str, run_dir: Path, after_step: int, max_steps: int) -> tuple[dict, int, str]:
+    """Send the pre-emption signal once ``after_step`` is logged, check the stop and the requeue, let the requeued
+    job start and wait for its end: (final job info, the step it stopped at, the job's log)."""
     out = Path(f"{run_dir}.out")
-    job = sbatch(*ONE_NODE_CPU, f"--output={out}", "slurm/train.sbatch", f"data.dir={prepared_small}",
-                 f"run.dir={run_dir}", *SYNC)
-    wait_for_step(run_dir, 15, job)
+    wait_for_step(run_dir, after_step, job)
     subprocess.run(["scancel", "--signal=USR1", job], check=True)  # what --signal=USR1@120 sends at the limit
     info = wait_for(job, {"PENDING"} | DONE, timeout=120)
     assert info["JobState"] == "PENDING" and info["Restarts"] == "1", (info, out.read_text()[-3000:])
     stopped_at = checkpoint_steps(run_dir)
-    assert len(stopped_at) == 1 and 15 <= stopped_at[0] < 120
+    assert len(stopped_at) == 1 and after_step <= stopped_at[0] < max_steps
     # Slurm holds a requeued job back (BeginTime ~2 min ahead) before it may start again; start it now.
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
     info = wait_for(job, DONE, timeout=600)
     log = out.read_text()
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-3000:]
-    assert f"stopped at step {stopped_at[0]} with a checkpoint" in log and "requeueing job" in log
-    assert f"resumed from {run_dir}/checkpoints/step_{stopped_at[0]:08d}" in log
+    assert "requeueing job" in log and f"resumed from {run_dir}/checkpoints/step_{stopped_at[0]:08d}" in log
     assert not (run_dir / "PREEMPTED").exists()
+    return info, stopped_at[0], log
+
+
+def test_preempted_job_checkpoints_requeues_and_ends_as_if_uninterrupted(uninterrupted, prepared_small, tmp_path):
+    run_dir = tmp_path / "preempted"
+    job = sbatch(*ONE_NODE_CPU, f"--output={run_dir}.out", "slurm/train.sbatch", f"data.dir={prepared_small}",
+                 f"run.dir={run_dir}", *SYNC)
+    _, stopped_at, log = preempt_and_requeue(job, run_dir, after_step=15, max_steps=120)
+    assert f"stopped at step {stopped_at} with a checkpoint" in log
     # every step, the ones after the requeue included, equals the uninterrupted job's (fp32: bitwise)
     assert logged_losses(run_dir) == logged_losses(uninterrupted)
 
@@ -74,23 +81,13 @@ def test_parameter_server_job_is_preempted_requeued_and_finishes(slurm, prepared
     """slurm/ps.sbatch: 1 server + 2 workers as 3 srun tasks (ranks from SLURM_PROCID); the signal reaches all
     three, server 0 stops the run at a step boundary with a checkpoint, the job requeues and finishes."""
     run_dir = tmp_path / "ps"
-    out = Path(f"{run_dir}.out")
-    job = sbatch("--ntasks=3", "--cpus-per-task=1", f"--output={out}", "slurm/ps.sbatch",
+    job = sbatch("--ntasks=3", "--cpus-per-task=1", f"--output={run_dir}.out", "slurm/ps.sbatch",
                  f"data.dir={prepared_small}", f"run.dir={run_dir}", "ps.num_servers=1",
                  *[a for a in SYNC if not a.startswith(("dist.", "train.max_steps"))], "train.max_steps=300")
-    wait_for_step(run_dir, 10, job)
-    subprocess.run(["scancel", "--signal=USR1", job], check=True)
-    info = wait_for(job, {"PENDING"} | DONE, timeout=120)
-    assert info["JobState"] == "PENDING" and info["Restarts"] == "1", (info, out.read_text()[-3000:])
-    stopped_at = checkpoint_steps(run_dir)
-    assert len(stopped_at) == 1 and 10 <= stopped_at[0] < 300
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
-    info = wait_for(job, DONE, timeout=600)
-    log = out.read_text()
-    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
-    assert f"resumed from {run_dir}/checkpoints/step_{stopped_at[0]:08d}" in log and "step 300: val_loss" in log
+    _, _, log = preempt_and_requeue(job, run_dir, after_step=10, max_steps=300)
+    assert "step 300: val_loss" in log
     assert sorted(logged_losses(run_dir)) == list(range(1, 301))
-    assert checkpoint_steps(run_dir)[-1] == 300 and not (run_dir / "PREEMPTED").exists()
+    assert checkpoint_steps(run_dir)[-1] == 300
     assert (run_dir / "checkpoints" / "step_00000300" / "ps0.pt").is_file()
 
 
