@@ -61,7 +61,12 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
 fi
 
-pgrep -x munged >/dev/null || { mkdir -p /run/munge && chown munge:munge /run/munge && runuser -u munge -- munged; }
+# munge must answer before the daemons start (they authenticate every message with it); a munged left from an
+# earlier install without its socket is replaced.
+if ! munge -n >/dev/null 2>&1; then
+  pkill -x munged || true
+  mkdir -p /run/munge && chown munge:munge /run/munge && runuser -u munge -- munged
+fi
 pgrep -x slurmctld >/dev/null || slurmctld
 pgrep -x slurmd >/dev/null || slurmd
 
