@@ -29,6 +29,7 @@ from llmtrain.data.shards import TOKENIZER_FILE
 from llmtrain.data.tokenizer import Tokenizer
 from llmtrain.errors import UserError
 from llmtrain.model import build_model
+from llmtrain.train.checkpoint import complete_checkpoints
 
 log = logging.getLogger("llmtrain")
 FORMAT, FORMAT_VERSION = "llmtrain", 1
@@ -80,10 +81,7 @@ def resolve_checkpoint(path: str | Path, step: int = 0) -> Path:
         return path
     if path.name.startswith("step_"):
         raise UserError(f"{path} is an incomplete checkpoint (no {MARKER}: its save did not finish)")
-    complete = []
-    for folder in (path / "checkpoints").glob("step_*"):
-        if (folder / MARKER).is_file():
-            complete.append((int(json.loads((folder / MARKER).read_text())["step"]), folder))
+    complete = complete_checkpoints(path / "checkpoints")
     if not complete:
         raise UserError(f"{path} holds no complete checkpoint (expected a run folder with checkpoints/step_*/"
                         f"{MARKER}, a step_* folder, or an exported folder with {WEIGHTS})")

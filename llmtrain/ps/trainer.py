@@ -31,6 +31,7 @@ from llmtrain.evaluate import mean_loss, perplexity
 from llmtrain.export.consolidate import MARKER
 from llmtrain.model import build_model
 from llmtrain.ps.server import ParameterServer, shard_names
+from llmtrain.train.checkpoint import complete_checkpoints
 from llmtrain.train.metrics import MetricsLogger
 from llmtrain.train.preemption import StopSignals, clear_preempted, mark_preempted
 from llmtrain.train.trainer import TrainResult
@@ -334,21 +335,14 @@ class AsyncPSTrainer:
         marker = {"step": step, "world_size": self.env.world_size, "mode": "async_ps",
                   "num_servers": self.num_servers, "num_workers": self.num_workers, "zero_stage": None}
         (folder / MARKER).write_text(json.dumps(marker))
-        complete = sorted(self._complete_checkpoints())
+        complete = sorted(complete_checkpoints(self.run_dir / "checkpoints"))
         for _, old in complete[: max(0, len(complete) - self.cfg.train.keep_checkpoints)]:
             shutil.rmtree(old, ignore_errors=True)
         log.info("checkpoint (step %d) in %s", step, folder)
 
-    def _complete_checkpoints(self) -> list[tuple[int, Path]]:
-        found = []
-        for folder in (self.run_dir / "checkpoints").glob("step_*"):
-            if (folder / MARKER).is_file():
-                found.append((int(json.loads((folder / MARKER).read_text())["step"]), folder))
-        return found
-
     def _resume_server(self, rank: int) -> None:
         """Continue from the run's newest complete checkpoint: this server's shard, optimizer and counters."""
-        complete = self._complete_checkpoints() if self.cfg.run.resume else []
+        complete = complete_checkpoints(self.run_dir / "checkpoints") if self.cfg.run.resume else []
         if not complete:
             return
         step, folder = max(complete)

@@ -36,6 +36,20 @@ def tag_of(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint below ``root`` (a run's ``checkpoints/``), oldest first: the
+    one scan shared by resume (both modes) and by loading for generate/export/eval."""
+    found = []
+    for folder in root.glob("step_*"):
+        marker = folder / MARKER
+        if marker.is_file():
+            try:
+                found.append((int(json.loads(marker.read_text())["step"]), folder))
+            except (ValueError, KeyError):
+                log.warning("ignoring %s: unreadable %s", folder, MARKER)
+    return sorted(found)
+
+
 class Checkpointer:
     def __init__(self, run_dir: Path, rank: int, world_size: int, zero_stage: int, keep: int,
                  attachments: dict[str, Path] | None = None) -> None:
@@ -46,15 +60,7 @@ class Checkpointer:
 
     def complete(self) -> list[tuple[int, Path]]:
         """(step, folder) of every complete checkpoint, oldest first."""
-        found = []
-        for folder in self.root.glob("step_*"):
-            marker = folder / MARKER
-            if marker.is_file():
-                try:
-                    found.append((int(json.loads(marker.read_text())["step"]), folder))
-                except (ValueError, KeyError):
-                    log.warning("ignoring %s: unreadable %s", folder, MARKER)
-        return sorted(found)
+        return complete_checkpoints(self.root)
 
     def save(self, engine, step: int, state: dict[str, Any], config_yaml: str) -> Path:
         """Collective: every rank writes its part; rank 0 then writes llmtrain's own state (JSON, readable
