@@ -143,21 +143,24 @@ def test_deepspeed_launcher_with_a_hostfile_from_the_allocation(uninterrupted, p
     assert [mine[s] for s in range(1, 6)] == [theirs[s] for s in range(1, 6)]
 
 
-def test_hydra_submitit_sweep_submits_one_job_per_setting(slurm, prepared_small, tmp_path):
+def test_hydra_submitit_sweep_submits_one_job_per_setting(uninterrupted, prepared_small, tmp_path):
+    """slurm/sweep.sh: one job per setting, each with 2 ranks as srun tasks (ranks read from SLURM_PROCID)."""
     sweep = tmp_path / "sweep"
-    args = [a for a in SYNC if not a.startswith(("train.max_steps", "optim.lr", "dist."))]
-    env = {**os.environ, "SWEEP_DIR": str(sweep), "CPUS_PER_TASK": "2", "TIME_MIN": "10",
+    args = [a for a in SYNC if not a.startswith(("train.max_steps", "optim.lr"))]
+    env = {**os.environ, "SWEEP_DIR": str(sweep), "TASKS_PER_NODE": "2", "CPUS_PER_TASK": "1", "TIME_MIN": "10",
            "LLMTRAIN_PYTHON": str(BIN / "python")}
     proc = subprocess.run(["bash", "slurm/sweep.sh", f"data.dir={prepared_small}", *args, "train.max_steps=10",
-                           "optim.lr=1e-3,1e-2"], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+                           "optim.lr=3e-3,1e-2"], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # submitit submits the settings as one Slurm job array: <array id>_<index> per setting
     tasks = sorted(p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name))
     assert len(tasks) == 2 and tasks[0].endswith("_0") and tasks[1].endswith("_1")
-    finals = {}
-    for num, lr in (("0", "0.001"), ("1", "0.01")):
+    losses = {}
+    for num, lr in (("0", "0.003"), ("1", "0.01")):
         run_dir = sweep / num
         assert checkpoint_steps(run_dir) == [10]
         assert f"lr: {lr}" in (run_dir / "config.yaml").read_text()
-        finals[lr] = logged_losses(run_dir)[10]
-    assert finals["0.001"] != finals["0.01"]
+        losses[lr] = logged_losses(run_dir)
+    assert losses["0.003"][10] != losses["0.01"][10]
+    # 2 srun ranks train like torchrun's 2 ranks: the warm-up steps (lr independent of max_steps) are equal
+    assert [losses["0.003"][s] for s in range(1, 6)] == [logged_losses(uninterrupted)[s] for s in range(1, 6)]
