@@ -51,6 +51,9 @@ SlurmdLogFile=/var/log/slurm/slurmd.log
 ReturnToService=2
 SlurmdParameters=config_overrides
 JobRequeue=1
+# A requeued job waits out the job credential's lifetime before it may start again (Slurm's default: 120 s);
+# 10 s keeps the pre-emption tests short. Starting it sooner is refused ("Job credential revoked").
+AuthInfo=cred_expire=10
 KillWait=15
 MinJobAge=3600
 AccountingStorageType=accounting_storage/none

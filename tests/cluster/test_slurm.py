@@ -57,8 +57,7 @@ def preempt_and_requeue(job: str, run_dir: Path, after_step: int, max_steps: int
     assert info["JobState"] == "PENDING" and info["Restarts"] == "1", (info, out.read_text()[-3000:])
     stopped_at = checkpoint_steps(run_dir)
     assert len(stopped_at) == 1 and after_step <= stopped_at[0] < max_steps
-    # Slurm holds a requeued job back (BeginTime ~2 min ahead) before it may start again; start it now.
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    # Slurm holds a requeued job back for the credential lifetime (scripts/slurm_local.sh: cred_expire=10 s)
     info = wait_for(job, DONE, timeout=600)
     log = out.read_text()
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-3000:]
