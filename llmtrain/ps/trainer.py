@@ -91,6 +91,8 @@ class AsyncPSTrainer:
                             f"{self.num_workers} workers x train.micro_batch_size={cfg.train.micro_batch_size}")
         self.env = DistEnv(rank, local_rank, world, local_world, torch.device("cpu"), "tensorpipe")
         self.is_server = rank < self.num_servers
+        # A stop signal reaches every process of a Slurm job: server 0 decides when to stop, the others go on.
+        self._signals = StopSignals(listen=rank == 0).install()
         self.worker = rank - self.num_servers
         if not self.is_server and torch.cuda.is_available():
             self.env = dataclasses.replace(self.env, device=torch.device("cuda", local_rank))
@@ -139,9 +141,8 @@ class AsyncPSTrainer:
     def fit(self) -> TrainResult:
         # Shutdown is not graceful (that would wait for every process, a lost one included): each role leaves
         # only once nothing more is asked of it (workers after their last push, servers when released).
-        # A stop signal reaches every process of a Slurm job: server 0 decides when to stop, the others go on.
         try:
-            with StopSignals(listen=self.env.rank == 0) as self._signals:
+            with self._signals:
                 return self._serve() if self.is_server else self._work()
         finally:
             rpc.shutdown(graceful=False)

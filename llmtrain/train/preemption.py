@@ -35,15 +35,25 @@ class StopSignals:
                         signal.Signals(signum).name)
         self.requested = signum
 
-    def __enter__(self) -> StopSignals:
-        for sig in STOP_SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle if self.listen else signal.SIG_IGN)
+    def install(self) -> StopSignals:
+        """Catch the signals from now on (a trainer does so at the start of its set-up: Slurm's warning may
+        arrive while the model is being built). Installing twice keeps the first handlers to restore."""
+        if not self._previous:
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle if self.listen else signal.SIG_IGN)
         return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __enter__(self) -> StopSignals:
+        return self.install()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        self.restore()
 
 
 def mark_preempted(run_dir: Path, step: int, signum: int) -> None:

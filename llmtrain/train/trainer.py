@@ -58,6 +58,7 @@ class Trainer:
         self.cfg = cfg
         # 1. Distributed environment: every component below takes rank / world size from it.
         self.env: DistEnv = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
+        self.signals = StopSignals().install()  # a stop request during set-up is kept for the first step
         self._check_hardware()
         # 2. The run folder, the same path on every rank (it comes from the config, never from a clock).
         self.run_dir = Path(cfg.run.dir).expanduser().resolve()
@@ -157,7 +158,7 @@ class Trainer:
         consecutive_nonfinite, interval_start, interval_steps = 0, time.perf_counter(), 0
         if self.env.is_main:
             clear_preempted(self.run_dir)
-        with StopSignals() as signals, contextlib.closing(self.metrics):
+        with self.signals as signals, contextlib.closing(self.metrics):
             while self.step < cfg.max_steps:
                 loss, grad_norm, applied = self.train_step()
                 self.step += 1
