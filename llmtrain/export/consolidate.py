@@ -29,12 +29,11 @@ from llmtrain.data.shards import TOKENIZER_FILE
 from llmtrain.data.tokenizer import Tokenizer
 from llmtrain.errors import UserError
 from llmtrain.model import build_model
-from llmtrain.train.checkpoint import complete_checkpoints
+from llmtrain.train.checkpoint import MARKER, STATE, complete_checkpoints
 
 log = logging.getLogger("llmtrain")
 FORMAT, FORMAT_VERSION = "llmtrain", 1
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
-MARKER, STATE = "COMPLETE.json", "llmtrain_state.json"  # written by llmtrain.train.checkpoint
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
