@@ -316,6 +316,9 @@ class TrainLoopConfig:
     """Sequences per forward/backward on one rank."""
     seed: int = 1337
     """Seed of the model init and the data order."""
+    subset_tokens: int = 0
+    """Train on a fixed subset of the train split, this many tokens in whole windows (the run's first windows),
+    repeated epoch after epoch; 0 = the whole split. For small-data comparisons (README, "Baselines")."""
     eval_every: int = 100
     """Evaluate on the fixed validation windows every N steps (0 = only at the end)."""
     eval_windows: int = 200
@@ -337,7 +340,7 @@ class TrainLoopConfig:
                      "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"train.{name}={getattr(self, name)} must be >= 1")
-        for name in ("eval_every", "eval_windows", "checkpoint_every", "stop_at_step"):
+        for name in ("eval_every", "eval_windows", "checkpoint_every", "stop_at_step", "subset_tokens"):
             if getattr(self, name) < 0:
                 problems.append(f"train.{name}={getattr(self, name)} must be >= 0")
         if self.micro_batch_size > 0 and self.global_batch_size % self.micro_batch_size:
@@ -614,8 +617,8 @@ class NgramConfig:
     """Fit on the windows a training run would read first, this many tokens in all (0 = the whole train split)."""
     block_size: int = 256
     """Window length: the same as the model compared with, so both score the same validation tokens."""
-    seed: int = 1234
-    """The training run's train.seed (it fixes which windows come first)."""
+    seed: int = 1337
+    """The training run's train.seed (it fixes which windows come first; 1337 is train.seed's default)."""
     max_windows: int = 0
     """Score at most this many validation windows; 0 = all."""
 

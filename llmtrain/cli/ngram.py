@@ -6,6 +6,8 @@ the same validation windows a model of the same block_size is scored on.
 
 With train_tokens=N it fits on exactly the windows a training run with the same seed and block_size reads in its
 first N tokens (the reader's order does not depend on the world size), so it compares at equal training tokens.
+A run with ``train.subset_tokens=N`` trains on those same first windows, several times over: the n-gram fitted
+with train_tokens=N has the same training data (counts do not change with repetition, so it is fitted once).
 """
 
 from __future__ import annotations

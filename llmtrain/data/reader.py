@@ -5,6 +5,11 @@ permutation of all windows (deterministic from the seed). At each step the world
 ``world_size * batch_size`` samples and rank ``r`` takes the ``r``-th block of ``batch_size`` of them. So
 within an epoch the ranks' windows are disjoint and together cover it, and the state is the counter alone:
 a run resumed on another number of ranks continues the exact same global order.
+
+With ``subset_windows=K`` the stream is restricted to a fixed subset: the first K windows of the full stream's
+first epoch, repeated epoch after epoch in a new order each time. Its first K samples are exactly those of the
+unrestricted run, so an n-gram fitted on a run's first K windows (``llmtrain-ngram train_tokens=...``) has seen
+the same training data as a model trained for several epochs on the subset.
 """
 
 from __future__ import annotations
@@ -54,7 +59,8 @@ def to_xy(tokens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
 class TokenWindowReader:
     """This rank's share of the shuffled training windows, resumable from ``state_dict()``."""
 
-    def __init__(self, split: TokenSplit, block_size: int, seed: int, rank: int, world_size: int) -> None:
+    def __init__(self, split: TokenSplit, block_size: int, seed: int, rank: int, world_size: int,
+                 subset_windows: int = 0) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of {world_size}")
         self.index = WindowIndex(split, block_size)
@@ -62,10 +68,20 @@ class TokenWindowReader:
         self.consumed_samples = 0
         """Samples taken by the whole world so far: the reader's entire state."""
         self._perms: dict[int, np.ndarray] = {}
+        self._subset: np.ndarray | None = None
+        if subset_windows:
+            if not 0 < subset_windows <= self.index.num_windows:
+                raise UserError(f"a training subset of {subset_windows} windows of {block_size + 1} tokens is not "
+                                f"within the {self.index.num_windows} windows the {split.name} split has")
+            self._subset = self._full_permutation(0)[:subset_windows]
 
     @property
     def num_windows(self) -> int:
-        return self.index.num_windows
+        """Windows per epoch: the whole split, or the subset."""
+        return self.index.num_windows if self._subset is None else len(self._subset)
+
+    def _full_permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.index.num_windows)
 
     @property
     def epoch(self) -> float:
@@ -74,7 +90,12 @@ class TokenWindowReader:
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
             self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
-            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+            if self._subset is None:
+                self._perms[epoch] = self._full_permutation(epoch)
+            elif epoch == 0:  # the unrestricted stream's own first windows, in its order
+                self._perms[epoch] = self._subset
+            else:
+                self._perms[epoch] = self._subset[np.random.default_rng([self.seed, epoch]).permutation(len(self._subset))]
         return self._perms[epoch]
 
     def windows_at(self, samples: np.ndarray) -> np.ndarray:
@@ -171,8 +192,11 @@ class PreparedData:
     def split(self, name: str) -> TokenSplit:
         return TokenSplit.open(self.folder, self.meta, name)
 
-    def train_reader(self, block_size: int, seed: int, rank: int, world_size: int) -> TokenWindowReader:
-        return TokenWindowReader(self.split("train"), block_size, seed, rank, world_size)
+    def train_reader(self, block_size: int, seed: int, rank: int, world_size: int,
+                     subset_tokens: int = 0) -> TokenWindowReader:
+        """This rank's reader; ``subset_tokens`` > 0 restricts training to that many tokens, in whole windows."""
+        subset = -(-subset_tokens // block_size) if subset_tokens else 0
+        return TokenWindowReader(self.split("train"), block_size, seed, rank, world_size, subset)
 
     def val_windows(self, block_size: int, max_windows: int = 0) -> ValidationWindows:
         return ValidationWindows(self.split("val"), block_size, max_windows)

@@ -157,7 +157,8 @@ class AsyncPSTrainer:
 
     def _work(self) -> TrainResult:
         cfg, model = self.cfg.train, self._model.to(self.env.device)
-        reader = self.data.train_reader(self.model_cfg.block_size, cfg.seed, self.worker, self.num_workers)
+        reader = self.data.train_reader(self.model_cfg.block_size, cfg.seed, self.worker, self.num_workers,
+                                        cfg.subset_tokens)
         micro_steps = cfg.global_batch_size // self.num_workers // cfg.micro_batch_size
         # A resumed run continues this worker's data where its last applied update left it.
         done = self._call(0, rpc.rpc_async(self.name(0), _clock, args=(self.worker,)))

@@ -83,7 +83,8 @@ class Trainer:
         self.engine = initialize(model, optimizer, self.ds_config)
         # 6. Data readers: this rank's training windows; the fixed validation set.
         block = self.model_cfg.block_size
-        self.reader = self.data.train_reader(block, cfg.train.seed, self.env.rank, self.env.world_size)
+        self.reader = self.data.train_reader(block, cfg.train.seed, self.env.rank, self.env.world_size,
+                                             cfg.train.subset_tokens)
         self.val = self.data.val_windows(block, cfg.train.eval_windows)
         # 7. Checkpoints, and auto-resume from the newest complete one.
         tokenizer_copy = {TOKENIZER_FILE: self.data.folder / TOKENIZER_FILE}  # checkpoints stand on their own

@@ -138,3 +138,10 @@ def test_order_3_beats_unigram_on_prepared_data(prepared_small):
     trigram = KneserNeyLM(3, data.vocab_size).fit(shards).perplexity(windows)
     assert np.isfinite(trigram)
     assert trigram < unigram < data.vocab_size
+
+
+def test_default_seed_is_the_training_runs():
+    # train_tokens=N fits on the windows a run reads first; by default that must be a default training run's.
+    from llmtrain.config import NgramConfig, TrainLoopConfig
+
+    assert NgramConfig().seed == TrainLoopConfig().seed

@@ -148,3 +148,28 @@ def test_split_shorter_than_one_window_is_refused(data):
     tokens = data.split("val").num_tokens
     with pytest.raises(UserError, match=f"the val split has {tokens} tokens, fewer than one window"):
         data.val_windows(tokens + 10)
+
+
+def test_subset_is_the_full_runs_first_windows_repeated_in_new_orders(data):
+    full = readers(data, 1)[0]
+    k = 10
+    subset = data.train_reader(BLOCK, 7, 0, 1, subset_tokens=k * BLOCK - 5)  # rounded up to whole windows
+    assert subset.num_windows == k
+    first = full.next_windows(k)
+    epochs = [subset.next_windows(k) for _ in range(3)]
+    assert np.array_equal(epochs[0], first)  # the subset's first epoch is the unrestricted run's first windows
+    for e in epochs[1:]:
+        assert sorted(e) == sorted(first)  # later epochs: the same windows ...
+    assert not np.array_equal(epochs[1], epochs[0]) and not np.array_equal(epochs[2], epochs[1])  # ... reshuffled
+    # Two ranks take the same global stream, and the state is refused on a reader without the subset.
+    ranks = [data.train_reader(BLOCK, 7, r, 2, subset_tokens=k * BLOCK) for r in range(2)]
+    two = np.concatenate([r.next_windows(5) for _ in range(3) for r in ranks])
+    assert np.array_equal(two, np.concatenate(epochs))
+    with pytest.raises(UserError, match="num_windows"):
+        full.load_state_dict(ranks[0].state_dict())
+
+
+def test_subset_larger_than_the_split_is_refused(data):
+    n = data.split("train").num_tokens
+    with pytest.raises(UserError, match="subset of .* is not within the"):
+        data.train_reader(BLOCK, 7, 0, 1, subset_tokens=n + BLOCK)

@@ -29,7 +29,7 @@ def compose(overrides: list[str]) -> TrainConfig:
 
 
 def test_presets_listed():
-    assert PRESETS == ["1.3b", "350m", "760m", "gpt2-124m", "llama", "lstm", "small", "tiny"]
+    assert PRESETS == ["1.3b", "350m", "760m", "gpt2-124m", "llama", "lstm", "mini", "small", "tiny"]
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -40,7 +40,7 @@ def test_every_preset_composes_and_builds(preset):
     with torch.device("meta"):
         model = build_model(type(cfg.model)(**{**vars(cfg.model), "vocab_size": 50257}))
     total = model.num_params(non_embedding=False) / 1e6
-    expected = {"tiny": (3, 4), "small": (29, 31), "gpt2-124m": (123, 126), "350m": (350, 360),
+    expected = {"tiny": (3, 4), "mini": (15.5, 16.5), "small": (29, 31), "gpt2-124m": (123, 126), "350m": (350, 360),
                 "760m": (750, 765), "1.3b": (1300, 1330), "llama": (150, 170), "lstm": (38, 40)}[preset]
     assert expected[0] <= total <= expected[1], total
 
@@ -56,7 +56,7 @@ def test_public_override_names():
         (["train.global_batch_size=10", "train.micro_batch_size=4"], "is not a multiple of train.micro_batch_size=4"),
         (["model.n_embd=100", "model.n_head=3"], "model.n_embd=100 must be divisible by model.n_head=3"),
         (["model=gpt5"],
-         "Could not find 'model/gpt5'; choose one of: 1.3b, 350m, 760m, gpt2-124m, llama, lstm, small, tiny"),
+         "Could not find 'model/gpt5'; choose one of: 1.3b, 350m, 760m, gpt2-124m, llama, lstm, mini, small, tiny"),
         (["precision=fp8"], "expected one of [fp32, bf16, fp16]"),
         (["dist.zero_stage=4"], "dist.zero_stage=4 must be 0, 1, 2 or 3"),
         (["dist.offload_optimizer=true"], "dist.offload_optimizer=true needs dist.zero_stage >= 1"),
