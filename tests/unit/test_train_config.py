@@ -45,6 +45,16 @@ def test_every_preset_composes_and_builds(preset):
     assert expected[0] <= total <= expected[1], total
 
 
+@pytest.mark.parametrize("model", ["small", "mini", "lstm"])
+def test_the_readme_experiments_compose(model):
+    # The README's runs: the demo and the two baseline tables, each with the models it is run with.
+    for experiment in sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml")):
+        cfg = compose([f"experiment={experiment}", f"model={model}"])
+        assert cfg.model.name == model and cfg.model.block_size == 128, experiment
+    cfg = compose(["experiment=small_data", f"model={model}"])
+    assert (cfg.train.subset_tokens, cfg.train.max_steps * cfg.train.global_batch_size * 128) == (262144, 8 * 262144)
+
+
 def test_public_override_names():
     cfg = compose(["model=tiny", "precision=fp32", "dist.zero_stage=3", "train.max_steps=7"])
     assert (cfg.precision, cfg.dist.zero_stage, cfg.train.max_steps) == (Precision.fp32, 3, 7)
