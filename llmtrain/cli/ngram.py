@@ -26,13 +26,13 @@ def run(cfg: NgramConfig) -> None:
     import numpy as np
 
     from llmtrain.baselines.ngram import KneserNeyLM
-    from llmtrain.data.reader import PreparedData
+    from llmtrain.data.reader import PreparedData, windows_for
 
     data = PreparedData(cfg.data.dir)
     train = data.split("train")
     if cfg.train_tokens:
         reader = data.train_reader(cfg.block_size, cfg.seed, rank=0, world_size=1)
-        windows = reader.index.gather(reader.next_windows(-(-cfg.train_tokens // cfg.block_size)))
+        windows = reader.index.gather(reader.next_windows(windows_for(cfg.train_tokens, cfg.block_size)))
         sequences, fitted_on = list(windows), windows[:, 1:].size
     else:
         sequences, fitted_on = [np.asarray(s) for s in train.shards], train.num_tokens

@@ -50,6 +50,12 @@ class WindowIndex:
         return out
 
 
+def windows_for(tokens: int, block_size: int) -> int:
+    """Whole windows that hold ``tokens`` training tokens (rounded up): what ``train.subset_tokens`` keeps and what
+    ``llmtrain-ngram train_tokens`` fits on, so the two always mean the same windows."""
+    return -(-tokens // block_size)
+
+
 def to_xy(tokens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Split (B, T+1) token windows into inputs (B, T) and next-token targets (B, T)."""
     t = torch.from_numpy(tokens)
@@ -73,15 +79,15 @@ class TokenWindowReader:
             if not 0 < subset_windows <= self.index.num_windows:
                 raise UserError(f"a training subset of {subset_windows} windows of {block_size + 1} tokens is not "
                                 f"within the {self.index.num_windows} windows the {split.name} split has")
-            self._subset = self._full_permutation(0)[:subset_windows]
+            self._subset = self._shuffle(0, self.index.num_windows)[:subset_windows]
 
     @property
     def num_windows(self) -> int:
         """Windows per epoch: the whole split, or the subset."""
         return self.index.num_windows if self._subset is None else len(self._subset)
 
-    def _full_permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.index.num_windows)
+    def _shuffle(self, epoch: int, n: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(n)
 
     @property
     def epoch(self) -> float:
@@ -91,11 +97,11 @@ class TokenWindowReader:
         if epoch not in self._perms:
             self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
             if self._subset is None:
-                self._perms[epoch] = self._full_permutation(epoch)
+                self._perms[epoch] = self._shuffle(epoch, self.index.num_windows)
             elif epoch == 0:  # the unrestricted stream's own first windows, in its order
                 self._perms[epoch] = self._subset
             else:
-                self._perms[epoch] = self._subset[np.random.default_rng([self.seed, epoch]).permutation(len(self._subset))]
+                self._perms[epoch] = self._subset[self._shuffle(epoch, len(self._subset))]
         return self._perms[epoch]
 
     def windows_at(self, samples: np.ndarray) -> np.ndarray:
@@ -195,8 +201,8 @@ class PreparedData:
     def train_reader(self, block_size: int, seed: int, rank: int, world_size: int,
                      subset_tokens: int = 0) -> TokenWindowReader:
         """This rank's reader; ``subset_tokens`` > 0 restricts training to that many tokens, in whole windows."""
-        subset = -(-subset_tokens // block_size) if subset_tokens else 0
-        return TokenWindowReader(self.split("train"), block_size, seed, rank, world_size, subset)
+        return TokenWindowReader(self.split("train"), block_size, seed, rank, world_size,
+                                 windows_for(subset_tokens, block_size))
 
     def val_windows(self, block_size: int, max_windows: int = 0) -> ValidationWindows:
         return ValidationWindows(self.split("val"), block_size, max_windows)
