@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from _table import table  # benchmarks/ is on sys.path when a benchmark runs as a script
 
+from llmtrain.train.checkpoint import RunDir
 from llmtrain.train.metrics import probe_peak
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +50,7 @@ def ours(data: str, work: Path, name: str, ranks: int, threads: int, precision: 
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     if proc.returncode:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in RunDir(run_dir).metrics.read_text().splitlines()]
     rows = [r for r in rows if "tokens_per_s" in r][1:]
     return {"tokens_per_s": sum(r["tokens_per_s"] for r in rows) / len(rows),
             "mfu": sum(r["mfu"] for r in rows) / len(rows)}

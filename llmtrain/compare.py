@@ -18,12 +18,15 @@ import numpy as np
 
 from llmtrain.config import CompareConfig
 from llmtrain.errors import UserError
+from llmtrain.train.checkpoint import RunDir
 
 
 @dataclass
 class ModeRun:
     name: str
+    run: RunDir
     overrides: list[str]
+    """The mode's settings (run.dir is added from ``run``)."""
     ranks: int
     started: float = 0.0
     wall_s: float = 0.0
@@ -39,28 +42,29 @@ class ModeRun:
 def plan(cfg: CompareConfig) -> list[ModeRun]:
     n, out = cfg.compare.compute_ranks, Path(cfg.compare.dir)
     group = cfg.wandb.group or out.name
-    common = ["precision=fp32", f"wandb.group={group}"]
-    runs = [ModeRun("sync", [*common, "mode=sync", f"run.dir={out / 'sync'}"], n),
-            ModeRun("async", [*common, "mode=async_ps", "ps.num_servers=1", "ps.staleness_lr=false",
-                              f"run.dir={out / 'async'}"], n + 1)]
+    # Both modes run at the config's precision (bf16 by default; experiment=demo sets fp32).
+    common = [f"wandb.group={group}"]
+    runs = [ModeRun("sync", RunDir(out / "sync"), [*common, "mode=sync"], n),
+            ModeRun("async", RunDir(out / "async"), [*common, "mode=async_ps", "ps.num_servers=1",
+                                                     "ps.staleness_lr=false"], n + 1)]
     if cfg.compare.staleness_lr:
-        runs.append(ModeRun("async+staleness-lr", [*common, "mode=async_ps", "ps.num_servers=1",
-                                                   "ps.staleness_lr=true", f"run.dir={out / 'async-slr'}"], n + 1))
+        runs.append(ModeRun("async+staleness-lr", RunDir(out / "async-slr"),
+                            [*common, "mode=async_ps", "ps.num_servers=1", "ps.staleness_lr=true"], n + 1))
     return runs
 
 
 def launch(run: ModeRun, user_overrides: list[str]) -> None:
     """One training run through torchrun on this node; its metrics are read back from metrics.jsonl."""
-    run_dir = Path(next(o for o in run.overrides if o.startswith("run.dir="))[len("run.dir="):])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={run.ranks}",
-           "-m", "llmtrain.cli.train", *user_overrides, *run.overrides]
+           "-m", "llmtrain.cli.train", *user_overrides, *run.overrides, f"run.dir={run.run.path}"]
     print(f"[{run.name}] {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
     run.started = time.time()
     proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
     run.wall_s = time.time() - run.started
     if proc.returncode:
-        raise UserError(f"the {run.name} run failed (exit {proc.returncode}); its log is above, its folder {run_dir}")
-    run.rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        raise UserError(f"the {run.name} run failed (exit {proc.returncode}); its log is above, its folder "
+                        f"{run.run.path}")
+    run.rows = [json.loads(line) for line in run.run.metrics.read_text().splitlines()]
 
 
 def table(runs: list[ModeRun]) -> str:

@@ -455,8 +455,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.mode == Mode.async_ps and self.precision != Precision.fp32:
-            problems.append("mode=async_ps trains in fp32 (servers keep fp32 weights): add precision=fp32")
+        if self.mode == Mode.async_ps and self.precision == Precision.fp16:
+            problems.append("mode=async_ps runs in fp32 or bf16 (fp16 would need loss scaling across workers, "
+                            "which it does not have): use precision=bf16")
         if self.dist.offload_optimizer and self.optim.name == OptimizerName.sgd:
             problems.append("dist.offload_optimizer=true works with optim.name=adamw only (DeepSpeed's CPU Adam)")
         if self.model.vocab_size and self.model.vocab_size < 260:

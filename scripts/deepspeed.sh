@@ -10,9 +10,9 @@ VENV_PY="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python"  # the checkout's v
 PY=${LLMTRAIN_PYTHON:-$([ -x "$VENV_PY" ] && echo "$VENV_PY" || echo python)}
 BIN=$(dirname "$("$PY" -c 'import sys; print(sys.executable)')")
 if [ -n "${SLURM_JOB_NODELIST:-}" ]; then
-  eval "$("$PY" -m llmtrain.dist.slurm env)"
+  eval "$("$PY" -m llmtrain.distributed.slurm env)"
   HOSTFILE=${HOSTFILE:-${TMPDIR:-/tmp}/llmtrain-hostfile-${SLURM_JOB_ID}}
-  "$PY" -m llmtrain.dist.slurm hostfile "$HOSTFILE"
+  "$PY" -m llmtrain.distributed.slurm hostfile "$HOSTFILE"
   LAUNCHER=${DS_LAUNCHER:-slurm}
   NO_SSH=(); [ "$LAUNCHER" = slurm ] && NO_SSH=(--no_ssh_check)  # srun reaches the nodes; ssh is not needed
   exec "$BIN/deepspeed" --hostfile "$HOSTFILE" --launcher "$LAUNCHER" "${NO_SSH[@]}" \

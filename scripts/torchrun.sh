@@ -11,7 +11,7 @@ set -euo pipefail
 case "${1:-}" in -h|--help) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 VENV_PY="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python"  # the checkout's venv (scripts/setup.sh), if any
 PY=${LLMTRAIN_PYTHON:-$([ -x "$VENV_PY" ] && echo "$VENV_PY" || echo python)}
-if [ -n "${SLURM_JOB_NODELIST:-}" ]; then eval "$("$PY" -m llmtrain.dist.slurm env)"; fi
+if [ -n "${SLURM_JOB_NODELIST:-}" ]; then eval "$("$PY" -m llmtrain.distributed.slurm env)"; fi
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
@@ -19,7 +19,7 @@ MASTER_PORT=${MASTER_PORT:-29500}
 NPROC_PER_NODE=${NPROC_PER_NODE:-$("$PY" -c 'import torch; print(torch.cuda.device_count() or 1)')}
 # This node's address towards the rendezvous host, and the interface gloo/NCCL/TensorPipe should use:
 # guessing from the hostname is how multi-node jobs end up listening on the wrong network and hang.
-eval "$("$PY" -m llmtrain.dist.slurm net "$MASTER_ADDR")"
+eval "$("$PY" -m llmtrain.distributed.slurm net "$MASTER_ADDR")"
 IS_HOST=false; [ "$NODE_RANK" = 0 ] && IS_HOST=true  # node 0 serves the rendezvous, whatever its hostname says
 # torchrun's agent ignores SIGUSR1 (an ignored signal stays ignored across exec), so Slurm's pre-emption
 # signal, sent to every process of the step, reaches the trainers (which checkpoint) without killing the agent.

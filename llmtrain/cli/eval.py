@@ -19,13 +19,14 @@ log = logging.getLogger("llmtrain")
 
 def run(cfg: EvalConfig) -> None:
     from llmtrain.data.reader import PreparedData
-    from llmtrain.dist.env import local_device
+    from llmtrain.distributed.env import local_device
+    from llmtrain.dtypes import torch_dtype
     from llmtrain.evaluate import mean_loss, perplexity, text_batches
-    from llmtrain.export.consolidate import DTYPES, load_trained
+    from llmtrain.export.consolidate import load_trained
 
     trained = load_trained(cfg.run.dir, cfg.run.step)
     device = local_device(cfg.device.value)
-    model = trained.build(device, DTYPES[cfg.dtype.value])
+    model = trained.build(device, torch_dtype(cfg.dtype))
     block = trained.model_cfg.block_size
     if cfg.text_file:
         try:

@@ -38,15 +38,16 @@ def read_prompts(cfg: GenerateConfig) -> list[str]:
 def run(cfg: GenerateConfig) -> None:
     import torch
 
-    from llmtrain.dist.env import local_device
-    from llmtrain.export.consolidate import DTYPES, load_trained
+    from llmtrain.distributed.env import local_device
+    from llmtrain.dtypes import torch_dtype
+    from llmtrain.export.consolidate import load_trained
     from llmtrain.generate import TextGenerator
 
     prompts = read_prompts(cfg)
     trained = load_trained(cfg.run.dir, cfg.run.step, cfg.tokenizer or None)
     device = local_device(cfg.device.value)
     log.info("%s: %s model at step %d on %s", trained.source, trained.model_cfg.name, trained.step, device)
-    generator = TextGenerator(trained.build(device, DTYPES[cfg.dtype.value]), trained.tokenizer, device)
+    generator = TextGenerator(trained.build(device, torch_dtype(cfg.dtype)), trained.tokenizer, device)
 
     def write(text: str) -> None:
         sys.stdout.write(text)

@@ -3,7 +3,7 @@
     llmtrain-train data.dir=data/stdlib run.dir=runs/small model=small
     torchrun --nproc_per_node 2 -m llmtrain.cli.train data.dir=data/stdlib run.dir=runs/z2 dist.zero_stage=2
     deepspeed --num_gpus 8 -m llmtrain.cli.train data.dir=... run.dir=... model=gpt2-124m precision=bf16
-    torchrun --nproc_per_node 3 -m llmtrain.cli.train ... mode=async_ps precision=fp32   # 1 server + 2 workers
+    torchrun --nproc_per_node 3 -m llmtrain.cli.train ... mode=async_ps   # 1 server + 2 workers
 
 A data.dir that holds no prepared dataset is prepared first from the data.* settings (default: the stdlib).
 """
@@ -26,7 +26,7 @@ def trainer_class(mode: Mode) -> type:
 
 
 def run(cfg: TrainConfig) -> None:
-    from llmtrain.dist.env import shutdown
+    from llmtrain.distributed.env import shutdown
 
     try:
         trainer = trainer_class(cfg.mode)(cfg)

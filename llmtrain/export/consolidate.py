@@ -27,14 +27,15 @@ from torch import nn
 from llmtrain.config import ModelConfig, to_plain
 from llmtrain.data.shards import TOKENIZER_FILE
 from llmtrain.data.tokenizer import Tokenizer
+from llmtrain.dtypes import torch_dtype
 from llmtrain.errors import UserError
 from llmtrain.model import build_model
-from llmtrain.train.checkpoint import MARKER, STATE, complete_checkpoints
+from llmtrain.train.checkpoint import CONFIG as RUN_CONFIG
+from llmtrain.train.checkpoint import MARKER, STATE, RunDir, is_checkpoint_folder, read_marker
 
 log = logging.getLogger("llmtrain")
 FORMAT, FORMAT_VERSION = "llmtrain", 1
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -74,13 +75,11 @@ def resolve_checkpoint(path: str | Path, step: int = 0) -> Path:
         raise UserError(f"{path} does not exist")
     if (path / CONFIG).is_file() and (path / WEIGHTS).is_file():
         return path
-    if path.name.startswith("step_") and (path / "llmtrain_state.json").exists() or (path / MARKER).exists():
+    if is_checkpoint_folder(path):
         if not (path / MARKER).is_file():
             raise UserError(f"{path} is an incomplete checkpoint (no {MARKER}: its save did not finish)")
         return path
-    if path.name.startswith("step_"):
-        raise UserError(f"{path} is an incomplete checkpoint (no {MARKER}: its save did not finish)")
-    complete = complete_checkpoints(path / "checkpoints")
+    complete = RunDir(path).complete()
     if not complete:
         raise UserError(f"{path} holds no complete checkpoint (expected a run folder with checkpoints/step_*/"
                         f"{MARKER}, a step_* folder, or an exported folder with {WEIGHTS})")
@@ -120,7 +119,7 @@ def _load_exported(folder: Path) -> TrainedModel:
         raise UserError(f"{folder / CONFIG} is not an llmtrain export (format {meta.get('format')!r}, version "
                         f"{meta.get('format_version')!r}); a Hugging Face folder is loaded with transformers")
     tok = _tokenizer(folder / TOKENIZER_FILE, meta["tokenizer_sha256"], folder)
-    data_dir = _data_dir(folder) if (folder / "config.yaml").is_file() else None  # a run's own checkpoint
+    data_dir = _data_dir(folder) if (folder / RUN_CONFIG).is_file() else None  # a run's own checkpoint
     return TrainedModel(model_config_from(meta["model"]), load_file(str(folder / WEIGHTS)), tok, folder,
                         int(meta["step"]), int(meta["tokens_seen"]), data_dir)
 
@@ -128,12 +127,12 @@ def _load_exported(folder: Path) -> TrainedModel:
 def _data_dir(folder: Path) -> str:
     import yaml
 
-    return yaml.safe_load((folder / "config.yaml").read_text())["data"]["dir"]
+    return yaml.safe_load((folder / RUN_CONFIG).read_text())["data"]["dir"]
 
 
 def _load_checkpoint(folder: Path) -> TrainedModel:
     state = json.loads((folder / STATE).read_text())
-    marker = json.loads((folder / MARKER).read_text())
+    marker = read_marker(folder)
     data_dir = _data_dir(folder)
     tok_path = folder / TOKENIZER_FILE
     if not tok_path.is_file():  # checkpoints written before tokenizers were copied into them
@@ -158,7 +157,7 @@ def _consolidate(folder: Path, zero_stage: int, model_cfg: ModelConfig) -> dict[
     """fp32 weights from DeepSpeed's files: ZeRO >= 1 merges the fp32 partitions of every rank (DeepSpeed's
     zero_to_fp32); ZeRO-0 keeps whole weights, and under bf16 their fp32 masters in the optimizer state."""
     if zero_stage > 0:
-        from llmtrain.dist.env import select_accelerator
+        from llmtrain.distributed.env import select_accelerator
 
         select_accelerator()  # before deepspeed is imported: no CUDA -> its CPU accelerator, without a warning
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -170,13 +169,13 @@ def _consolidate(folder: Path, zero_stage: int, model_cfg: ModelConfig) -> dict[
     weights = {k: v.float() for k, v in saved["module"].items()}
     masters = (saved.get("optimizer") or {}).get("fp32_groups")
     if masters is not None and any(v.dtype != torch.float32 for v in saved["module"].values()):
-        # DeepSpeed keeps the fp32 masters per optimizer group, in the order llmtrain built the groups.
+        # DeepSpeed keeps the fp32 masters per optimizer group: the group-order contract of llmtrain.train.optim.
         from llmtrain.train.optim import param_groups
 
         with torch.device("meta"):
             model = build_model(model_cfg)
         name_of = {id(p): n for n, p in model.named_parameters()}
-        for group, group_masters in zip(param_groups(model, 0.0), masters, strict=True):
+        for group, group_masters in zip(param_groups(model.parameters(), 0.0), masters, strict=True):
             for param, master in zip(group["params"], group_masters, strict=True):
                 weights[name_of[id(param)]] = master.float()
         if model_cfg.tie_embeddings:
@@ -190,7 +189,7 @@ def save_consolidated(trained: TrainedModel, out: str | Path, dtype: str = "fp32
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.to(DTYPES[dtype]).contiguous() for k, v in trained.state_dict.items()
+    weights = {k: v.to(torch_dtype(dtype)).contiguous() for k, v in trained.state_dict.items()
                if not (trained.model_cfg.tie_embeddings and k == "lm_head.weight")}
     save_file(weights, str(out / WEIGHTS), metadata={"format": FORMAT})
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": to_plain(trained.model_cfg),

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from llmtrain.config import MLP, Arch, ModelConfig, Norm, Positions
+from llmtrain.dtypes import torch_dtype
 from llmtrain.errors import UserError
-from llmtrain.export.consolidate import DTYPES, TrainedModel
+from llmtrain.export.consolidate import TrainedModel
 
 
 def hf_family(cfg: ModelConfig) -> str:
@@ -106,7 +107,7 @@ def save_hf(trained: TrainedModel, out: str | Path, dtype: str = "fp32") -> str:
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {"lm_head.weight"} if trained.model_cfg.tie_embeddings else set()
     assert not unexpected and set(missing) <= tied, (missing, unexpected)  # the mapping covers every weight
-    model = model.to(DTYPES[dtype]).eval()
+    model = model.to(torch_dtype(dtype)).eval()
     out = Path(out)
     model.save_pretrained(out)
     sp_model = out / "tokenizer.model"

@@ -175,7 +175,7 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.activation_checkpointing = False
-        """Set by the trainer: recompute each block's activations in backward (memory for compute)."""
+        """Set by build_model: recompute each block's activations in backward (memory for compute)."""
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:

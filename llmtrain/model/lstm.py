@@ -38,7 +38,7 @@ class LSTMLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.activation_checkpointing = False
-        """Accepted for the trainer's sake; the LSTM does not recompute activations."""
+        """Accepted from build_model; the LSTM does not recompute activations."""
         # Embedding and head uniform in +-0.1, as in PyTorch's word_language_model example (Zaremba et al. 2014):
         # GPT's N(0, 0.02) leaves the LSTM's inputs too small to learn from quickly (no norm layer rescales them).
         nn.init.uniform_(self.wte.weight, -0.1, 0.1)

@@ -3,6 +3,10 @@
 Every pushed gradient is applied as it arrives (no waiting for other workers). Each update records its
 staleness: the server's version when it is applied minus the version the worker computed it on. Calls arrive
 on TensorPipe's RPC threads, so one lock orders them.
+
+Mixed precision: pulls hand out the weights in the workers' compute dtype (``wire_dtype``: bf16 halves the bytes
+of every pull and push), pushed gradients of any dtype are applied to the fp32 masters in fp32 -- as DeepSpeed's
+bf16 optimizer keeps fp32 masters behind bf16 module weights.
 """
 
 from __future__ import annotations
@@ -14,8 +18,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from llmtrain.config import OptimConfig, OptimizerName
-from llmtrain.train.optim import lr_at
+from llmtrain.config import OptimConfig
+from llmtrain.train.optim import build_optimizer, lr_at, set_lr
 
 
 def shard_names(named_sizes: Sequence[tuple[str, int]], num_servers: int) -> list[list[str]]:
@@ -33,16 +37,12 @@ def shard_names(named_sizes: Sequence[tuple[str, int]], num_servers: int) -> lis
 
 class ParameterServer:
     def __init__(self, params: dict[str, torch.Tensor], optim: OptimConfig, max_steps: int, num_workers: int,
-                 staleness_lr: bool, max_staleness: int = 0, timeout_s: float = 60.0, stop_at_step: int = 0) -> None:
+                 staleness_lr: bool, max_staleness: int = 0, timeout_s: float = 60.0, stop_at_step: int = 0,
+                 wire_dtype: torch.dtype = torch.float32) -> None:
         self.params = {n: nn.Parameter(t.detach().clone().float()) for n, t in params.items()}
-        decay = [p for p in self.params.values() if p.dim() >= 2]  # as llmtrain.train.optim.param_groups
-        no_decay = [p for p in self.params.values() if p.dim() < 2]
-        groups = [g for g in ({"params": decay, "weight_decay": optim.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-        if optim.name == OptimizerName.sgd:
-            self.optimizer = torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum)
-        else:
-            self.optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+        self.optimizer = build_optimizer(optim, self.params.values(), offload=False, device=torch.device("cpu"))
+        self.wire_dtype = wire_dtype
+        """The dtype pulls hand out: the workers' compute precision."""
         self.optim_cfg, self.max_steps, self.num_workers = optim, max_steps, num_workers
         self.budget = min(stop_at_step or max_steps, max_steps) * num_workers
         """Updates to apply in this run: num_workers pushes carry as many tokens as one synchronous step."""
@@ -93,7 +93,12 @@ class ParameterServer:
                     break
                 self.lock.wait(timeout=0.1)
                 self.last_seen[worker] = time.monotonic()
-            return self.version, {n: p.detach().clone() for n, p in self.params.items()}
+            return self.version, {n: p.detach().to(self.wire_dtype, copy=True) for n, p in self.params.items()}
+
+    def master_weights(self) -> dict[str, torch.Tensor]:
+        """A copy of the fp32 master weights of this shard."""
+        with self.lock:
+            return {n: p.detach().clone() for n, p in self.params.items()}
 
     def finish(self, worker: int) -> None:
         with self.lock:
@@ -121,10 +126,9 @@ class ParameterServer:
             lr = lr_at(self.version // self.num_workers, self.optim_cfg, self.max_steps)
             if self.staleness_lr and staleness > 1:
                 lr /= staleness
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(self.optimizer, lr)
             for name, param in self.params.items():
-                param.grad = grads[name]
+                param.grad = grads[name].float()  # applied in fp32, whatever the worker computed in
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.version += 1

@@ -1,6 +1,6 @@
 """The asynchronous trainer (mode=async_ps): ranks 0..S-1 are parameter servers, the others workers.
 
-    torchrun --standalone --nproc_per_node 3 -m llmtrain.cli.train experiment=demo mode=async_ps precision=fp32
+    torchrun --standalone --nproc_per_node 3 -m llmtrain.cli.train experiment=demo mode=async_ps
 
 Workers loop without waiting for each other: pull every shard (concurrently) -> forward/backward on their own
 slice of the data (the same resumable reader, worker index as rank) -> push each shard's gradient -> repeat.
@@ -8,76 +8,64 @@ Servers apply each gradient on arrival. The budget is the sync run's: W pushes o
 sequences each make one "step", so train.max_steps means the same number of tokens in both modes.
 Transport: torch.distributed.rpc over TensorPipe, joined through the launcher's MASTER_ADDR/MASTER_PORT
 rendezvous (the same environment as sync mode). Server 0 (rank 0) writes the metrics and the final model.
+Precision: workers compute in ``precision`` (bf16 by default), pulls and pushes carry tensors of that dtype,
+servers keep fp32 masters and optimizer state and apply in fp32.
+
+Set-up (data, model config, resume rule, run folder, optimizer) comes from the same functions as the
+synchronous trainer's: ``llmtrain.train.setup``, ``llmtrain.train.checkpoint``, ``llmtrain.train.optim``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed.rpc as rpc
-import yaml
 
-from llmtrain.config import TrainConfig, to_plain
-from llmtrain.dist.env import DistEnv, launcher_vars
+from llmtrain.config import Mode, TrainConfig
+from llmtrain.distributed.env import DistEnv, launcher_vars
+from llmtrain.dtypes import torch_dtype
 from llmtrain.errors import UserError
 from llmtrain.evaluate import mean_loss, perplexity
-from llmtrain.export.consolidate import MARKER
 from llmtrain.model import build_model
+from llmtrain.ps import rpc as calls
 from llmtrain.ps.server import ParameterServer, shard_names
-from llmtrain.train.checkpoint import complete_checkpoints
+from llmtrain.train import setup
+from llmtrain.train.checkpoint import RunDir, finish_checkpoint, read_marker
 from llmtrain.train.metrics import MetricsLogger
 from llmtrain.train.preemption import StopSignals, clear_preempted, mark_preempted
-from llmtrain.train.trainer import TrainResult
+from llmtrain.train.setup import TrainResult
 
 log = logging.getLogger("llmtrain")
 
-# The server object of this process (server ranks only); the RPC entry points below reach it.
-_SERVER: ParameterServer | None = None
+
+def accumulate_fp32(params: dict[str, torch.nn.Parameter], into: dict[str, torch.Tensor]) -> None:
+    """Add this micro-batch's gradients into fp32 sums and clear them: micro-batches of a bf16 model accumulate
+    in fp32, as DeepSpeed's bf16 optimizer does (for an fp32 model the sums are what autograd would add up)."""
+    for name, param in params.items():
+        if param.grad is None:
+            into.setdefault(name, torch.zeros_like(param, dtype=torch.float32))
+        elif name in into:
+            into[name].add_(param.grad)
+        else:
+            into[name] = param.grad.float()
+        param.grad = None
 
 
-def _pull(worker: int) -> tuple[int, dict[str, torch.Tensor]]:
-    return _SERVER.pull(worker)
-
-
-def _push(worker: int, grads: dict[str, torch.Tensor], computed_on: int, stats: dict) -> bool:
-    return _SERVER.push(worker, grads, computed_on, stats)
-
-
-def _finished(worker: int) -> None:
-    _SERVER.finish(worker)
-
-
-def _read_shard() -> dict[str, torch.Tensor]:
-    with _SERVER.lock:
-        return {n: p.detach().clone() for n, p in _SERVER.params.items()}
-
-
-def _clock(worker: int) -> int:
-    return _SERVER.clock[worker]
-
-
-def _save_shard(path: str) -> None:
-    torch.save(_SERVER.state_dict(), path)
-
-
-def _stop_at(updates: int) -> None:
-    _SERVER.stop_at(updates)
-
-
-def _release() -> None:
-    _SERVER.released.set()
+def clip_(grads: list[torch.Tensor], max_norm: float) -> None:
+    """Scale ``grads`` in place to a total 2-norm of at most ``max_norm`` (``clip_grad_norm_``'s arithmetic, on
+    gradient tensors rather than parameters: the fp32 sums of a bf16 model have no parameter of their dtype)."""
+    total = torch.nn.utils.get_total_norm(grads)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef)
 
 
 class AsyncPSTrainer:
     def __init__(self, cfg: TrainConfig) -> None:
-        global _SERVER
         self.cfg = cfg
         # 1. Roles from the launcher's environment: servers first, then workers.
         rank, local_rank, world, local_world = launcher_vars()
@@ -95,44 +83,35 @@ class AsyncPSTrainer:
         self._signals = StopSignals(listen=rank == 0).install()
         self.worker = rank - self.num_servers
         if not self.is_server and torch.cuda.is_available():
-            self.env = dataclasses.replace(self.env, device=torch.device("cuda", local_rank))
+            self.env = DistEnv(rank, local_rank, world, local_world, torch.device("cuda", local_rank), "tensorpipe")
+        self.dtype = torch_dtype(cfg.precision)
+        """Workers compute, and pulls and pushes travel, in this dtype; servers keep fp32 masters."""
         torch.set_num_threads(max(1, torch.get_num_threads() // max(1, local_world)))
         # 2. Run folder and data: rank 0 prepares the dataset if needed, the others wait for it.
-        self.run_dir = Path(cfg.run.dir).expanduser().resolve()
-        self.data = self._open_data(rank)
+        self.run = RunDir.of(cfg.run.dir)
+        if rank == 0:
+            self.run.path.mkdir(parents=True, exist_ok=True)
+        self.data = setup.open_data(cfg.data, rank == 0)
         # 3. The model, identical on every process (same seed); its tensors split among the servers.
-        self.model_cfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or self.data.vocab_size)
+        self.model_cfg = setup.model_config(cfg, self.data)
+        resolved = setup.resolved_config(cfg, self.model_cfg)
+        self.resolved = resolved
+        self.config_yaml = setup.write_run_config(self.run, resolved) if rank == 0 else ""
         torch.manual_seed(cfg.train.seed)
-        self._model = build_model(self.model_cfg)
+        self._model = build_model(self.model_cfg, cfg.dist.activation_checkpointing)
         self.start_step = 0
         sizes = [(n, p.numel()) for n, p in self._model.named_parameters()]  # a tied weight appears once
         self.shards = shard_names(sizes, self.num_servers)
         # 4. Servers hold their shard before anyone can call them; then all join the RPC group.
         if self.is_server:
             params = dict(self._model.named_parameters())
-            _SERVER = ParameterServer({n: params[n] for n in self.shards[rank]}, cfg.optim, cfg.train.max_steps,
-                                      self.num_workers, cfg.ps.staleness_lr, cfg.ps.max_staleness, cfg.ps.timeout_s,
-                                      cfg.train.stop_at_step)
+            calls.install(ParameterServer({n: params[n] for n in self.shards[rank]}, cfg.optim, cfg.train.max_steps,
+                                          self.num_workers, cfg.ps.staleness_lr, cfg.ps.max_staleness,
+                                          cfg.ps.timeout_s, cfg.train.stop_at_step, wire_dtype=self.dtype))
             self._resume_server(rank)
+            self._model.to(self.dtype)  # server 0 evaluates in the workers' precision, as sync mode does
         options = rpc.TensorPipeRpcBackendOptions(init_method="env://", rpc_timeout=cfg.ps.timeout_s)
         rpc.init_rpc(self.name(rank), rank=rank, world_size=world, rpc_backend_options=options)
-
-    def _open_data(self, rank: int):
-        from llmtrain.data.reader import PreparedData
-        from llmtrain.data.shards import read_meta
-
-        if rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if read_meta(self.cfg.data.dir) is None:
-                from llmtrain.data.prepare import prepare
-
-                prepare(self.cfg.data)
-        deadline = time.time() + 600
-        while read_meta(self.cfg.data.dir) is None:  # there is no process group to wait on yet
-            if time.time() > deadline:
-                raise UserError(f"data.dir={self.cfg.data.dir} was not prepared within 10 minutes")
-            time.sleep(1)
-        return PreparedData(self.cfg.data.dir)
 
     def name(self, rank: int) -> str:
         return f"ps{rank}" if rank < self.num_servers else f"worker{rank - self.num_servers}"
@@ -156,19 +135,19 @@ class AsyncPSTrainer:
                             f"ps.timeout_s={self.cfg.ps.timeout_s} s ({first}); stopping") from None
 
     def _work(self) -> TrainResult:
-        cfg, model = self.cfg.train, self._model.to(self.env.device)
+        cfg, model = self.cfg.train, self._model.to(self.env.device, self.dtype)
         reader = self.data.train_reader(self.model_cfg.block_size, cfg.seed, self.worker, self.num_workers,
                                         cfg.subset_tokens)
         micro_steps = cfg.global_batch_size // self.num_workers // cfg.micro_batch_size
         # A resumed run continues this worker's data where its last applied update left it.
-        done = self._call(0, rpc.rpc_async(self.name(0), _clock, args=(self.worker,)))
+        done = self._call(0, rpc.rpc_async(self.name(0), calls.clock, args=(self.worker,)))
         reader.consumed_samples = done * micro_steps * self.num_workers * cfg.micro_batch_size
         params = dict(model.named_parameters())
         servers = range(self.num_servers)
         result, going, push_s = TrainResult(), True, 0.0
         while going:
             start = time.perf_counter()
-            pulled = [rpc.rpc_async(self.name(i), _pull, args=(self.worker,)) for i in servers]
+            pulled = [rpc.rpc_async(self.name(i), calls.pull, args=(self.worker,)) for i in servers]
             versions, pulled_bytes = [], 0
             with torch.no_grad():
                 for i, fut in zip(servers, pulled, strict=True):
@@ -179,46 +158,48 @@ class AsyncPSTrainer:
                         pulled_bytes += tensor.numel() * tensor.element_size()
             pull_s = time.perf_counter() - start
             model.zero_grad(set_to_none=True)
-            losses = []
+            losses, grad = [], {}
             for _ in range(micro_steps):
                 x, y = reader.next_batch(cfg.micro_batch_size)
                 _, loss = model(x.to(self.env.device), y.to(self.env.device))
                 (loss / micro_steps).backward()
                 losses.append(loss.item())
+                accumulate_fp32(params, grad)
             if self.cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.optim.grad_clip)
+                clip_(list(grad.values()), self.cfg.optim.grad_clip)
             start = time.perf_counter()
-            grads = [{n: params[n].grad.cpu() for n in shard} for shard in self.shards]
+            wire = {n: g.to("cpu", self.dtype) for n, g in grad.items()}  # pushed in the compute dtype
+            grads = [{n: wire[n] for n in shard} for shard in self.shards]
             pushed_bytes = sum(g.numel() * g.element_size() for shard in grads for g in shard.values())
             stats = {"loss": float(np.mean(losses)), "pull_s": pull_s, "push_s": push_s,
                      "bytes": pulled_bytes + pushed_bytes}
-            pushed = [rpc.rpc_async(self.name(i), _push, args=(self.worker, grads[i], versions[i], stats))
+            pushed = [rpc.rpc_async(self.name(i), calls.push, args=(self.worker, grads[i], versions[i], stats))
                       for i in servers]
             going = all([self._call(i, fut) for i, fut in zip(servers, pushed, strict=True)])
             push_s = time.perf_counter() - start  # reported with the next push
             result.steps += 1
         for i in servers:
-            rpc.rpc_sync(self.name(i), _finished, args=(self.worker,))
+            rpc.rpc_sync(self.name(i), calls.finished, args=(self.worker,))
         return result
 
     def _serve(self) -> TrainResult:
         if self.env.rank == 0:
             return self._serve_and_report()
-        _SERVER.released.wait()  # server 0 still reads this shard for the final evaluation and model
+        calls.server().released.wait()  # server 0 still reads this shard for the final evaluation and model
         return TrainResult()
 
     def _serve_and_report(self) -> TrainResult:
         """Server 0: apply updates (on RPC threads) while this thread logs metrics and evaluates."""
         cfg = self.cfg.train
-        resolved = to_plain(dataclasses.replace(self.cfg, model=self.model_cfg))
-        metrics = MetricsLogger(self.run_dir, True, self.cfg.wandb, resolved, cfg.max_steps, self.start_step)
-        clear_preempted(self.run_dir)
-        result = TrainResult(unigram_entropy=self._unigram_entropy())
+        server = calls.server()
+        metrics = MetricsLogger(self.run, True, self.cfg.wandb, self.resolved, cfg.max_steps, self.start_step)
+        clear_preempted(self.run)
+        result = TrainResult(unigram_entropy=setup.unigram_entropy(self.data))
         self._lost: list[bool] = []
         seen, step, interval_start = 0, self.start_step, time.time()
         tokens_per_update = cfg.global_batch_size // self.num_workers * self.model_cfg.block_size
         interval: list[dict] = []
-        done = threading.Thread(target=lambda: self._lost.append(not _SERVER.wait_until_done()), daemon=True)
+        done = threading.Thread(target=lambda: self._lost.append(not server.wait_until_done()), daemon=True)
         done.start()
         running, stopping = True, False
         while running:
@@ -227,8 +208,8 @@ class AsyncPSTrainer:
             if self._signals.requested and not stopping:
                 self._stop_soon()
                 stopping = True
-            with _SERVER.lock:
-                new = _SERVER.records[seen:]
+            with server.lock:
+                new = server.records[seen:]
             for record in new:  # W updates make one step (as many tokens as one synchronous step)
                 seen += 1
                 interval.append(record)
@@ -249,7 +230,7 @@ class AsyncPSTrainer:
                     self._save_checkpoint(step, step * self.num_workers * tokens_per_update)
         if self._lost[0]:
             log.warning("%d worker(s) were lost (silent for more than ps.timeout_s=%d s); the others finished "
-                        "the run", len(_SERVER.clock) - len(_SERVER.finished), self.cfg.ps.timeout_s)
+                        "the run", len(server.clock) - len(server.finished), self.cfg.ps.timeout_s)
         result.steps, result.stopped_early = step, step < cfg.max_steps
         if not result.stopped_early:
             result.val_loss = self.evaluate()
@@ -258,10 +239,10 @@ class AsyncPSTrainer:
         metrics.close()
         self._save_checkpoint(step, step * self.num_workers * tokens_per_update)
         if stopping and result.stopped_early:
-            mark_preempted(self.run_dir, step, self._signals.requested)
+            mark_preempted(self.run, step, self._signals.requested)
         for i in range(1, self.num_servers):
             try:
-                rpc.rpc_sync(self.name(i), _release)
+                rpc.rpc_sync(self.name(i), calls.release)
             except RuntimeError:  # the released server may leave before its answer arrives: nothing is lost
                 pass
         return result
@@ -269,11 +250,11 @@ class AsyncPSTrainer:
     def _stop_soon(self) -> None:
         """End the run at a step boundary every server can still reach: pushes in flight put another server at
         most one update per worker ahead of this one, so two steps from here is safe."""
-        steps_done = _SERVER.version // self.num_workers
+        steps_done = calls.server().version // self.num_workers
         updates = (steps_done + 2) * self.num_workers
         log.info("stopping at step %d (a stop signal arrived); then a checkpoint", steps_done + 2)
         for i in range(self.num_servers):
-            _stop_at(updates) if i == 0 else rpc.rpc_sync(self.name(i), _stop_at, args=(updates,))
+            calls.stop_at(updates) if i == 0 else rpc.rpc_sync(self.name(i), calls.stop_at, args=(updates,))
 
     def _log(self, metrics: MetricsLogger, step: int, records: list[dict], tokens_per_update: int,
              seconds: float) -> None:
@@ -296,10 +277,10 @@ class AsyncPSTrainer:
 
     # -- the whole model, on server 0 ------------------------------------------------------------------------
     def gather_state(self) -> dict[str, torch.Tensor]:
-        """Every shard's current tensors (this server's directly, the others' by RPC)."""
+        """Every shard's fp32 master weights (this server's directly, the others' by RPC)."""
         state = {}
         for i in range(self.num_servers):
-            state.update(_read_shard() if i == 0 else rpc.rpc_sync(self.name(i), _read_shard))
+            state.update(calls.read_shard() if i == 0 else rpc.rpc_sync(self.name(i), calls.read_shard))
         return state
 
     def evaluate(self) -> float:
@@ -311,11 +292,6 @@ class AsyncPSTrainer:
         model.train()
         return loss
 
-    def _unigram_entropy(self) -> float:
-        from llmtrain.data.reader import unigram_entropy
-
-        return unigram_entropy(self.data.split("val"), self.data.vocab_size)
-
     def _save_checkpoint(self, step: int, tokens_seen: int) -> None:
         """A complete checkpoint folder: every server's shard state (to resume) and the whole model in the
         consolidated format (so llmtrain-generate / -export / -eval read it like any other); marked complete
@@ -324,45 +300,37 @@ class AsyncPSTrainer:
 
         from llmtrain.export.consolidate import TrainedModel, save_consolidated
 
-        folder = self.run_dir / "checkpoints" / f"step_{step:08d}"
+        folder = self.run.checkpoint(step)
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         for i in range(self.num_servers):
             path = str(folder / f"ps{i}.pt")
-            _save_shard(path) if i == 0 else rpc.rpc_sync(self.name(i), _save_shard, args=(path,))
+            calls.save_shard(path) if i == 0 else rpc.rpc_sync(self.name(i), calls.save_shard, args=(path,))
         trained = TrainedModel(self.model_cfg, self.gather_state(), self.data.tokenizer(), folder, step, tokens_seen)
         save_consolidated(trained, folder)
-        resolved = to_plain(dataclasses.replace(self.cfg, model=self.model_cfg))
-        (folder / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-        marker = {"step": step, "world_size": self.env.world_size, "mode": "async_ps",
+        state = setup.client_state(step, tokens_seen, self.data, self.model_cfg, self.cfg.train.seed)
+        marker = {"step": step, "mode": Mode.async_ps.value, "world_size": self.env.world_size,
                   "num_servers": self.num_servers, "num_workers": self.num_workers, "zero_stage": None}
-        (folder / MARKER).write_text(json.dumps(marker))
-        complete = sorted(complete_checkpoints(self.run_dir / "checkpoints"))
-        for _, old in complete[: max(0, len(complete) - self.cfg.train.keep_checkpoints)]:
-            shutil.rmtree(old, ignore_errors=True)
+        finish_checkpoint(folder, self.config_yaml, state, marker)
+        self.run.prune(self.cfg.train.keep_checkpoints, folder)
         log.info("checkpoint (step %d) in %s", step, folder)
 
     def _resume_server(self, rank: int) -> None:
         """Continue from the run's newest complete checkpoint: this server's shard, optimizer and counters."""
-        complete = complete_checkpoints(self.run_dir / "checkpoints") if self.cfg.run.resume else []
-        if not complete:
+        folder = self.run.newest() if self.cfg.run.resume else None
+        if folder is None:
             return
-        step, folder = max(complete)
-        marker = json.loads((folder / MARKER).read_text())
-        if marker.get("mode") != "async_ps":
-            raise UserError(f"{folder} was saved by mode={marker.get('mode', 'sync')}; resume it with that mode "
-                            "or start a new run.dir")
+        state = setup.check_resumable(folder, Mode.async_ps, self.data, self.model_cfg)
+        marker = read_marker(folder)
         if (marker["num_servers"], marker["num_workers"]) != (self.num_servers, self.num_workers):
             raise UserError(f"{folder} was saved by {marker['num_servers']} server(s) and {marker['num_workers']}"
                             f" worker(s); resume with the same (this run has {self.num_servers} and "
                             f"{self.num_workers}) or start a new run.dir")
-        saved = json.loads((folder / "config.json").read_text())
-        if saved["tokenizer_sha256"] != self.data.tokenizer_fingerprint or saved["model"] != to_plain(self.model_cfg):
-            raise UserError(f"the checkpoint in {self.run_dir} has another model or tokenizer; use a new run.dir")
         try:
-            _SERVER.load_state_dict(torch.load(folder / f"ps{rank}.pt", map_location="cpu", weights_only=False))
+            saved = torch.load(folder / f"ps{rank}.pt", map_location="cpu", weights_only=False)
+            calls.server().load_state_dict(saved)
         except (OSError, RuntimeError, KeyError, EOFError) as exc:
             raise UserError(f"checkpoint {folder} could not be loaded ({str(exc)[:160]}); it may be corrupt") from None
-        self.start_step = step
+        self.start_step = state["step"]
         if rank == 0:
-            log.info("resumed from %s (step %d)", folder, step)
+            log.info("resumed from %s (step %d)", folder, self.start_step)

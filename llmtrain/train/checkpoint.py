@@ -1,12 +1,22 @@
-"""Checkpoints through DeepSpeed, made complete-or-invisible, with the client state to continue exactly.
+"""The run folder's layout, owned here, and checkpoints through DeepSpeed, complete-or-invisible.
 
-Layout: ``<run.dir>/checkpoints/step_00000100/`` holds DeepSpeed's files (one per rank and ZeRO shard), the
-resolved ``config.yaml``, a copy of the tokenizer (so a checkpoint is self-contained for generation and export),
-and ``COMPLETE.json`` -- written by rank 0 only after every rank has saved. Auto-
-resume picks the newest folder that has the marker, so a save killed half-way is never picked up.
+Every module asks ``RunDir`` (and the functions below) for the names and paths of a run: no other module spells
+them. Layout of ``<run.dir>``:
 
-A run resumed on another number of data-parallel ranks: ZeRO 0 loads directly (nothing is sharded); ZeRO 1/2/3
-checkpoints are converted once to DeepSpeed's *universal* format (``deepspeed.checkpoint.ds_to_universal``),
+    config.yaml                 the resolved config of the latest start
+    metrics.jsonl               one JSON row per log step / evaluation (rank 0, or parameter server 0)
+    wandb_id.txt                the wandb run id, so an auto-resume continues the same wandb run
+    PREEMPTED                   left by a run that stopped on a signal with a checkpoint (see preemption.py)
+    checkpoints/step_00000100/  one checkpoint: the mode's tensor files (DeepSpeed's files for sync; each
+                                server's shard and the consolidated model for async_ps), the resolved
+                                ``config.yaml``, llmtrain's own state ``llmtrain_state.json`` (step, tokens,
+                                tokenizer fingerprint, model config, data position), a copy of the tokenizer
+                                (so a checkpoint stands on its own), and ``COMPLETE.json`` -- written last,
+                                atomically, once every file is in place. Auto-resume picks the newest folder that
+                                has the marker, so a save killed half-way is never picked up.
+
+A sync run resumed on another number of data-parallel ranks: ZeRO 0 loads directly (nothing is sharded); ZeRO
+1/2/3 checkpoints are converted once to DeepSpeed's *universal* format (``deepspeed.checkpoint.ds_to_universal``),
 which any world size can load.
 """
 
@@ -19,6 +29,7 @@ import os
 import shutil
 import sys
 from argparse import Namespace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +40,7 @@ from llmtrain.errors import UserError
 log = logging.getLogger("llmtrain")
 MARKER = "COMPLETE.json"
 STATE = "llmtrain_state.json"
+CONFIG = "config.yaml"
 UNIVERSAL = "universal"
 
 
@@ -50,62 +62,119 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def is_checkpoint_folder(path: Path) -> bool:
+    """A checkpoint folder, complete or not (an incomplete one has files but no marker yet)."""
+    return path.name.startswith("step_") or (path / MARKER).exists() or (path / STATE).exists()
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """One run's folder: every path in it comes from here."""
+
+    path: Path
+
+    @classmethod
+    def of(cls, path: str | Path) -> RunDir:
+        """The same absolute path on every rank (it comes from the config, never from a clock)."""
+        return cls(Path(path).expanduser().resolve())
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def wandb_id(self) -> Path:
+        return self.path / "wandb_id.txt"
+
+    @property
+    def preempted(self) -> Path:
+        return self.path / "PREEMPTED"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / tag_of(step)
+
+    def complete(self) -> list[tuple[int, Path]]:
+        """(step, folder) of every complete checkpoint, oldest first."""
+        return complete_checkpoints(self.checkpoints)
+
+    def newest(self) -> Path | None:
+        """The newest complete checkpoint, if any."""
+        found = self.complete()
+        return found[-1][1] if found else None
+
+    def prune(self, keep: int, current: Path) -> None:
+        """Keep the newest ``keep`` complete checkpoints and ``current``; remove every other step folder (older
+        ones, and half-written saves of killed runs)."""
+        kept = {folder.name for _, folder in self.complete()[-keep:]} | {current.name}
+        for folder in self.checkpoints.glob("step_*"):
+            if folder.name not in kept:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def finish_checkpoint(folder: Path, config_yaml: str, state: dict[str, Any], marker: dict[str, Any],
+                      attachments: dict[str, Path] | None = None) -> None:
+    """After every tensor file of ``folder`` is written (one process): llmtrain's own files, then the marker,
+    written to a temporary name and renamed so that it appears whole or not at all."""
+    (folder / CONFIG).write_text(config_yaml)
+    (folder / STATE).write_text(json.dumps(state, indent=1))
+    for name, source in (attachments or {}).items():
+        shutil.copyfile(source, folder / name)
+    tmp = folder / (MARKER + ".tmp")
+    tmp.write_text(json.dumps(marker))
+    os.replace(tmp, folder / MARKER)
+
+
+def read_marker(folder: Path) -> dict[str, Any]:
+    """The completion marker of ``folder``; ``mode`` is "sync" for checkpoints written before it was recorded."""
+    return {"mode": "sync", **json.loads((folder / MARKER).read_text())}
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    """llmtrain's own state in a complete checkpoint (JSON, readable without loading any tensor)."""
+    try:
+        return json.loads((folder / STATE).read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"checkpoint {folder} is corrupt ({STATE}: {exc}); remove it to resume from an "
+                        "older one") from None
+
+
 class Checkpointer:
-    def __init__(self, run_dir: Path, rank: int, world_size: int, zero_stage: int, keep: int,
+    """The synchronous mode's checkpoints (collective save and load of a DeepSpeed engine)."""
+
+    def __init__(self, run: RunDir, rank: int, world_size: int, zero_stage: int, keep: int,
                  attachments: dict[str, Path] | None = None) -> None:
-        self.root = run_dir / "checkpoints"
+        self.run, self.root = run, run.checkpoints
         self.rank, self.world_size, self.zero_stage, self.keep = rank, world_size, zero_stage, keep
         self.attachments = attachments or {}
         """Files copied into every checkpoint by rank 0, by their name there (the tokenizer)."""
 
-    def complete(self) -> list[tuple[int, Path]]:
-        """(step, folder) of every complete checkpoint, oldest first."""
-        return complete_checkpoints(self.root)
-
     def save(self, engine, step: int, state: dict[str, Any], config_yaml: str) -> Path:
         """Collective: every rank writes its part; rank 0 then writes llmtrain's own state (JSON, readable
         without loading any tensor), marks the folder complete and prunes old ones."""
-        tag = tag_of(step)
-        folder = self.root / tag
+        folder = self.run.checkpoint(step)
         if self.rank == 0 and folder.exists():  # a half-written save of the same step from a killed run
             shutil.rmtree(folder)
         dist.barrier()
-        engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
+        engine.save_checkpoint(str(self.root), tag=folder.name, save_latest=False)
         dist.barrier()
         if self.rank == 0:
-            (folder / "config.yaml").write_text(config_yaml)
-            (folder / STATE).write_text(json.dumps(state, indent=1))
-            for name, source in self.attachments.items():
-                shutil.copyfile(source, folder / name)
-            meta = {"step": step, "world_size": self.world_size, "zero_stage": self.zero_stage}
-            tmp = folder / (MARKER + ".tmp")
-            tmp.write_text(json.dumps(meta))
-            os.replace(tmp, folder / MARKER)
-            self._prune(keep_tag=tag)
+            marker = {"step": step, "mode": "sync", "world_size": self.world_size, "zero_stage": self.zero_stage}
+            finish_checkpoint(folder, config_yaml, state, marker, self.attachments)
+            self.run.prune(self.keep, folder)
         dist.barrier()
         return folder
 
-    def _prune(self, keep_tag: str) -> None:
-        keep = {folder.name for _, folder in self.complete()[-self.keep:]} | {keep_tag}
-        for folder in self.root.glob("step_*"):
-            if folder.name not in keep:
-                shutil.rmtree(folder, ignore_errors=True)
-
-    def latest_state(self) -> tuple[Path, dict[str, Any]] | None:
-        """The newest complete checkpoint and llmtrain's state in it (step, reader, tokenizer, model), unloaded."""
-        found = self.complete()
-        if not found:
-            return None
-        folder = found[-1][1]
-        try:
-            return folder, json.loads((folder / STATE).read_text())
-        except (OSError, ValueError) as exc:
-            raise UserError(f"checkpoint {folder} is corrupt ({STATE}: {exc}); remove it to resume from an "
-                            "older one") from None
-
     def load(self, engine, folder: Path) -> None:
         """Load the weights and optimizer state of ``folder`` into ``engine`` (collective)."""
-        saved = json.loads((folder / MARKER).read_text())
+        saved = read_marker(folder)
         step = int(saved["step"])
         if saved["zero_stage"] != self.zero_stage:
             raise UserError(f"{folder} was saved with dist.zero_stage={saved['zero_stage']}, this run has "

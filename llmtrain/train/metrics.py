@@ -11,13 +11,13 @@ import logging
 import resource
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from llmtrain.config import WandbConfig, WandbMode
+from llmtrain.train.checkpoint import RunDir
 
 log = logging.getLogger("llmtrain")
 
@@ -70,27 +70,27 @@ def peak_memory_gb(device: torch.device) -> float:
 class MetricsLogger:
     """Writes on rank 0 only; every other rank gets a logger that does nothing."""
 
-    def __init__(self, run_dir: Path, enabled: bool, wandb_cfg: WandbConfig, config: dict[str, Any],
+    def __init__(self, run: RunDir, enabled: bool, wandb_cfg: WandbConfig, config: dict[str, Any],
                  total_steps: int, start_step: int) -> None:
         self.enabled = enabled
         self.wandb = None
         self.bar = None
         if not enabled:
             return
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run.metrics
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
         if wandb_cfg.mode != WandbMode.disabled:
-            self.wandb = self._start_wandb(run_dir, wandb_cfg, config)
+            self.wandb = self._start_wandb(run, wandb_cfg, config)
 
     @staticmethod
-    def _start_wandb(run_dir: Path, cfg: WandbConfig, config: dict[str, Any]):
+    def _start_wandb(run: RunDir, cfg: WandbConfig, config: dict[str, Any]):
         import wandb
 
-        id_file = run_dir / "wandb_id.txt"  # the same wandb run continues after an auto-resume
+        id_file = run.wandb_id  # the same wandb run continues after an auto-resume
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id)
-        return wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or run_dir.name, group=cfg.group,
-                          id=run_id, resume="allow", dir=str(run_dir), mode=cfg.mode.value, config=config)
+        return wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or run.path.name, group=cfg.group,
+                          id=run_id, resume="allow", dir=str(run.path), mode=cfg.mode.value, config=config)
 
     def log(self, step: int, row: dict[str, Any]) -> None:
         if not self.enabled:

@@ -1,26 +1,36 @@
-"""Optimizers (AdamW, SGD with momentum), weight-decay groups and the learning-rate schedule."""
+"""Optimizers (AdamW, SGD with momentum), weight-decay groups and the learning-rate schedule: the one factory that
+the synchronous engine (DeepSpeed wraps what ``build_optimizer`` returns) and each parameter server use.
+
+The group-order contract: ``param_groups`` always returns exactly two groups, ``[decay, no_decay]``, each in
+the order the parameters were given (a model's ``parameters()`` order; a tied weight once). Both groups are
+present even when one is empty. DeepSpeed keeps its fp32 master copies per optimizer group in this order, and
+``llmtrain.export.consolidate`` maps them back to parameter names by rebuilding these groups from the model.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
-from torch import nn
 
 from llmtrain.config import Decay, OptimConfig, OptimizerName
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices and embeddings (dim >= 2); never norms or biases (dim < 2). Tied weights appear once."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def param_groups(params: Iterable[torch.Tensor], weight_decay: float) -> list[dict]:
+    """[decay, no_decay]: decay matrices and embeddings (dim >= 2); never norms or biases (dim < 2). Order as given
+    (see the contract above)."""
+    params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(cfg: OptimConfig, model: nn.Module, offload: bool, device: torch.device) -> torch.optim.Optimizer:
-    """The optimizer DeepSpeed will wrap: DeepSpeed's CPU Adam when offloaded, PyTorch's fused/foreach otherwise."""
-    groups = param_groups(model, cfg.weight_decay)
+def build_optimizer(cfg: OptimConfig, params: Iterable[torch.Tensor], offload: bool,
+                    device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer over ``params`` (a model's ``parameters()``, or a parameter server's shard): DeepSpeed's CPU
+    Adam when offloaded, PyTorch's fused (CUDA) or foreach (CPU) AdamW otherwise, or SGD with momentum."""
+    groups = param_groups(params, cfg.weight_decay)
     if cfg.name == OptimizerName.sgd:
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     if offload:

@@ -1,7 +1,8 @@
 """Stop requests: Slurm's pre-emption warning (``--signal=USR1@<s>``), ``scancel --signal=USR1``, a time limit's
 SIGTERM. The trainer saves a complete checkpoint at the end of the current step and stops; it then leaves a
-``PREEMPTED`` file in the run folder, which tells a launcher (``slurm/*.sbatch``) to requeue the job -- the
-requeued job auto-resumes. A run that finishes, or stops for any other reason, leaves no such file.
+``PREEMPTED`` file in the run folder (``RunDir.preempted``), which tells a launcher (``slurm/*.sbatch``) to
+requeue the job -- the requeued job auto-resumes. A run that finishes, or stops for any other reason, leaves
+no such file.
 """
 
 from __future__ import annotations
@@ -9,12 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import signal
-from pathlib import Path
 from types import FrameType, TracebackType
+
+from llmtrain.train.checkpoint import RunDir
 
 log = logging.getLogger("llmtrain")
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-PREEMPTED = "PREEMPTED"
 
 
 class StopSignals:
@@ -56,11 +57,11 @@ class StopSignals:
         self.restore()
 
 
-def mark_preempted(run_dir: Path, step: int, signum: int) -> None:
+def mark_preempted(run: RunDir, step: int, signum: int) -> None:
     """Say that the run stopped on a signal at ``step`` with a checkpoint, and wants to continue."""
     name = signal.Signals(signum).name if signum else "a stop request"
-    (run_dir / PREEMPTED).write_text(json.dumps({"step": step, "signal": name}) + "\n")
+    run.preempted.write_text(json.dumps({"step": step, "signal": name}) + "\n")
 
 
-def clear_preempted(run_dir: Path) -> None:
-    (run_dir / PREEMPTED).unlink(missing_ok=True)
+def clear_preempted(run: RunDir) -> None:
+    run.preempted.unlink(missing_ok=True)

@@ -10,47 +10,30 @@ loop. Alternative training modes subclass ``Trainer`` rather than branching insi
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import yaml
 
-from llmtrain.config import Precision, TrainConfig, to_plain
+from llmtrain.config import Precision, TrainConfig
 from llmtrain.data.shards import TOKENIZER_FILE
-from llmtrain.dist.deepspeed import build_ds_config, initialize
-from llmtrain.dist.env import DistEnv, init_distributed
+from llmtrain.distributed.deepspeed import build_ds_config, initialize
+from llmtrain.distributed.env import DistEnv, init_distributed
+from llmtrain.dtypes import torch_dtype
 from llmtrain.errors import UserError
 from llmtrain.model import build_model
-from llmtrain.train.checkpoint import Checkpointer
+from llmtrain.train import setup
+from llmtrain.train.checkpoint import Checkpointer, RunDir
 from llmtrain.train.metrics import MetricsLogger, peak_flops, peak_memory_gb
 from llmtrain.train.optim import build_optimizer, lr_at, set_lr
 from llmtrain.train.preemption import StopSignals, clear_preempted, mark_preempted
+from llmtrain.train.setup import TrainResult
 
 log = logging.getLogger("llmtrain")
-# Model fields that may change between a checkpoint and its resumption (they change no tensor shape).
-RESUMABLE_MODEL_CHANGES = ("name", "dropout")
-DTYPES = {Precision.fp32: torch.float32, Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}
-
-
-@dataclass
-class TrainResult:
-    """What ``fit`` returns: per-step losses of this invocation and the final validation numbers."""
-
-    losses: dict[int, float] = field(default_factory=dict)
-    val_loss: float = float("nan")
-    val_ppl: float = float("nan")
-    unigram_entropy: float = float("nan")
-    steps: int = 0
-    skipped_steps: int = 0
-    stopped_early: bool = False
 
 
 class Trainer:
@@ -61,25 +44,22 @@ class Trainer:
         self.signals = StopSignals().install()  # a stop request during set-up is kept for the first step
         self._check_hardware()
         # 2. The run folder, the same path on every rank (it comes from the config, never from a clock).
-        self.run_dir = Path(cfg.run.dir).expanduser().resolve()
+        self.run = RunDir.of(cfg.run.dir)
+        self.run_dir = self.run.path
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         # 3. Data: prepared by rank 0 when data.dir holds none yet; then opened by all.
-        self.data = self._open_data()
+        self.data = setup.open_data(cfg.data, self.env.is_main, dist.barrier)
         # 4. Model: vocabulary from the dataset, identical initial weights on every rank (same seed).
-        self.model_cfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or self.data.vocab_size)
-        if self.model_cfg.vocab_size != self.data.vocab_size:
-            raise UserError(f"model.vocab_size={self.model_cfg.vocab_size} but the tokenizer of {cfg.data.dir} has "
-                            f"{self.data.vocab_size} tokens; leave model.vocab_size=0 to take it from the data")
+        self.model_cfg = setup.model_config(cfg, self.data)
         torch.manual_seed(cfg.train.seed)
-        model = build_model(self.model_cfg)
-        model.activation_checkpointing = cfg.dist.activation_checkpointing
+        model = build_model(self.model_cfg, cfg.dist.activation_checkpointing)
         self.num_params = model.num_params()
         self.flops_per_token = model.flops_per_token()
         # 5. Optimizer and the DeepSpeed engine (ZeRO stage, precision, accumulation, clipping).
         self.ds_config = build_ds_config(cfg, self.env.world_size)
         self.grad_accum = self.ds_config["gradient_accumulation_steps"]
-        optimizer = build_optimizer(cfg.optim, model, cfg.dist.offload_optimizer, self.env.device)
+        optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.dist.offload_optimizer, self.env.device)
         self.engine = initialize(model, optimizer, self.ds_config)
         # 6. Data readers: this rank's training windows; the fixed validation set.
         block = self.model_cfg.block_size
@@ -88,18 +68,16 @@ class Trainer:
         self.val = self.data.val_windows(block, cfg.train.eval_windows)
         # 7. Checkpoints, and auto-resume from the newest complete one.
         tokenizer_copy = {TOKENIZER_FILE: self.data.folder / TOKENIZER_FILE}  # checkpoints stand on their own
-        self.checkpointer = Checkpointer(self.run_dir, self.env.rank, self.env.world_size, cfg.dist.zero_stage,
+        self.checkpointer = Checkpointer(self.run, self.env.rank, self.env.world_size, cfg.dist.zero_stage,
                                          cfg.train.keep_checkpoints, tokenizer_copy)
         self.step, self.tokens_seen, self.skipped_steps = 0, 0, 0
         if cfg.run.resume:
             self._resume()
-        resolved = to_plain(dataclasses.replace(cfg, model=self.model_cfg))  # vocab_size filled in
-        self.config_yaml = yaml.safe_dump(resolved, sort_keys=False)
-        if self.env.is_main:
-            (self.run_dir / "config.yaml").write_text(self.config_yaml)
+        resolved = setup.resolved_config(cfg, self.model_cfg)
+        self.config_yaml = setup.write_run_config(self.run, resolved) if self.env.is_main else ""
         # 8. Metrics (rank 0 writes), with the peak FLOP/s that MFU is measured against.
-        self.peak_flops, peak_source = peak_flops(self.env.device, DTYPES[cfg.precision])
-        self.metrics = MetricsLogger(self.run_dir, self.env.is_main, cfg.wandb, resolved, cfg.train.max_steps,
+        self.peak_flops, peak_source = peak_flops(self.env.device, torch_dtype(cfg.precision))
+        self.metrics = MetricsLogger(self.run, self.env.is_main, cfg.wandb, resolved, cfg.train.max_steps,
                                      self.step)
         if self.env.is_main:
             log.info("model %s: %.2fM parameters (non-embedding), %.3g FLOPs/token; ZeRO-%d, %s, %d rank(s) on %s, "
@@ -113,40 +91,16 @@ class Trainer:
         if self.cfg.precision == Precision.fp16 and self.env.device.type != "cuda":
             raise UserError("precision=fp16 needs a CUDA GPU; on CPU use precision=bf16 or precision=fp32")
 
-    def _open_data(self):
-        from llmtrain.data.reader import PreparedData
-        from llmtrain.data.shards import read_meta
-
-        if self.env.is_main and read_meta(self.cfg.data.dir) is None:
-            from llmtrain.data.prepare import prepare
-
-            log.info("%s holds no prepared dataset: preparing it first (data=%s)", self.cfg.data.dir,
-                     self.cfg.data.source.value)
-            prepare(self.cfg.data)
-        dist.barrier()
-        return PreparedData(self.cfg.data.dir)
-
     def _client_state(self) -> dict[str, Any]:
         """What continues a run exactly besides DeepSpeed's tensors. No RNG state: see train_step."""
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
-                "reader": self.reader.state_dict(), "tokenizer_sha256": self.data.tokenizer_fingerprint,
-                "model": to_plain(self.model_cfg), "seed": self.cfg.train.seed}
+        return setup.client_state(self.step, self.tokens_seen, self.data, self.model_cfg, self.cfg.train.seed,
+                                  skipped_steps=self.skipped_steps, reader=self.reader.state_dict())
 
     def _resume(self) -> None:
-        latest = self.checkpointer.latest_state()
-        if latest is None:
+        folder = self.run.newest()
+        if folder is None:
             return
-        folder, client = latest
-        if client["tokenizer_sha256"] != self.data.tokenizer_fingerprint:
-            raise UserError(f"the checkpoint in {self.run_dir} was trained with another tokenizer (sha256 "
-                            f"{client['tokenizer_sha256'][:12]}, data.dir has {self.data.tokenizer_fingerprint[:12]}); "
-                            "use the same data.dir or a new run.dir")
-        mine = to_plain(self.model_cfg)
-        changed = [f"{k}: {v} -> {mine[k]}" for k, v in client["model"].items()
-                   if k not in RESUMABLE_MODEL_CHANGES and mine.get(k) != v]
-        if changed:
-            raise UserError(f"the checkpoint in {self.run_dir} has another model shape ({', '.join(changed)}); "
-                            "use a new run.dir")
+        client = setup.check_resumable(folder, self.cfg.mode, self.data, self.model_cfg)
         self.checkpointer.load(self.engine, folder)  # refused mismatches above never reach DeepSpeed
         self.step, self.tokens_seen = client["step"], client["tokens_seen"]
         self.skipped_steps = client["skipped_steps"]
@@ -154,11 +108,11 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
-        cfg, result = self.cfg.train, TrainResult(unigram_entropy=self.unigram_entropy())
+        cfg, result = self.cfg.train, TrainResult(unigram_entropy=setup.unigram_entropy(self.data))
         tokens_per_step = cfg.global_batch_size * self.model_cfg.block_size
         consecutive_nonfinite, interval_start, interval_steps = 0, time.perf_counter(), 0
         if self.env.is_main:
-            clear_preempted(self.run_dir)
+            clear_preempted(self.run)
         with self.signals as signals, contextlib.closing(self.metrics):
             while self.step < cfg.max_steps:
                 loss, grad_norm, applied = self.train_step()
@@ -194,7 +148,7 @@ class Trainer:
                 if stop and not last:
                     result.stopped_early = True
                     if signum and self.env.is_main:
-                        mark_preempted(self.run_dir, self.step, signum)
+                        mark_preempted(self.run, self.step, signum)
                     log.info("stopped at step %d with a checkpoint; re-run the same command to continue", self.step)
                     break
         result.steps, result.skipped_steps = self.step, self.skipped_steps
@@ -279,12 +233,6 @@ class Trainer:
         dist.all_reduce(totals)
         self.engine.train()
         return (totals[0] / totals[1]).item()
-
-    def unigram_entropy(self) -> float:
-        """Entropy (nats/token) of the validation tokens' own unigram distribution: the loss to beat."""
-        from llmtrain.data.reader import unigram_entropy
-
-        return unigram_entropy(self.data.split("val"), self.data.vocab_size)
 
     def _log_step(self, loss: float, grad_norm: float, tokens_per_s: float, step_time: float) -> None:
         optimizer = self.engine.optimizer

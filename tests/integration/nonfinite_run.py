@@ -67,7 +67,7 @@ def main() -> None:
         "weights_unchanged_by_skips": all(r["unchanged"] for r in record if not r["applied"])
         and not any(r["unchanged"] for r in record if r["applied"]),
         "error": error,
-        "last_checkpoint": trainer.checkpointer.complete()[-1][0],
+        "last_checkpoint": trainer.run.complete()[-1][0],
     }))
 
 

@@ -58,3 +58,49 @@ def test_a_worker_too_far_ahead_waits_for_the_slowest():
     assert not pulled.is_set()  # blocked
     push(ps, 1, 0)
     assert pulled.wait(timeout=5)  # released once the slowest caught up to within the bound
+
+
+def test_bf16_pulls_and_pushes_move_half_the_bytes_and_masters_stay_fp32():
+    adam = OptimConfig(lr=1e-2, warmup_steps=0, decay=Decay.constant, weight_decay=0.0)
+    weights = {"w": torch.randn(4, 8), "b": torch.randn(8)}
+    fp32 = ParameterServer(weights, adam, max_steps=5, num_workers=1, staleness_lr=False)
+    bf16 = ParameterServer(weights, adam, max_steps=5, num_workers=1, staleness_lr=False,
+                           wire_dtype=torch.bfloat16)
+    _, full = fp32.pull(0)
+    _, half = bf16.pull(0)
+    size = lambda tensors: sum(t.numel() * t.element_size() for t in tensors.values())  # noqa: E731
+    assert size(half) * 2 == size(full) and all(t.dtype == torch.bfloat16 for t in half.values())
+    grads = {n: torch.randn_like(t) for n, t in weights.items()}
+    stats = {"loss": 1.0, "pull_s": 0.0, "push_s": 0.0, "bytes": 0}
+    fp32.push(0, {n: g.bfloat16().float() for n, g in grads.items()}, 0, stats)
+    bf16.push(0, {n: g.bfloat16() for n, g in grads.items()}, 0, stats)
+    # the bf16 gradient is applied to fp32 masters in fp32: exactly the fp32 server fed the same values
+    assert all(p.dtype == torch.float32 for p in bf16.params.values())
+    assert all(torch.equal(bf16.params[n], fp32.params[n]) for n in weights)
+    assert all(isinstance(g["params"], list) for g in bf16.optimizer.param_groups)
+    assert [len(g["params"]) for g in bf16.optimizer.param_groups] == [1, 1]  # [decay, no_decay], as optim.py
+
+
+def test_worker_sums_micro_batches_in_fp32_and_clips_like_torch():
+    from llmtrain.ps.trainer import accumulate_fp32, clip_
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    xs = [torch.randn(3, 8) for _ in range(3)]
+    for x in xs:  # autograd's own accumulation, then torch's clipping
+        (model(x).pow(2).mean() / 3).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    params, sums = dict(model.named_parameters()), {}
+    for x in xs:
+        (model(x).pow(2).mean() / 3).backward()
+        accumulate_fp32(params, sums)
+    clip_(list(sums.values()), 0.05)
+    assert all(torch.equal(sums[n], expected[n]) for n in expected)  # fp32: bitwise what torch gives
+    assert all(p.grad is None for p in model.parameters())
+    half, half_sums = model.to(torch.bfloat16), {}
+    for x in xs:
+        (half(x.bfloat16()).float().pow(2).mean() / 3).backward()
+        accumulate_fp32(dict(half.named_parameters()), half_sums)
+    assert all(s.dtype == torch.float32 for s in half_sums.values())

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from llmtrain.dist.slurm import (
+from llmtrain.distributed.slurm import (
     PORT_BASE,
     PORT_SPAN,
     expand_nodelist,
@@ -89,7 +89,7 @@ def test_task_ranks_of_srun_tasks():
 def test_cli_outside_a_job_is_one_line(monkeypatch, capsys):
     monkeypatch.delenv("SLURM_JOB_NODELIST", raising=False)
     assert main(["env"]) == 2
-    assert capsys.readouterr().err.strip() == ("llmtrain.dist.slurm: error: not inside a Slurm job "
+    assert capsys.readouterr().err.strip() == ("llmtrain.distributed.slurm: error: not inside a Slurm job "
                                               "(SLURM_JOB_NODELIST is unset)")
 
 

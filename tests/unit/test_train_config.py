@@ -10,7 +10,7 @@ import torch
 
 from llmtrain.cli._entry import CONF_DIR, _precheck, to_typed
 from llmtrain.config import Decay, OptimConfig, OptimizerName, Precision, TrainConfig, register_configs
-from llmtrain.dist.deepspeed import build_ds_config, grad_accumulation_steps
+from llmtrain.distributed.deepspeed import build_ds_config, grad_accumulation_steps
 from llmtrain.errors import UserError
 from llmtrain.model import GPT, build_model
 from llmtrain.train.optim import build_optimizer, lr_at, param_groups
@@ -55,6 +55,10 @@ def test_the_readme_experiments_compose(model):
     assert (cfg.train.subset_tokens, cfg.train.max_steps * cfg.train.global_batch_size * 128) == (262144, 8 * 262144)
 
 
+def test_the_default_precision_works_in_both_modes():
+    assert compose(["mode=async_ps"]).precision == compose(["mode=sync"]).precision == Precision.bf16
+
+
 def test_public_override_names():
     cfg = compose(["model=tiny", "precision=fp32", "dist.zero_stage=3", "train.max_steps=7"])
     assert (cfg.precision, cfg.dist.zero_stage, cfg.train.max_steps) == (Precision.fp32, 3, 7)
@@ -72,6 +76,7 @@ def test_public_override_names():
         (["dist.offload_optimizer=true"], "dist.offload_optimizer=true needs dist.zero_stage >= 1"),
         (["dist.zero_stage=2", "dist.offload_optimizer=true", "optim.name=sgd"], "works with optim.name=adamw only"),
         (["+train.epochs=3"], "unknown config key(s): train.epochs"),
+        (["mode=async_ps", "precision=fp16"], "mode=async_ps runs in fp32 or bf16"),
     ],
 )
 def test_bad_training_config_is_one_line(capsys, overrides, message):
@@ -122,12 +127,12 @@ def test_lr_schedule_values():
 def test_weight_decay_groups_and_optimizers():
     model = GPT(compose(["model=tiny"]).model.__class__(n_layer=1, n_head=2, n_embd=16, block_size=8,
                                                            vocab_size=300, bias=True))
-    decay, no_decay = param_groups(model, 0.1)
+    decay, no_decay = param_groups(model.parameters(), 0.1)
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params(non_embedding=False)
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
-    adamw = build_optimizer(OptimConfig(), model, offload=False, device=torch.device("cpu"))
-    sgd = build_optimizer(OptimConfig(name=OptimizerName.sgd, momentum=0.8), model, offload=False,
+    adamw = build_optimizer(OptimConfig(), model.parameters(), offload=False, device=torch.device("cpu"))
+    sgd = build_optimizer(OptimConfig(name=OptimizerName.sgd, momentum=0.8), model.parameters(), offload=False,
                           device=torch.device("cpu"))
     assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["betas"] == (0.9, 0.95)
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.8

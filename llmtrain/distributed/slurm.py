@@ -3,9 +3,9 @@
 Pure functions of the environment (a dict), so they are tested without Slurm. The shell wrappers in
 ``scripts/`` read them through the command line:
 
-    python -m llmtrain.dist.slurm env               # NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, NPROC_PER_NODE
-    python -m llmtrain.dist.slurm hostfile FILE     # the deepspeed launcher's hostfile: "<node> slots=<G>" per node
-    python -m llmtrain.dist.slurm net HOST          # LOCAL_ADDR and the *_SOCKET_IFNAME that reach HOST
+    python -m llmtrain.distributed.slurm env            # NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, NPROC_PER_NODE
+    python -m llmtrain.distributed.slurm hostfile FILE  # the deepspeed launcher's hostfile: "<node> slots=<G>" per node
+    python -m llmtrain.distributed.slurm net HOST       # LOCAL_ADDR and the *_SOCKET_IFNAME that reach HOST
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def _exports(values: Mapping[str, str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llmtrain.dist.slurm", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m llmtrain.distributed.slurm", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
     sub.add_parser("env", help="export lines: NNODES NODE_RANK MASTER_ADDR MASTER_PORT NPROC_PER_NODE")
     sub.add_parser("hostfile", help="write the deepspeed hostfile").add_argument("file")
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.file, "w") as f:
                 f.write(hostfile(os.environ))
     except (ValueError, OSError) as exc:
-        print(f"llmtrain.dist.slurm: error: {exc}", file=sys.stderr)
+        print(f"llmtrain.distributed.slurm: error: {exc}", file=sys.stderr)
         return 2
     return 0
 

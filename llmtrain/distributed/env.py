@@ -40,7 +40,7 @@ def _free_port() -> int:
 def launcher_vars() -> tuple[int, int, int, int]:
     """RANK/LOCAL_RANK/WORLD_SIZE from torchrun, the deepspeed launcher or ``srun`` (one task per rank); a single
     process otherwise."""
-    from llmtrain.dist.slurm import net_env, task_ranks
+    from llmtrain.distributed.slurm import net_env, task_ranks
 
     if "RANK" not in os.environ and (slurm := task_ranks(os.environ)) is not None:
         os.environ.update(slurm)

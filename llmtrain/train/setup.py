@@ -1,0 +1,119 @@
+"""What every training mode sets up the same way: the data, the model config, the resolved config, the loss to
+beat, the resume rule and the result. The synchronous trainer and the parameter-server trainer both call these
+functions (their loops differ, so they share components, not a base class).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmtrain.config import DataConfig, Mode, ModelConfig, TrainConfig, to_plain
+from llmtrain.data.reader import PreparedData
+from llmtrain.errors import UserError
+from llmtrain.train.checkpoint import RunDir, read_marker, read_state
+
+log = logging.getLogger("llmtrain")
+
+RESUMABLE_MODEL_CHANGES = ("name", "dropout")
+"""Model fields that may change between a checkpoint and its resumption (they change no tensor shape)."""
+
+
+@dataclass
+class TrainResult:
+    """What a trainer's ``fit`` returns: per-step losses of this invocation and the final validation numbers."""
+
+    losses: dict[int, float] = field(default_factory=dict)
+    val_loss: float = float("nan")
+    val_ppl: float = float("nan")
+    unigram_entropy: float = float("nan")
+    steps: int = 0
+    skipped_steps: int = 0
+    stopped_early: bool = False
+
+
+def open_data(cfg: DataConfig, is_main: bool, wait: Callable[[], None] | None = None) -> PreparedData:
+    """The prepared dataset of ``cfg.dir``: the main process prepares it first when the folder holds none; the
+    others wait (``wait``: a barrier of the process group, or by default a poll for the finished folder)."""
+    from llmtrain.data.shards import read_meta
+
+    if is_main and read_meta(cfg.dir) is None:
+        from llmtrain.data.prepare import prepare
+
+        log.info("%s holds no prepared dataset: preparing it first (data=%s)", cfg.dir, cfg.source.value)
+        prepare(cfg)
+    (wait or (lambda: _poll_prepared(cfg.dir)))()
+    return PreparedData(cfg.dir)
+
+
+def _poll_prepared(data_dir: str, timeout_s: float = 600) -> None:
+    """Wait without a process group (the parameter-server mode joins RPC only after set-up)."""
+    from llmtrain.data.shards import read_meta
+
+    deadline = time.time() + timeout_s
+    while read_meta(data_dir) is None:
+        if time.time() > deadline:
+            raise UserError(f"data.dir={data_dir} was not prepared within {timeout_s / 60:.0f} minutes")
+        time.sleep(1)
+
+
+def model_config(cfg: TrainConfig, data: PreparedData) -> ModelConfig:
+    """``cfg.model`` with its vocabulary from the data (model.vocab_size=0), refused when it disagrees."""
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or data.vocab_size)
+    if model_cfg.vocab_size != data.vocab_size:
+        raise UserError(f"model.vocab_size={model_cfg.vocab_size} but the tokenizer of {cfg.data.dir} has "
+                        f"{data.vocab_size} tokens; leave model.vocab_size=0 to take it from the data")
+    return model_cfg
+
+
+def resolved_config(cfg: TrainConfig, model_cfg: ModelConfig) -> dict[str, Any]:
+    """The config as it runs (the vocabulary filled in): written to the run folder, each checkpoint and wandb."""
+    return to_plain(dataclasses.replace(cfg, model=model_cfg))
+
+
+def write_run_config(run: RunDir, resolved: dict[str, Any]) -> str:
+    """Write the resolved config into the run folder (main process only); its YAML text, for checkpoints."""
+    text = yaml.safe_dump(resolved, sort_keys=False)
+    run.config.write_text(text)
+    return text
+
+
+def unigram_entropy(data: PreparedData) -> float:
+    """Entropy (nats/token) of the validation tokens' own unigram distribution: the loss to beat."""
+    from llmtrain.data.reader import unigram_entropy as entropy
+
+    return entropy(data.split("val"), data.vocab_size)
+
+
+def client_state(step: int, tokens_seen: int, data: PreparedData, model_cfg: ModelConfig, seed: int,
+                 **extra: Any) -> dict[str, Any]:
+    """llmtrain's own state of a checkpoint, the same keys in every mode (``extra``: what one mode adds)."""
+    return {"step": step, "tokens_seen": tokens_seen, "tokenizer_sha256": data.tokenizer_fingerprint,
+            "model": to_plain(model_cfg), "seed": seed, **extra}
+
+
+def check_resumable(folder: Path, mode: Mode, data: PreparedData, model_cfg: ModelConfig) -> dict[str, Any]:
+    """The one rule for continuing from ``folder`` in any mode: saved by the same mode, with the same tokenizer
+    and the same model shape (only ``RESUMABLE_MODEL_CHANGES`` may differ). Returns the checkpoint's state."""
+    saved_mode = read_marker(folder)["mode"]
+    if saved_mode != mode.value:
+        raise UserError(f"{folder} was saved by mode={saved_mode} and this run has mode={mode.value}; resume it "
+                        f"with mode={saved_mode} or start a new run.dir")
+    state = read_state(folder)
+    if state.get("tokenizer_sha256") != data.tokenizer_fingerprint:
+        raise UserError(f"{folder} was trained with another tokenizer (sha256 "
+                        f"{str(state.get('tokenizer_sha256'))[:12]}, data.dir has {data.tokenizer_fingerprint[:12]});"
+                        " use the same data.dir or a new run.dir")
+    mine = to_plain(model_cfg)
+    changed = [f"{k}: {v} -> {mine.get(k)}" for k, v in state["model"].items()
+               if k not in RESUMABLE_MODEL_CHANGES and mine.get(k) != v]
+    if changed:
+        raise UserError(f"{folder} has another model shape ({', '.join(changed)}); use a new run.dir")
+    return state

@@ -1,0 +1,104 @@
+"""The set-up both training modes share (train/setup.py) and the run folder's one owner (train/checkpoint.py):
+the vocabulary check, the resume rule with its mode, the atomic completion marker, pruning."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+
+from llmtrain.config import Mode, ModelConfig, TrainConfig, to_plain
+from llmtrain.errors import UserError
+from llmtrain.train import setup
+from llmtrain.train.checkpoint import MARKER, STATE, RunDir, finish_checkpoint, read_marker
+
+MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=300)
+
+
+@dataclass
+class FakeData:
+    """What the set-up functions read of a PreparedData."""
+
+    vocab_size: int = 300
+    tokenizer_fingerprint: str = "ab" * 32
+
+
+def saved_checkpoint(run: RunDir, step: int, mode: str | None, model: ModelConfig = MODEL) -> Path:
+    folder = run.checkpoint(step)
+    folder.mkdir(parents=True)
+    marker = {"step": step, **({"mode": mode} if mode else {})}
+    state = {"step": step, "tokens_seen": 0, "tokenizer_sha256": FakeData().tokenizer_fingerprint,
+             "model": to_plain(model), "seed": 1}
+    finish_checkpoint(folder, "precision: fp32\n", state, marker)
+    return folder
+
+
+def test_vocabulary_comes_from_the_data_and_a_mismatch_is_refused():
+    cfg = TrainConfig(model=replace(MODEL, vocab_size=0))
+    assert setup.model_config(cfg, FakeData()).vocab_size == 300
+    with pytest.raises(UserError, match="model.vocab_size=512 but the tokenizer of"):
+        setup.model_config(TrainConfig(model=replace(MODEL, vocab_size=512)), FakeData())
+
+
+@pytest.mark.parametrize("mode", [Mode.sync, Mode.async_ps])
+def test_one_resume_rule_for_both_modes(tmp_path, mode):
+    run = RunDir.of(tmp_path / "run")
+    folder = saved_checkpoint(run, 10, mode.value)
+    # the name and dropout may change on resume, in either mode
+    state = setup.check_resumable(folder, mode, FakeData(), replace(MODEL, name="renamed", dropout=0.1))
+    assert state["step"] == 10
+    with pytest.raises(UserError, match=r"another model shape \(n_layer: 2 -> 3\)"):
+        setup.check_resumable(folder, mode, FakeData(), replace(MODEL, n_layer=3))
+    with pytest.raises(UserError, match="another tokenizer"):
+        setup.check_resumable(folder, mode, FakeData(tokenizer_fingerprint="cd" * 32), MODEL)
+
+
+def test_a_checkpoint_of_the_other_mode_is_named_as_such(tmp_path):
+    ps_folder = saved_checkpoint(RunDir.of(tmp_path / "ps"), 4, "async_ps")
+    with pytest.raises(UserError, match="was saved by mode=async_ps and this run has mode=sync; resume it with "
+                                        "mode=async_ps"):
+        setup.check_resumable(ps_folder, Mode.sync, FakeData(), MODEL)
+    sync_folder = saved_checkpoint(RunDir.of(tmp_path / "sync"), 4, "sync")
+    with pytest.raises(UserError, match="was saved by mode=sync and this run has mode=async_ps"):
+        setup.check_resumable(sync_folder, Mode.async_ps, FakeData(), MODEL)
+    # checkpoints written before the marker named its mode were all synchronous
+    old = saved_checkpoint(RunDir.of(tmp_path / "old"), 4, None)
+    assert read_marker(old)["mode"] == "sync"
+    assert setup.check_resumable(old, Mode.sync, FakeData(), MODEL)["step"] == 4
+
+
+def test_the_marker_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    run = RunDir.of(tmp_path / "run")
+    folder = saved_checkpoint(run, 1, "sync")
+    assert json.loads((folder / MARKER).read_text()) == {"step": 1, "mode": "sync"}
+    assert not (folder / (MARKER + ".tmp")).exists() and (folder / STATE).is_file()
+    assert run.complete() == [(1, folder)]
+
+    def crash(*_args):
+        raise OSError("killed between the temporary file and the rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        saved_checkpoint(run, 2, "async_ps")
+    assert not (run.checkpoint(2) / MARKER).exists()
+    assert run.newest() == folder  # the half-finished step 2 is invisible
+
+
+def test_prune_keeps_the_newest_complete_and_the_current(tmp_path):
+    run = RunDir.of(tmp_path / "run")
+    folders = [saved_checkpoint(run, step, "sync") for step in (1, 2, 3)]
+    half = run.checkpoint(4)
+    half.mkdir()  # a save killed half-way: no marker
+    run.prune(keep=2, current=folders[-1])
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["step_00000002", "step_00000003"]
+
+
+def test_every_run_path_comes_from_the_run_folder(tmp_path):
+    run = RunDir.of(tmp_path / "x" / ".." / "run")
+    assert run.path == (tmp_path / "run").resolve()
+    assert [p.relative_to(run.path).as_posix() for p in (run.config, run.metrics, run.wandb_id, run.preempted,
+                                                          run.checkpoint(12))] == [
+        "config.yaml", "metrics.jsonl", "wandb_id.txt", "PREEMPTED", "checkpoints/step_00000012"]
