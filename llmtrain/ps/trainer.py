@@ -34,7 +34,7 @@ from llmtrain.model import build_model
 from llmtrain.ps import rpc as calls
 from llmtrain.ps.server import ParameterServer, shard_names
 from llmtrain.train import setup
-from llmtrain.train.checkpoint import RunDir, finish_checkpoint, read_marker
+from llmtrain.train.checkpoint import finish_checkpoint, read_marker
 from llmtrain.train.metrics import MetricsLogger
 from llmtrain.train.preemption import StopSignals, clear_preempted, mark_preempted
 from llmtrain.train.setup import TrainResult
@@ -87,16 +87,12 @@ class AsyncPSTrainer:
         self.dtype = torch_dtype(cfg.precision)
         """Workers compute, and pulls and pushes travel, in this dtype; servers keep fp32 masters."""
         torch.set_num_threads(max(1, torch.get_num_threads() // max(1, local_world)))
-        # 2. Run folder and data: rank 0 prepares the dataset if needed, the others wait for it.
-        self.run = RunDir.of(cfg.run.dir)
-        if rank == 0:
-            self.run.path.mkdir(parents=True, exist_ok=True)
-        self.data = setup.open_data(cfg.data, rank == 0)
+        # 2. Run folder and data: rank 0 prepares the dataset if needed, the others wait for it (no process
+        #    group exists yet); the model config takes its vocabulary from it.
+        started = setup.set_up_run(cfg, rank == 0)
+        self.run, self.data, self.model_cfg, self.resolved = (started.run, started.data, started.model_cfg,
+                                                               started.resolved)
         # 3. The model, identical on every process (same seed); its tensors split among the servers.
-        self.model_cfg = setup.model_config(cfg, self.data)
-        resolved = setup.resolved_config(cfg, self.model_cfg)
-        self.resolved = resolved
-        self.config_yaml = setup.write_run_config(self.run, resolved) if rank == 0 else ""
         torch.manual_seed(cfg.train.seed)
         self._model = build_model(self.model_cfg, cfg.dist.activation_checkpointing)
         self.start_step = 0
@@ -110,6 +106,8 @@ class AsyncPSTrainer:
                                           cfg.ps.timeout_s, cfg.train.stop_at_step, wire_dtype=self.dtype))
             self._resume_server(rank)
             self._model.to(self.dtype)  # server 0 evaluates in the workers' precision, as sync mode does
+        # 5. The resolved config, once the checkpoint (if any) was accepted: a refused resume changes nothing.
+        self.config_yaml = setup.write_run_config(self.run, self.resolved) if rank == 0 else ""
         options = rpc.TensorPipeRpcBackendOptions(init_method="env://", rpc_timeout=cfg.ps.timeout_s)
         rpc.init_rpc(self.name(rank), rank=rank, world_size=world, rpc_backend_options=options)
 

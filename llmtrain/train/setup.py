@@ -39,6 +39,28 @@ class TrainResult:
     stopped_early: bool = False
 
 
+@dataclass
+class RunSetup:
+    """What a trainer starts from: its run folder, the opened data, the model config and the resolved config."""
+
+    run: RunDir
+    data: PreparedData
+    model_cfg: ModelConfig
+    resolved: dict[str, Any]
+
+
+def set_up_run(cfg: TrainConfig, is_main: bool, wait: Callable[[], None] | None = None) -> RunSetup:
+    """The set-up every mode begins with, in this order: the run folder (made by the main process; the same
+    path on every rank), the data (prepared first if missing, see ``open_data``), the model config with its
+    vocabulary check, and the resolved config."""
+    run = RunDir.of(cfg.run.dir)
+    if is_main:
+        run.path.mkdir(parents=True, exist_ok=True)
+    data = open_data(cfg.data, is_main, wait)
+    model_cfg = model_config(cfg, data)
+    return RunSetup(run, data, model_cfg, resolved_config(cfg, model_cfg))
+
+
 def open_data(cfg: DataConfig, is_main: bool, wait: Callable[[], None] | None = None) -> PreparedData:
     """The prepared dataset of ``cfg.dir``: the main process prepares it first when the folder holds none; the
     others wait (``wait``: a barrier of the process group, or by default a poll for the finished folder)."""

@@ -27,7 +27,7 @@ from llmtrain.dtypes import torch_dtype
 from llmtrain.errors import UserError
 from llmtrain.model import build_model
 from llmtrain.train import setup
-from llmtrain.train.checkpoint import Checkpointer, RunDir
+from llmtrain.train.checkpoint import Checkpointer
 from llmtrain.train.metrics import MetricsLogger, peak_flops, peak_memory_gb
 from llmtrain.train.optim import build_optimizer, lr_at, set_lr
 from llmtrain.train.preemption import StopSignals, clear_preempted, mark_preempted
@@ -43,15 +43,13 @@ class Trainer:
         self.env: DistEnv = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
         self.signals = StopSignals().install()  # a stop request during set-up is kept for the first step
         self._check_hardware()
-        # 2. The run folder, the same path on every rank (it comes from the config, never from a clock).
-        self.run = RunDir.of(cfg.run.dir)
+        # 2-3. The run folder (the same path on every rank: it comes from the config, never from a clock) and the
+        #      data (prepared by rank 0 when data.dir holds none yet, then opened by all); the model config
+        #      takes its vocabulary from it.
+        started = setup.set_up_run(cfg, self.env.is_main, dist.barrier)
+        self.run, self.data, self.model_cfg = started.run, started.data, started.model_cfg
         self.run_dir = self.run.path
-        if self.env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        # 3. Data: prepared by rank 0 when data.dir holds none yet; then opened by all.
-        self.data = setup.open_data(cfg.data, self.env.is_main, dist.barrier)
-        # 4. Model: vocabulary from the dataset, identical initial weights on every rank (same seed).
-        self.model_cfg = setup.model_config(cfg, self.data)
+        # 4. Model: identical initial weights on every rank (same seed).
         torch.manual_seed(cfg.train.seed)
         model = build_model(self.model_cfg, cfg.dist.activation_checkpointing)
         self.num_params = model.num_params()
@@ -73,7 +71,7 @@ class Trainer:
         self.step, self.tokens_seen, self.skipped_steps = 0, 0, 0
         if cfg.run.resume:
             self._resume()
-        resolved = setup.resolved_config(cfg, self.model_cfg)
+        resolved = started.resolved
         self.config_yaml = setup.write_run_config(self.run, resolved) if self.env.is_main else ""
         # 8. Metrics (rank 0 writes), with the peak FLOP/s that MFU is measured against.
         self.peak_flops, peak_source = peak_flops(self.env.device, torch_dtype(cfg.precision))
