@@ -53,7 +53,9 @@ def _launch(run_dir, data_dir, steps: int, env: dict, netns: str | None = None) 
     cmd = ["bash", "scripts/torchrun.sh", f"data.dir={data_dir}", f"run.dir={run_dir}", *args]
     if netns:
         cmd = ["ip", "netns", "exec", netns, *cmd]
-    environ = {**os.environ, "LLMTRAIN_PYTHON": str(BIN / "python"), **env}
+    # One thread per rank in both layouts: torchrun sets OMP_NUM_THREADS=1 only when it starts more than one
+    # rank per node, and kernels may sum in another order with another thread count (bitwise equality below).
+    environ = {**os.environ, "LLMTRAIN_PYTHON": str(BIN / "python"), "OMP_NUM_THREADS": "1", **env}
     for var in ("GLOO_SOCKET_IFNAME", "TP_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "LOCAL_ADDR", "SLURM_JOB_NODELIST"):
         environ.pop(var, None)
     return subprocess.Popen(cmd, cwd=REPO, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
