@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import socket
 from dataclasses import dataclass
 
@@ -45,7 +46,9 @@ def launcher_vars() -> tuple[int, int, int, int]:
     if "RANK" not in os.environ and (slurm := task_ranks(os.environ)) is not None:
         os.environ.update(slurm)
         os.environ.update(net_env(slurm["MASTER_ADDR"], os.environ))  # the interface that reaches rank 0
-    if "RANK" not in os.environ:
+    if "RANK" in os.environ:
+        die_with_launcher()
+    else:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
@@ -53,6 +56,26 @@ def launcher_vars() -> tuple[int, int, int, int]:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", str(world))))
     return rank, local_rank, world, local_world
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_launcher() -> None:
+    """A rank started by a launcher (torchrun's agent, the deepspeed launcher, an srun task) is killed when
+    that parent exits, however it exits: otherwise a ``kill -9`` of torchrun leaves its ranks training on alone
+    and writing into run.dir. Linux's PR_SET_PDEATHSIG; elsewhere nothing changes."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() != parent:  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def select_accelerator() -> bool:

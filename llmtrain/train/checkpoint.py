@@ -3,6 +3,7 @@
 Every module asks ``RunDir`` (and the functions below) for the names and paths of a run: no other module spells
 them. Layout of ``<run.dir>``:
 
+    LOCK                        held by the run that uses the folder now (see lock.py)
     config.yaml                 the resolved config of the latest start
     metrics.jsonl               one JSON row per log step / evaluation (rank 0, or parameter server 0)
     wandb_id.txt                the wandb run id, so an auto-resume continues the same wandb run
@@ -97,6 +98,10 @@ class RunDir:
     @property
     def preempted(self) -> Path:
         return self.path / "PREEMPTED"
+
+    @property
+    def lock(self) -> Path:
+        return self.path / "LOCK"
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / tag_of(step)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import sys
 import time
 import uuid
 from typing import Any
@@ -67,18 +68,29 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+def stderr_is_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
 class MetricsLogger:
-    """Writes on rank 0 only; every other rank gets a logger that does nothing."""
+    """Writes on rank 0 only; every other rank gets a logger that does nothing.
+
+    Progress: a redrawn bar on a terminal; when stderr is a file (Slurm's output, nohup, CI) one plain ASCII
+    log line per logged step instead -- a bar's carriage returns and block characters do not belong in a file
+    (and several tasks writing one file can split a multi-byte character).
+    """
 
     def __init__(self, run: RunDir, enabled: bool, wandb_cfg: WandbConfig, config: dict[str, Any],
                  total_steps: int, start_step: int) -> None:
         self.enabled = enabled
         self.wandb = None
         self.bar = None
+        self.total_steps = total_steps
         if not enabled:
             return
         self.path = run.metrics
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        if stderr_is_terminal():
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
         if wandb_cfg.mode != WandbMode.disabled:
             self.wandb = self._start_wandb(run, wandb_cfg, config)
 
@@ -100,8 +112,11 @@ class MetricsLogger:
             f.write(json.dumps(row) + "\n")
         if self.wandb is not None:
             self.wandb.log(row, step=step)
-        if self.bar is not None and "loss" in row:
+        if "loss" in row and self.bar is not None:
             self.bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row.get('tokens_per_s', 0):,.0f}", refresh=False)
+        elif "loss" in row:
+            log.info("step %d/%d: loss %.4f, %s tokens/s", step, self.total_steps, row["loss"],
+                     f"{row.get('tokens_per_s', 0):,.0f}")
         if "val_loss" in row:
             log.info("step %d: val_loss %.4f, val_ppl %.2f", step, row["val_loss"], row["val_ppl"])
 

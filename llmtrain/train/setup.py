@@ -18,6 +18,7 @@ import yaml
 from llmtrain.config import DataConfig, Mode, ModelConfig, TrainConfig, to_plain
 from llmtrain.data.reader import PreparedData
 from llmtrain.errors import UserError
+from llmtrain.train import lock
 from llmtrain.train.checkpoint import RunDir, read_marker, read_state
 
 log = logging.getLogger("llmtrain")
@@ -50,12 +51,13 @@ class RunSetup:
 
 
 def set_up_run(cfg: TrainConfig, is_main: bool, wait: Callable[[], None] | None = None) -> RunSetup:
-    """The set-up every mode begins with, in this order: the run folder (made by the main process; the same
-    path on every rank), the data (prepared first if missing, see ``open_data``), the model config with its
+    """The set-up every mode begins with, in this order: the run folder (made and locked by the main process;
+    the same path on every rank), the data (prepared first if missing, see ``open_data``), the model config with its
     vocabulary check, and the resolved config."""
     run = RunDir.of(cfg.run.dir)
     if is_main:
         run.path.mkdir(parents=True, exist_ok=True)
+        lock.acquire(run.lock)  # before anything is written: a second run on this folder is refused here
     data = open_data(cfg.data, is_main, wait)
     model_cfg = model_config(cfg, data)
     return RunSetup(run, data, model_cfg, resolved_config(cfg, model_cfg))

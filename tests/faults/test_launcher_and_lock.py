@@ -1,0 +1,93 @@
+"""Faults an operator meets, injected for real: the launcher killed under its ranks, two runs on one run.dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from tests.conftest import BIN, REPO
+from tests.integration.conftest import COMMON, launch, losses
+
+
+def start(run_dir: Path, data_dir: Path, ranks: int, *overrides: str) -> subprocess.Popen:
+    args = [f"data.dir={data_dir}", f"run.dir={run_dir}", *COMMON, "precision=fp32", *overrides]
+    cmd = [str(BIN / "llmtrain-train"), *args] if ranks == 1 else [
+        str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={ranks}", "-m", "llmtrain.cli.train", *args]
+    log = open(f"{run_dir}.log", "w")  # noqa: SIM115  (closed with the process)
+    return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, text=True)
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, Path(f"{run_dir}.log").read_text()[-2000:]
+        if max(losses(run_dir) if (run_dir / "metrics.jsonl").is_file() else [0]) >= step:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("State"))
+    except OSError:
+        return False
+    return "Z" not in state.split()[1]  # a zombie has stopped; whoever reaps it is not our concern
+
+
+def test_ranks_die_with_their_killed_launcher_and_the_rerun_takes_over(prepared_small, tmp_path):
+    run_dir = tmp_path / "orphans"
+    agent = start(run_dir, prepared_small, 2, "dist.zero_stage=2", "train.max_steps=100000",
+                  "train.checkpoint_every=4")
+    wait_for_step(run_dir, 6, agent)
+    ranks = children(agent.pid)
+    assert len(ranks) == 2 and all(alive(p) for p in ranks)
+    os.kill(agent.pid, signal.SIGKILL)  # the agent only: its ranks run in the same session but get no signal
+    killed = time.time()
+    while any(alive(p) for p in ranks) and time.time() - killed < 30:
+        time.sleep(0.05)
+    gone_after = time.time() - killed
+    assert gone_after < 10, f"ranks still alive {gone_after:.1f} s after their launcher was killed"
+    written = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    time.sleep(3)
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == written  # nothing more was written
+    print(f"ranks gone {gone_after:.2f} s after the launcher was killed")
+    # the dead run's lock is taken over by the next run, which resumes from the last complete checkpoint
+    last = max(int(json.loads(m.read_text())["step"]) for m in run_dir.glob("checkpoints/step_*/COMPLETE.json"))
+    rerun = launch(run_dir, prepared_small, 2, "precision=fp32", "dist.zero_stage=2", f"train.max_steps={last + 2}")
+    assert "taking over" in rerun.stderr and f"(step {last}, saved on 2 ranks)" in rerun.stderr
+
+
+def test_a_second_run_on_the_same_run_dir_is_refused_and_changes_nothing(prepared_small, tmp_path):
+    run_dir = tmp_path / "shared"
+    first = start(run_dir, prepared_small, 1, "train.max_steps=60", "train.checkpoint_every=20")
+    wait_for_step(run_dir, 3, first)
+    holder = json.loads((run_dir / "LOCK").read_text())
+    started = time.time()
+    second = launch(run_dir, prepared_small, 1, "precision=fp32", check=False)
+    refused_after = time.time() - started
+    assert second.returncode == 2, second.stderr[-2000:]
+    last = second.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"llmtrain-train: error: {run_dir} is in use by another run (host ")
+    assert f"pid {holder['pid']}" in last and "Traceback" not in second.stderr
+    assert first.wait(timeout=300) == 0, Path(f"{run_dir}.log").read_text()[-2000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 61))  # one run's rows, none interleaved
+    assert not (run_dir / "LOCK").exists()  # released at the end
+    print(f"second run refused in {refused_after:.1f} s")
