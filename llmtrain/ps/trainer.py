@@ -34,7 +34,7 @@ from llmtrain.model import build_model
 from llmtrain.ps import rpc as calls
 from llmtrain.ps.server import ParameterServer, shard_names
 from llmtrain.train import setup
-from llmtrain.train.checkpoint import finish_checkpoint, read_marker
+from llmtrain.train.checkpoint import checkpoint_bytes, finish_checkpoint, no_room, read_marker, saving
 from llmtrain.train.metrics import MetricsLogger
 from llmtrain.train.preemption import StopSignals, clear_preempted, mark_preempted
 from llmtrain.train.setup import TrainResult
@@ -300,22 +300,27 @@ class AsyncPSTrainer:
 
         folder = self.run.checkpoint(step)
         shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        for i in range(self.num_servers):
-            path = str(folder / f"ps{i}.pt")
-            calls.save_shard(path) if i == 0 else rpc.rpc_sync(self.name(i), calls.save_shard, args=(path,))
-        trained = TrainedModel(self.model_cfg, self.gather_state(), self.data.tokenizer(), folder, step, tokens_seen)
-        save_consolidated(trained, folder)
-        state = setup.client_state(step, tokens_seen, self.data, self.model_cfg, self.cfg.train.seed)
-        marker = {"step": step, "mode": Mode.async_ps.value, "world_size": self.env.world_size,
-                  "num_servers": self.num_servers, "num_workers": self.num_workers, "zero_stage": None}
-        finish_checkpoint(folder, self.config_yaml, state, marker)
+        need = checkpoint_bytes(self.run, sum(p.numel() for p in self._model.parameters()))
+        if problem := no_room(folder, need):
+            raise UserError(f"{problem}; the older checkpoints are kept")
+        with saving(folder, need):
+            folder.mkdir(parents=True)
+            for i in range(self.num_servers):
+                path = str(folder / f"ps{i}.pt")
+                calls.save_shard(path) if i == 0 else rpc.rpc_sync(self.name(i), calls.save_shard, args=(path,))
+            trained = TrainedModel(self.model_cfg, self.gather_state(), self.data.tokenizer(), folder, step,
+                                   tokens_seen)
+            save_consolidated(trained, folder)
+            state = setup.client_state(step, tokens_seen, self.data, self.model_cfg, self.cfg.train.seed)
+            marker = {"step": step, "mode": Mode.async_ps.value, "world_size": self.env.world_size,
+                      "num_servers": self.num_servers, "num_workers": self.num_workers, "zero_stage": None}
+            finish_checkpoint(folder, self.config_yaml, state, marker)
         self.run.prune(self.cfg.train.keep_checkpoints, folder)
         log.info("checkpoint (step %d) in %s", step, folder)
 
     def _resume_server(self, rank: int) -> None:
         """Continue from the run's newest complete checkpoint: this server's shard, optimizer and counters."""
-        folder = self.run.newest() if self.cfg.run.resume else None
+        folder = self.run.newest_intact(set_aside=rank == 0) if self.cfg.run.resume else None
         if folder is None:
             return
         state = setup.check_resumable(folder, Mode.async_ps, self.data, self.model_cfg)

@@ -30,6 +30,7 @@ import os
 import shutil
 import sys
 from argparse import Namespace
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,15 +46,23 @@ CONFIG = "config.yaml"
 UNIVERSAL = "universal"
 
 
+CORRUPT_SUFFIX = ".corrupt"
+
+
 def tag_of(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def checkpoint_folders(root: Path) -> list[Path]:
+    """Every ``step_N`` folder below ``root``, complete or not (a folder set aside as corrupt is not one)."""
+    return [f for f in root.glob("step_*") if f.is_dir() and not f.name.endswith(CORRUPT_SUFFIX)]
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     """(step, folder) of every complete checkpoint below ``root`` (a run's ``checkpoints/``), oldest first: the
     one scan shared by resume (both modes) and by loading for generate/export/eval."""
     found = []
-    for folder in root.glob("step_*"):
+    for folder in checkpoint_folders(root):
         marker = folder / MARKER
         if marker.is_file():
             try:
@@ -115,26 +124,110 @@ class RunDir:
         found = self.complete()
         return found[-1][1] if found else None
 
+    def newest_intact(self, set_aside: bool) -> Path | None:
+        """The newest complete checkpoint whose files are all there at their recorded sizes (a truncated file
+        from a full disk or a lost write is caught here, before any tensor is read). Each damaged newer one is
+        reported in one line and, when ``set_aside`` (the main process), renamed ``step_N.corrupt`` so the run
+        goes on from the next older one; every process reaches the same answer. Refused in one line when
+        complete checkpoints exist but none is intact."""
+        complete = self.complete()
+        for _, folder in reversed(complete):
+            problem = damage(folder)
+            if problem is None:
+                return folder
+            log.warning("checkpoint %s is damaged (%s): %s", folder, problem,
+                        "setting it aside as " + folder.name + CORRUPT_SUFFIX if set_aside else "skipping it")
+            if set_aside:
+                with contextlib.suppress(OSError):  # another process may have done it already
+                    folder.rename(folder.with_name(folder.name + CORRUPT_SUFFIX))
+        if complete:
+            raise UserError(f"every complete checkpoint in {self.checkpoints} is damaged (set aside as "
+                            f"step_*{CORRUPT_SUFFIX}); start a new run.dir, or run.resume=false to start over here")
+        return None
+
     def prune(self, keep: int, current: Path) -> None:
         """Keep the newest ``keep`` complete checkpoints and ``current``; remove every other step folder (older
         ones, and half-written saves of killed runs)."""
         kept = {folder.name for _, folder in self.complete()[-keep:]} | {current.name}
-        for folder in self.checkpoints.glob("step_*"):
+        for folder in checkpoint_folders(self.checkpoints):
             if folder.name not in kept:
                 shutil.rmtree(folder, ignore_errors=True)
 
 
 def finish_checkpoint(folder: Path, config_yaml: str, state: dict[str, Any], marker: dict[str, Any],
                       attachments: dict[str, Path] | None = None) -> None:
-    """After every tensor file of ``folder`` is written (one process): llmtrain's own files, then the marker,
-    written to a temporary name and renamed so that it appears whole or not at all."""
+    """After every tensor file of ``folder`` is written (one process): llmtrain's own files; then every file
+    and folder is flushed to the disk (fsync), so that a power loss cannot leave a "complete" checkpoint with
+    empty files; then the marker, which records each file's size, written to a temporary name and renamed so
+    that it appears whole or not at all."""
     (folder / CONFIG).write_text(config_yaml)
     (folder / STATE).write_text(json.dumps(state, indent=1))
     for name, source in (attachments or {}).items():
         shutil.copyfile(source, folder / name)
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    for path in [*files, *sorted({p.parent for p in files}, reverse=True), folder]:
+        _fsync(path)
+    marker = {**marker, "files": {p.relative_to(folder).as_posix(): p.stat().st_size for p in files}}
     tmp = folder / (MARKER + ".tmp")
     tmp.write_text(json.dumps(marker))
+    _fsync(tmp)
     os.replace(tmp, folder / MARKER)
+    _fsync(folder)
+
+
+def checkpoint_bytes(run: RunDir, num_params: int) -> int:
+    """What the next checkpoint will take on disk: the newest complete one's size, or before the first one,
+    16 bytes per parameter (fp32 weights, an fp32 master copy and Adam's two moments)."""
+    newest = run.newest()
+    if newest is not None:
+        return sum(p.stat().st_size for p in newest.rglob("*") if p.is_file())
+    return 16 * num_params
+
+
+def no_room(folder: Path, need: int) -> str | None:
+    """Why ``need`` bytes will not fit where ``folder`` is saved, or None (checked before a save starts)."""
+    free = shutil.disk_usage(folder.parent if folder.parent.exists() else folder.parent.parent).free
+    if free >= need:
+        return None
+    return f"no space left on device: {folder} needs ~{need / 2**20:,.0f} MB, {free / 2**20:,.0f} MB are free"
+
+
+@contextlib.contextmanager
+def saving(folder: Path, need: int) -> Iterator[None]:
+    """Turn a save that cannot finish (no space, quota, I/O error) into one line naming the folder and the
+    cause; the partial folder is removed, every older checkpoint kept."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError from its writer
+        shutil.rmtree(folder, ignore_errors=True)
+        cause = no_room(folder, need) or (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        if cause.startswith("no space"):
+            raise UserError(f"{cause}; the older checkpoints are kept") from None
+        raise UserError(f"{folder} could not be saved ({cause}); the older checkpoints are kept") from None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with a complete checkpoint's files against the sizes its marker recorded (None: intact;
+    markers written before sizes were recorded are trusted)."""
+    try:
+        recorded = json.loads((folder / MARKER).read_text()).get("files", {})
+    except (OSError, ValueError):
+        return f"unreadable {MARKER}"
+    for name, size in recorded.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size:,} bytes, {size:,} were written"
+    return None
 
 
 def read_marker(folder: Path) -> dict[str, Any]:
@@ -165,14 +258,24 @@ class Checkpointer:
         """Collective: every rank writes its part; rank 0 then writes llmtrain's own state (JSON, readable
         without loading any tensor), marks the folder complete and prunes old ones."""
         folder = self.run.checkpoint(step)
-        if self.rank == 0 and folder.exists():  # a half-written save of the same step from a killed run
-            shutil.rmtree(folder)
-        dist.barrier()
-        engine.save_checkpoint(str(self.root), tag=folder.name, save_latest=False)
-        dist.barrier()
+        need = checkpoint_bytes(self.run, sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()))
+        problem = ""
         if self.rank == 0:
-            marker = {"step": step, "mode": "sync", "world_size": self.world_size, "zero_stage": self.zero_stage}
-            finish_checkpoint(folder, config_yaml, state, marker, self.attachments)
+            if folder.exists():  # a half-written save of the same step from a killed run
+                shutil.rmtree(folder)
+            problem = no_room(folder, need) or ""
+        verdict = [problem]
+        dist.broadcast_object_list(verdict, src=0)  # every rank stops, or none
+        if verdict[0]:
+            raise UserError(f"{verdict[0]}; the older checkpoints are kept")
+        with saving(folder, need):
+            engine.save_checkpoint(str(self.root), tag=folder.name, save_latest=False)
+            dist.barrier()
+            if self.rank == 0:
+                marker = {"step": step, "mode": "sync", "world_size": self.world_size,
+                          "zero_stage": self.zero_stage}
+                finish_checkpoint(folder, config_yaml, state, marker, self.attachments)
+        if self.rank == 0:
             self.run.prune(self.keep, folder)
         dist.barrier()
         return folder

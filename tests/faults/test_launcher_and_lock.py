@@ -9,6 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import BIN, REPO
 from tests.integration.conftest import COMMON, launch, losses
 
@@ -91,3 +93,40 @@ def test_a_second_run_on_the_same_run_dir_is_refused_and_changes_nothing(prepare
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 61))  # one run's rows, none interleaved
     assert not (run_dir / "LOCK").exists()  # released at the end
     print(f"second run refused in {refused_after:.1f} s")
+
+
+def test_a_truncated_newest_checkpoint_falls_back_to_the_older_one(run, prepared_small, tmp_path):
+    reference = losses(run("z2-2ranks", 2, "precision=fp32", "dist.zero_stage=2"))
+    run_dir = tmp_path / "fallback"
+    launch(run_dir, prepared_small, 2, "precision=fp32", "dist.zero_stage=2", "train.checkpoint_every=5",
+           "train.stop_at_step=10")
+    newest = run_dir / "checkpoints" / "step_00000010"
+    shard = next(newest.glob("*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a write the disk lost half of
+    left = shard.stat().st_size
+    resumed = launch(run_dir, prepared_small, 2, "precision=fp32", "dist.zero_stage=2")
+    assert f"{shard.name} has {left:,} bytes" in resumed.stderr
+    assert "resumed from" in resumed.stderr and "step_00000005 (step 5" in resumed.stderr
+    assert (run_dir / "checkpoints" / "step_00000010.corrupt").is_dir()  # set aside, not deleted
+    got = losses(run_dir)
+    assert [got[s] for s in range(6, 21)] == [reference[s] for s in range(6, 21)]  # bitwise, on every rank
+
+
+def test_a_full_disk_stops_the_save_in_one_line_and_keeps_the_older_checkpoints(prepared_small, tmp_path):
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        run_dir = disk / "run"
+        proc = launch(run_dir, prepared_small, 1, "precision=fp32", "train.checkpoint_every=2",
+                      "train.keep_checkpoints=10", check=False)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"llmtrain-train: error: no space left on device: {run_dir}/checkpoints/step_"), last
+        assert "MB are free; the older checkpoints are kept" in last and "Traceback" not in proc.stderr
+        folders = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+        assert folders and all((run_dir / "checkpoints" / f / "COMPLETE.json").is_file() for f in folders)
+        print(f"disk full after {len(folders)} checkpoint(s): {last}")
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)

@@ -73,7 +73,9 @@ def test_a_checkpoint_of_the_other_mode_is_named_as_such(tmp_path):
 def test_the_marker_appears_whole_or_not_at_all(tmp_path, monkeypatch):
     run = RunDir.of(tmp_path / "run")
     folder = saved_checkpoint(run, 1, "sync")
-    assert json.loads((folder / MARKER).read_text()) == {"step": 1, "mode": "sync"}
+    marker = json.loads((folder / MARKER).read_text())
+    assert (marker["step"], marker["mode"], sorted(marker["files"])) == (1, "sync", ["config.yaml", STATE])
+    assert marker["files"][STATE] == (folder / STATE).stat().st_size
     assert not (folder / (MARKER + ".tmp")).exists() and (folder / STATE).is_file()
     assert run.complete() == [(1, folder)]
 
@@ -102,3 +104,40 @@ def test_every_run_path_comes_from_the_run_folder(tmp_path):
     assert [p.relative_to(run.path).as_posix() for p in (run.config, run.metrics, run.wandb_id, run.preempted,
                                                           run.checkpoint(12))] == [
         "config.yaml", "metrics.jsonl", "wandb_id.txt", "PREEMPTED", "checkpoints/step_00000012"]
+
+
+def test_a_damaged_newest_checkpoint_is_set_aside_for_the_older_one(tmp_path, caplog):
+    run = RunDir.of(tmp_path / "run")
+    older, newer = saved_checkpoint(run, 1, "sync"), saved_checkpoint(run, 2, "sync")
+    (newer / STATE).write_text("{")  # truncated
+    assert run.newest_intact(set_aside=False) == older and newer.is_dir()  # a non-main process only skips
+    assert run.newest_intact(set_aside=True) == older
+    assert not newer.exists() and (run.checkpoints / "step_00000002.corrupt" / MARKER).is_file()
+    assert "llmtrain_state.json has 1 bytes" in caplog.text
+    run.prune(keep=1, current=older)
+    assert (run.checkpoints / "step_00000002.corrupt").is_dir()  # pruning never deletes what was set aside
+    (older / "config.yaml").unlink()
+    with pytest.raises(UserError, match="every complete checkpoint in .* is damaged"):
+        run.newest_intact(set_aside=True)
+
+
+def test_a_save_that_cannot_finish_is_one_line_and_leaves_no_partial_folder(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from llmtrain.train.checkpoint import saving
+
+    run = RunDir.of(tmp_path / "run")
+    older = saved_checkpoint(run, 1, "sync")
+    folder = run.checkpoint(2)
+    with pytest.raises(UserError, match=r"step_00000002 could not be saved \(I/O error\); the older checkpoints"):
+        with saving(folder, need=10):
+            folder.mkdir()
+            (folder / "part.pt").write_bytes(b"x")
+            raise OSError("I/O error")
+    assert not folder.exists() and run.newest() == older
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: usage(100 * 2**20, 99 * 2**20, 2**20))
+    with pytest.raises(UserError, match=r"no space left on device: .*step_00000002 needs ~8 MB, 1 MB are free"):
+        with saving(folder, need=8 * 2**20):  # torch.save's own words for a full disk are a C++ stream error
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
