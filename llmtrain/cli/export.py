@@ -29,8 +29,11 @@ def run(cfg: ExportConfig) -> None:
         raise UserError(f"out={out} exists and is not empty; choose another folder or add overwrite=true")
     trained = load_trained(cfg.run.dir, cfg.run.step)
     # Write next to the destination, then move into place: an export that fails leaves no half folder.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as exc:  # read-only, not a folder, no permission, ...
+        raise UserError(f"cannot write out={out}: {exc.strerror or exc}") from None
     try:
         if cfg.format == ExportFormat.hf:
             from llmtrain.export.hf import save_hf
@@ -43,6 +46,8 @@ def run(cfg: ExportConfig) -> None:
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
+    except OSError as exc:  # a full disk or a lost mount while writing
+        raise UserError(f"could not write out={out}: {exc.strerror or exc}; nothing was left there") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("exported %s (step %d) as a %s", trained.source, trained.step, what)

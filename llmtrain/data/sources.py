@@ -8,6 +8,7 @@ other suffix) through the Generator builder, ``.jsonl``/``.json`` and ``.parquet
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import re
 import sysconfig
@@ -160,8 +161,42 @@ def _load_files(files: list[Path], cfg: DataConfig, scratch: Path, stats: Corpus
             ds = datasets.load_dataset(builder, data_files=data_files, split="train", cache_dir=cache_dir, **kwargs)
         except Exception as exc:  # the builders raise many types for unreadable files
             raise UserError(f"could not read {builder} files {data_files[:3]}: {str(exc).splitlines()[0]}") from None
+        if builder == "json":
+            _check_json_records(ds, paths, cfg.text_field)
         parts.append(_text_only(ds, cfg.text_field, builder))
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def _check_json_records(ds: datasets.Dataset, paths: list[Path], field: str) -> None:
+    """Every JSON record must hold a string under ``field``: name the first file and line that does not (arrow
+    fills a missing field with null and types a non-string one otherwise, which would fail much later)."""
+    feature = ds.features.get(field)
+    is_text = getattr(feature, "dtype", None) in ("string", "large_string")
+    if feature is None or not is_text or ds.data.column(field).null_count:
+        for path in paths:
+            for where, record in _json_records(path):
+                value = record.get(field) if isinstance(record, dict) else None
+                if not isinstance(value, str):
+                    what = "has no" if value is None else f"has a {type(value).__name__} under"
+                    raise UserError(f"{path}:{where}: the record {what} {field!r} (every record needs a string "
+                                    "there; set data.text_field to its text field)")
+        raise UserError(f"the json files {[str(p) for p in paths[:3]]} hold no text under {field!r}; set "
+                        "data.text_field to their text field")
+
+
+def _json_records(path: Path) -> Iterator[tuple[str, object]]:
+    """(line number, record) of a JSON-lines file; (record number, record) of a file holding one JSON list."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    try:
+        whole = json.loads(text)
+    except ValueError:
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                yield str(number), json.loads(line)
+        return
+    for number, record in enumerate(whole if isinstance(whole, list) else [whole], 1):
+        yield f"record {number}", record
 
 
 def _text_only(ds: datasets.Dataset, column: str, what: str) -> datasets.Dataset:
@@ -170,8 +205,9 @@ def _text_only(ds: datasets.Dataset, column: str, what: str) -> datasets.Dataset
     ds = ds.select_columns([column])
     if column != TEXT_COLUMN:
         ds = ds.rename_column(column, TEXT_COLUMN)
-    if ds.features[TEXT_COLUMN].dtype not in ("string", "large_string"):
-        raise UserError(f"{what} column {column!r} holds {ds.features[TEXT_COLUMN].dtype}, not text")
+    dtype = getattr(ds.features[TEXT_COLUMN], "dtype", type(ds.features[TEXT_COLUMN]).__name__)
+    if dtype not in ("string", "large_string"):
+        raise UserError(f"{what} column {column!r} holds {dtype}, not text")
     return ds
 
 

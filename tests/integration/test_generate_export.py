@@ -147,3 +147,12 @@ def test_zero0_checkpoints_load_fp32_and_bf16_masters(run):
         master = trained.state_dict[name]
         assert master.dtype == torch.float32 and torch.equal(master.bfloat16(), weight), name
     assert any(not torch.equal(trained.state_dict[n], w.float()) for n, w in module.items())  # more than bf16
+
+
+def test_export_to_an_impossible_path_is_one_line(run, tmp_path):
+    (tmp_path / "file").write_text("a file, not a folder")
+    proc = run_cli("llmtrain-export", f"run.dir={run('z0-1rank', 1, 'precision=fp32', 'dist.zero_stage=0')}",
+                   f"out={tmp_path}/file/sub")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"llmtrain-export: error: cannot write out={tmp_path}/file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

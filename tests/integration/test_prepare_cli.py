@@ -55,6 +55,8 @@ def test_help_lists_the_config(tmp_path):
          ["data.vocab_size=50000 is more than this corpus supports"]),
         ("corpus", ["data=text", "data.paths=[{d}/c]", "data.dir={d}/file/sub"], ["cannot be created"]),
         ("corpus", ["data=text", "data.paths=[{d}/c]", "data.unknown_key=1"], ["Key 'unknown_key' not in"]),
+        ("jsonl-missing", ["data=text", "data.paths=[{d}/c]"], ["c/r.jsonl:2: the record has no 'text'"]),
+        ("jsonl-object", ["data=text", "data.paths=[{d}/c]"], ["c/r.jsonl:1: the record has a dict under 'text'"]),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, setup, overrides, fragments):
@@ -63,6 +65,11 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, setup, overrides, fr
         (tmp_path / "c").mkdir()
         (tmp_path / "c" / "a.txt").write_text("")
         (tmp_path / "c" / "b.txt").write_text("")
+    elif setup and setup.startswith("jsonl"):
+        (tmp_path / "c").mkdir()
+        records = ([{"text": "one document"}, {"body": "no text field"}] if setup == "jsonl-missing" else
+                   [{"text": {"nested": "an object"}}, {"text": {"nested": "another"}}])
+        (tmp_path / "c" / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     elif setup == "corpus":
         (tmp_path / "c").mkdir()
         for i in range(3):
