@@ -27,9 +27,17 @@ def trainer_class(mode: Mode) -> type:
 
 def run(cfg: TrainConfig) -> None:
     from llmtrain.distributed.env import shutdown
+    from llmtrain.train.checkpoint import RunDir
 
+    run_dir = RunDir.of(cfg.run.dir)
+    made_here = not run_dir.path.exists()
     try:
-        trainer = trainer_class(cfg.mode)(cfg)
+        try:
+            trainer = trainer_class(cfg.mode)(cfg)
+        except BaseException:
+            if made_here:  # a run refused during set-up leaves no empty run.dir behind
+                run_dir.remove_if_unused()
+            raise
         result = trainer.fit()
         if trainer.env.is_main and result.stopped_early:
             print(f"stopped at step {result.steps} with a checkpoint in {cfg.run.dir}; re-run to continue", flush=True)

@@ -112,6 +112,15 @@ class RunDir:
     def lock(self) -> Path:
         return self.path / "LOCK"
 
+    def remove_if_unused(self) -> None:
+        """Remove the folder when it holds nothing a run produced (only its lock or resolved config): called for
+        a folder that a run refused before its first step had made."""
+        try:
+            if {p.name for p in self.path.iterdir()} <= {self.lock.name, self.config.name}:
+                shutil.rmtree(self.path)
+        except OSError:  # gone already (another rank), or not ours to remove
+            pass
+
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / tag_of(step)
 

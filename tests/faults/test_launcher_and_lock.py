@@ -130,3 +130,13 @@ def test_a_full_disk_stops_the_save_in_one_line_and_keeps_the_older_checkpoints(
         print(f"disk full after {len(folders)} checkpoint(s): {last}")
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_a_run_refused_during_set_up_leaves_no_empty_run_dir(prepared_small, tmp_path):
+    proc = launch(tmp_path / "refused", prepared_small, 1, "precision=fp32", "model.vocab_size=512", check=False)
+    assert proc.returncode == 2 and "model.vocab_size=512 but the tokenizer of" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "refused").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()  # a folder the user made is never removed
+    assert launch(kept, prepared_small, 1, "precision=fp32", "model.vocab_size=512", check=False).returncode == 2
+    assert kept.is_dir()
