@@ -12,6 +12,7 @@ import resource
 import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,6 +69,17 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+def drop_torn_last_line(path: Path) -> None:
+    """A run killed while appending a row can leave half a line; cut it off, so the resumed run's rows stay
+    one JSON object per line."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 def stderr_is_terminal() -> bool:
     return sys.stderr.isatty()
 
@@ -89,6 +101,7 @@ class MetricsLogger:
         if not enabled:
             return
         self.path = run.metrics
+        drop_torn_last_line(self.path)
         if stderr_is_terminal():
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
         if wandb_cfg.mode != WandbMode.disabled:

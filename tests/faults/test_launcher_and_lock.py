@@ -140,3 +140,20 @@ def test_a_run_refused_during_set_up_leaves_no_empty_run_dir(prepared_small, tmp
     kept.mkdir()  # a folder the user made is never removed
     assert launch(kept, prepared_small, 1, "precision=fp32", "model.vocab_size=512", check=False).returncode == 2
     assert kept.is_dir()
+
+
+def test_sigkill_at_random_steps_then_rerun_equals_the_uninterrupted_run(run, prepared_small, tmp_path):
+    import random
+
+    reference = losses(run("z2-2ranks", 2, "precision=fp32", "dist.zero_stage=2"))
+    run_dir = tmp_path / "killed"
+    kills = sorted(random.Random(2026).sample(range(4, 18), 2))
+    for step in kills:
+        job = start(run_dir, prepared_small, 2, "dist.zero_stage=2", "train.checkpoint_every=3")
+        wait_for_step(run_dir, step, job)
+        os.killpg(job.pid, signal.SIGKILL)  # the whole job, launcher and ranks, without warning
+        job.wait()
+    last = launch(run_dir, prepared_small, 2, "precision=fp32", "dist.zero_stage=2", "train.checkpoint_every=3")
+    assert "resumed from" in last.stderr
+    got = losses(run_dir)  # a step logged again after a resume keeps its last value
+    assert got == reference, (kills, {s: (got.get(s), reference[s]) for s in reference if got.get(s) != reference[s]})

@@ -71,3 +71,12 @@ def test_a_terminal_gets_the_bar(tmp_path, monkeypatch):
     logger = metrics.MetricsLogger(RunDir.of(tmp_path), True, WandbConfig(), {}, total_steps=5, start_step=0)
     assert logger.bar is not None
     logger.close()
+
+
+def test_a_torn_last_metrics_row_is_cut_off_on_resume(tmp_path):
+    run = RunDir.of(tmp_path)
+    run.metrics.write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "lo')  # killed mid-write
+    logger = metrics.MetricsLogger(run, True, WandbConfig(), {}, total_steps=5, start_step=1)
+    logger.log(2, {"loss": 4.5})
+    logger.close()
+    assert [json.loads(line)["step"] for line in run.metrics.read_text().splitlines()] == [1, 2]
