@@ -171,8 +171,10 @@ def _check_json_records(ds: datasets.Dataset, paths: list[Path], field: str) -> 
     """Every JSON record must hold a string under ``field``: name the first file and line that does not (arrow
     fills a missing field with null and types a non-string one otherwise, which would fail much later)."""
     feature = ds.features.get(field)
+    if feature is None:
+        return  # no record has it: _text_only names the columns there are
     is_text = getattr(feature, "dtype", None) in ("string", "large_string")
-    if feature is None or not is_text or ds.data.column(field).null_count:
+    if not is_text or ds.data.column(field).null_count:
         for path in paths:
             for where, record in _json_records(path):
                 value = record.get(field) if isinstance(record, dict) else None
@@ -189,8 +191,10 @@ def _json_records(path: Path) -> Iterator[tuple[str, object]]:
     with open(path, encoding="utf-8", errors="replace") as f:
         text = f.read()
     try:
-        whole = json.loads(text)
+        whole = json.loads(text) if path.suffix.lower() == ".json" else None
     except ValueError:
+        whole = None
+    if whole is None:
         for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 yield str(number), json.loads(line)
