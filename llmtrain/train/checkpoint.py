@@ -188,7 +188,10 @@ def checkpoint_bytes(run: RunDir, num_params: int) -> int:
     """What the next checkpoint will take on disk: the newest complete one's size, or before the first one,
     16 bytes per parameter (fp32 weights, an fp32 master copy and Adam's two moments)."""
     newest = run.newest()
-    if newest is not None:
+    recorded = read_marker(newest).get("files") if newest is not None else None
+    if recorded:  # the sizes its marker recorded: no walk over the folder
+        return sum(recorded.values())
+    if newest is not None:  # a checkpoint from before sizes were recorded
         return sum(p.stat().st_size for p in newest.rglob("*") if p.is_file())
     return 16 * num_params
 
