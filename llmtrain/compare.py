@@ -127,6 +127,9 @@ def plot(runs: list[ModeRun], out: Path) -> list[Path]:
 
 
 def compare(cfg: CompareConfig, user_overrides: list[str]) -> str:
+    from llmtrain.train.setup import check_data_dir
+
+    check_data_dir(cfg.data)  # the runs would each refuse it, after compare.dir was made
     out = Path(cfg.compare.dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = plan(cfg)

@@ -159,6 +159,8 @@ class DataConfig:
     """Maximum tokens per shard file."""
     overwrite: bool = False
     """Replace a data.dir prepared with another config or tokenizer."""
+    prepare_if_missing: bool = False
+    """Training: prepare data.dir first when it holds no dataset (set by naming a source: data=stdlib|text|hf)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -181,10 +183,10 @@ class DataConfig:
         raise_problems(problems, "data")
 
     # Fields that change how a prepare runs but not what it writes.
-    RUNTIME_ONLY = ("dir", "num_proc", "overwrite")
+    RUNTIME_ONLY = ("dir", "num_proc", "overwrite", "prepare_if_missing")
 
     def fingerprint(self) -> str:
-        """SHA-256 of every field that determines the prepared output (not dir, num_proc, overwrite)."""
+        """SHA-256 of every field that determines the prepared output (not the RUNTIME_ONLY ones)."""
         payload = {k: v for k, v in to_plain(self).items() if k not in self.RUNTIME_ONLY}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

@@ -3,3 +3,14 @@
 
 class UserError(Exception):
     """A problem in what the user gave us. The CLI prints its message as one line and exits with code 2."""
+
+
+def os_reason(exc: OSError) -> str:
+    """Why a folder could not be made or written, in words: ``read-only file system: /mnt/ro``.
+
+    ``Path.mkdir(parents=True)`` reports a file standing where a folder must go as "File exists"; say so plainly.
+    """
+    if isinstance(exc, FileExistsError) and exc.filename:
+        return f"{exc.filename} is a file, not a folder"
+    reason = (exc.strerror or str(exc)).lower()
+    return f"{reason}: {exc.filename}" if exc.filename else reason

@@ -41,7 +41,7 @@ def one_line(exc: BaseException) -> str:
         options = _listed_options(lines)
         if lines and lines[0] not in parts and "$VALUE" not in lines[0]:
             parts.append(lines[0].rstrip(".") + (f"; choose one of: {', '.join(options)}" if options else ""))
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)  # `from None` ends it
     return ": ".join(parts) or type(exc).__name__
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from llmtrain.cli._entry import hydra_command
 from llmtrain.config import ExportConfig, ExportFormat
-from llmtrain.errors import UserError
+from llmtrain.errors import UserError, os_reason
 
 log = logging.getLogger("llmtrain")
 
@@ -33,7 +33,7 @@ def run(cfg: ExportConfig) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     except OSError as exc:  # read-only, not a folder, no permission, ...
-        raise UserError(f"cannot write out={out}: {exc.strerror or exc}") from None
+        raise UserError(f"cannot write out={out}: {os_reason(exc)}") from None
     try:
         if cfg.format == ExportFormat.hf:
             from llmtrain.export.hf import save_hf

@@ -5,7 +5,8 @@
     deepspeed --num_gpus 8 -m llmtrain.cli.train data.dir=... run.dir=... model=gpt2-124m precision=bf16
     torchrun --nproc_per_node 3 -m llmtrain.cli.train ... mode=async_ps   # 1 server + 2 workers
 
-A data.dir that holds no prepared dataset is prepared first from the data.* settings (default: the stdlib).
+A data.dir that holds no prepared dataset is refused, unless the source is named (data=stdlib|text|hf): then it is
+prepared first from the data.* settings.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from llmtrain.data.shards import (
 )
 from llmtrain.data.sources import TEXT_COLUMN, CorpusStats, load_corpus
 from llmtrain.data.tokenizer import Tokenizer
-from llmtrain.errors import UserError
+from llmtrain.errors import UserError, os_reason
 
 log = logging.getLogger("llmtrain")
 STAGING_PREFIX = ".partial-"
@@ -135,7 +135,7 @@ def _staging(target: Path) -> Iterator[Path]:
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"data.dir={target} cannot be created ({exc.strerror})") from None
+        raise UserError(f"data.dir={target} cannot be created ({os_reason(exc)})") from None
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"data.dir={target} is not writable (no write permission on {parent})")
     for stale in parent.glob(f".{target.name}{STAGING_PREFIX}*"):
@@ -146,7 +146,7 @@ def _staging(target: Path) -> Iterator[Path]:
     try:
         stage.mkdir()
     except OSError as exc:
-        raise UserError(f"data.dir={target} is not writable ({exc.strerror})") from None
+        raise UserError(f"data.dir={target} is not writable ({os_reason(exc)})") from None
     try:
         yield stage
     except BaseException:

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llmtrain.config import WandbConfig, WandbMode
+from llmtrain.errors import UserError
 from llmtrain.train.checkpoint import RunDir
 
 log = logging.getLogger("llmtrain")
@@ -113,9 +114,16 @@ class MetricsLogger:
 
         id_file = run.wandb_id  # the same wandb run continues after an auto-resume
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
+        try:
+            started = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or run.path.name,
+                                 group=cfg.group, id=run_id, resume="allow", dir=str(run.path), mode=cfg.mode.value,
+                                 config=config)
+        except wandb.errors.Error as exc:  # no API key, no network, a wrong entity: one line, not a traceback
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"wandb.mode={cfg.mode.value} could not start the W&B run ({first}); log in (wandb login "
+                            f"or WANDB_API_KEY) or use wandb.mode=offline") from None
         id_file.write_text(run_id)
-        return wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or run.path.name, group=cfg.group,
-                          id=run_id, resume="allow", dir=str(run.path), mode=cfg.mode.value, config=config)
+        return started
 
     def log(self, step: int, row: dict[str, Any]) -> None:
         if not self.enabled:

@@ -17,7 +17,7 @@ import yaml
 
 from llmtrain.config import DataConfig, Mode, ModelConfig, TrainConfig, to_plain
 from llmtrain.data.reader import PreparedData
-from llmtrain.errors import UserError
+from llmtrain.errors import UserError, os_reason
 from llmtrain.train import lock
 from llmtrain.train.checkpoint import RunDir, read_marker, read_state
 
@@ -55,8 +55,12 @@ def set_up_run(cfg: TrainConfig, is_main: bool, wait: Callable[[], None] | None 
     the same path on every rank), the data (prepared first if missing, see ``open_data``), the model config with its
     vocabulary check, and the resolved config."""
     run = RunDir.of(cfg.run.dir)
+    check_data_dir(cfg.data)  # before anything is made: a typo in data.dir leaves no run.dir behind
     if is_main:
-        run.path.mkdir(parents=True, exist_ok=True)
+        try:
+            run.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create run.dir={cfg.run.dir}: {os_reason(exc)}") from None
         lock.acquire(run.lock)  # before anything is written: a second run on this folder is refused here
     data = open_data(cfg.data, is_main, wait)
     model_cfg = model_config(cfg, data)
@@ -64,10 +68,13 @@ def set_up_run(cfg: TrainConfig, is_main: bool, wait: Callable[[], None] | None 
 
 
 def open_data(cfg: DataConfig, is_main: bool, wait: Callable[[], None] | None = None) -> PreparedData:
-    """The prepared dataset of ``cfg.dir``: the main process prepares it first when the folder holds none; the
-    others wait (``wait``: a barrier of the process group, or by default a poll for the finished folder)."""
+    """The prepared dataset of ``cfg.dir``. A folder that holds none is refused, unless the command named its source
+    (``data=stdlib|text|hf`` sets ``prepare_if_missing``): then the main process prepares it first and the others wait
+    (``wait``: a barrier of the process group, or by default a poll for the finished folder). A typo in data.dir
+    must not train on the default corpus."""
     from llmtrain.data.shards import read_meta
 
+    check_data_dir(cfg)
     if is_main and read_meta(cfg.dir) is None:
         from llmtrain.data.prepare import prepare
 
@@ -75,6 +82,15 @@ def open_data(cfg: DataConfig, is_main: bool, wait: Callable[[], None] | None = 
         prepare(cfg)
     (wait or (lambda: _poll_prepared(cfg.dir)))()
     return PreparedData(cfg.dir)
+
+
+def check_data_dir(cfg: DataConfig) -> None:
+    """Refuse a data.dir that holds no prepared dataset unless the command named a source to prepare it from."""
+    from llmtrain.data.shards import read_meta
+
+    if not cfg.prepare_if_missing and read_meta(cfg.dir) is None:
+        raise UserError(f"data.dir={cfg.dir} holds no prepared dataset; prepare it with llmtrain-prepare, or name its "
+                        f"source to prepare it first (e.g. data=stdlib)")
 
 
 def _poll_prepared(data_dir: str, timeout_s: float = 600) -> None:

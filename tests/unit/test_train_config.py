@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llmtrain.cli._entry import CONF_DIR, _precheck, to_typed
-from llmtrain.config import Decay, OptimConfig, OptimizerName, Precision, TrainConfig, register_configs
+from llmtrain.config import DataConfig, Decay, OptimConfig, OptimizerName, Precision, TrainConfig, register_configs
 from llmtrain.distributed.deepspeed import build_ds_config, grad_accumulation_steps
 from llmtrain.errors import UserError
 from llmtrain.model import GPT, build_model
@@ -53,6 +53,17 @@ def test_the_readme_experiments_compose(model):
         assert cfg.model.name == model and cfg.model.block_size == 128, experiment
     cfg = compose(["experiment=small_data", f"model={model}"])
     assert (cfg.train.subset_tokens, cfg.train.max_steps * cfg.train.global_batch_size * 128) == (262144, 8 * 262144)
+
+
+def test_only_a_named_source_lets_training_prepare_a_missing_data_dir():
+    # A typo in data.dir must not train on the default corpus: the source is named on the command line or by an
+    # experiment file (which knows its corpus), never taken from the schema's default.
+    assert not compose([]).data.prepare_if_missing
+    assert compose(["data=stdlib"]).data.prepare_if_missing
+    assert compose(["data=text", "data.paths=[a.txt]"]).data.prepare_if_missing
+    for experiment in sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml")):
+        assert compose([f"experiment={experiment}"]).data.prepare_if_missing, experiment
+    assert DataConfig(dir="d").fingerprint() == DataConfig(dir="d", prepare_if_missing=True).fingerprint()
 
 
 def test_the_default_precision_works_in_both_modes():

@@ -1,0 +1,73 @@
+"""Bad values given to each command: one line naming what to change, exit 2, no traceback, nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.integration.conftest import COMMON
+
+
+def refused(proc: subprocess.CompletedProcess, command: str, fragment: str) -> str:
+    """The one error line of a refused command (exit 2, no traceback), checked to contain ``fragment``."""
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{command}: error: ") and fragment in last, last
+    return last
+
+
+def test_a_typo_in_data_dir_is_refused_not_prepared_from_the_default_corpus(prepared_small, tmp_path):
+    typo = tmp_path / "stdlbi"
+    proc = run_cli("llmtrain-train", f"data.dir={typo}", f"run.dir={tmp_path}/run", *COMMON)
+    refused(proc, "llmtrain-train", f"data.dir={typo} holds no prepared dataset; prepare it with llmtrain-prepare")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither a data folder nor a run folder
+    proc = run_cli("llmtrain-compare", f"data.dir={typo}", *COMMON, f"compare.dir={tmp_path}/cmp")
+    refused(proc, "llmtrain-compare", f"data.dir={typo} holds no prepared dataset")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_naming_the_source_prepares_a_missing_data_dir_first(tmp_path):
+    data_dir = tmp_path / "data"
+    proc = run_cli("llmtrain-train", "data=stdlib", f"data.dir={data_dir}", "data.max_documents=40",
+                   "data.vocab_size=512", "data.num_proc=1", f"run.dir={tmp_path}/run", *COMMON, "train.max_steps=2",
+                   "train.eval_every=2", "train.eval_windows=4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "holds no prepared dataset: preparing it first (data=stdlib)" in proc.stderr
+    assert (data_dir / "meta.json").is_file()
+
+
+def test_a_run_dir_that_is_a_file_is_one_line(prepared_small, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    proc = run_cli("llmtrain-train", f"data.dir={prepared_small}", f"run.dir={tmp_path}/file", *COMMON)
+    refused(proc, "llmtrain-train", f"cannot create run.dir={tmp_path}/file: {tmp_path}/file is a file, not a folder")
+    proc = run_cli("llmtrain-prepare", "data=stdlib", f"data.dir={tmp_path}/file/data")
+    refused(proc, "llmtrain-prepare", f"{tmp_path}/file is a file, not a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_wandb_online_without_a_login_is_one_line(prepared_small, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path / "home"), WANDB_DIR=str(tmp_path / "wandb"))  # no ~/.netrc holding a key
+    proc = run_cli("llmtrain-train", f"data.dir={prepared_small}", f"run.dir={tmp_path}/run", *COMMON,
+                   "wandb.mode=online", env=env)
+    refused(proc, "llmtrain-train", "wandb.mode=online could not start the W&B run (")
+    assert not (tmp_path / "run").exists()
+
+
+def test_export_to_a_read_only_file_system_is_one_line(run, tmp_path):
+    trained = run("z0-1rank", 1, "precision=fp32", "dist.zero_stage=0")
+    disk = tmp_path / "read-only"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(disk)],
+                      capture_output=True).returncode:
+        pytest.skip("mounting a read-only tmpfs needs root")
+    try:
+        proc = run_cli("llmtrain-export", f"run.dir={trained}", f"out={disk}/model")
+        refused(proc, "llmtrain-export", f"cannot write out={disk}/model: read-only file system")
+        assert list(Path(disk).iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
