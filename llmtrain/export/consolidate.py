@@ -31,7 +31,7 @@ from llmtrain.dtypes import torch_dtype
 from llmtrain.errors import UserError
 from llmtrain.model import build_model
 from llmtrain.train.checkpoint import CONFIG as RUN_CONFIG
-from llmtrain.train.checkpoint import MARKER, STATE, RunDir, is_checkpoint_folder, read_marker
+from llmtrain.train.checkpoint import MARKER, STATE, RunDir, damage, is_checkpoint_folder, read_marker
 
 log = logging.getLogger("llmtrain")
 FORMAT, FORMAT_VERSION = "llmtrain", 1
@@ -95,6 +95,11 @@ def resolve_checkpoint(path: str | Path, step: int = 0) -> Path:
 def load_trained(path: str | Path, step: int = 0, tokenizer: str | Path | None = None) -> TrainedModel:
     """Load a trained model on this process; ``tokenizer`` (optional) must be the one it was trained with."""
     folder = resolve_checkpoint(path, step)
+    problem = damage(folder) if (folder / MARKER).is_file() else None
+    if problem:
+        older = [str(s) for s, f in RunDir(folder.parent.parent).complete() if f != folder]
+        raise UserError(f"{folder} is damaged ({problem})" + (f"; load an older checkpoint with run.dir=<run> "
+                        f"run.step=N (complete: steps {', '.join(older)})" if older else ""))
     try:
         if (folder / WEIGHTS).is_file():
             trained = _load_exported(folder)

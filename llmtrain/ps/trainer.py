@@ -320,7 +320,7 @@ class AsyncPSTrainer:
 
     def _resume_server(self, rank: int) -> None:
         """Continue from the run's newest complete checkpoint: this server's shard, optimizer and counters."""
-        folder = self.run.newest_intact(set_aside=rank == 0) if self.cfg.run.resume else None
+        folder = self.run.newest_intact(is_main=rank == 0) if self.cfg.run.resume else None
         if folder is None:
             return
         state = setup.check_resumable(folder, Mode.async_ps, self.data, self.model_cfg)

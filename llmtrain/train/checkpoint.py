@@ -29,8 +29,9 @@ import logging
 import os
 import shutil
 import sys
+import zipfile
 from argparse import Namespace
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,15 +134,28 @@ class RunDir:
         found = self.complete()
         return found[-1][1] if found else None
 
-    def newest_intact(self, set_aside: bool) -> Path | None:
-        """The newest complete checkpoint whose files are all there at their recorded sizes (a truncated file
-        from a full disk or a lost write is caught here, before any tensor is read). Each damaged newer one is
-        reported in one line and, when ``set_aside`` (the main process), renamed ``step_N.corrupt`` so the run
-        goes on from the next older one; every process reaches the same answer. Refused in one line when
-        complete checkpoints exist but none is intact."""
+    def newest_intact(self, is_main: bool, barrier: Callable[[], None] | None = None) -> Path | None:
+        """The newest complete checkpoint whose files are all there at their recorded sizes and pass their checksums
+        (a truncated file from a full disk or a lost write, flipped bytes, are caught here, before any tensor is
+        read). Each damaged newer one is reported in one line and renamed ``step_N.corrupt`` by the main process,
+        so the run goes on from the next older one on every process alike. Refused in one line when complete
+        checkpoints exist but none is intact.
+
+        With a ``barrier`` (a process group), only the main process reads the files through; the others wait for
+        its verdict, which reaches them as the folders it set aside. Without one, every process checks for itself
+        (and reaches the same answer)."""
+        if barrier is None or is_main:
+            found = self._newest_verified(set_aside=is_main, verify_contents=True)
+        if barrier is not None:
+            barrier()
+            if not is_main:
+                found = self._newest_verified(set_aside=False, verify_contents=False)
+        return found
+
+    def _newest_verified(self, set_aside: bool, verify_contents: bool) -> Path | None:
         complete = self.complete()
         for _, folder in reversed(complete):
-            problem = damage(folder)
+            problem = damage(folder, verify_contents)
             if problem is None:
                 return folder
             log.warning("checkpoint %s is damaged (%s): %s", folder, problem,
@@ -226,9 +240,11 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def damage(folder: Path) -> str | None:
-    """What is wrong with a complete checkpoint's files against the sizes its marker recorded (None: intact;
-    markers written before sizes were recorded are trusted)."""
+def damage(folder: Path, verify_contents: bool = True) -> str | None:
+    """What is wrong with a complete checkpoint's files (None: intact): each file the marker recorded must be there
+    at its recorded size and, with ``verify_contents``, every ``.pt`` file must pass the CRC-32 checksums that
+    ``torch.save``'s zip format stores for each member -- ``torch.load`` itself never checks them, so flipped
+    bytes would load as garbage weights. Markers written before sizes were recorded are trusted."""
     try:
         recorded = json.loads((folder / MARKER).read_text()).get("files", {})
     except (OSError, ValueError):
@@ -239,7 +255,22 @@ def damage(folder: Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != size:
             return f"{name} has {path.stat().st_size:,} bytes, {size:,} were written"
+    for name in recorded if verify_contents else ():
+        if name.endswith(".pt"):
+            problem = _zip_damage(folder / name)
+            if problem:
+                return f"{name} {problem}"
     return None
+
+
+def _zip_damage(path: Path) -> str | None:
+    """Why a file written by ``torch.save`` fails to read back whole (None: every member matches its CRC-32)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as exc:
+        return f"is not a readable archive ({exc})"
+    return f"fails its checksum (member {bad})" if bad else None
 
 
 def read_marker(folder: Path) -> dict[str, Any]:

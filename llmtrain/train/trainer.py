@@ -95,7 +95,7 @@ class Trainer:
                                   skipped_steps=self.skipped_steps, reader=self.reader.state_dict())
 
     def _resume(self) -> None:
-        folder = self.run.newest_intact(set_aside=self.env.is_main)
+        folder = self.run.newest_intact(self.env.is_main, dist.barrier)
         if folder is None:
             return
         client = setup.check_resumable(folder, self.cfg.mode, self.data, self.model_cfg)

@@ -95,17 +95,29 @@ def test_a_second_run_on_the_same_run_dir_is_refused_and_changes_nothing(prepare
     print(f"second run refused in {refused_after:.1f} s")
 
 
-def test_a_truncated_newest_checkpoint_falls_back_to_the_older_one(run, prepared_small, tmp_path):
+def halve(shard: Path) -> str:
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a write the disk lost half of
+    return f"{shard.name} has {shard.stat().st_size:,} bytes"
+
+
+def flip_bytes(shard: Path) -> str:
+    raw = bytearray(shard.read_bytes())
+    for i in range(len(raw) // 2, len(raw) // 2 + 16):
+        raw[i] ^= 0xFF  # bit rot at the same size: torch.load would read it as garbage weights
+    shard.write_bytes(bytes(raw))
+    return f"{shard.name} fails its checksum"
+
+
+@pytest.mark.parametrize("damage", [halve, flip_bytes])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one(run, prepared_small, tmp_path, damage):
     reference = losses(run("z2-2ranks", 2, "precision=fp32", "dist.zero_stage=2"))
     run_dir = tmp_path / "fallback"
     launch(run_dir, prepared_small, 2, "precision=fp32", "dist.zero_stage=2", "train.checkpoint_every=5",
            "train.stop_at_step=10")
     newest = run_dir / "checkpoints" / "step_00000010"
-    shard = next(newest.glob("*optim_states.pt"))
-    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a write the disk lost half of
-    left = shard.stat().st_size
+    reported = damage(next(newest.glob("*optim_states.pt")))
     resumed = launch(run_dir, prepared_small, 2, "precision=fp32", "dist.zero_stage=2")
-    assert f"{shard.name} has {left:,} bytes" in resumed.stderr
+    assert reported in resumed.stderr
     assert "resumed from" in resumed.stderr and "step_00000005 (step 5" in resumed.stderr
     assert (run_dir / "checkpoints" / "step_00000010.corrupt").is_dir()  # set aside, not deleted
     got = losses(run_dir)
@@ -157,3 +169,31 @@ def test_sigkill_at_random_steps_then_rerun_equals_the_uninterrupted_run(run, pr
     assert "resumed from" in last.stderr
     got = losses(run_dir)  # a step logged again after a resume keeps its last value
     assert got == reference, (kills, {s: (got.get(s), reference[s]) for s in reference if got.get(s) != reference[s]})
+
+
+def half_written(run_dir: Path) -> list[Path]:
+    folders = (run_dir / "checkpoints").glob("step_*[0-9]")
+    return [f for f in folders if f.is_dir() and not (f / "COMPLETE.json").exists()]
+
+
+def test_sigkill_inside_a_save_then_rerun_equals_the_uninterrupted_run(run, prepared_small, tmp_path):
+    reference = losses(run("z2-2ranks", 2, "precision=fp32", "dist.zero_stage=2"))
+    run_dir = tmp_path / "killed-saving"
+    for attempt in range(3):  # a save takes tens of ms: poll for one under way, kill the job right then
+        job = start(run_dir, prepared_small, 2, "dist.zero_stage=2", "train.checkpoint_every=1")
+        wait_for_step(run_dir, 4 + 4 * attempt, job)  # complete checkpoints exist to resume from
+        deadline = time.time() + 180
+        while not half_written(run_dir) and job.poll() is None and time.time() < deadline:
+            time.sleep(0.002)
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+        caught = half_written(run_dir)
+        if caught:
+            break
+    assert caught, "no kill landed inside a save in 3 attempts"
+    print(f"killed inside the save of {caught[0].name} (attempt {attempt + 1}), files: "
+          f"{sorted(p.name for p in caught[0].iterdir())}")
+    last = launch(run_dir, prepared_small, 2, "precision=fp32", "dist.zero_stage=2", "train.checkpoint_every=1")
+    assert "resumed from" in last.stderr and not half_written(run_dir)  # the half-written folder is pruned
+    got = losses(run_dir)
+    assert got == reference, {s: (got.get(s), reference[s]) for s in reference if got.get(s) != reference[s]}

@@ -12,8 +12,9 @@ import pytest
 
 from llmtrain.config import Mode, ModelConfig, TrainConfig, to_plain
 from llmtrain.errors import UserError
+from llmtrain.export.consolidate import load_trained
 from llmtrain.train import setup
-from llmtrain.train.checkpoint import MARKER, STATE, RunDir, finish_checkpoint, read_marker
+from llmtrain.train.checkpoint import MARKER, STATE, RunDir, damage, finish_checkpoint, read_marker
 
 MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=300)
 
@@ -110,15 +111,43 @@ def test_a_damaged_newest_checkpoint_is_set_aside_for_the_older_one(tmp_path, ca
     run = RunDir.of(tmp_path / "run")
     older, newer = saved_checkpoint(run, 1, "sync"), saved_checkpoint(run, 2, "sync")
     (newer / STATE).write_text("{")  # truncated
-    assert run.newest_intact(set_aside=False) == older and newer.is_dir()  # a non-main process only skips
-    assert run.newest_intact(set_aside=True) == older
+    assert run.newest_intact(is_main=False) == older and newer.is_dir()  # a non-main process only skips
+    assert run.newest_intact(is_main=True) == older
     assert not newer.exists() and (run.checkpoints / "step_00000002.corrupt" / MARKER).is_file()
     assert "llmtrain_state.json has 1 bytes" in caplog.text
     run.prune(keep=1, current=older)
     assert (run.checkpoints / "step_00000002.corrupt").is_dir()  # pruning never deletes what was set aside
     (older / "config.yaml").unlink()
     with pytest.raises(UserError, match="every complete checkpoint in .* is damaged"):
-        run.newest_intact(set_aside=True)
+        run.newest_intact(is_main=True)
+
+
+def test_flipped_bytes_in_a_tensor_file_fail_its_checksum_and_the_verdict_of_the_main_process_is_shared(tmp_path):
+    import torch
+
+    run = RunDir.of(tmp_path / "run")
+    folders = []
+    for step in (1, 2):
+        folder = run.checkpoint(step)
+        folder.mkdir(parents=True)
+        torch.save({"w": torch.arange(4096, dtype=torch.float32)}, folder / "mp_rank_00_model_states.pt")
+        finish_checkpoint(folder, "precision: fp32\n", {"step": step}, {"step": step})
+        folders.append(folder)
+    shard = folders[1] / "mp_rank_00_model_states.pt"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # same size: only the checksum can tell, torch.load would return a wrong weight
+    shard.write_bytes(bytes(raw))
+    assert damage(folders[1], verify_contents=False) is None
+    assert "mp_rank_00_model_states.pt fails its checksum (member " in damage(folders[1])
+    assert damage(folders[0]) is None
+    with pytest.raises(UserError, match=r"step_00000002 is damaged \(mp_rank_00_model_states.pt fails its checksum"):
+        load_trained(run.path)  # generate and export refuse it too, naming the older steps
+    # With a process group only the main process reads the files; the others find what it set aside.
+    order = []
+    assert run.newest_intact(is_main=False, barrier=lambda: order.append("barrier")) == folders[1]  # not yet set aside
+    assert run.newest_intact(is_main=True, barrier=lambda: order.append("barrier")) == folders[0]
+    assert run.newest_intact(is_main=False, barrier=lambda: order.append("barrier")) == folders[0]
+    assert order == ["barrier"] * 3 and (run.checkpoints / "step_00000002.corrupt").is_dir()
 
 
 def test_a_save_that_cannot_finish_is_one_line_and_leaves_no_partial_folder(tmp_path, monkeypatch):
