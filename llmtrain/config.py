@@ -367,6 +367,8 @@ class DistConfig:
     """torch.distributed backend: auto (nccl with CUDA, gloo otherwise) | nccl | gloo."""
     timeout_s: int = 600
     """Collective timeout: a lost rank ends the job after this many seconds instead of hanging."""
+    deepspeed_overrides: dict[str, Any] = field(default_factory=dict)
+    """Merged over the generated DeepSpeed config: +dist.deepspeed_overrides.zero_optimization.overlap_comm=true."""
 
     def __post_init__(self) -> None:
         problems = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,32 @@ def test_generated_deepspeed_config():
     assert fp16["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}  # 0 = dynamic
     plain = build_ds_config(compose(["precision=fp32"]), dp_world=1)
     assert plain["zero_optimization"] == {"stage": 0} and not plain["bf16"]["enabled"]
+
+
+def test_deepspeed_buckets_follow_the_model_width_and_overrides_merge_over_them():
+    # model=small: n_embd 384 -> buckets of 384² elements instead of DeepSpeed's 5e8 (2 GB in fp32)
+    z2 = build_ds_config(compose(["dist.zero_stage=2"]), dp_world=2)["zero_optimization"]
+    assert z2 == {"stage": 2, "reduce_bucket_size": 147456, "allgather_bucket_size": 147456}
+    z3 = build_ds_config(compose(["dist.zero_stage=3", "model=350m"]), dp_world=2)["zero_optimization"]
+    assert (z3["reduce_bucket_size"], z3["stage3_prefetch_bucket_size"], z3["stage3_param_persistence_threshold"]) \
+        == (1024**2, int(0.9 * 1024**2), 10240)
+    ds = build_ds_config(compose(["dist.zero_stage=2", "+dist.deepspeed_overrides.zero_optimization.overlap_comm=true",
+                                  "+dist.deepspeed_overrides.zero_optimization.reduce_bucket_size=1000",
+                                  "+dist.deepspeed_overrides.wall_clock_breakdown=true"]), dp_world=2)
+    assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000, "allgather_bucket_size": 147456,
+                                       "overlap_comm": True}
+    assert ds["wall_clock_breakdown"] is True and ds["train_batch_size"] == compose([]).train.global_batch_size
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("+dist.deepspeed_overrides.zero_optimisation.stage=1", "unknown DeepSpeed setting(s) zero_optimisation; see"),
+    ("+dist.deepspeed_overrides.zero_optimization.stage=1", "zero_optimization.stage (set dist.zero_stage) is "
+                                                            "llmtrain's own setting"),
+    ("+dist.deepspeed_overrides.train_batch_size=8", "train_batch_size (set train.global_batch_size)"),
+])
+def test_deepspeed_overrides_refused_in_one_line(override, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        build_ds_config(compose([override]), dp_world=1)
 
 
 def test_lr_schedule_values():
