@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -106,6 +107,21 @@ def _dotted(tree: dict[str, Any], prefix: str = "") -> list[str]:
         if isinstance(value, dict):
             keys += _dotted(value, f"{prefix}{key}.")
     return keys
+
+
+def build_partitioned(build: Callable[[], torch.nn.Module], ds_config: dict[str, Any]) -> torch.nn.Module:
+    """``build()``, and under ZeRO-3 inside ``deepspeed.zero.Init``: each module's parameters are cut into the
+    ranks' partitions as soon as that module is made, so no rank ever holds the whole model.
+
+    The weights equal an unpartitioned build's bitwise (same seed): module constructors initialise full tensors
+    before they are cut, and zero.Init gathers each module's parameters around ``nn.Module.apply`` -- which is
+    why the models set their own initial values only through ``self.apply(self.init_weights)``."""
+    if ds_config["zero_optimization"]["stage"] != 3:
+        return build()
+    import deepspeed
+
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        return build()
 
 
 def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any]):

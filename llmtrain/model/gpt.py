@@ -176,10 +176,12 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         self.activation_checkpointing = False
         """Set by build_model: recompute each block's activations in backward (memory for compute)."""
-        self.apply(self._init_weights)
+        self.apply(self.init_weights)
 
-    def _init_weights(self, module: nn.Module) -> None:
-        # GPT-2: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 * n_layer).
+    def init_weights(self, module: nn.Module) -> None:
+        """The initial values of ``module``'s own parameters, set only through ``self.apply``: a partitioned build
+        gathers each module's parameters around it (see distributed.deepspeed.build_partitioned).
+        GPT-2: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 * n_layer)."""
         std = self.cfg.init_std
         if isinstance(module, nn.Linear):
             scale = 1 / math.sqrt(2 * self.cfg.n_layer) if getattr(module, "is_residual_projection", False) else 1

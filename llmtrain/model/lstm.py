@@ -39,16 +39,22 @@ class LSTMLM(nn.Module):
             self.lm_head.weight = self.wte.weight
         self.activation_checkpointing = False
         """Accepted from build_model; the LSTM does not recompute activations."""
-        # Embedding and head uniform in +-0.1, as in PyTorch's word_language_model example (Zaremba et al. 2014):
-        # GPT's N(0, 0.02) leaves the LSTM's inputs too small to learn from quickly (no norm layer rescales them).
-        nn.init.uniform_(self.wte.weight, -0.1, 0.1)
-        if not cfg.tie_embeddings:
-            nn.init.uniform_(self.lm_head.weight, -0.1, 0.1)
-        # nn.LSTM's own init (uniform +-1/sqrt(hidden)) is the usual one; forget-gate bias 1 helps early training.
-        for name, param in self.lstm.named_parameters():
-            if name.startswith("bias_ih"):
-                with torch.no_grad():
-                    param[cfg.n_embd: 2 * cfg.n_embd].fill_(1.0)
+        self.apply(self.init_weights)
+
+    def init_weights(self, module: nn.Module) -> None:
+        """The initial values of ``module``'s own parameters, set only through ``self.apply``: a partitioned build
+        gathers each module's parameters around it (see distributed.deepspeed.build_partitioned).
+
+        Embedding and head uniform in +-0.1, as in PyTorch's word_language_model example (Zaremba et al. 2014):
+        GPT's N(0, 0.02) leaves the LSTM's inputs too small to learn from quickly (no norm layer rescales them).
+        nn.LSTM's own init (uniform +-1/sqrt(hidden)) is the usual one; forget-gate bias 1 helps early training."""
+        if module is self.wte or (module is self.lm_head and not self.cfg.tie_embeddings):
+            nn.init.uniform_(module.weight, -0.1, 0.1)
+        elif module is self.lstm:
+            for name, param in module.named_parameters():
+                if name.startswith("bias_ih"):
+                    with torch.no_grad():
+                        param[self.cfg.n_embd: 2 * self.cfg.n_embd].fill_(1.0)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: LSTMState | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

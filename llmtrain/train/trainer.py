@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from llmtrain.config import Precision, TrainConfig
 from llmtrain.data.shards import TOKENIZER_FILE
-from llmtrain.distributed.deepspeed import build_ds_config, initialize
+from llmtrain.distributed.deepspeed import build_ds_config, build_partitioned, initialize
 from llmtrain.distributed.env import DistEnv, init_distributed
 from llmtrain.dtypes import torch_dtype
 from llmtrain.errors import UserError
@@ -49,14 +49,19 @@ class Trainer:
         started = setup.set_up_run(cfg, self.env.is_main, dist.barrier)
         self.run, self.data, self.model_cfg = started.run, started.data, started.model_cfg
         self.run_dir = self.run.path
-        # 4. Model: identical initial weights on every rank (same seed).
-        torch.manual_seed(cfg.train.seed)
-        model = build_model(self.model_cfg, cfg.dist.activation_checkpointing)
-        self.num_params = model.num_params()
-        self.flops_per_token = model.flops_per_token()
-        # 5. Optimizer and the DeepSpeed engine (ZeRO stage, precision, accumulation, clipping).
+        # 4. The DeepSpeed config (ZeRO stage, precision, accumulation, clipping, buckets), then the model:
+        #    identical initial weights on every rank (same seed); under ZeRO-3 built partitioned. Its size is
+        #    counted on a meta-device copy (a partitioned model counts only its shard).
         self.ds_config = build_ds_config(cfg, self.env.world_size)
         self.grad_accum = self.ds_config["gradient_accumulation_steps"]
+        torch.manual_seed(cfg.train.seed)
+        model = build_partitioned(lambda: build_model(self.model_cfg, cfg.dist.activation_checkpointing),
+                                  self.ds_config)
+        with torch.device("meta"):
+            shape = build_model(self.model_cfg)
+        self.num_params = shape.num_params()
+        self.flops_per_token = shape.flops_per_token()
+        # 5. Optimizer and the DeepSpeed engine.
         optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.dist.offload_optimizer, self.env.device)
         self.engine = initialize(model, optimizer, self.ds_config)
         # 6. Data readers: this rank's training windows; the fixed validation set.

@@ -195,3 +195,24 @@ def test_non_finite_steps_are_skipped_then_stop(prepared_small, tmp_path, stage,
     assert report["weights_unchanged_by_skips"] is True
     assert report["error"].startswith("3 steps in a row had a non-finite loss (last at step 10)")
     assert report["last_checkpoint"] == 8  # saved after the skipped step 8 (weights as after step 7); none at 10
+
+
+def test_zero3_builds_the_model_partitioned_with_the_unpartitioned_initial_weights(prepared_small, tmp_path):
+    import torch
+
+    from llmtrain.config import TrainLoopConfig
+    from llmtrain.model import build_model
+
+    script, out = Path(__file__).with_name("initial_weights_run.py"), tmp_path / "init.pt"
+    proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(script),
+                           str(prepared_small), str(tmp_path / "run"), "3", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = torch.load(out, weights_only=False)
+    torch.manual_seed(TrainLoopConfig().seed)  # the seed the trainer builds from
+    whole = dict(build_model(saved["model"]).named_parameters())
+    assert saved["weights"].keys() == whole.keys()
+    for name, weight in saved["weights"].items():
+        assert torch.equal(weight, whole[name].detach()), name  # bitwise, fp32
+    total = sum(p.numel() for p in whole.values())
+    assert all(held <= total / 2 + 2 * 64 for held in saved["held"]), (saved["held"], total)  # never whole

@@ -1,0 +1,48 @@
+"""Helper process for test_train.py: a Trainer's initial weights, gathered whole, and what each rank held.
+
+    torchrun --nproc_per_node 2 tests/integration/initial_weights_run.py DATA_DIR RUN_DIR ZERO_STAGE OUT.pt
+
+Rank 0 saves {"weights": the gathered initial state, "model": the model config, "held": elements each rank held
+right after construction}.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from llmtrain.config import DataConfig, DistConfig, ModelConfig, Precision, RunConfig, TrainConfig, TrainLoopConfig
+from llmtrain.distributed import deepspeed as ds
+from llmtrain.train import trainer as trainer_module
+
+
+def main() -> None:
+    data_dir, run_dir, stage, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    held = []
+
+    def counting(*args, **kwargs):  # what this rank holds once the model is built, before DeepSpeed wraps it
+        model = ds.build_partitioned(*args, **kwargs)
+        held.append(sum(getattr(p, "ds_tensor", p).numel() + (p.numel() if hasattr(p, "ds_tensor") else 0)
+                        for p in model.parameters()))
+        return model
+
+    trainer_module.build_partitioned = counting
+    cfg = TrainConfig(data=DataConfig(dir=data_dir), run=RunConfig(dir=run_dir, resume=False), precision=Precision.fp32,
+                      model=ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=64), dist=DistConfig(zero_stage=stage),
+                      train=TrainLoopConfig(max_steps=1, global_batch_size=4, micro_batch_size=2, eval_every=0))
+    trainer = trainer_module.Trainer(cfg)
+    params = list(trainer.engine.module.parameters())
+    counts = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([held[0]]))
+    with deepspeed.zero.GatheredParameters(params, enabled=stage == 3):
+        weights = {name: p.detach().clone() for name, p in trainer.engine.module.named_parameters()}
+    if dist.get_rank() == 0:
+        torch.save({"weights": weights, "model": trainer.model_cfg, "held": [int(c) for c in counts]}, out)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
