@@ -32,7 +32,8 @@ def main() -> None:
     trainer_module.build_partitioned = counting
     cfg = TrainConfig(data=DataConfig(dir=data_dir), run=RunConfig(dir=run_dir, resume=False),
                       precision=Precision.fp32, model=ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=64),
-                      dist=DistConfig(zero_stage=stage), train=TrainLoopConfig(max_steps=1, global_batch_size=4, micro_batch_size=2, eval_every=0))
+                      dist=DistConfig(zero_stage=stage),
+                      train=TrainLoopConfig(max_steps=1, global_batch_size=4, micro_batch_size=2, eval_every=0))
     trainer = trainer_module.Trainer(cfg)
     params = list(trainer.engine.module.parameters())
     counts = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size())]
