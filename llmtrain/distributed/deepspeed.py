@@ -120,7 +120,9 @@ def build_partitioned(build: Callable[[], torch.nn.Module], ds_config: dict[str,
         return build()
     import deepspeed
 
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+    # mem_efficient_linear would replace torch.nn.functional.linear for the whole process ("this will persist
+    # unless manually reset"); PyTorch's own is what every other path of llmtrain runs (same losses either way).
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, mem_efficient_linear=False):
         return build()
 
 

@@ -17,12 +17,18 @@ import torch
 from llmtrain.config import Decay, OptimConfig, OptimizerName
 
 
+def full_ndim(param: torch.Tensor) -> int:
+    """Dimensions of the whole parameter: one built partitioned (ZeRO-3's zero.Init) is a flat, empty tensor
+    here, its shape kept in ``ds_shape`` -- by its own ``dim()`` every matrix would escape weight decay."""
+    return len(getattr(param, "ds_shape", param.shape))
+
+
 def param_groups(params: Iterable[torch.Tensor], weight_decay: float) -> list[dict]:
     """[decay, no_decay]: decay matrices and embeddings (dim >= 2); never norms or biases (dim < 2). Order as given
     (see the contract above)."""
     params = [p for p in params if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    decay = [p for p in params if full_ndim(p) >= 2]
+    no_decay = [p for p in params if full_ndim(p) < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -148,6 +148,13 @@ def test_deepspeed_overrides_refused_in_one_line(override, message):
         build_ds_config(compose([override]), dp_world=1)
 
 
+def test_a_partitioned_matrix_still_gets_weight_decay():
+    matrix, vector = torch.nn.Parameter(torch.empty(0)), torch.nn.Parameter(torch.empty(0))
+    matrix.ds_shape, vector.ds_shape = torch.Size([64, 32]), torch.Size([64])  # as zero.Init leaves them
+    decay, no_decay = param_groups([matrix, vector, torch.nn.Parameter(torch.ones(3, 3))], weight_decay=0.1)
+    assert [len(decay["params"]), len(no_decay["params"])] == [2, 1] and decay["params"][0] is matrix
+
+
 def test_lr_schedule_values():
     cfg = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, decay=Decay.cosine)
     assert lr_at(0, cfg, 110) == pytest.approx(0.1)
