@@ -1,72 +1,91 @@
-"""Helper of bench_train.py, run under torchrun: bytes of parameters, gradients and optimizer states per rank.
+"""Helper of bench_train.py, run under torchrun: the memory a rank holds, as the operating system counts it.
 
-    torchrun --standalone --nproc_per_node 2 benchmarks/_memory_probe.py DATA_DIR RUN_DIR ZERO_STAGE
+    torchrun --standalone --nproc_per_node 2 benchmarks/_memory_probe.py DATA_DIR RUN_DIR ZERO_STAGE MODEL STEPS
 
-After one bf16 training step it sums every live tensor's storage (each storage once), split into the
-engine's parameters (bf16 model weights), optimizer state (fp32 master copy, Adam moments) and the rest
-(DeepSpeed's communication buffers; gradients live only inside a step), and prints one JSON line per rank.
+Each rank prints one JSON line: its baseline (resident set size once PyTorch and DeepSpeed are loaded and the
+process group is up, before any model), its peak resident set size (or CUDA's max_memory_allocated) after STEPS
+training steps, the bytes of its parameter/gradient/optimizer-state tensors, the predicted peak, and s/step.
+Settings: fp32, block 256, micro-batch 1, activation checkpointing (the issue's 350m measurement).
 """
 
 from __future__ import annotations
 
-import gc
+import dataclasses
 import json
+import resource
 import sys
-import warnings
+import time
+from pathlib import Path
 
 import torch
+import yaml
 
-from llmtrain.config import DataConfig, DistConfig, ModelConfig, OptimConfig, Precision, RunConfig, TrainConfig
-from llmtrain.config import TrainLoopConfig as Loop
+from llmtrain.config import (
+    DataConfig,
+    DistConfig,
+    ModelConfig,
+    Precision,
+    RunConfig,
+    TrainConfig,
+    TrainLoopConfig,
+)
+from llmtrain.distributed import memory
+from llmtrain.distributed.env import init_distributed
+from llmtrain.export.consolidate import model_config_from
 from llmtrain.train.trainer import Trainer
 
 
-def storages(tensors) -> dict[int, int]:
-    out = {}
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and t.device.type == "cpu" and not t.is_meta:
-            s = t.untyped_storage()
-            out[s.data_ptr()] = s.nbytes()
-    return out
+def preset(name: str, **changes) -> ModelConfig:
+    """conf/model/<name>.yaml, as ``model=<name>`` composes it."""
+    plain = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "model" / f"{name}.yaml").read_text())
+    plain.pop("defaults", None)
+    return dataclasses.replace(model_config_from(plain), **changes)
 
 
-def optimizer_tensors(wrapper) -> list[torch.Tensor]:
-    """Adam moments and the fp32 master copy. ZeRO-3 takes its master partitions out of the inner
-    optimizer's param_groups between steps; they live in fp32_partitioned_groups_flat."""
+def state_bytes(engine) -> int:
+    """Bytes of the tensors the ZeRO formula counts: parameters (or their partitions), optimizer state."""
+    seen: dict[int, int] = {}
+
+    def add(t) -> None:
+        if isinstance(t, torch.Tensor) and not t.is_meta and t.untyped_storage().nbytes():
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
+    for p in engine.module.parameters():
+        add(getattr(p, "ds_tensor", p))
+    wrapper = engine.optimizer
     opt = getattr(wrapper, "optimizer", wrapper)
-    found = list(getattr(wrapper, "fp32_partitioned_groups_flat", []))
+    for t in getattr(wrapper, "fp32_partitioned_groups_flat", []) + getattr(wrapper, "single_partition_of_fp32_groups",
+                                                                               []):
+        add(t)
     for state in opt.state.values():
-        found += [v for v in state.values() if isinstance(v, torch.Tensor)]
-    for group in opt.param_groups:  # the fp32 master partitions DeepSpeed hands to the inner optimizer
-        found += [p for p in group["params"] if isinstance(p, torch.Tensor)]
-    return found
+        for t in state.values():
+            add(t)
+    return sum(seen.values())
 
 
 def main() -> None:
-    data_dir, run_dir, stage = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    data_dir, run_dir, stage, model, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+    env = init_distributed()
+    baseline = memory.process_rss()
     cfg = TrainConfig(data=DataConfig(dir=data_dir), run=RunConfig(dir=run_dir, resume=False),
-                      model=ModelConfig(name="small", n_layer=6, n_head=6, n_embd=384, block_size=256),
-                      optim=OptimConfig(), dist=DistConfig(zero_stage=stage), precision=Precision.bf16,
-                      train=Loop(max_steps=1, global_batch_size=4, micro_batch_size=2, eval_every=0, eval_windows=1,
-                                 checkpoint_every=0))
+                      model=preset(model, block_size=256),
+                      dist=DistConfig(zero_stage=stage, activation_checkpointing=True), precision=Precision.fp32,
+                      train=TrainLoopConfig(max_steps=steps, global_batch_size=env.world_size, micro_batch_size=1,
+                                            eval_every=0, eval_windows=1, checkpoint_every=0))
     trainer = Trainer(cfg)
-    trainer.train_step()
-    gc.collect()
-    engine = trainer.engine
-    params = storages(engine.module.parameters())
-    optim = {k: v for k, v in storages(optimizer_tensors(engine.optimizer)).items() if k not in params}
-    # ZeRO-3 keeps each rank's bf16 partition in ds_tensor, outside module.parameters()' (empty) storages
-    for p in engine.module.parameters():
-        if hasattr(p, "ds_tensor"):
-            params.update(storages([p.ds_tensor]))
-    with warnings.catch_warnings():  # gc walks into deprecated torch.distributed attributes
-        warnings.simplefilter("ignore")
-        everything = storages(o for o in gc.get_objects() if isinstance(o, torch.Tensor))
-    rest = {k: v for k, v in everything.items() if k not in params and k not in optim}
-    psi = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
-    print(json.dumps({"rank": trainer.env.rank, "stage": stage, "world": trainer.env.world_size, "psi": psi,
-                      "params": sum(params.values()), "optim": sum(optim.values()), "rest": sum(rest.values())}),
-          flush=True)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        trainer.train_step()
+        times.append(time.perf_counter() - start)
+    if env.device.type == "cuda":
+        peak = float(torch.cuda.max_memory_allocated(env.device))
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+    psi = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.engine.module.parameters())
+    print(json.dumps({"rank": env.rank, "stage": stage, "world": env.world_size, "psi": psi, "baseline": baseline,
+                      "peak": peak, "states": state_bytes(trainer.engine),
+                      "predicted": trainer.predicted_memory.total, "step_s": min(times[1:] or times)}), flush=True)
 
 
 if __name__ == "__main__":

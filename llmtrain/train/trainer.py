@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from llmtrain.config import Precision, TrainConfig
 from llmtrain.data.shards import TOKENIZER_FILE
+from llmtrain.distributed import memory
 from llmtrain.distributed.deepspeed import build_ds_config, build_partitioned, initialize
 from llmtrain.distributed.env import DistEnv, init_distributed
 from llmtrain.dtypes import torch_dtype
@@ -52,15 +53,18 @@ class Trainer:
         # 4. The DeepSpeed config (ZeRO stage, precision, accumulation, clipping, buckets), then the model:
         #    identical initial weights on every rank (same seed); under ZeRO-3 built partitioned. Its size is
         #    counted on a meta-device copy (a partitioned model counts only its shard).
+        #    The memory it will take is predicted first (and warned about when it cannot fit).
         self.ds_config = build_ds_config(cfg, self.env.world_size)
         self.grad_accum = self.ds_config["gradient_accumulation_steps"]
-        torch.manual_seed(cfg.train.seed)
-        model = build_partitioned(lambda: build_model(self.model_cfg, cfg.dist.activation_checkpointing),
-                                  self.ds_config)
         with torch.device("meta"):
             shape = build_model(self.model_cfg)
         self.num_params = shape.num_params()
         self.flops_per_token = shape.flops_per_token()
+        self.predicted_memory = self._predict_memory(shape.num_params(non_embedding=False))
+        self._memory_reported = False  # the measured peak is logged beside it once, at the first logged step
+        torch.manual_seed(cfg.train.seed)
+        model = build_partitioned(lambda: build_model(self.model_cfg, cfg.dist.activation_checkpointing),
+                                  self.ds_config)
         # 5. Optimizer and the DeepSpeed engine.
         optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.dist.offload_optimizer, self.env.device)
         self.engine = initialize(model, optimizer, self.ds_config)
@@ -90,6 +94,24 @@ class Trainer:
                      cfg.train.micro_batch_size, self.grad_accum, self.env.world_size, self.peak_flops, peak_source)
 
     # -- set-up helpers -------------------------------------------------------------------------------------
+    def _predict_memory(self, total_params: int) -> memory.MemoryEstimate:
+        """Rank 0 logs the predicted peak per rank and, when it exceeds the memory visible to a rank, one warning
+        naming the single changes that would make it fit."""
+        on_gpu = self.env.device.type == "cuda"
+        baseline = 0.0 if on_gpu else memory.process_rss()  # CUDA's peak counts tensors only
+        predicted = memory.estimate(self.cfg, total_params, self.env.world_size, baseline, on_gpu)
+        if self.env.is_main:
+            log.info("memory per rank, predicted: %s", predicted.describe())
+            visible = memory.visible_bytes(self.env.device, self.env.local_world_size)
+            if predicted.total > visible:
+                fits = memory.what_would_fit(self.cfg, total_params, self.env.world_size, baseline, visible, on_gpu)
+                log.warning("predicted %.1f GB per rank, more than the %.1f GB visible to each; %s",
+                            predicted.total / memory.GB, visible / memory.GB,
+                            "it would fit with: " + "; ".join(fits) if fits else
+                            "no single change of ZeRO stage, offload, activation checkpointing, micro-batch or "
+                            "rank count makes it fit")
+        return predicted
+
     def _check_hardware(self) -> None:
         if self.cfg.precision == Precision.fp16 and self.env.device.type != "cuda":
             raise UserError("precision=fp16 needs a CUDA GPU; on CPU use precision=bf16 or precision=fp32")
@@ -252,3 +274,7 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
         }
         self.metrics.log(self.step, row)
+        if self.env.is_main and not self._memory_reported:
+            self._memory_reported = True
+            log.info("memory per rank: predicted %.2f GB, measured peak %.2f GB (rank 0, after step %d)",
+                     self.predicted_memory.total / memory.GB, row["peak_mem_gb"], self.step)

@@ -1,0 +1,129 @@
+"""Know before you launch: the memory a rank will hold, predicted from the config, and what would make it fit.
+
+Model states per rank follow the ZeRO paper's accounting (Rajbhandari et al. 2020, section 3), with the bytes
+DeepSpeed really keeps per parameter: the weights (4 bytes fp32, 2 bf16/fp16), their gradients, and the
+optimizer's fp32 state -- Adam's two moments (8 bytes) plus, from ZeRO-1 on or with mixed precision, an fp32 master
+copy (4 bytes; DeepSpeed clones it even in fp32). Stage 1 splits the optimizer state over the data-parallel ranks,
+stage 2 the gradients too, stage 3 the weights too. Besides them: the communication buckets (sized from the model
+width, see ``deepspeed.buckets_for_width``), stage 3's gathered working set (a layer and the embedding), the
+activations of one micro-batch (Korthikanti et al. 2022: 34·b·t·h + 5·a·b·t² per layer at 2 bytes), the logits,
+and the process itself (PyTorch and DeepSpeed loaded: measured, not predicted).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from llmtrain.config import Precision, TrainConfig
+
+GB = 2**30
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes one rank is predicted to hold at its peak, by kind."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    buffers: float
+    activations: float
+    process: float
+
+    @property
+    def model_states(self) -> float:
+        return self.weights + self.gradients + self.optimizer
+
+    @property
+    def total(self) -> float:
+        return self.model_states + self.buffers + self.activations + self.process
+
+    def describe(self) -> str:
+        return (f"{self.total / GB:.2f} GB = model states {self.model_states / GB:.2f} (weights "
+                f"{self.weights / GB:.2f}, gradients {self.gradients / GB:.2f}, optimizer {self.optimizer / GB:.2f})"
+                f" + buffers {self.buffers / GB:.2f} + activations {self.activations / GB:.2f} + process "
+                f"{self.process / GB:.2f}")
+
+
+def estimate(cfg: TrainConfig, num_params: int, world: int, process_bytes: float,
+             on_gpu: bool = False) -> MemoryEstimate:
+    """The peak bytes per rank of ``cfg`` with ``num_params`` parameters (all of them, embeddings included) on
+    ``world`` data-parallel ranks; ``process_bytes`` is what the process holds before the model (its baseline)."""
+    stage, n, psi, m = cfg.dist.zero_stage, world, float(num_params), cfg.model
+    mixed = cfg.precision != Precision.fp32
+    weight_bytes = 2 if mixed else 4
+    grad_bytes = 4 if (mixed and stage == 0) else weight_bytes  # bf16 ZeRO-0 accumulates in fp32
+    optim_bytes = 8 + (4 if (mixed or stage >= 1) else 0)
+    weights = weight_bytes * psi / (n if stage == 3 else 1)
+    gradients = grad_bytes * psi / (n if stage >= 2 else 1)
+    optimizer = optim_bytes * psi / (n if stage >= 1 else 1)
+    if on_gpu and cfg.dist.offload_optimizer:  # the fp32 state lives in host memory
+        optimizer = 0.0
+    if on_gpu and cfg.dist.offload_params:
+        weights = 0.0
+    h, layer_params = m.n_embd, 12 * m.n_embd**2
+    buffers = 0.0
+    if stage in (1, 2):
+        buffers = 2 * h * h * 4  # the reduce and all-gather buckets
+    elif stage == 3:  # buckets, and a layer plus the embedding table gathered whole while they compute
+        buffers = 2 * h * h * 4 + (2 * layer_params + m.vocab_size * h) * weight_bytes
+    b, t, a, layers = cfg.train.micro_batch_size, m.block_size, m.n_head, m.n_layer
+    act_bytes = 2 if mixed else 4
+    per_layer = (34 * b * t * h + 5 * a * b * t * t) * act_bytes / 2
+    if cfg.dist.activation_checkpointing:
+        activations = layers * b * t * h * act_bytes + per_layer
+    else:
+        activations = layers * per_layer
+    activations += 3 * b * t * m.vocab_size * 4  # logits, their softmax and its gradient, in fp32
+    return MemoryEstimate(weights, gradients, optimizer, buffers, activations, process_bytes)
+
+
+def process_rss() -> float:
+    """Bytes this process holds now (resident set size)."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return float(line.split()[1]) * 1024
+
+
+def visible_bytes(device: torch.device, local_world: int) -> float:
+    """Memory one rank may use: its GPU's, or on a CPU host its share of what is available plus what it already
+    holds (all local ranks are about to grow alike)."""
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    with open("/proc/meminfo") as meminfo:
+        available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    return available / max(1, local_world) + process_rss()
+
+
+def what_would_fit(cfg: TrainConfig, num_params: int, world: int, process_bytes: float, visible: float,
+                   on_gpu: bool) -> list[str]:
+    """Single changes of the settings that bring the prediction under ``visible``, each with its prediction."""
+    dist_, train = cfg.dist, cfg.train
+    options: list[tuple[str, TrainConfig, int]] = []
+    if dist_.zero_stage < 3:
+        options.append(("dist.zero_stage=3", _with(cfg, dist=dataclasses.replace(dist_, zero_stage=3)), world))
+    if on_gpu and not dist_.offload_optimizer:
+        stage = max(1, dist_.zero_stage)
+        options.append((f"dist.zero_stage={stage} dist.offload_optimizer=true",
+                        _with(cfg, dist=dataclasses.replace(dist_, zero_stage=stage, offload_optimizer=True)), world))
+    if not dist_.activation_checkpointing:
+        options.append(("dist.activation_checkpointing=true",
+                        _with(cfg, dist=dataclasses.replace(dist_, activation_checkpointing=True)), world))
+    if train.micro_batch_size > 1:
+        options.append(("train.micro_batch_size=1", _with(cfg, train=dataclasses.replace(train, micro_batch_size=1)),
+                        world))
+    if dist_.zero_stage >= 1:
+        options.append((f"{2 * world} ranks", cfg, 2 * world))
+    found = []
+    for name, changed, ranks in options:
+        predicted = estimate(changed, num_params, ranks, process_bytes, on_gpu).total
+        if predicted <= visible:
+            found.append(f"{name} ({predicted / GB:.1f} GB)")
+    return found
+
+
+def _with(cfg: TrainConfig, **sections) -> TrainConfig:
+    return dataclasses.replace(cfg, **sections)

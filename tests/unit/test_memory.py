@@ -1,0 +1,47 @@
+"""The per-rank memory prediction: ZeRO's accounting by stage, and the settings it suggests when a run cannot fit."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from llmtrain.config import DistConfig, ModelConfig, Precision, TrainConfig, TrainLoopConfig
+from llmtrain.distributed.memory import GB, estimate, what_would_fit
+
+PSI = 310_000_000  # 350m at vocabulary 8192
+
+
+def config(stage: int, precision: Precision = Precision.fp32, **dist) -> TrainConfig:
+    return TrainConfig(model=ModelConfig(n_layer=24, n_head=16, n_embd=1024, block_size=256, vocab_size=8192),
+                       dist=DistConfig(zero_stage=stage, **dist), precision=precision,
+                       train=TrainLoopConfig(global_batch_size=2, micro_batch_size=1))
+
+
+@pytest.mark.parametrize(("stage", "per_param"), [(0, 16), (1, 8 + 12 / 2), (2, 4 + 16 / 2), (3, 20 / 2)])
+def test_model_states_per_rank_follow_the_stage(stage, per_param):
+    # fp32: weights 4 + gradients 4 + Adam 8 bytes, and DeepSpeed's fp32 master copy (4) from ZeRO-1 on
+    assert estimate(config(stage), PSI, world=2, process_bytes=0).model_states == pytest.approx(per_param * PSI)
+
+
+def test_mixed_precision_is_the_papers_16_bytes_and_stages_never_grow():
+    assert estimate(config(0, Precision.bf16), PSI, 1, 0).model_states == pytest.approx((2 + 4 + 12) * PSI)
+    assert estimate(config(3, Precision.bf16), PSI, 8, 0).model_states == pytest.approx(16 * PSI / 8)
+    totals = [estimate(config(stage), PSI, 2, 0.5 * GB).total for stage in (0, 1, 2, 3)]
+    assert totals == sorted(totals, reverse=True)
+
+
+def test_activation_checkpointing_and_the_process_are_counted():
+    plain, ckpt = estimate(config(3), PSI, 2, 0), estimate(config(3, activation_checkpointing=True), PSI, 2, 0)
+    assert ckpt.activations < plain.activations / 5
+    assert estimate(config(3), PSI, 2, 0.7 * GB).total - plain.total == pytest.approx(0.7 * GB)
+
+
+def test_a_run_that_cannot_fit_is_told_what_would():
+    cfg = config(0)
+    need = estimate(cfg, PSI, 2, 0.5 * GB).total
+    fits = what_would_fit(cfg, PSI, 2, 0.5 * GB, visible=need * 0.8, on_gpu=False)
+    assert fits and fits[0].startswith("dist.zero_stage=3 (")
+    gpu = what_would_fit(dataclasses.replace(cfg, dist=DistConfig(zero_stage=2)), PSI, 2, 0, need * 0.6, on_gpu=True)
+    assert any("dist.offload_optimizer=true" in option for option in gpu)
+    assert what_would_fit(cfg, PSI, 2, 0.5 * GB, visible=0.1 * GB, on_gpu=False) == []
