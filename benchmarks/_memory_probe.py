@@ -2,7 +2,7 @@
 
     torchrun --standalone --nproc_per_node 2 benchmarks/_memory_probe.py DATA_DIR RUN_DIR ZERO_STAGE MODEL STEPS
 
-Each rank prints one JSON line: its baseline (resident set size once PyTorch and DeepSpeed are loaded and the
+Rank 0 prints one JSON line per rank: its baseline (resident set size once PyTorch and DeepSpeed are loaded and the
 process group is up, before any model), its peak resident set size (or CUDA's max_memory_allocated) after STEPS
 training steps, the bytes of its parameter/gradient/optimizer-state tensors, the predicted peak, and s/step.
 Settings: fp32, block 256, micro-batch 1, activation checkpointing (the issue's 350m measurement).
@@ -83,9 +83,13 @@ def main() -> None:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
     psi = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.engine.module.parameters())
-    print(json.dumps({"rank": env.rank, "stage": stage, "world": env.world_size, "psi": psi, "baseline": baseline,
-                      "peak": peak, "states": state_bytes(trainer.engine),
-                      "predicted": trainer.predicted_memory.total, "step_s": min(times[1:] or times)}), flush=True)
+    mine = {"rank": env.rank, "stage": stage, "world": env.world_size, "psi": psi, "baseline": baseline,
+            "peak": peak, "states": state_bytes(trainer.engine), "predicted": trainer.predicted_memory.total,
+            "step_s": min(times[1:] or times)}
+    every = [None] * env.world_size
+    torch.distributed.all_gather_object(every, mine)  # one writer: lines of two ranks would interleave
+    if env.rank == 0:
+        print("\n".join(json.dumps(row) for row in every), flush=True)
 
 
 if __name__ == "__main__":

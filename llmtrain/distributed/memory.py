@@ -4,10 +4,11 @@ Model states per rank follow the ZeRO paper's accounting (Rajbhandari et al. 202
 DeepSpeed really keeps per parameter: the weights (4 bytes fp32, 2 bf16/fp16), their gradients, and the
 optimizer's fp32 state -- Adam's two moments (8 bytes) plus, from ZeRO-1 on or with mixed precision, an fp32 master
 copy (4 bytes; DeepSpeed clones it even in fp32). Stage 1 splits the optimizer state over the data-parallel ranks,
-stage 2 the gradients too, stage 3 the weights too. Besides them: the communication buckets (sized from the model
-width, see ``deepspeed.buckets_for_width``), stage 3's gathered working set (a layer and the embedding), the
-activations of one micro-batch (Korthikanti et al. 2022: 34·b·t·h + 5·a·b·t² per layer at 2 bytes), the logits,
-and the process itself (PyTorch and DeepSpeed loaded: measured, not predicted).
+stage 2 the gradients too, stage 3 the weights too. Besides them: Adam's temporaries, the communication buckets
+(sized from the model width, see ``deepspeed.buckets_for_width``), stage 3's gathered working set (two layers and
+the embedding), the activations of one micro-batch (Korthikanti et al. 2022: 34·b·t·h + 5·a·b·t² per layer at
+2 bytes), the logits, and the process itself (PyTorch and DeepSpeed loaded: measured, not predicted). What the
+prediction cannot know is the allocator's fragmentation: glibc keeps freed chunks below its mmap threshold.
 """
 
 from __future__ import annotations
@@ -65,11 +66,14 @@ def estimate(cfg: TrainConfig, num_params: int, world: int, process_bytes: float
     if on_gpu and cfg.dist.offload_params:
         weights = 0.0
     h, layer_params = m.n_embd, 12 * m.n_embd**2
-    buffers = 0.0
+    # Adam's update makes one fp32 temporary as large as the tensors it steps at once: the rank's whole partition
+    # (all parameters at ZeRO-0), or one layer's worth at stage 3 (sub_group_size, see deepspeed.buckets_for_width).
+    temporaries = 4 * (layer_params if stage == 3 else psi / (n if stage >= 1 else 1))
+    buffers = temporaries
     if stage in (1, 2):
-        buffers = 2 * h * h * 4  # the reduce and all-gather buckets
-    elif stage == 3:  # buckets, and a layer plus the embedding table gathered whole while they compute
-        buffers = 2 * h * h * 4 + (2 * layer_params + m.vocab_size * h) * weight_bytes
+        buffers += 2 * h * h * 4  # the reduce and all-gather buckets
+    elif stage == 3:  # buckets, and two layers plus the embedding table gathered whole while they compute
+        buffers += 2 * h * h * 4 + (2 * layer_params + m.vocab_size * h) * weight_bytes
     b, t, a, layers = cfg.train.micro_batch_size, m.block_size, m.n_head, m.n_layer
     act_bytes = 2 if mixed else 4
     per_layer = (34 * b * t * h + 5 * a * b * t * t) * act_bytes / 2

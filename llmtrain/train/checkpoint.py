@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 import zipfile
 from argparse import Namespace
 from collections.abc import Callable, Iterator
@@ -155,8 +156,12 @@ class RunDir:
     def _newest_verified(self, set_aside: bool, verify_contents: bool) -> Path | None:
         complete = self.complete()
         for _, folder in reversed(complete):
+            started = time.perf_counter()
             problem = damage(folder, verify_contents)
             if problem is None:
+                if verify_contents:
+                    log.info("checked %s: every file at its size and checksum (%.1f s)", folder,
+                             time.perf_counter() - started)
                 return folder
             log.warning("checkpoint %s is damaged (%s): %s", folder, problem,
                         "setting it aside as " + folder.name + CORRUPT_SUFFIX if set_aside else "skipping it")
@@ -311,6 +316,7 @@ class Checkpointer:
         dist.broadcast_object_list(verdict, src=0)  # every rank stops, or none
         if verdict[0]:
             raise UserError(f"{verdict[0]}; the older checkpoints are kept")
+        started = time.perf_counter()
         with saving(folder, need):
             engine.save_checkpoint(str(self.root), tag=folder.name, save_latest=False)
             dist.barrier()
@@ -319,6 +325,9 @@ class Checkpointer:
                           "zero_stage": self.zero_stage}
                 finish_checkpoint(folder, config_yaml, state, marker, self.attachments)
         if self.rank == 0:
+            size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+            log.info("checkpoint of step %d: %.2f GB in %.1f s (%s)", step, size / 2**30, time.perf_counter() - started,
+                     folder)
             self.run.prune(self.keep, folder)
         dist.barrier()
         return folder

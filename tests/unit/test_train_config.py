@@ -129,6 +129,9 @@ def test_deepspeed_buckets_follow_the_model_width_and_overrides_merge_over_them(
     z3 = build_ds_config(compose(["dist.zero_stage=3", "model=350m"]), dp_world=2)["zero_optimization"]
     assert (z3["reduce_bucket_size"], z3["stage3_prefetch_bucket_size"], z3["stage3_param_persistence_threshold"]) \
         == (1024**2, int(0.9 * 1024**2), 10240)
+    layer = 12 * 1024**2  # a 350m layer's parameters: at most two gathered, the optimizer stepped one at a time
+    assert (z3["stage3_max_live_parameters"], z3["stage3_max_reuse_distance"], z3["sub_group_size"]) \
+        == (2 * layer, layer, layer)
     ds = build_ds_config(compose(["dist.zero_stage=2", "+dist.deepspeed_overrides.zero_optimization.overlap_comm=true",
                                   "+dist.deepspeed_overrides.zero_optimization.reduce_bucket_size=1000",
                                   "+dist.deepspeed_overrides.wall_clock_breakdown=true"]), dp_world=2)
