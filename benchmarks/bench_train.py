@@ -101,6 +101,7 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=8)
     parser.add_argument("--skip", nargs="*", default=[], choices=["single", "zero", "memory"])
     parser.add_argument("--memory-model", default="350m", help="table 3's model preset (conf/model/)")
+    parser.add_argument("--memory-stages", nargs="*", type=int, default=[0, 1, 2, 3], help="table 3's ZeRO stages")
     parser.add_argument("--precisions", nargs="*", default=["fp32", "bf16"], choices=["fp32", "bf16"],
                         help="table 1's precisions; bf16 runs --steps/6 steps (slow on CPUs without native bf16)")
     args = parser.parse_args()
@@ -136,7 +137,7 @@ def main() -> None:
 
     if "memory" not in args.skip:
         rows, peaks = [], []
-        for stage in (0, 1, 2, 3):
+        for stage in args.memory_stages:
             r = max(memory(args.data, work, stage, args.memory_model, 2), key=lambda row: row["peak"])
             psi, n, gb = r["psi"], r["world"], 2**30
             formula = FP32_FORMULA[stage](n) * psi  # the ZeRO paper's accounting for fp32 Adam (K = 8)

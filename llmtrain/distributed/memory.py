@@ -14,6 +14,7 @@ prediction cannot know is the allocator's fragmentation: glibc keeps freed chunk
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -104,29 +105,43 @@ def visible_bytes(device: torch.device, local_world: int) -> float:
 
 def what_would_fit(cfg: TrainConfig, num_params: int, world: int, process_bytes: float, visible: float,
                    on_gpu: bool) -> list[str]:
-    """Single changes of the settings that bring the prediction under ``visible``, each with its prediction."""
+    """The single changes of the settings that bring the prediction under ``visible``, each with its prediction;
+    when none does alone, the shortest run of them, taken in this order, that does (more ranks last)."""
     dist_, train = cfg.dist, cfg.train
-    options: list[tuple[str, TrainConfig, int]] = []
+    changes: list[tuple[str, Callable[[TrainConfig], TrainConfig]]] = []
     if dist_.zero_stage < 3:
-        options.append(("dist.zero_stage=3", _with(cfg, dist=dataclasses.replace(dist_, zero_stage=3)), world))
-    if on_gpu and not dist_.offload_optimizer:
-        stage = max(1, dist_.zero_stage)
-        options.append((f"dist.zero_stage={stage} dist.offload_optimizer=true",
-                        _with(cfg, dist=dataclasses.replace(dist_, zero_stage=stage, offload_optimizer=True)), world))
+        changes.append(("dist.zero_stage=3", lambda c: _with(c, dist=dataclasses.replace(c.dist, zero_stage=3))))
     if not dist_.activation_checkpointing:
-        options.append(("dist.activation_checkpointing=true",
-                        _with(cfg, dist=dataclasses.replace(dist_, activation_checkpointing=True)), world))
+        changes.append(("dist.activation_checkpointing=true",
+                        lambda c: _with(c, dist=dataclasses.replace(c.dist, activation_checkpointing=True))))
     if train.micro_batch_size > 1:
-        options.append(("train.micro_batch_size=1", _with(cfg, train=dataclasses.replace(train, micro_batch_size=1)),
-                        world))
-    if dist_.zero_stage >= 1:
-        options.append((f"{2 * world} ranks", cfg, 2 * world))
-    found = []
-    for name, changed, ranks in options:
-        predicted = estimate(changed, num_params, ranks, process_bytes, on_gpu).total
-        if predicted <= visible:
-            found.append(f"{name} ({predicted / GB:.1f} GB)")
-    return found
+        changes.append(("train.micro_batch_size=1",
+                        lambda c: _with(c, train=dataclasses.replace(c.train, micro_batch_size=1))))
+    if on_gpu and not dist_.offload_optimizer:
+        changes.append(("dist.offload_optimizer=true", lambda c: _with(c, dist=dataclasses.replace(
+            c.dist, zero_stage=max(1, c.dist.zero_stage), offload_optimizer=True))))
+
+    def predicted(changed: TrainConfig, ranks: int) -> float:
+        return estimate(changed, num_params, ranks, process_bytes, on_gpu).total
+
+    found = [f"{name} ({predicted(change(cfg), world) / GB:.1f} GB)" for name, change in changes
+             if predicted(change(cfg), world) <= visible]
+    if cfg.dist.zero_stage >= 1 and predicted(cfg, 2 * world) <= visible:
+        found.append(f"{2 * world} ranks ({predicted(cfg, 2 * world) / GB:.1f} GB)")
+    if found:
+        return found
+    names, changed = [], cfg
+    for name, change in changes:
+        names.append(name)
+        changed = change(changed)
+        if predicted(changed, world) <= visible:
+            return [f"{' '.join(names)} ({predicted(changed, world) / GB:.1f} GB)"]
+    ranks = world
+    while ranks < 1 << 16 and changed.dist.zero_stage >= 1:
+        ranks *= 2
+        if predicted(changed, ranks) <= visible:
+            return [f"{' '.join(names)} on {ranks} ranks ({predicted(changed, ranks) / GB:.1f} GB)"]
+    return []
 
 
 def _with(cfg: TrainConfig, **sections) -> TrainConfig:

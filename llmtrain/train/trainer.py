@@ -108,8 +108,7 @@ class Trainer:
                 log.warning("predicted %.1f GB per rank, more than the %.1f GB visible to each; %s",
                             predicted.total / memory.GB, visible / memory.GB,
                             "it would fit with: " + "; ".join(fits) if fits else
-                            "no single change of ZeRO stage, offload, activation checkpointing, micro-batch or "
-                            "rank count makes it fit")
+                            "no ZeRO stage, offload, activation checkpointing, micro-batch or rank count makes it fit")
         return predicted
 
     def _check_hardware(self) -> None:

@@ -12,10 +12,10 @@ from llmtrain.distributed.memory import GB, estimate, what_would_fit
 PSI = 310_000_000  # 350m at vocabulary 8192
 
 
-def config(stage: int, precision: Precision = Precision.fp32, **dist) -> TrainConfig:
+def config(stage: int, precision: Precision = Precision.fp32, micro: int = 1, **dist) -> TrainConfig:
     return TrainConfig(model=ModelConfig(n_layer=24, n_head=16, n_embd=1024, block_size=256, vocab_size=8192),
                        dist=DistConfig(zero_stage=stage, **dist), precision=precision,
-                       train=TrainLoopConfig(global_batch_size=2, micro_batch_size=1))
+                       train=TrainLoopConfig(global_batch_size=8 * micro, micro_batch_size=micro))
 
 
 @pytest.mark.parametrize(("stage", "per_param"), [(0, 16), (1, 8 + 12 / 2), (2, 4 + 16 / 2), (3, 20 / 2)])
@@ -44,4 +44,9 @@ def test_a_run_that_cannot_fit_is_told_what_would():
     assert fits and fits[0].startswith("dist.zero_stage=3 (")
     gpu = what_would_fit(dataclasses.replace(cfg, dist=DistConfig(zero_stage=2)), PSI, 2, 0, need * 0.6, on_gpu=True)
     assert any("dist.offload_optimizer=true" in option for option in gpu)
+    # nothing fits alone: the settings together, then more ranks
+    assert what_would_fit(config(0, micro=4), PSI, 2, 0.5 * GB, visible=3.7 * GB, on_gpu=False) == [
+        "dist.zero_stage=3 dist.activation_checkpointing=true train.micro_batch_size=1 (3.6 GB)"]
+    assert what_would_fit(cfg, PSI, 2, 0.5 * GB, visible=1.55 * GB, on_gpu=False) == [
+        "dist.zero_stage=3 dist.activation_checkpointing=true on 8 ranks (1.5 GB)"]
     assert what_would_fit(cfg, PSI, 2, 0.5 * GB, visible=0.1 * GB, on_gpu=False) == []
