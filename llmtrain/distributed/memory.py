@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from llmtrain.config import Precision, TrainConfig
+from llmtrain.distributed.deepspeed import buckets_for_width
 
 GB = 2**30
 
@@ -71,10 +72,12 @@ def estimate(cfg: TrainConfig, num_params: int, world: int, process_bytes: float
     # (all parameters at ZeRO-0), or one layer's worth at stage 3 (sub_group_size, see deepspeed.buckets_for_width).
     temporaries = 4 * (layer_params if stage == 3 else psi / (n if stage >= 1 else 1))
     buffers = temporaries
+    buckets = buckets_for_width(h, stage) if stage >= 1 else {}
     if stage in (1, 2):
-        buffers += 2 * h * h * 4  # the reduce and all-gather buckets
+        buffers += (buckets["reduce_bucket_size"] + buckets["allgather_bucket_size"]) * 4
     elif stage == 3:  # buckets, and two layers plus the embedding table gathered whole while they compute
-        buffers += 2 * h * h * 4 + (2 * layer_params + m.vocab_size * h) * weight_bytes
+        buffers += (buckets["reduce_bucket_size"] + buckets["stage3_prefetch_bucket_size"]) * 4
+        buffers += (2 * layer_params + m.vocab_size * h) * weight_bytes
     b, t, a, layers = cfg.train.micro_batch_size, m.block_size, m.n_head, m.n_layer
     act_bytes = 2 if mixed else 4
     per_layer = (34 * b * t * h + 5 * a * b * t * t) * act_bytes / 2

@@ -123,19 +123,19 @@ def test_generated_deepspeed_config():
 
 
 def test_deepspeed_buckets_follow_the_model_width_and_overrides_merge_over_them():
-    # model=small: n_embd 384 -> buckets of 384² elements instead of DeepSpeed's 5e8 (2 GB in fp32)
+    # model=small: n_embd 384, 384² = 147k elements -> the 4M floor instead of DeepSpeed's 5e8 (2 GB in fp32)
     z2 = build_ds_config(compose(["dist.zero_stage=2"]), dp_world=2)["zero_optimization"]
-    assert z2 == {"stage": 2, "reduce_bucket_size": 147456, "allgather_bucket_size": 147456}
-    z3 = build_ds_config(compose(["dist.zero_stage=3", "model=350m"]), dp_world=2)["zero_optimization"]
+    assert z2 == {"stage": 2, "reduce_bucket_size": 1 << 22, "allgather_bucket_size": 1 << 22}
+    z3 = build_ds_config(compose(["dist.zero_stage=3", "model=1.3b"]), dp_world=2)["zero_optimization"]  # h 2048
     assert (z3["reduce_bucket_size"], z3["stage3_prefetch_bucket_size"], z3["stage3_param_persistence_threshold"]) \
-        == (1024**2, int(0.9 * 1024**2), 10240)
-    layer = 12 * 1024**2  # a 350m layer's parameters: at most two gathered, the optimizer stepped one at a time
+        == (2048**2, int(0.9 * 2048**2), 20480)
+    layer = 12 * 2048**2  # a 1.3b layer's parameters: at most two gathered, the optimizer stepped one at a time
     assert (z3["stage3_max_live_parameters"], z3["stage3_max_reuse_distance"], z3["sub_group_size"]) \
         == (2 * layer, layer, layer)
     ds = build_ds_config(compose(["dist.zero_stage=2", "+dist.deepspeed_overrides.zero_optimization.overlap_comm=true",
                                   "+dist.deepspeed_overrides.zero_optimization.reduce_bucket_size=1000",
                                   "+dist.deepspeed_overrides.wall_clock_breakdown=true"]), dp_world=2)
-    assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000, "allgather_bucket_size": 147456,
+    assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000, "allgather_bucket_size": 1 << 22,
                                        "overlap_comm": True}
     assert ds["wall_clock_breakdown"] is True and ds["train_batch_size"] == compose([]).train.global_batch_size
 
