@@ -52,14 +52,16 @@ def buckets_for_width(n_embd: int, zero_stage: int) -> dict[str, int]:
     unless they are used again within one layer's worth of parameters, and steps the optimizer one layer's worth
     (12·h²) at a time: DeepSpeed's defaults (10^9 each) keep the whole model gathered from forward to backward
     and make Adam's temporaries as large as the rank's whole partition (measured at 350m on 2 CPU ranks: peak 6.7
-    -> 5.2 GB per rank, 11.7 -> 10.8 s/step). Buckets never go below MIN_BUCKET: for a narrow model h² buckets
-    only add collectives (measured at `small`, h² = 147k, on 2 CPU ranks: 5% slower at ZeRO-2, 5-8% at ZeRO-3)."""
-    hidden2, layer = max(n_embd * n_embd, MIN_BUCKET), 12 * n_embd * n_embd
+    -> 5.2 GB per rank, 11.7 -> 10.8 s/step). Reduce and all-gather buckets never go below MIN_BUCKET: for a
+    narrow model h² buckets only add collectives (measured at `small`, h² = 147k, on 2 CPU ranks: 5% slower at
+    ZeRO-2, 5-8% at ZeRO-3; the prefetch size made no difference there)."""
+    hidden2, layer = n_embd * n_embd, 12 * n_embd * n_embd
+    bucket = max(hidden2, MIN_BUCKET)
     if zero_stage == 3:
-        return {"reduce_bucket_size": hidden2, "stage3_prefetch_bucket_size": int(0.9 * hidden2),
+        return {"reduce_bucket_size": bucket, "stage3_prefetch_bucket_size": int(0.9 * hidden2),
                 "stage3_param_persistence_threshold": 10 * n_embd, "stage3_max_live_parameters": 2 * layer,
                 "stage3_max_reuse_distance": layer, "sub_group_size": layer}
-    return {"reduce_bucket_size": hidden2, "allgather_bucket_size": hidden2}
+    return {"reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
 
 
 def build_ds_config(cfg: TrainConfig, dp_world: int) -> dict[str, Any]:
