@@ -47,7 +47,7 @@ def run(cfg: ExportConfig) -> None:
             shutil.rmtree(out)
         staging.rename(out)
     except OSError as exc:  # a full disk or a lost mount while writing
-        raise UserError(f"could not write out={out}: {exc.strerror or exc}; nothing was left there") from None
+        raise UserError(f"could not write out={out}: {os_reason(exc)}; nothing was left there") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("exported %s (step %d) as a %s", trained.source, trained.step, what)

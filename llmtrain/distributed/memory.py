@@ -127,10 +127,10 @@ def what_would_fit(cfg: TrainConfig, num_params: int, world: int, process_bytes:
     def predicted(changed: TrainConfig, ranks: int) -> float:
         return estimate(changed, num_params, ranks, process_bytes, on_gpu).total
 
-    found = [f"{name} ({predicted(change(cfg), world) / GB:.1f} GB)" for name, change in changes
-             if predicted(change(cfg), world) <= visible]
-    if cfg.dist.zero_stage >= 1 and predicted(cfg, 2 * world) <= visible:
-        found.append(f"{2 * world} ranks ({predicted(cfg, 2 * world) / GB:.1f} GB)")
+    singles = [(name, predicted(change(cfg), world)) for name, change in changes]
+    if cfg.dist.zero_stage >= 1:
+        singles.append((f"{2 * world} ranks", predicted(cfg, 2 * world)))
+    found = [f"{name} ({need / GB:.1f} GB)" for name, need in singles if need <= visible]
     if found:
         return found
     names, changed = [], cfg

@@ -251,7 +251,7 @@ def damage(folder: Path, verify_contents: bool = True) -> str | None:
     ``torch.save``'s zip format stores for each member -- ``torch.load`` itself never checks them, so flipped
     bytes would load as garbage weights. Markers written before sizes were recorded are trusted."""
     try:
-        recorded = json.loads((folder / MARKER).read_text()).get("files", {})
+        recorded = read_marker(folder).get("files", {})
     except (OSError, ValueError):
         return f"unreadable {MARKER}"
     for name, size in recorded.items():
@@ -325,7 +325,7 @@ class Checkpointer:
                           "zero_stage": self.zero_stage}
                 finish_checkpoint(folder, config_yaml, state, marker, self.attachments)
         if self.rank == 0:
-            size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+            size = sum(read_marker(folder)["files"].values())
             log.info("checkpoint of step %d: %.2f GB in %.1f s (%s)", step, size / 2**30, time.perf_counter() - started,
                      folder)
             self.run.prune(self.keep, folder)

@@ -68,14 +68,12 @@ def set_up_run(cfg: TrainConfig, is_main: bool, wait: Callable[[], None] | None 
 
 
 def open_data(cfg: DataConfig, is_main: bool, wait: Callable[[], None] | None = None) -> PreparedData:
-    """The prepared dataset of ``cfg.dir``. A folder that holds none is refused, unless the command named its source
-    (``data=stdlib|text|hf`` sets ``prepare_if_missing``): then the main process prepares it first and the others wait
-    (``wait``: a barrier of the process group, or by default a poll for the finished folder). A typo in data.dir
-    must not train on the default corpus."""
+    """The prepared dataset of ``cfg.dir``. A folder that holds none (which ``check_data_dir`` let through: the
+    command named its source) is prepared first by the main process while the others wait (``wait``: a barrier of
+    the process group, or by default a poll for the finished folder)."""
     from llmtrain.data.shards import read_meta
 
-    check_data_dir(cfg)
-    if is_main and read_meta(cfg.dir) is None:
+    if is_main and read_meta(cfg.dir) is None:  # set_up_run has refused it unless cfg.prepare_if_missing
         from llmtrain.data.prepare import prepare
 
         log.info("%s holds no prepared dataset: preparing it first (data=%s)", cfg.dir, cfg.source.value)
