@@ -188,19 +188,20 @@ def _check_json_records(ds: datasets.Dataset, paths: list[Path], field: str) -> 
 
 def _json_records(path: Path) -> Iterator[tuple[str, object]]:
     """(line number, record) of a JSON-lines file; (record number, record) of a file holding one JSON list."""
+    whole = None
+    if path.suffix.lower() == ".json":  # a .json file may hold one list; a .jsonl file is read a line at a time
+        try:
+            whole = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+        except ValueError:
+            whole = None
+    if whole is not None:
+        for number, record in enumerate(whole if isinstance(whole, list) else [whole], 1):
+            yield f"record {number}", record
+        return
     with open(path, encoding="utf-8", errors="replace") as f:
-        text = f.read()
-    try:
-        whole = json.loads(text) if path.suffix.lower() == ".json" else None
-    except ValueError:
-        whole = None
-    if whole is None:
-        for number, line in enumerate(text.splitlines(), 1):
+        for number, line in enumerate(f, 1):
             if line.strip():
                 yield str(number), json.loads(line)
-        return
-    for number, record in enumerate(whole if isinstance(whole, list) else [whole], 1):
-        yield f"record {number}", record
 
 
 def _text_only(ds: datasets.Dataset, column: str, what: str) -> datasets.Dataset:

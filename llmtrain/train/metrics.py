@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import sys
 import time
@@ -75,10 +76,21 @@ def drop_torn_last_line(path: Path) -> None:
     one JSON object per line."""
     if not path.is_file() or path.stat().st_size == 0:
         return
-    with open(path, "rb+") as f:
-        data = f.read()
-        if not data.endswith(b"\n"):
-            f.truncate(data.rfind(b"\n") + 1)
+    with open(path, "rb+") as f:  # from the end, a block at a time: a long run's file is never read whole
+        end = f.seek(0, os.SEEK_END)
+        f.seek(end - 1)
+        if f.read(1) == b"\n":
+            return
+        pos = end
+        while pos > 0:
+            start = max(0, pos - (1 << 16))
+            f.seek(start)
+            newline = f.read(pos - start).rfind(b"\n")
+            if newline >= 0:
+                f.truncate(start + newline + 1)
+                return
+            pos = start
+        f.truncate(0)
 
 
 def stderr_is_terminal() -> bool:

@@ -80,3 +80,9 @@ def test_a_torn_last_metrics_row_is_cut_off_on_resume(tmp_path):
     logger.log(2, {"loss": 4.5})
     logger.close()
     assert [json.loads(line)["step"] for line in run.metrics.read_text().splitlines()] == [1, 2]
+    # read from the end a block at a time: a torn row longer than a block, a file of one torn row, a whole file
+    row = '{"step": 1, "loss": 5.0}\n'
+    for text, kept in [(row * 3 + '{"x": "' + "y" * 200_000, row * 3), ('{"step": 1', ""), (row, row)]:
+        run.metrics.write_text(text)
+        metrics.drop_torn_last_line(run.metrics)
+        assert run.metrics.read_text() == kept
