@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from llmtrain.config import DataConfig, DistConfig, ModelConfig, Precision, RunConfig, TrainConfig, TrainLoopConfig
 from llmtrain.distributed import deepspeed as ds
+from llmtrain.distributed.env import shutdown
 from llmtrain.train import trainer as trainer_module
 
 
@@ -46,4 +47,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        shutdown()  # as the CLI does: a process group left up can abort the exit ("terminate called ...")

@@ -20,6 +20,7 @@ from llmtrain.config import (
     TrainConfig,
     TrainLoopConfig,
 )
+from llmtrain.distributed.env import shutdown
 from llmtrain.errors import UserError
 from llmtrain.model.gpt import GPT
 from llmtrain.train.trainer import Trainer
@@ -72,4 +73,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        shutdown()  # as the CLI does: a process group left up can abort the exit ("terminate called ...")
