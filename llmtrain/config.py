@@ -335,6 +335,9 @@ class TrainLoopConfig:
     """Stop after this many consecutive steps with a non-finite loss (each is skipped)."""
     stop_at_step: int = 0
     """Save a checkpoint and stop at this step (0 = never); the schedule still spans max_steps."""
+    compile: bool | None = None
+    """torch.compile the model (through DeepSpeed's ``engine.compile``); null = on with CUDA, off on CPU, where
+    fp32 gains nothing and bf16 gains less than the first compile costs a short run (README, "Benchmarks")."""
 
     def __post_init__(self) -> None:
         problems = []

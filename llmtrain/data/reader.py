@@ -209,3 +209,34 @@ class PreparedData:
 
     def __repr__(self) -> str:
         return f"PreparedData({self.folder}, {self.meta['splits']['train']['tokens']} train tokens)"
+
+
+class DeviceBatches:
+    """A reader's batches on the compute device, one batch ahead: handing out a batch gathers the next one (on a
+    GPU from pinned memory, copied ``non_blocking``), so the host prepares it while the device still runs the
+    work queued before. ``state_dict`` is the reader's as of the batches handed out -- the one prepared ahead
+    was not trained on, and a resumed run reads it again."""
+
+    def __init__(self, reader: TokenWindowReader, batch_size: int, device: torch.device) -> None:
+        self.reader, self.batch_size, self.device = reader, batch_size, device
+        self._ahead: tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | None = None
+        self._state = reader.state_dict()
+
+    def _fetch(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        x, y = self.reader.next_batch(self.batch_size)
+        if self.device.type == "cuda":
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), self.reader.state_dict()
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y, self._state = self._ahead or self._fetch()
+        self._ahead = self._fetch()
+        return x, y
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self._state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reader.load_state_dict(state)
+        self._ahead, self._state = None, self.reader.state_dict()
+

@@ -64,9 +64,18 @@ def buckets_for_width(n_embd: int, zero_stage: int) -> dict[str, int]:
     return {"reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
 
 
-def build_ds_config(cfg: TrainConfig, dp_world: int) -> dict[str, Any]:
+def trainer_clips(cfg: TrainConfig) -> bool:
+    """ZeRO-0 in fp32 hands whole gradients straight to the torch optimizer: there the trainer clips them itself, in
+    one norm pass whose result it reports. DeepSpeed would clip them in a second, per-parameter pass and drop the
+    norm (measured: 1.7% of a `small` step on 1 CPU process). Everywhere else DeepSpeed's optimizer wrapper clips
+    and reports the norm."""
+    return cfg.dist.zero_stage == 0 and cfg.precision == Precision.fp32
+
+
+def build_ds_config(cfg: TrainConfig, dp_world: int, compile_model: bool = False) -> dict[str, Any]:
     """The whole DeepSpeed config. Nothing else in llmtrain writes DeepSpeed settings: generated from the typed
-    config, then ``dist.deepspeed_overrides`` merged over it (unknown sections and llmtrain's own settings refused)."""
+    config, then ``dist.deepspeed_overrides`` merged over it (unknown sections and llmtrain's own settings refused).
+    ``compile_model`` under ZeRO-3 selects DeepSpeed's DeepCompile (see ``should_compile``)."""
     accum = grad_accumulation_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size, dp_world)
     zero: dict[str, Any] = {"stage": cfg.dist.zero_stage}
     if cfg.dist.zero_stage >= 1:
@@ -81,7 +90,7 @@ def build_ds_config(cfg: TrainConfig, dp_world: int) -> dict[str, Any]:
         "train_batch_size": cfg.train.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": accum,
-        "gradient_clipping": cfg.optim.grad_clip,
+        "gradient_clipping": 0.0 if trainer_clips(cfg) else cfg.optim.grad_clip,
         "zero_optimization": zero,
         # bf16: skip a step whose gradients are not finite (fp32 ZeRO and fp16 do so by default).
         "bf16": {"enabled": cfg.precision == Precision.bf16, "check_grad_overflow": True},
@@ -91,6 +100,8 @@ def build_ds_config(cfg: TrainConfig, dp_world: int) -> dict[str, Any]:
         "wall_clock_breakdown": False,
         "dump_state": False,
     }
+    if compile_model and cfg.dist.zero_stage == 3:
+        generated["compile"] = {"deepcompile": True}
     return merge_overrides(generated, cfg.dist.deepspeed_overrides)
 
 
@@ -139,8 +150,27 @@ def build_partitioned(build: Callable[[], torch.nn.Module], ds_config: dict[str,
         return build()
 
 
-def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any]):
-    """Wrap model and optimizer in a DeepSpeed engine (the only call of deepspeed.initialize)."""
+def should_compile(setting: bool | None, device: torch.device, zero_stage: int) -> bool:
+    """``train.compile``: as set, or (null) on with CUDA at ZeRO 0-2. Measured on 2 CPU cores (`small`, block 128,
+    README "Benchmarks"): fp32 steps are matmul-bound and gain nothing; bf16 gains ~1.17x but the first compile
+    costs ~13 s (~3 s from inductor's cache), more than a short CPU run wins back.
+
+    ZeRO-3 gathers each submodule's parameters in hooks that plain torch.compile traces into, recompiling per
+    submodule until dynamo gives up (measured: the recompile limit hit at the first step). DeepSpeed compiles
+    ZeRO-3 through DeepCompile instead, which builds for CUDA only: asked for on a CPU, it is refused."""
+    if setting is None:
+        return device.type == "cuda" and zero_stage < 3
+    if setting and zero_stage == 3 and device.type != "cuda":
+        raise UserError("train.compile=true under ZeRO-3 needs DeepSpeed's DeepCompile, which runs on CUDA GPUs "
+                        "only; on CPU use dist.zero_stage=0|1|2 or train.compile=false")
+    return setting
+
+
+def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any],
+               compile_model: bool = False):
+    """Wrap model and optimizer in a DeepSpeed engine (the only call of deepspeed.initialize); with
+    ``compile_model``, torch.compile the module in place through the engine (its parameter names, and so every
+    checkpoint, stay those of the eager module: a run saved compiled resumes eager and back)."""
     import deepspeed
     from pydantic import ValidationError
 
@@ -149,4 +179,10 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_conf
     except ValidationError as exc:  # a nested key of dist.deepspeed_overrides that DeepSpeed does not know
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise UserError(f"dist.deepspeed_overrides: DeepSpeed refused the config ({problems})") from None
+    if ds_config["zero_optimization"]["stage"] == 0 and engine.dp_world_size == 1:
+        # One process: DeepSpeed would still copy every gradient into flat buckets, all-reduce them with itself and
+        # copy them back, each step (measured: 1% of a `small` step on CPU). Skipping it changes no value.
+        engine.enable_backward_allreduce = False
+    if compile_model:
+        engine.compile()
     return engine

@@ -26,6 +26,7 @@ import torch
 import torch.distributed.rpc as rpc
 
 from llmtrain.config import Mode, TrainConfig
+from llmtrain.distributed.deepspeed import should_compile
 from llmtrain.distributed.env import DistEnv, launcher_vars
 from llmtrain.dtypes import torch_dtype
 from llmtrain.errors import UserError
@@ -106,6 +107,8 @@ class AsyncPSTrainer:
                                           cfg.ps.timeout_s, cfg.train.stop_at_step, wire_dtype=self.dtype))
             self._resume_server(rank)
             self._model.to(self.dtype)  # server 0 evaluates in the workers' precision, as sync mode does
+        elif should_compile(cfg.train.compile, self.env.device, zero_stage=0):
+            self._model.compile()  # in place: the parameter names that pulls, pushes and checkpoints use stay
         # 5. The resolved config, once the checkpoint (if any) was accepted: a refused resume changes nothing.
         self.config_yaml = setup.write_run_config(self.run, self.resolved) if rank == 0 else ""
         options = rpc.TensorPipeRpcBackendOptions(init_method="env://", rpc_timeout=cfg.ps.timeout_s)

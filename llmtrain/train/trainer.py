@@ -12,17 +12,26 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from llmtrain.config import Precision, TrainConfig
+from llmtrain.data.reader import DeviceBatches
 from llmtrain.data.shards import TOKENIZER_FILE
 from llmtrain.distributed import memory
-from llmtrain.distributed.deepspeed import build_ds_config, build_partitioned, initialize
+from llmtrain.distributed.deepspeed import (
+    build_ds_config,
+    build_partitioned,
+    initialize,
+    should_compile,
+    trainer_clips,
+)
 from llmtrain.distributed.env import DistEnv, init_distributed
 from llmtrain.dtypes import torch_dtype
 from llmtrain.errors import UserError
@@ -37,6 +46,20 @@ from llmtrain.train.setup import TrainResult
 log = logging.getLogger("llmtrain")
 
 
+@dataclass
+class StepOutcome:
+    """What one optimizer step reports, read back to the host in one piece (``Trainer._exchange``)."""
+
+    loss: float
+    """Mean loss over the global batch."""
+    norm: float
+    """Gradient norm before clipping where the trainer clips; NaN where DeepSpeed does (``Trainer._grad_norm``)."""
+    stop_signal: int
+    """The highest stop-signal number any rank received (0 = none): every rank stops after this step alike."""
+    applied: bool = True
+    """False when the update was skipped (non-finite loss or gradients)."""
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
@@ -44,18 +67,20 @@ class Trainer:
         self.env: DistEnv = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
         self.signals = StopSignals().install()  # a stop request during set-up is kept for the first step
         self._check_hardware()
+        self.compiled = should_compile(cfg.train.compile, self.env.device, cfg.dist.zero_stage)
         # 2-3. The run folder (the same path on every rank: it comes from the config, never from a clock) and the
         #      data (prepared by rank 0 when data.dir holds none yet, then opened by all); the model config
         #      takes its vocabulary from it.
         started = setup.set_up_run(cfg, self.env.is_main, dist.barrier)
         self.run, self.data, self.model_cfg = started.run, started.data, started.model_cfg
         self.run_dir = self.run.path
-        # 4. The DeepSpeed config (ZeRO stage, precision, accumulation, clipping, buckets), then the model:
+        # 4. The DeepSpeed config (ZeRO stage, precision, accumulation, clipping, buckets, compile), then the model:
         #    identical initial weights on every rank (same seed); under ZeRO-3 built partitioned. Its size is
         #    counted on a meta-device copy (a partitioned model counts only its shard).
         #    The memory it will take is predicted first (and warned about when it cannot fit).
-        self.ds_config = build_ds_config(cfg, self.env.world_size)
+        self.ds_config = build_ds_config(cfg, self.env.world_size, self.compiled)
         self.grad_accum = self.ds_config["gradient_accumulation_steps"]
+        self.trainer_clips = trainer_clips(cfg)
         with torch.device("meta"):
             shape = build_model(self.model_cfg)
         self.num_params = shape.num_params()
@@ -67,11 +92,12 @@ class Trainer:
                                   self.ds_config)
         # 5. Optimizer and the DeepSpeed engine.
         optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.dist.offload_optimizer, self.env.device)
-        self.engine = initialize(model, optimizer, self.ds_config)
+        self.engine = initialize(model, optimizer, self.ds_config, self.compiled)
         # 6. Data readers: this rank's training windows; the fixed validation set.
         block = self.model_cfg.block_size
-        self.reader = self.data.train_reader(block, cfg.train.seed, self.env.rank, self.env.world_size,
-                                             cfg.train.subset_tokens)
+        reader = self.data.train_reader(block, cfg.train.seed, self.env.rank, self.env.world_size,
+                                        cfg.train.subset_tokens)
+        self.batches = DeviceBatches(reader, cfg.train.micro_batch_size, self.engine.device)
         self.val = self.data.val_windows(block, cfg.train.eval_windows)
         # 7. Checkpoints, and auto-resume from the newest complete one.
         tokenizer_copy = {TOKENIZER_FILE: self.data.folder / TOKENIZER_FILE}  # checkpoints stand on their own
@@ -87,11 +113,12 @@ class Trainer:
         self.metrics = MetricsLogger(self.run, self.env.is_main, cfg.wandb, resolved, cfg.train.max_steps,
                                      self.step)
         if self.env.is_main:
-            log.info("model %s: %.2fM parameters (non-embedding), %.3g FLOPs/token; ZeRO-%d, %s, %d rank(s) on %s, "
-                     "global batch %d = %d micro x %d accumulation x %d ranks; peak %.3g FLOP/s (%s)",
+            log.info("model %s: %.2fM parameters (non-embedding), %.3g FLOPs/token; ZeRO-%d, %s, %s, %d rank(s) on "
+                     "%s, global batch %d = %d micro x %d accumulation x %d ranks; peak %.3g FLOP/s (%s)",
                      self.model_cfg.name, self.num_params / 1e6, self.flops_per_token, cfg.dist.zero_stage,
-                     cfg.precision.value, self.env.world_size, self.env.device.type, cfg.train.global_batch_size,
-                     cfg.train.micro_batch_size, self.grad_accum, self.env.world_size, self.peak_flops, peak_source)
+                     cfg.precision.value, "compiled" if self.compiled else "eager", self.env.world_size,
+                     self.env.device.type, cfg.train.global_batch_size, cfg.train.micro_batch_size, self.grad_accum,
+                     self.env.world_size, self.peak_flops, peak_source)
 
     # -- set-up helpers -------------------------------------------------------------------------------------
     def _predict_memory(self, total_params: int) -> memory.MemoryEstimate:
@@ -118,7 +145,7 @@ class Trainer:
     def _client_state(self) -> dict[str, Any]:
         """What continues a run exactly besides DeepSpeed's tensors. No RNG state: see train_step."""
         return setup.client_state(self.step, self.tokens_seen, self.data, self.model_cfg, self.cfg.train.seed,
-                                  skipped_steps=self.skipped_steps, reader=self.reader.state_dict())
+                                  skipped_steps=self.skipped_steps, reader=self.batches.state_dict())
 
     def _resume(self) -> None:
         folder = self.run.newest_intact(self.env.is_main, dist.barrier)
@@ -128,7 +155,7 @@ class Trainer:
         self.checkpointer.load(self.engine, folder)  # refused mismatches above never reach DeepSpeed
         self.step, self.tokens_seen = client["step"], client["tokens_seen"]
         self.skipped_steps = client["skipped_steps"]
-        self.reader.load_state_dict(client["reader"])
+        self.batches.load_state_dict(client["reader"])
 
     # -- the loop -------------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -137,17 +164,18 @@ class Trainer:
         consecutive_nonfinite, interval_start, interval_steps = 0, time.perf_counter(), 0
         if self.env.is_main:
             clear_preempted(self.run)
-        with self.signals as signals, contextlib.closing(self.metrics):
+        with self.signals, contextlib.closing(self.metrics):
             while self.step < cfg.max_steps:
-                loss, grad_norm, applied = self.train_step()
+                outcome = self.train_step()
+                loss = outcome.loss
                 self.step += 1
                 self.tokens_seen += tokens_per_step
                 interval_steps += 1
                 result.losses[self.step] = loss
-                if not applied:
+                if not outcome.applied:
                     self.skipped_steps += 1
                     consecutive_nonfinite = consecutive_nonfinite + 1 if not math.isfinite(loss) else 0
-                    log.warning("step %d skipped (loss %s, grad norm %s)", self.step, loss, grad_norm)
+                    log.warning("step %d skipped (loss %s, grad norm %s)", self.step, loss, self._grad_norm(outcome))
                     if consecutive_nonfinite >= cfg.max_nonfinite_steps:
                         raise UserError(f"{consecutive_nonfinite} steps in a row had a non-finite loss (last at step "
                                         f"{self.step}); stopping. The last good checkpoint in {self.run_dir} is "
@@ -158,14 +186,14 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     elapsed = time.perf_counter() - interval_start
                     tokens_per_s = interval_steps * tokens_per_step / elapsed
-                    self._log_step(loss, grad_norm, tokens_per_s, elapsed / interval_steps)
+                    self._log_step(loss, self._grad_norm(outcome), tokens_per_s, elapsed / interval_steps)
                     interval_start, interval_steps = time.perf_counter(), 0
                 last = self.step == cfg.max_steps
                 if last or (cfg.eval_every and self.step % cfg.eval_every == 0):
                     result.val_loss = self.evaluate()
                     result.val_ppl = math.exp(min(result.val_loss, 50))
                     self.metrics.log(self.step, {"val_loss": result.val_loss, "val_ppl": result.val_ppl})
-                signum = self._agree_to_stop(signals.requested)
+                signum = outcome.stop_signal
                 stop = bool(signum) or self.step == cfg.stop_at_step
                 if last or stop or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
                     self.checkpointer.save(self.engine, self.step, self._client_state(), self.config_yaml)
@@ -178,66 +206,65 @@ class Trainer:
         result.steps, result.skipped_steps = self.step, self.skipped_steps
         return result
 
-    def train_step(self) -> tuple[float, float, bool]:
-        """One optimizer step over ``grad_accum`` micro-batches; (global mean loss, grad norm, applied)."""
+    def train_step(self) -> StepOutcome:
+        """One optimizer step over ``grad_accum`` micro-batches.
+
+        The host waits for the device once per step (a GPU keeps its queue full): one collective and one read
+        back of a small tensor carry the global loss, a stop signal received by any rank and, where the trainer
+        clips, the gradient norm. DeepSpeed's norm is read only on log steps."""
         cfg, engine = self.cfg, self.engine
         set_lr(engine.optimizer, lr_at(self.step, cfg.optim, cfg.train.max_steps))
-        losses = []
+        loss_sum = torch.zeros((), device=engine.device)
         for micro in range(self.grad_accum):
             # Dropout masks depend only on (seed, step, micro-step, rank): resuming needs no RNG state.
             torch.manual_seed(hash((cfg.train.seed, self.step, micro, self.env.rank)) % (1 << 62))
-            x, y = self.reader.next_batch(cfg.train.micro_batch_size)
-            _, loss = engine(x.to(engine.device), y.to(engine.device))
+            x, y = self.batches.next()
+            _, loss = engine(x, y)
             engine.backward(loss)
-            losses.append(loss.detach().float())
+            loss_sum += loss.detach().float()
             discard = False
-            if micro == self.grad_accum - 1:
-                global_loss = self._global_mean(torch.stack(losses).mean())
-                local_norm = self._full_grad_norm()
-                discard = not math.isfinite(global_loss)
+            if micro == self.grad_accum - 1:  # gradients are whole now (ZeRO-0) or reduced into partitions
+                norm = self._clip() if self.trainer_clips else None
+                outcome = self._exchange(loss_sum / self.grad_accum, norm)
+                discard = self.trainer_clips and not (math.isfinite(outcome.loss) and math.isfinite(outcome.norm))
             with self._discarding_gradients() if discard else contextlib.nullcontext():
                 engine.step()  # applies the update at the accumulation boundary only
-        grad_norm = engine.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None else local_norm
-        applied = math.isfinite(global_loss) and engine.was_step_applied()
-        return global_loss, grad_norm, applied
+        outcome.applied = math.isfinite(outcome.loss) and not discard and engine.was_step_applied()
+        return outcome
 
-    def _full_grad_norm(self) -> float:
-        """Gradient norm before clipping when gradients are whole on every rank (ZeRO-0); DeepSpeed reports
-        it itself for ZeRO 1-3 and bf16."""
-        if self.cfg.dist.zero_stage != 0:
-            return float("nan")
-        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        return float(torch.nn.utils.get_total_norm(grads)) if grads else float("nan")
+    def _clip(self) -> torch.Tensor:
+        """Clip whole gradients (ZeRO-0 in fp32, which DeepSpeed hands straight to the torch optimizer) in one
+        norm pass, left on the device: the norm before clipping."""
+        params = [p for p in self.engine.module.parameters() if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip or math.inf, foreach=True)
+
+    def _exchange(self, loss: torch.Tensor, norm: torch.Tensor | None) -> StepOutcome:
+        """All-reduce [loss, one slot per signal number], read it back with the norm: the step's one sync."""
+        slots = torch.zeros(signal.NSIG, device=loss.device)
+        if self.signals.requested:  # a signal may reach some ranks only: all stop at this step
+            slots[self.signals.requested] = 1.0
+        packed = torch.cat([loss.view(1), slots])
+        dist.all_reduce(packed)
+        norm = norm.view(1).float() if norm is not None else packed.new_full((1,), math.nan)
+        values = torch.cat([packed, norm]).tolist()
+        stop = max((signum for signum, seen in enumerate(values[1:-1]) if seen), default=0)
+        return StepOutcome(loss=values[0] / self.env.world_size, norm=values[-1], stop_signal=stop)
+
+    def _grad_norm(self, outcome: StepOutcome) -> float:
+        """The step's gradient norm before clipping: the trainer's own, else DeepSpeed's (ZeRO 1-3, bf16, fp16),
+        read on log steps only."""
+        if self.trainer_clips:
+            return outcome.norm
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else math.nan
 
     @contextlib.contextmanager
     def _discarding_gradients(self) -> Iterator[None]:
-        """Make the coming update a no-op. ZeRO 1-3, bf16 and fp16 skip non-finite gradients themselves; plain
-        data parallelism in fp32 hands gradients to the torch optimizer, which skips parameters without one."""
-        if self.cfg.dist.zero_stage != 0 or self.cfg.precision != Precision.fp32:
-            yield
-            return
+        """Make the coming update a no-op where the trainer clips (ZeRO-0 in fp32): the torch optimizer skips
+        parameters without a gradient. ZeRO 1-3, bf16 and fp16 skip non-finite gradients themselves."""
         for p in self.engine.module.parameters():
             p.grad = None
-        # DeepSpeed's fp32 clip_grad_norm_ indexes the first gradient and fails when none is left: no clipping
-        # for this (empty) update.
-        clip = self.engine._config.gradient_clipping
-        self.engine._config.gradient_clipping = 0.0
-        try:
-            yield
-        finally:
-            self.engine._config.gradient_clipping = clip
-
-    def _agree_to_stop(self, signum: int) -> int:
-        """A signal may reach some ranks only: stop when any rank got one, all at the same step (its number)."""
-        flag = torch.tensor([float(signum)], device=self.engine.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
-
-    def _global_mean(self, value: torch.Tensor) -> float:
-        value = value.to(self.engine.device)
-        dist.all_reduce(value)
-        return value.item() / self.env.world_size
+        yield
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -252,8 +279,8 @@ class Trainer:
             x, y = batches[min(i, len(batches) - 1)] if batches else next(self.val.batches(bs, 0, 1))
             _, loss = self.engine(x.to(self.engine.device), y.to(self.engine.device))
             if i < len(batches):
-                totals += torch.tensor([loss.double().item() * y.numel(), y.numel()], dtype=torch.float64,
-                                       device=self.engine.device)
+                totals[0] += loss.double() * y.numel()
+                totals[1] += y.numel()
         dist.all_reduce(totals)
         self.engine.train()
         return (totals[0] / totals[1]).item()

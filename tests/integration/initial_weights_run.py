@@ -13,8 +13,8 @@ import sys
 import deepspeed
 import torch
 import torch.distributed as dist
+from tiny_config import tiny_config  # a sibling: a script run by path has its own folder on sys.path
 
-from llmtrain.config import DataConfig, DistConfig, ModelConfig, Precision, RunConfig, TrainConfig, TrainLoopConfig
 from llmtrain.distributed import deepspeed as ds
 from llmtrain.distributed.env import shutdown
 from llmtrain.train import trainer as trainer_module
@@ -31,10 +31,7 @@ def main() -> None:
         return model
 
     trainer_module.build_partitioned = counting
-    cfg = TrainConfig(data=DataConfig(dir=data_dir), run=RunConfig(dir=run_dir, resume=False),
-                      precision=Precision.fp32, model=ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=64),
-                      dist=DistConfig(zero_stage=stage),
-                      train=TrainLoopConfig(max_steps=1, global_batch_size=4, micro_batch_size=2, eval_every=0))
+    cfg = tiny_config(data_dir, run_dir, stage, max_steps=1, global_batch_size=4, micro_batch_size=2, eval_every=0)
     trainer = trainer_module.Trainer(cfg)
     params = list(trainer.engine.module.parameters())
     counts = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size())]

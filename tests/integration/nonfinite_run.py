@@ -9,17 +9,9 @@ import json
 import sys
 
 import torch
+from tiny_config import tiny_config  # a sibling: a script run by path has its own folder on sys.path
 
-from llmtrain.config import (
-    DataConfig,
-    DistConfig,
-    ModelConfig,
-    OptimConfig,
-    Precision,
-    RunConfig,
-    TrainConfig,
-    TrainLoopConfig,
-)
+from llmtrain.config import Precision
 from llmtrain.distributed.env import shutdown
 from llmtrain.errors import UserError
 from llmtrain.model.gpt import GPT
@@ -30,13 +22,8 @@ BAD_STEPS = {4, 5} | set(range(8, 100))  # 1-based optimizer steps whose loss is
 
 def main() -> None:
     data_dir, run_dir, stage, precision = sys.argv[1], sys.argv[2], int(sys.argv[3]), Precision(sys.argv[4])
-    cfg = TrainConfig(
-        data=DataConfig(dir=data_dir), run=RunConfig(dir=run_dir), precision=precision,
-        model=ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=64),
-        optim=OptimConfig(lr=3e-3, warmup_steps=2), dist=DistConfig(zero_stage=stage),
-        train=TrainLoopConfig(max_steps=20, global_batch_size=8, micro_batch_size=4, checkpoint_every=2,
-                              max_nonfinite_steps=3, eval_every=0, log_every=1),
-    )
+    cfg = tiny_config(data_dir, run_dir, stage, precision, max_steps=20, global_batch_size=8, micro_batch_size=4,
+                      checkpoint_every=2, max_nonfinite_steps=3, eval_every=0, log_every=1)
     trainer = Trainer(cfg)
     forward = GPT.forward
 
@@ -54,7 +41,7 @@ def main() -> None:
         before = [p.detach().clone() for p in trainer.engine.module.parameters()]
         out = train_step()
         unchanged = all(torch.equal(a, b) for a, b in zip(before, trainer.engine.module.parameters(), strict=True))
-        record.append({"step": trainer.step + 1, "applied": out[2], "unchanged": unchanged})
+        record.append({"step": trainer.step + 1, "applied": out.applied, "unchanged": unchanged})
         return out
 
     trainer.train_step = recording_step

@@ -169,6 +169,7 @@ def wandb_records(path: Path):
     ("overrides", "message"),
     [
         (["precision=fp16"], "precision=fp16 needs a CUDA GPU"),
+        (["dist.zero_stage=3", "train.compile=true"], "train.compile=true under ZeRO-3 needs DeepSpeed's DeepCompile"),
         (["train.global_batch_size=10"], "train.global_batch_size=10 is not a multiple of train.micro_batch_size=4"),
         (["model.n_embd=63"], "model.n_embd=63 must be divisible by model.n_head=2"),
         (["model=nope"], "Could not find 'model/nope'"),

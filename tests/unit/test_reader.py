@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from llmtrain.data.reader import PreparedData, TokenWindowReader
+from llmtrain.data.reader import DeviceBatches, PreparedData, TokenWindowReader
 from llmtrain.errors import UserError
 
 BLOCK = 64
@@ -100,6 +101,20 @@ def test_resume_continues_the_same_sequence(data):
     resumed.load_state_dict(first.state_dict())
     got = [resumed.next_windows(4) for _ in range(5)]
     assert len(got) == 5 and all(np.array_equal(a, b) for a, b in zip(got, expected[7:], strict=True))
+
+
+def test_batches_prepared_ahead_are_not_counted_as_read(data):
+    plain = readers(data, 1)[0]
+    expected = [plain.next_batch(4) for _ in range(6)]
+    batches = DeviceBatches(readers(data, 1)[0], 4, torch.device("cpu"))
+    for i in range(3):
+        assert all(torch.equal(a, b) for a, b in zip(batches.next(), expected[i], strict=True))
+    state = batches.state_dict()  # the reader itself is one batch further: the one prepared ahead
+    assert state["consumed_samples"] == 3 * 4 and batches.reader.consumed_samples == 4 * 4
+    resumed = DeviceBatches(readers(data, 1)[0], 4, torch.device("cpu"))
+    resumed.load_state_dict(state)
+    for i in range(3, 6):
+        assert all(torch.equal(a, b) for a, b in zip(resumed.next(), expected[i], strict=True))
 
 
 def test_resume_on_another_world_size(data):

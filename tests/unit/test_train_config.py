@@ -11,7 +11,7 @@ import torch
 
 from llmtrain.cli._entry import CONF_DIR, _precheck, to_typed
 from llmtrain.config import DataConfig, Decay, OptimConfig, OptimizerName, Precision, TrainConfig, register_configs
-from llmtrain.distributed.deepspeed import build_ds_config, grad_accumulation_steps
+from llmtrain.distributed.deepspeed import build_ds_config, grad_accumulation_steps, should_compile
 from llmtrain.errors import UserError
 from llmtrain.model import GPT, build_model
 from llmtrain.train.optim import build_optimizer, lr_at, param_groups
@@ -120,6 +120,18 @@ def test_generated_deepspeed_config():
     assert fp16["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}  # 0 = dynamic
     plain = build_ds_config(compose(["precision=fp32"]), dp_world=1)
     assert plain["zero_optimization"] == {"stage": 0} and not plain["bf16"]["enabled"]
+    assert plain["gradient_clipping"] == 0.0  # ZeRO-0 fp32: the trainer clips, in the pass that reports the norm
+    assert "compile" not in ds and build_ds_config(cfg, dp_world=2, compile_model=True)["compile"] == \
+        {"deepcompile": True}  # ZeRO-3 compiles through DeepCompile
+
+
+def test_compile_defaults_to_cuda_at_zero_0_to_2_and_zero3_compile_needs_cuda():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [should_compile(None, cpu, stage) for stage in range(4)] == [False] * 4
+    assert [should_compile(None, cuda, stage) for stage in range(4)] == [True, True, True, False]
+    assert should_compile(True, cpu, 2) and not should_compile(False, cuda, 0) and should_compile(True, cuda, 3)
+    with pytest.raises(UserError, match="train.compile=true under ZeRO-3 needs DeepSpeed's DeepCompile"):
+        should_compile(True, cpu, 3)
 
 
 def test_deepspeed_buckets_follow_the_model_width_and_overrides_merge_over_them():
