@@ -3,6 +3,10 @@
     .venv/bin/pip install transformers        # the reference loop only; not a dependency of llmtrain
     .venv/bin/python benchmarks/bench_train.py --data data/stdlib   # ~10 minutes on 2 cores
 
+0. What the framework costs: `llmtrain-train` against a bare loop over the same GPT module (torch.optim.AdamW,
+   accumulation, clipping; benchmarks/_bare_loop.py), `small` at block 128, micro-batch 8 x 2 accumulation, fp32,
+   runs interleaved A/B/A/B: 1 process x 2 threads for both, and ZeRO-2 on 2 ranks x 1 thread against the bare
+   loop at 2 threads (same global batch); then train.compile=true against false, fp32 and bf16, 1 process.
 1. `small` in one process, fp32 and bf16: llmtrain (DeepSpeed engine, ZeRO-0) against a plain PyTorch loop
    over Hugging Face `transformers`' GPT2LMHeadModel of the same shape with torch.optim.AdamW: tokens/s,
    MFU against the matmul peak measured in this run, and the ratio ours/theirs.
@@ -38,13 +42,15 @@ FP32_FORMULA = {0: lambda n: 16, 1: lambda n: 8 + 8 / n, 2: lambda n: 4 + 12 / n
 
 
 def ours(data: str, work: Path, name: str, ranks: int, threads: int, precision: str, stage: int, steps: int,
-         micro: int, global_batch: int) -> dict:
-    """tokens/s and MFU from llmtrain's own metrics.jsonl, first logged interval (warm-up) left out."""
+         micro: int, global_batch: int, *extra: str, bias: bool = True) -> dict:
+    """tokens/s and MFU from llmtrain's own metrics.jsonl, first logged interval (warm-up) left out. ``bias``:
+    GPT-2's linear biases, as the `transformers` reference has them (the bare loop runs the preset, without)."""
     run_dir = work / name
-    args = [f"data.dir={data}", f"run.dir={run_dir}", "model=small", "model.bias=true", f"precision={precision}",
+    args = [f"data.dir={data}", f"run.dir={run_dir}", "model=small", f"model.bias={str(bias).lower()}",
+            f"precision={precision}",
             f"dist.zero_stage={stage}", f"train.max_steps={steps}", f"train.micro_batch_size={micro}",
             f"train.global_batch_size={global_batch}", f"train.log_every={max(1, steps // 4)}", "train.eval_every=0",
-            "train.eval_windows=8", "train.checkpoint_every=0", "run.resume=false"]
+            "train.eval_windows=8", "train.checkpoint_every=0", "run.resume=false", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if ranks == 1:
         cmd = [str(BIN / "llmtrain-train"), *args]
@@ -57,6 +63,50 @@ def ours(data: str, work: Path, name: str, ranks: int, threads: int, precision: 
     rows = [r for r in rows if "tokens_per_s" in r][1:]
     return {"tokens_per_s": sum(r["tokens_per_s"] for r in rows) / len(rows),
             "mfu": sum(r["mfu"] for r in rows) / len(rows)}
+
+
+def bare(data: str, threads: int, steps: int, micro: int, accum: int, block: int) -> float:
+    """tokens/s of benchmarks/_bare_loop.py (the same GPT module, no framework around it)."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "_bare_loop.py"), data, "--threads", str(threads), "--micro",
+           str(micro), "--accum", str(accum), "--steps", str(steps), "--block", str(block)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+    if proc.returncode:
+        raise SystemExit(f"bare loop failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.splitlines()[-1])["tokens_per_s"]
+
+
+def overhead_table(data: str, work: Path, steps: int, reps: int) -> None:
+    """Table 0: llmtrain-train / bare loop, interleaved A/B/A/B so that drifts in machine speed hit both alike."""
+    micro, accum, block = 8, 2, 128
+    setups = [("1 process x 2 threads, ZeRO-0", 1, 2, 0), ("ZeRO-2, 2 ranks x 1 thread (bare: 2 threads)", 2, 1, 2)]
+    rows = []
+    for label, ranks, threads, stage in setups:
+        mine, theirs = [], []
+        for rep in range(reps):
+            mine.append(ours(data, work, f"overhead-{stage}-{rep}", ranks, threads, "fp32", stage, steps, micro,
+                             micro * accum, f"model.block_size={block}", bias=False)["tokens_per_s"])
+            theirs.append(bare(data, 2, steps, micro, accum, block))
+        ratios = [a / b for a, b in zip(mine, theirs, strict=True)]
+        rows.append([label, " / ".join(f"{t:,.0f}" for t in mine), " / ".join(f"{t:,.0f}" for t in theirs),
+                     " / ".join(f"{r:.3f}" for r in ratios), f"{sum(mine) / sum(theirs):.3f}"])
+    table(f"0a. small fp32, block {block}, global batch {micro * accum}: llmtrain-train vs the bare loop "
+          f"({reps} interleaved pairs, tok/s)", ["setup", "llmtrain-train", "bare loop", "ratio per pair", "ratio"],
+          rows)
+    rows = []
+    for precision in ("fp32", "bf16"):
+        n = steps if precision == "fp32" else 2 * steps  # bf16 steps take half the time
+        speeds: dict[str, list[float]] = {"false": [], "true": []}
+        for rep in range(reps):
+            for flag in speeds:
+                speeds[flag].append(ours(data, work, f"compile-{precision}-{flag}-{rep}", 1, 2, precision, 0, n, micro,
+                                         micro * accum, f"model.block_size={block}", f"train.compile={flag}",
+                                         bias=False)["tokens_per_s"])
+        eager, compiled = (sum(speeds[flag]) / reps for flag in ("false", "true"))
+        rows.append([precision, f"{eager:,.0f}", f"{compiled:,.0f}", f"{compiled / eager:.3f}"])
+    table(f"0b. the same, 1 process x 2 threads, ZeRO-0: train.compile=true vs false ({reps} interleaved pairs; tok/s "
+          "after the first quarter of the steps, which holds the compile)", ["precision", "eager", "compiled",
+                                                                             "speed-up"], rows)
 
 
 def hf_reference(vocab: int, precision: str, steps: int, micro: int, threads: int) -> float:
@@ -99,7 +149,8 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="a prepared data.dir (llmtrain-prepare data=stdlib ...)")
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--micro", type=int, default=8)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["single", "zero", "memory"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["overhead", "single", "zero", "memory"])
+    parser.add_argument("--reps", type=int, default=3, help="table 0's interleaved pairs")
     parser.add_argument("--memory-model", default="350m", help="table 3's model preset (conf/model/)")
     parser.add_argument("--memory-stages", nargs="*", type=int, default=[0, 1, 2, 3], help="table 3's ZeRO stages")
     parser.add_argument("--precisions", nargs="*", default=["fp32", "bf16"], choices=["fp32", "bf16"],
@@ -107,6 +158,9 @@ def main() -> None:
     args = parser.parse_args()
     vocab = json.loads((Path(args.data) / "meta.json").read_text())["vocab_size"]
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+
+    if "overhead" not in args.skip:
+        overhead_table(args.data, work, args.steps, args.reps)
 
     if "single" not in args.skip:
         rows = []

@@ -1,0 +1,77 @@
+"""The bare loop that bench_train.py holds llmtrain-train against: llmtrain's own GPT module, torch.optim.AdamW,
+gradient accumulation and clipping, batches cut at random offsets of a prepared shard -- nothing else (no
+DeepSpeed, no metrics, no checkpoints). Prints one JSON line: tokens/s over the steps after the first quarter.
+
+    python benchmarks/_bare_loop.py DATA_DIR --threads 2 --micro 8 --accum 2 --steps 24 [--block 128] [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from llmtrain.config import ModelConfig
+from llmtrain.data.shards import META_FILE
+from llmtrain.model import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data")
+    parser.add_argument("--model", default="small", help="a conf/model preset")
+    parser.add_argument("--block", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--micro", type=int, default=8)
+    parser.add_argument("--accum", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--compile", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    meta = json.loads((Path(args.data) / META_FILE).read_text())
+    preset = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / f"{args.model}.yaml"))
+    preset.pop("defaults", None)
+    cfg = ModelConfig(**{**preset, "block_size": args.block, "vocab_size": meta["vocab_size"]})
+    shard = np.memmap(Path(args.data) / meta["splits"]["train"]["shards"][0]["file"], dtype=meta["dtype"], mode="r")
+
+    def get_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.randint(len(shard) - args.block - 1, (args.micro,)).tolist()
+        rows = torch.from_numpy(np.stack([shard[s: s + args.block + 1].astype(np.int64) for s in starts]))
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+    torch.manual_seed(1337)
+    model = build_model(cfg)
+    if args.compile:
+        model.compile()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=3e-4, betas=(0.9, 0.95), foreach=True)
+    warm = max(1, args.steps // 4)
+    start = 0.0
+    for step in range(args.steps):
+        if step == warm:
+            start = time.perf_counter()
+        for _ in range(args.accum):
+            x, y = get_batch()
+            _, loss = model(x, y)
+            (loss / args.accum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % warm == 0:
+            loss.item()  # what a loop prints now and then
+    seconds = time.perf_counter() - start
+    tokens = (args.steps - warm) * args.accum * args.micro * args.block
+    print(json.dumps({"tokens_per_s": tokens / seconds}))
+
+
+if __name__ == "__main__":
+    main()
