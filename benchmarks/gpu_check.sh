@@ -12,13 +12,13 @@ mkdir -p "$OUT" && rm -f "$OUT/results.jsonl"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_DATASETS_DISABLE_PROGRESS_BARS=1
 log() { echo "[$(date +%T)] $*"; }
 
-if compgen -G ".whl/*.whl" >/dev/null; then
+if [ -x .venv/bin/python ]; then  # a checkout set up by scripts/setup.sh (here)
+    py=.venv/bin/python
+else  # the device machine: only the working tree and the carried .whl/ travel
     log "install: the carried wheels and llmtrain itself (no network there)"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/*.whl || exit 1
     python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
     py=python3
-else
-    py=.venv/bin/python
 fi
 bin=$(dirname "$($py -c 'import sys; print(sys.executable)')")
 if $py -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then

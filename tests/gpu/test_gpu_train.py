@@ -29,3 +29,13 @@ def test_two_gpus_zero3_match_one(prepared_small, tmp_path):
     one = trained(tmp_path / "one", prepared_small, 1, "precision=fp32", "dist.zero_stage=0")
     two = trained(tmp_path / "two", prepared_small, 2, "precision=fp32", "dist.zero_stage=3")
     assert max(abs(one[s] - two[s]) / abs(one[s]) for s in one) <= 1e-3  # TF32 and NCCL reduction order
+
+
+@pytest.mark.parametrize("stage", [2, 3])  # ZeRO-3 compiles through DeepSpeed's DeepCompile
+def test_compiled_gpu_training_tracks_eager(prepared_small, tmp_path, stage):
+    eager = trained(tmp_path / "eager", prepared_small, 1, "precision=bf16", f"dist.zero_stage={stage}",
+                    "train.compile=false")
+    compiled = trained(tmp_path / "compiled", prepared_small, 1, "precision=bf16", f"dist.zero_stage={stage}",
+                       "train.compile=true")
+    assert compiled[max(compiled)] < compiled[1] - 0.5
+    assert max(abs(eager[s] - compiled[s]) / abs(eager[s]) for s in eager) <= 2e-2  # bf16, fused kernels
