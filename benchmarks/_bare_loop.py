@@ -1,14 +1,18 @@
 """The bare loop that bench_train.py holds llmtrain-train against: llmtrain's own GPT module, torch.optim.AdamW,
 gradient accumulation and clipping, batches cut at random offsets of a prepared shard -- nothing else (no
 DeepSpeed, no metrics, no checkpoints). Prints one JSON line: tokens/s over the steps after the first quarter.
+Under torchrun the model is wrapped in torch's DistributedDataParallel (gloo on CPU): plain data parallelism,
+the same global batch.
 
     python benchmarks/_bare_loop.py DATA_DIR --threads 2 --micro 8 --accum 2 --steps 24 [--block 128] [--compile]
+    torchrun --standalone --nproc_per_node 2 benchmarks/_bare_loop.py DATA_DIR --threads 1 --accum 1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -46,10 +50,15 @@ def main() -> None:
         rows = torch.from_numpy(np.stack([shard[s: s + args.block + 1].astype(np.int64) for s in starts]))
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.manual_seed(1337)
     model = build_model(cfg)
     if args.compile:
         model.compile()
+    if world > 1:
+        torch.distributed.init_process_group("gloo")
+        torch.manual_seed(1337 + torch.distributed.get_rank())  # each rank its own batches
+        model = torch.nn.parallel.DistributedDataParallel(model)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
@@ -69,8 +78,11 @@ def main() -> None:
         if step % warm == 0:
             loss.item()  # what a loop prints now and then
     seconds = time.perf_counter() - start
-    tokens = (args.steps - warm) * args.accum * args.micro * args.block
-    print(json.dumps({"tokens_per_s": tokens / seconds}))
+    tokens = (args.steps - warm) * args.accum * args.micro * args.block * world
+    if world == 1 or torch.distributed.get_rank() == 0:
+        print(json.dumps({"tokens_per_s": tokens / seconds}))
+    if world > 1:
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -65,9 +65,10 @@ def ours(data: str, work: Path, name: str, ranks: int, threads: int, precision: 
             "mfu": sum(r["mfu"] for r in rows) / len(rows)}
 
 
-def bare(data: str, threads: int, steps: int, micro: int, accum: int, block: int) -> float:
-    """tokens/s of benchmarks/_bare_loop.py (the same GPT module, no framework around it)."""
-    cmd = [sys.executable, str(REPO / "benchmarks" / "_bare_loop.py"), data, "--threads", str(threads), "--micro",
+def bare(data: str, threads: int, steps: int, micro: int, accum: int, block: int, ranks: int = 1) -> float:
+    """tokens/s of benchmarks/_bare_loop.py (the same GPT module, no framework around it; torch DDP on ranks > 1)."""
+    launcher = [sys.executable] if ranks == 1 else [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={ranks}"]
+    cmd = [*launcher, str(REPO / "benchmarks" / "_bare_loop.py"), data, "--threads", str(threads), "--micro",
            str(micro), "--accum", str(accum), "--steps", str(steps), "--block", str(block)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
@@ -82,17 +83,20 @@ def overhead_table(data: str, work: Path, steps: int, reps: int) -> None:
     setups = [("1 process x 2 threads, ZeRO-0", 1, 2, 0), ("ZeRO-2, 2 ranks x 1 thread (bare: 2 threads)", 2, 1, 2)]
     rows = []
     for label, ranks, threads, stage in setups:
-        mine, theirs = [], []
+        mine, theirs, ddp = [], [], []
         for rep in range(reps):
             mine.append(ours(data, work, f"overhead-{stage}-{rep}", ranks, threads, "fp32", stage, steps, micro,
                              micro * accum, f"model.block_size={block}", bias=False)["tokens_per_s"])
             theirs.append(bare(data, 2, steps, micro, accum, block))
+            if ranks > 1:  # the same data parallelism without llmtrain or DeepSpeed: torch DDP over gloo
+                ddp.append(bare(data, threads, steps, micro, accum // ranks, block, ranks))
         ratios = [a / b for a, b in zip(mine, theirs, strict=True)]
         rows.append([label, " / ".join(f"{t:,.0f}" for t in mine), " / ".join(f"{t:,.0f}" for t in theirs),
-                     " / ".join(f"{r:.3f}" for r in ratios), f"{sum(mine) / sum(theirs):.3f}"])
-    table(f"0a. small fp32, block {block}, global batch {micro * accum}: llmtrain-train vs the bare loop "
-          f"({reps} interleaved pairs, tok/s)", ["setup", "llmtrain-train", "bare loop", "ratio per pair", "ratio"],
-          rows)
+                     " / ".join(f"{r:.3f}" for r in ratios), f"{sum(mine) / sum(theirs):.3f}",
+                     " / ".join(f"{t:,.0f}" for t in ddp) or "-", f"{sum(mine) / sum(ddp):.3f}" if ddp else "-"])
+    table(f"0a. small fp32, block {block}, global batch {micro * accum}: llmtrain-train vs the bare loop at 2 threads "
+          f"(and vs a bare torch DDP loop on as many ranks; {reps} interleaved runs each, tok/s)",
+          ["setup", "llmtrain-train", "bare loop", "ratio per pair", "ratio", "bare DDP loop", "ratio to DDP"], rows)
     rows = []
     for precision in ("fp32", "bf16"):
         n = steps if precision == "fp32" else 2 * steps  # bf16 steps take half the time
