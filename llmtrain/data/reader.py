@@ -239,4 +239,3 @@ class DeviceBatches:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reader.load_state_dict(state)
         self._ahead, self._state = None, self.reader.state_dict()
-

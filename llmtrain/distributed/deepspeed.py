@@ -152,8 +152,8 @@ def build_partitioned(build: Callable[[], torch.nn.Module], ds_config: dict[str,
 
 def should_compile(setting: bool | None, device: torch.device, zero_stage: int) -> bool:
     """``train.compile``: as set, or (null) on with CUDA at ZeRO 0-2. Measured on 2 CPU cores (`small`, block 128,
-    README "Benchmarks"): fp32 steps are matmul-bound and gain nothing; bf16 gains ~1.17x but the first compile
-    costs ~13 s (~3 s from inductor's cache), more than a short CPU run wins back.
+    README "Benchmarks"): fp32 steps are matmul-bound and gain nothing (1.01x); bf16 gains 1.24x after a first
+    compile of ~13 s per process (~3 s from inductor's cache), which a short CPU run does not win back.
 
     ZeRO-3 gathers each submodule's parameters in hooks that plain torch.compile traces into, recompiling per
     submodule until dynamo gives up (measured: the recompile limit hit at the first step). DeepSpeed compiles
