@@ -14,7 +14,6 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -227,8 +226,9 @@ class Trainer:
                 norm = self._clip() if self.trainer_clips else None
                 outcome = self._exchange(loss_sum / self.grad_accum, norm)
                 discard = self.trainer_clips and not (math.isfinite(outcome.loss) and math.isfinite(outcome.norm))
-            with self._discarding_gradients() if discard else contextlib.nullcontext():
-                engine.step()  # applies the update at the accumulation boundary only
+            if discard:
+                self._drop_gradients()
+            engine.step()  # applies the update at the accumulation boundary only
         outcome.applied = math.isfinite(outcome.loss) and not discard and engine.was_step_applied()
         return outcome
 
@@ -258,13 +258,11 @@ class Trainer:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else math.nan
 
-    @contextlib.contextmanager
-    def _discarding_gradients(self) -> Iterator[None]:
+    def _drop_gradients(self) -> None:
         """Make the coming update a no-op where the trainer clips (ZeRO-0 in fp32): the torch optimizer skips
         parameters without a gradient. ZeRO 1-3, bf16 and fp16 skip non-finite gradients themselves."""
         for p in self.engine.module.parameters():
             p.grad = None
-        yield
 
     @torch.no_grad()
     def evaluate(self) -> float:
