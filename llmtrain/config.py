@@ -15,6 +15,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING
@@ -120,13 +121,28 @@ def raise_problems(problems: list[str], section: str) -> None:
 
 
 @dataclass(kw_only=True)
+class MixSource:
+    """One prepared dataset of a weighted training mixture (``data.mix``)."""
+
+    dir: str = MISSING
+    """A folder written by llmtrain-prepare; every source of a mix has the same tokenizer."""
+    weight: float = 1.0
+    """Its share of the training samples, relative to the other sources' weights (> 0)."""
+    name: str = ""
+    """Its name in metrics (tokens_seen/<name>, val_loss/<name>); empty = the folder's name."""
+
+
+@dataclass(kw_only=True)
 class DataConfig:
     """The corpus, its tokenizer and its packing (written by ``llmtrain-prepare``, read by training)."""
 
     source: Source = Source.stdlib
     """Corpus source: stdlib (the running Python's standard library, no download) | text (local files) | hf."""
     dir: str = MISSING
-    """Folder of the prepared dataset: shards, tokenizer.model and meta.json."""
+    """Folder of the prepared dataset: shards, tokenizer.model and meta.json (training on data.mix: set it to '')."""
+    mix: list[MixSource] | None = None
+    """Training: a weighted blend of prepared folders instead of data.dir, e.g.
+    '[{dir: data/prose, weight: 0.7}, {dir: data/code, weight: 0.3}]'; each source keeps its own epoch order."""
     paths: list[str] = field(default_factory=list)
     """source=text: files, folders (searched recursively) or glob patterns; .txt/.jsonl/.json/.parquet."""
     text_field: str = "text"
@@ -180,10 +196,27 @@ class DataConfig:
             problems.append(f"data.max_documents={self.max_documents} must be >= 0")
         if self.tokenizer_sample_documents < 1:
             problems.append(f"data.tokenizer_sample_documents={self.tokenizer_sample_documents} must be >= 1")
+        problems += self._mix_problems()
         raise_problems(problems, "data")
 
+    def _mix_problems(self) -> list[str]:
+        if self.mix is None:
+            return []
+        problems = []
+        if not self.mix:
+            problems.append("data.mix=[] names no source; give at least one {dir: ..., weight: ...}")
+        if self.dir:
+            problems.append(f"data.dir={self.dir} and data.mix are both set: train on a mix with data.dir=''")
+        for i, source in enumerate(self.mix):
+            if not source.weight > 0:
+                problems.append(f"data.mix[{i}].weight={source.weight} must be > 0")
+        names = [source.name or Path(source.dir).name for source in self.mix]
+        if len(set(names)) < len(names):
+            problems.append(f"data.mix names {names} repeat; give each source its own name: ...")
+        return problems
+
     # Fields that change how a prepare runs but not what it writes.
-    RUNTIME_ONLY = ("dir", "num_proc", "overwrite", "prepare_if_missing")
+    RUNTIME_ONLY = ("dir", "mix", "num_proc", "overwrite", "prepare_if_missing")
 
     def fingerprint(self) -> str:
         """SHA-256 of every field that determines the prepared output (not the RUNTIME_ONLY ones)."""
@@ -469,6 +502,8 @@ class TrainConfig:
             problems.append("dist.offload_optimizer=true works with optim.name=adamw only (DeepSpeed's CPU Adam)")
         if self.model.vocab_size and self.model.vocab_size < 260:
             problems.append(f"model.vocab_size={self.model.vocab_size} is below the tokenizer's minimum of 260")
+        if self.data.mix is not None and self.train.subset_tokens:
+            problems.append("train.subset_tokens restricts one data.dir; it does not combine with data.mix")
         raise_problems(problems, "training")
 
 
@@ -502,6 +537,10 @@ class PrepareConfig:
 
     data: DataConfig = field(default_factory=DataConfig)
     """The corpus to prepare."""
+
+    def __post_init__(self) -> None:
+        if self.data.mix is not None:
+            raise_problems(["data.mix blends prepared folders for training; prepare each source on its own"], "data")
 
 
 @dataclass(kw_only=True)
@@ -638,6 +677,8 @@ class NgramConfig:
             problems.append(f"discount={self.discount} must be in [0, 1) (0 = estimated)")
         if self.train_tokens < 0 or self.block_size < 1:
             problems.append("train_tokens must be >= 0 and block_size >= 1")
+        if self.data.mix is not None:
+            problems.append("llmtrain-ngram fits one data.dir; data.mix is not supported")
         raise_problems(problems, "ngram")
 
 

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from llmtrain.data.reader import ValidationPart
 from llmtrain.data.tokenizer import Tokenizer
 from llmtrain.errors import UserError
 
@@ -45,3 +46,11 @@ def text_batches(tokenizer: Tokenizer, text: str, block_size: int,
 
 def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
+
+
+def validation_scores(parts: list[ValidationPart], losses: list[float]) -> dict[str, float]:
+    """What a training run logs of its validation: ``val_loss`` (the parts' losses, weighted), ``val_ppl``, and
+    ``val_loss/<name>`` for each named part (each source of a mix)."""
+    total = sum(part.weight * loss for part, loss in zip(parts, losses, strict=True))
+    named = {f"val_loss/{part.name}": loss for part, loss in zip(parts, losses, strict=True) if part.name}
+    return {"val_loss": total, "val_ppl": perplexity(total), **named}

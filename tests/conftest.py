@@ -33,6 +33,19 @@ def prepared_small(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def prepared_second(prepared_small, tmp_path_factory) -> Path:
+    """Another corpus (other stdlib documents, another split seed) prepared with ``prepared_small``'s tokenizer:
+    the second source of a mix."""
+    from llmtrain.data.prepare import prepare
+    from llmtrain.data.reader import PreparedData
+
+    folder = tmp_path_factory.mktemp("prepared") / "second"
+    prepare(small_data_config(folder, max_documents=60, seed=99,
+                              tokenizer_path=str(PreparedData(prepared_small).tokenizer_file)))
+    return folder
+
+
 def run_cli(*args: str, timeout: float = 600, **kwargs):
     """Run a console script of this venv; returns the CompletedProcess (text mode)."""
     import subprocess

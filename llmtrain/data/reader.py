@@ -15,8 +15,9 @@ the same training data as a model trained for several epochs on the subset.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ import torch
 from llmtrain.data.shards import META_FILE, TOKENIZER_FILE, TokenSplit, read_meta
 from llmtrain.data.tokenizer import Tokenizer
 from llmtrain.errors import UserError
+
+if TYPE_CHECKING:
+    from llmtrain.data.mixture import MixtureReader
 
 
 class WindowIndex:
@@ -125,6 +129,10 @@ class TokenWindowReader:
             x, y = self.next_batch(1)
             yield x[0], y[0]
 
+    def samples_by_source(self, consumed_samples: int) -> dict[str, int]:
+        """Samples taken from each named source of a mix; one data.dir has none to name."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         return {"consumed_samples": self.consumed_samples, "seed": self.seed,
                 "block_size": self.index.block_size, "num_windows": self.num_windows}
@@ -160,13 +168,35 @@ class ValidationWindows:
             yield to_xy(self.index.gather(mine[start: start + batch_size]))
 
 
-def unigram_entropy(split: TokenSplit, vocab_size: int) -> float:
-    """Entropy in nats of the split's own token frequencies: what a model that ignores context can reach."""
+@dataclass
+class ValidationPart:
+    """The validation windows of one source, and its weight in the validation loss (a mix has one per source)."""
+
+    name: str
+    """The source's name in metrics (``val_loss/<name>``); empty for a run on one data.dir."""
+    weight: float
+    """Its share of the weighted total; the weights of a run's parts sum to 1."""
+    windows: ValidationWindows
+
+
+def unigram_counts(split: TokenSplit, vocab_size: int) -> np.ndarray:
+    """How often each token id occurs in the split."""
     counts = np.zeros(vocab_size, dtype=np.int64)
     for shard in split.shards:
         counts += np.bincount(np.asarray(shard), minlength=vocab_size)[:vocab_size]
-    p = counts[counts > 0] / counts.sum()
+    return counts
+
+
+def entropy(p: np.ndarray) -> float:
+    """Entropy in nats of a distribution (zeros allowed)."""
+    p = p[p > 0]
     return float(-(p * np.log(p)).sum())
+
+
+def unigram_entropy(split: TokenSplit, vocab_size: int) -> float:
+    """Entropy in nats of the split's own token frequencies: what a model that ignores context can reach."""
+    counts = unigram_counts(split, vocab_size)
+    return entropy(counts / counts.sum())
 
 
 class PreparedData:
@@ -188,10 +218,14 @@ class PreparedData:
     def tokenizer_fingerprint(self) -> str:
         return self.meta["tokenizer"]["sha256"]
 
+    @property
+    def tokenizer_file(self) -> Path:
+        return self.folder / TOKENIZER_FILE
+
     def tokenizer(self) -> Tokenizer:
-        tokenizer = Tokenizer.load(self.folder / TOKENIZER_FILE)
+        tokenizer = Tokenizer.load(self.tokenizer_file)
         if tokenizer.fingerprint != self.tokenizer_fingerprint:
-            raise UserError(f"{self.folder / TOKENIZER_FILE} does not match the tokenizer the shards were made with "
+            raise UserError(f"{self.tokenizer_file} does not match the tokenizer the shards were made with "
                             f"(sha256 {tokenizer.fingerprint[:12]} != {self.tokenizer_fingerprint[:12]})")
         return tokenizer
 
@@ -207,6 +241,14 @@ class PreparedData:
     def val_windows(self, block_size: int, max_windows: int = 0) -> ValidationWindows:
         return ValidationWindows(self.split("val"), block_size, max_windows)
 
+    def validation(self, block_size: int, max_windows: int = 0) -> list[ValidationPart]:
+        """What a training run scores: the validation windows, as the one part of its validation loss."""
+        return [ValidationPart("", 1.0, self.val_windows(block_size, max_windows))]
+
+    def unigram_entropy(self) -> float:
+        """Entropy (nats/token) of the validation tokens' own unigram distribution: the loss to beat."""
+        return unigram_entropy(self.split("val"), self.vocab_size)
+
     def __repr__(self) -> str:
         return f"PreparedData({self.folder}, {self.meta['splits']['train']['tokens']} train tokens)"
 
@@ -217,7 +259,7 @@ class DeviceBatches:
     work queued before. ``state_dict`` is the reader's as of the batches handed out -- the one prepared ahead
     was not trained on, and a resumed run reads it again."""
 
-    def __init__(self, reader: TokenWindowReader, batch_size: int, device: torch.device) -> None:
+    def __init__(self, reader: TokenWindowReader | MixtureReader, batch_size: int, device: torch.device) -> None:
         self.reader, self.batch_size, self.device = reader, batch_size, device
         self._ahead: tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | None = None
         self._state = reader.state_dict()
@@ -235,6 +277,10 @@ class DeviceBatches:
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self._state)
+
+    def samples_by_source(self) -> dict[str, int]:
+        """The reader's samples per named source, as of the batches handed out."""
+        return self.reader.samples_by_source(self._state["consumed_samples"])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reader.load_state_dict(state)

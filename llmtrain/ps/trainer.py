@@ -30,7 +30,7 @@ from llmtrain.distributed.deepspeed import should_compile
 from llmtrain.distributed.env import DistEnv, launcher_vars
 from llmtrain.dtypes import torch_dtype
 from llmtrain.errors import UserError
-from llmtrain.evaluate import mean_loss, perplexity
+from llmtrain.evaluate import mean_loss, validation_scores
 from llmtrain.model import build_model
 from llmtrain.ps import rpc as calls
 from llmtrain.ps.server import ParameterServer, shard_names
@@ -195,7 +195,7 @@ class AsyncPSTrainer:
         server = calls.server()
         metrics = MetricsLogger(self.run, True, self.cfg.wandb, self.resolved, cfg.max_steps, self.start_step)
         clear_preempted(self.run)
-        result = TrainResult(unigram_entropy=setup.unigram_entropy(self.data))
+        result = TrainResult(unigram_entropy=self.data.unigram_entropy())
         self._lost: list[bool] = []
         seen, step, interval_start = 0, self.start_step, time.time()
         tokens_per_update = cfg.global_batch_size // self.num_workers * self.model_cfg.block_size
@@ -225,8 +225,7 @@ class AsyncPSTrainer:
                     interval, interval_start = [], record["time"]
                 last = step == cfg.max_steps or step == cfg.stop_at_step
                 if cfg.eval_every and step % cfg.eval_every == 0 and not last:
-                    val = self.evaluate()  # on the weights of now: the workers go on meanwhile
-                    metrics.log(step, {"val_loss": val, "val_ppl": perplexity(val)})
+                    metrics.log(step, self.evaluate())  # on the weights of now: the workers go on meanwhile
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not last:
                     self._save_checkpoint(step, step * self.num_workers * tokens_per_update)
         if self._lost[0]:
@@ -234,9 +233,9 @@ class AsyncPSTrainer:
                         "the run", len(server.clock) - len(server.finished), self.cfg.ps.timeout_s)
         result.steps, result.stopped_early = step, step < cfg.max_steps
         if not result.stopped_early:
-            result.val_loss = self.evaluate()
-            result.val_ppl = perplexity(result.val_loss)
-            metrics.log(step, {"val_loss": result.val_loss, "val_ppl": result.val_ppl})
+            scores = self.evaluate()
+            result.val_loss, result.val_ppl = scores["val_loss"], scores["val_ppl"]
+            metrics.log(step, scores)
         metrics.close()
         self._save_checkpoint(step, step * self.num_workers * tokens_per_update)
         if stopping and result.stopped_early:
@@ -284,14 +283,16 @@ class AsyncPSTrainer:
             state.update(calls.read_shard() if i == 0 else rpc.rpc_sync(self.name(i), calls.read_shard))
         return state
 
-    def evaluate(self) -> float:
+    def evaluate(self) -> dict[str, float]:
+        """The validation loss of each source and their weighted total, on the servers' weights of now."""
         model = self._model
         model.load_state_dict(self.gather_state(), strict=False)
         model.eval()
-        val = self.data.val_windows(self.model_cfg.block_size, self.cfg.train.eval_windows)
-        loss, _ = mean_loss(model, val.batches(self.cfg.train.micro_batch_size), torch.device("cpu"))
+        parts = self.data.validation(self.model_cfg.block_size, self.cfg.train.eval_windows)
+        bs = self.cfg.train.micro_batch_size
+        losses = [mean_loss(model, part.windows.batches(bs), torch.device("cpu"))[0] for part in parts]
         model.train()
-        return loss
+        return validation_scores(parts, losses)
 
     def _save_checkpoint(self, step: int, tokens_seen: int) -> None:
         """A complete checkpoint folder: every server's shard state (to resume) and the whole model in the

@@ -151,7 +151,9 @@ class MetricsLogger:
             log.info("step %d/%d: loss %.4f, %s tokens/s", step, self.total_steps, row["loss"],
                      f"{row.get('tokens_per_s', 0):,.0f}")
         if "val_loss" in row:
-            log.info("step %d: val_loss %.4f, val_ppl %.2f", step, row["val_loss"], row["val_ppl"])
+            per_source = "".join(f" ({k.removeprefix('val_loss/')} {v:.4f})" for k, v in row.items()
+                                 if k.startswith("val_loss/"))
+            log.info("step %d: val_loss %.4f, val_ppl %.2f%s", step, row["val_loss"], row["val_ppl"], per_source)
 
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:

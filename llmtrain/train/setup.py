@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from llmtrain.config import DataConfig, Mode, ModelConfig, TrainConfig, to_plain
+from llmtrain.data.mixture import MixedData, TrainingData
 from llmtrain.data.reader import PreparedData
 from llmtrain.errors import UserError, os_reason
 from llmtrain.train import lock
@@ -45,7 +46,7 @@ class RunSetup:
     """What a trainer starts from: its run folder, the opened data, the model config and the resolved config."""
 
     run: RunDir
-    data: PreparedData
+    data: TrainingData
     model_cfg: ModelConfig
     resolved: dict[str, Any]
 
@@ -67,12 +68,15 @@ def set_up_run(cfg: TrainConfig, is_main: bool, wait: Callable[[], None] | None 
     return RunSetup(run, data, model_cfg, resolved_config(cfg, model_cfg))
 
 
-def open_data(cfg: DataConfig, is_main: bool, wait: Callable[[], None] | None = None) -> PreparedData:
-    """The prepared dataset of ``cfg.dir``. A folder that holds none (which ``check_data_dir`` let through: the
-    command named its source) is prepared first by the main process while the others wait (``wait``: a barrier of
-    the process group, or by default a poll for the finished folder)."""
+def open_data(cfg: DataConfig, is_main: bool, wait: Callable[[], None] | None = None) -> TrainingData:
+    """The prepared dataset of ``cfg.dir``, or the blend of ``cfg.mix``. A folder that holds none (which
+    ``check_data_dir`` let through: the command named its source) is prepared first by the main process while the
+    others wait (``wait``: a barrier of the process group, or by default a poll for the finished folder). The
+    sources of a mix must be prepared already."""
     from llmtrain.data.shards import read_meta
 
+    if cfg.mix is not None:
+        return MixedData(cfg.mix)
     if is_main and read_meta(cfg.dir) is None:  # set_up_run has refused it unless cfg.prepare_if_missing
         from llmtrain.data.prepare import prepare
 
@@ -86,6 +90,9 @@ def check_data_dir(cfg: DataConfig) -> None:
     """Refuse a data.dir that holds no prepared dataset unless the command named a source to prepare it from."""
     from llmtrain.data.shards import read_meta
 
+    if cfg.mix is not None:
+        MixedData(cfg.mix)  # every source prepared, with one tokenizer
+        return
     if not cfg.prepare_if_missing and read_meta(cfg.dir) is None:
         raise UserError(f"data.dir={cfg.dir} holds no prepared dataset; prepare it with llmtrain-prepare, or name its "
                         f"source to prepare it first (e.g. data=stdlib)")
@@ -102,11 +109,11 @@ def _poll_prepared(data_dir: str, timeout_s: float = 600) -> None:
         time.sleep(1)
 
 
-def model_config(cfg: TrainConfig, data: PreparedData) -> ModelConfig:
+def model_config(cfg: TrainConfig, data: TrainingData) -> ModelConfig:
     """``cfg.model`` with its vocabulary from the data (model.vocab_size=0), refused when it disagrees."""
     model_cfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or data.vocab_size)
     if model_cfg.vocab_size != data.vocab_size:
-        raise UserError(f"model.vocab_size={model_cfg.vocab_size} but the tokenizer of {cfg.data.dir} has "
+        raise UserError(f"model.vocab_size={model_cfg.vocab_size} but the tokenizer of {data.folder} has "
                         f"{data.vocab_size} tokens; leave model.vocab_size=0 to take it from the data")
     return model_cfg
 
@@ -123,21 +130,14 @@ def write_run_config(run: RunDir, resolved: dict[str, Any]) -> str:
     return text
 
 
-def unigram_entropy(data: PreparedData) -> float:
-    """Entropy (nats/token) of the validation tokens' own unigram distribution: the loss to beat."""
-    from llmtrain.data.reader import unigram_entropy as entropy
-
-    return entropy(data.split("val"), data.vocab_size)
-
-
-def client_state(step: int, tokens_seen: int, data: PreparedData, model_cfg: ModelConfig, seed: int,
+def client_state(step: int, tokens_seen: int, data: TrainingData, model_cfg: ModelConfig, seed: int,
                  **extra: Any) -> dict[str, Any]:
     """llmtrain's own state of a checkpoint, the same keys in every mode (``extra``: what one mode adds)."""
     return {"step": step, "tokens_seen": tokens_seen, "tokenizer_sha256": data.tokenizer_fingerprint,
             "model": to_plain(model_cfg), "seed": seed, **extra}
 
 
-def check_resumable(folder: Path, mode: Mode, data: PreparedData, model_cfg: ModelConfig) -> dict[str, Any]:
+def check_resumable(folder: Path, mode: Mode, data: TrainingData, model_cfg: ModelConfig) -> dict[str, Any]:
     """The one rule for continuing from ``folder`` in any mode: saved by the same mode, with the same tokenizer
     and the same model shape (only ``RESUMABLE_MODEL_CHANGES`` may differ). Returns the checkpoint's state."""
     saved_mode = read_marker(folder)["mode"]

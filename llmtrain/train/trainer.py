@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from llmtrain.config import Precision, TrainConfig
-from llmtrain.data.reader import DeviceBatches
+from llmtrain.data.reader import DeviceBatches, ValidationWindows
 from llmtrain.data.shards import TOKENIZER_FILE
 from llmtrain.distributed import memory
 from llmtrain.distributed.deepspeed import (
@@ -34,6 +34,7 @@ from llmtrain.distributed.deepspeed import (
 from llmtrain.distributed.env import DistEnv, init_distributed
 from llmtrain.dtypes import torch_dtype
 from llmtrain.errors import UserError
+from llmtrain.evaluate import validation_scores
 from llmtrain.model import build_model
 from llmtrain.train import setup
 from llmtrain.train.checkpoint import Checkpointer
@@ -97,9 +98,9 @@ class Trainer:
         reader = self.data.train_reader(block, cfg.train.seed, self.env.rank, self.env.world_size,
                                         cfg.train.subset_tokens)
         self.batches = DeviceBatches(reader, cfg.train.micro_batch_size, self.engine.device)
-        self.val = self.data.val_windows(block, cfg.train.eval_windows)
+        self.val = self.data.validation(block, cfg.train.eval_windows)
         # 7. Checkpoints, and auto-resume from the newest complete one.
-        tokenizer_copy = {TOKENIZER_FILE: self.data.folder / TOKENIZER_FILE}  # checkpoints stand on their own
+        tokenizer_copy = {TOKENIZER_FILE: self.data.tokenizer_file}  # checkpoints stand on their own
         self.checkpointer = Checkpointer(self.run, self.env.rank, self.env.world_size, cfg.dist.zero_stage,
                                          cfg.train.keep_checkpoints, tokenizer_copy)
         self.step, self.tokens_seen, self.skipped_steps = 0, 0, 0
@@ -158,7 +159,7 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
-        cfg, result = self.cfg.train, TrainResult(unigram_entropy=setup.unigram_entropy(self.data))
+        cfg, result = self.cfg.train, TrainResult(unigram_entropy=self.data.unigram_entropy())
         tokens_per_step = cfg.global_batch_size * self.model_cfg.block_size
         consecutive_nonfinite, interval_start, interval_steps = 0, time.perf_counter(), 0
         if self.env.is_main:
@@ -189,9 +190,9 @@ class Trainer:
                     interval_start, interval_steps = time.perf_counter(), 0
                 last = self.step == cfg.max_steps
                 if last or (cfg.eval_every and self.step % cfg.eval_every == 0):
-                    result.val_loss = self.evaluate()
-                    result.val_ppl = math.exp(min(result.val_loss, 50))
-                    self.metrics.log(self.step, {"val_loss": result.val_loss, "val_ppl": result.val_ppl})
+                    scores = self.evaluate()
+                    result.val_loss, result.val_ppl = scores["val_loss"], scores["val_ppl"]
+                    self.metrics.log(self.step, scores)
                 signum = outcome.stop_signal
                 stop = bool(signum) or self.step == cfg.stop_at_step
                 if last or stop or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
@@ -265,23 +266,29 @@ class Trainer:
             p.grad = None
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean next-token loss over the fixed validation windows; the same number for any world size."""
+    def evaluate(self) -> dict[str, float]:
+        """Mean next-token loss over the fixed validation windows of each source, and their weighted total
+        (``validation_scores``); the same numbers for any world size."""
         self.engine.eval()
-        bs = self.cfg.train.micro_batch_size
-        batches = list(self.val.batches(bs, self.env.rank, self.env.world_size))
-        # ZeRO-3 gathers parameters inside forward, so every rank must run the same number of forwards.
-        num_batches = math.ceil(math.ceil(len(self.val) / self.env.world_size) / bs)
-        totals = torch.zeros(2, dtype=torch.float64, device=self.engine.device)
-        for i in range(num_batches):
-            x, y = batches[min(i, len(batches) - 1)] if batches else next(self.val.batches(bs, 0, 1))
-            _, loss = self.engine(x.to(self.engine.device), y.to(self.engine.device))
-            if i < len(batches):
-                totals[0] += loss.double() * y.numel()
-                totals[1] += y.numel()
+        totals = torch.zeros(len(self.val), 2, dtype=torch.float64, device=self.engine.device)
+        for part, total in zip(self.val, totals, strict=True):
+            self._score(part.windows, total)
         dist.all_reduce(totals)
         self.engine.train()
-        return (totals[0] / totals[1]).item()
+        return validation_scores(self.val, (totals[:, 0] / totals[:, 1]).tolist())
+
+    def _score(self, val: ValidationWindows, total: torch.Tensor) -> None:
+        """Add this rank's share of ``val``: [summed loss, target count] into ``total``, on the device."""
+        bs = self.cfg.train.micro_batch_size
+        batches = list(val.batches(bs, self.env.rank, self.env.world_size))
+        # ZeRO-3 gathers parameters inside forward, so every rank must run the same number of forwards.
+        num_batches = math.ceil(math.ceil(len(val) / self.env.world_size) / bs)
+        for i in range(num_batches):
+            x, y = batches[min(i, len(batches) - 1)] if batches else next(val.batches(bs, 0, 1))
+            _, loss = self.engine(x.to(self.engine.device), y.to(self.engine.device))
+            if i < len(batches):
+                total[0] += loss.double() * y.numel()
+                total[1] += y.numel()
 
     def _log_step(self, loss: float, grad_norm: float, tokens_per_s: float, step_time: float) -> None:
         optimizer = self.engine.optimizer
@@ -296,6 +303,8 @@ class Trainer:
             "peak_mem_gb": peak_memory_gb(self.env.device),
             "loss_scale": float(getattr(optimizer, "cur_scale", 1.0) or 1.0),
             "skipped_steps": self.skipped_steps,
+            **{f"tokens_seen/{name}": samples * self.model_cfg.block_size
+               for name, samples in self.batches.samples_by_source().items()},
         }
         self.metrics.log(self.step, row)
         if self.env.is_main and not self._memory_reported:

@@ -25,6 +25,7 @@ class FakeData:
 
     vocab_size: int = 300
     tokenizer_fingerprint: str = "ab" * 32
+    folder: Path = Path("data/fake")
 
 
 def saved_checkpoint(run: RunDir, step: int, mode: str | None, model: ModelConfig = MODEL) -> Path:
