@@ -56,3 +56,36 @@ class KeyedPermutation:
             y[outside] = self._feistel(y[outside])
             outside = y >= np.uint64(self.n)
         return y.astype(np.int64).reshape(x.shape)
+
+
+class EpochOrder:
+    """Global sample number -> window id, epoch after epoch: epoch ``e`` visits every window once, in the order
+    ``KeyedPermutation(num_windows, (seed, e))``. With ``subset`` = K > 0 the epochs cover only the first K windows
+    of that full order's epoch 0, in a new order each epoch (``KeyedPermutation(K, (seed, e))`` over them), so the
+    subset's first epoch is exactly the full order's first K samples. Memory: O(K), nothing per window."""
+
+    def __init__(self, num_windows: int, seed: int, subset: int = 0) -> None:
+        if not 0 <= subset <= num_windows:
+            raise ValueError(f"a subset of {subset} out of {num_windows} windows")
+        self.seed, self.total = seed, num_windows
+        self._subset = KeyedPermutation(num_windows, (seed, 0))(np.arange(subset)) if subset else None
+
+    @property
+    def num_windows(self) -> int:
+        """Windows per epoch: all of them, or the subset."""
+        return self.total if self._subset is None else len(self._subset)
+
+    def __call__(self, samples: np.ndarray) -> np.ndarray:
+        """The window id of each global sample number (int64)."""
+        epochs, positions = np.divmod(np.asarray(samples, dtype=np.int64), self.num_windows)
+        out = np.empty_like(positions)
+        for e in np.unique(epochs):  # a batch spans one epoch, at most two
+            here = epochs == e
+            shuffled = KeyedPermutation(self.num_windows, (self.seed, int(e)))(positions[here])
+            if self._subset is None:
+                out[here] = shuffled
+            elif e == 0:  # the full order's own first windows, in its order
+                out[here] = self._subset[positions[here]]
+            else:
+                out[here] = self._subset[shuffled]
+        return out

@@ -1,7 +1,8 @@
 """What every rank reads: ``(x, y)`` windows of ``block_size`` tokens from the packed shards.
 
 The training stream is defined once for the whole world: a global sample counter walks an epoch-by-epoch
-permutation of all windows (deterministic from the seed). At each step the world takes the next
+permutation of all windows (``EpochOrder``: a keyed bijection evaluated per sample, so no rank ever holds a
+permutation array -- memory does not grow with the corpus). At each step the world takes the next
 ``world_size * batch_size`` samples and rank ``r`` takes the ``r``-th block of ``batch_size`` of them. So
 within an epoch the ranks' windows are disjoint and together cover it, and the state is the counter alone:
 a run resumed on another number of ranks continues the exact same global order.
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from llmtrain.data.order import EpochOrder
 from llmtrain.data.shards import META_FILE, TOKENIZER_FILE, TokenSplit, read_meta
 from llmtrain.data.tokenizer import Tokenizer
 from llmtrain.errors import UserError
@@ -77,41 +79,23 @@ class TokenWindowReader:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.consumed_samples = 0
         """Samples taken by the whole world so far: the reader's entire state."""
-        self._perms: dict[int, np.ndarray] = {}
-        self._subset: np.ndarray | None = None
-        if subset_windows:
-            if not 0 < subset_windows <= self.index.num_windows:
-                raise UserError(f"a training subset of {subset_windows} windows of {block_size + 1} tokens is not "
-                                f"within the {self.index.num_windows} windows the {split.name} split has")
-            self._subset = self._shuffle(0, self.index.num_windows)[:subset_windows]
+        if not 0 <= subset_windows <= self.index.num_windows:
+            raise UserError(f"a training subset of {subset_windows} windows of {block_size + 1} tokens is not "
+                            f"within the {self.index.num_windows} windows the {split.name} split has")
+        self.order = EpochOrder(self.index.num_windows, seed, subset_windows)
 
     @property
     def num_windows(self) -> int:
         """Windows per epoch: the whole split, or the subset."""
-        return self.index.num_windows if self._subset is None else len(self._subset)
-
-    def _shuffle(self, epoch: int, n: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(n)
+        return self.order.num_windows
 
     @property
     def epoch(self) -> float:
         return self.consumed_samples / self.num_windows
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
-            if self._subset is None:
-                self._perms[epoch] = self._shuffle(epoch, self.index.num_windows)
-            elif epoch == 0:  # the unrestricted stream's own first windows, in its order
-                self._perms[epoch] = self._subset
-            else:
-                self._perms[epoch] = self._subset[self._shuffle(epoch, len(self._subset))]
-        return self._perms[epoch]
-
     def windows_at(self, samples: np.ndarray) -> np.ndarray:
         """Window ids of global sample positions (same answer on every rank)."""
-        epochs, positions = np.divmod(samples, self.num_windows)
-        return np.array([self._permutation(int(e))[p] for e, p in zip(epochs, positions, strict=True)], dtype=np.int64)
+        return self.order(samples)
 
     def next_windows(self, batch_size: int) -> np.ndarray:
         """Advance the world by one step of ``batch_size`` per rank; the window ids this rank gets."""
