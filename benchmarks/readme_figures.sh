@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Re-run every README command whose figures depend on the training data order (the quick-start demo, the
+# sync/async comparison, the two baseline tables), one after another on an otherwise idle machine, and print the
+# figures the README quotes. About 2.5 hours on 2 CPU cores. Run from a set-up checkout (bash scripts/setup.sh):
+#   bash benchmarks/readme_figures.sh [OUT]        # OUT: where the runs go (default: runs/readme-<date>)
+# Steps that already finished (their run folder holds a final checkpoint) are skipped on a re-run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-runs/readme-$(date +%Y%m%d)}
+mkdir -p "$OUT"
+BIN=.venv/bin
+LOG="$OUT/figures.txt"
+note() { echo "$*" | tee -a "$LOG"; }
+timed() {  # timed NAME CMD...: run once, log its output and wall seconds
+    local name=$1; shift
+    if [[ -f "$OUT/$name.done" ]]; then note "== $name: done before, skipped"; return; fi
+    local start=$SECONDS
+    "$@" >"$OUT/$name.log" 2>&1
+    note "== $name: $((SECONDS - start)) s"
+    touch "$OUT/$name.done"
+}
+val_lines() { grep -E "val_loss|vs unigram" "$OUT/$1.log" | sed -E 's/^\[[^]]*\] //' | tee -a "$LOG"; }
+speed() { grep -oE "[0-9,]+ tokens/s" "$OUT/$1.log" | tr -d ', tokens/s' |
+          awk '{s += $1; n++} END {if (n) printf "mean %.0f tokens/s over %d logged intervals\n", s / n, n}' | tee -a "$LOG"; }
+torchrun2() { "$BIN/torchrun" --standalone --nproc_per_node 2 -m llmtrain.cli.train "$@"; }
+
+$BIN/llmtrain-prepare data=stdlib data.dir=data/stdlib >/dev/null
+
+# 1. Quick start (README "Quick start"): 200 steps of `small`, ZeRO-2, 2 ranks.
+timed demo torchrun2 experiment=demo run.dir="$OUT/demo"
+val_lines demo; speed demo
+timed eval-demo "$BIN/llmtrain-eval" run.dir="$OUT/demo"  # the demo's row of the one-pass table (all windows)
+tail -n 2 "$OUT/eval-demo.log" | tee -a "$LOG"
+
+# 2. Sync vs async (README "Asynchronous SGD"), fp32 and bf16.
+timed compare-fp32 "$BIN/llmtrain-compare" experiment=demo compare.dir="$OUT/compare"
+cat "$OUT/compare/table.md" | tee -a "$LOG"
+timed compare-bf16 "$BIN/llmtrain-compare" experiment=demo precision=bf16 compare.dir="$OUT/compare-bf16"
+cat "$OUT/compare-bf16/table.md" | tee -a "$LOG"
+
+# 3. Same training data (README "Same training data"): 8 passes over 262,144 tokens; the GPT on one thread.
+timed smalldata-gpt env OMP_NUM_THREADS=1 "$BIN/llmtrain-train" experiment=small_data model=mini \
+    run.dir="$OUT/smalldata-gpt"
+val_lines smalldata-gpt
+timed smalldata-lstm torchrun2 experiment=small_data model=lstm run.dir="$OUT/smalldata-lstm"
+val_lines smalldata-lstm
+for run in smalldata-gpt smalldata-lstm; do
+    timed "eval-$run" "$BIN/llmtrain-eval" run.dir="$OUT/$run"
+    tail -n 2 "$OUT/eval-$run.log" | tee -a "$LOG"
+done
+for order in 3 4; do
+    timed "ngram$order-262144" "$BIN/llmtrain-ngram" data.dir=data/stdlib order=$order block_size=128 \
+        train_tokens=262144
+    tail -n 2 "$OUT/ngram$order-262144.log" | tee -a "$LOG"
+done
+
+# 4. One pass, equal tokens (README "One pass"): 1,000 steps each, and the n-grams at the same token counts.
+timed baselines-gpt torchrun2 experiment=baselines run.dir="$OUT/baselines-gpt"
+val_lines baselines-gpt
+timed baselines-lstm torchrun2 experiment=baselines model=lstm run.dir="$OUT/baselines-lstm"
+val_lines baselines-lstm
+for run in baselines-gpt baselines-lstm; do
+    timed "eval-$run" "$BIN/llmtrain-eval" run.dir="$OUT/$run"
+    tail -n 2 "$OUT/eval-$run.log" | tee -a "$LOG"
+done
+for tokens in 409600 512000 1024000 1536000 2048000 0; do
+    for order in 3 4; do
+        timed "ngram$order-$tokens" "$BIN/llmtrain-ngram" data.dir=data/stdlib order=$order block_size=128 \
+            train_tokens=$tokens
+        tail -n 2 "$OUT/ngram$order-$tokens.log" | tee -a "$LOG"
+    done
+done
+note "figures: $LOG"
