@@ -9,8 +9,8 @@ are numbered in the order they come, and its own stream maps those numbers to wi
 folder alone would (its own epoch order, from the same seed) -- a mix of one source is that source. So global
 sample ``i`` is a pure function of ``i``: the counter is still the whole state, a run resumed on another number
 of ranks continues the same global order, and the realized shares differ from the weights by at most one sample
-per source and period. Locating a batch evaluates the permutation on its period's positions up to it (at most
-``PERIOD`` Feistel evaluations, well under a millisecond); nothing is stored per sample.
+per source and period. Each period's assignment is computed once (``PERIOD`` Feistel evaluations, about a
+millisecond) and kept while the stream is in it; nothing is stored per sample.
 """
 
 from __future__ import annotations
@@ -58,11 +58,20 @@ class MixtureSchedule:
             raise UserError(f"data.mix[{k}].weight={weights[k]} is below 1/{period} of the total weight: it would "
                             "never be sampled")
         self._first_slot = np.concatenate([[0], np.cumsum(self.counts)])
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    def _sources(self, period: int, positions: int) -> np.ndarray:
-        """The source of each of the period's first ``positions`` samples."""
-        slots = KeyedPermutation(self.period, (self.seed, period, _MIX_KEY))(np.arange(positions))
-        return np.searchsorted(self._first_slot, slots, side="right") - 1
+    def _period(self, period: int) -> tuple[np.ndarray, np.ndarray]:
+        """The source of each position of a period, and the position's number among that source's samples in
+        the period. Kept for the last two periods asked for: O(PERIOD) memory, whatever the corpus size."""
+        if period not in self._cache:
+            slots = KeyedPermutation(self.period, (self.seed, period, _MIX_KEY))(np.arange(self.period))
+            source = np.searchsorted(self._first_slot, slots, side="right") - 1
+            by_source = np.argsort(source, kind="stable")  # positions grouped by source, in order within each
+            within = np.empty(self.period, dtype=np.int64)
+            within[by_source] = np.arange(self.period) - self._first_slot[source[by_source]]
+            self._cache = {p: v for p, v in self._cache.items() if p == period - 1}
+            self._cache[period] = (source, within)
+        return self._cache[period]
 
     def locate(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The source of each global sample, and its sample number within that source's own stream."""
@@ -70,16 +79,15 @@ class MixtureSchedule:
         source, number = np.empty_like(positions), np.empty_like(positions)
         for p in np.unique(periods):  # a batch spans one period, rarely two
             here = periods == p
-            upto = self._sources(int(p), int(positions[here].max()) + 1)
-            before = np.cumsum(upto[:, None] == np.arange(len(self.counts)), axis=0) - 1  # same-source samples
-            source[here] = upto[positions[here]]
-            number[here] = p * self.counts[source[here]] + before[positions[here], source[here]]
+            sources, within = self._period(int(p))
+            source[here] = sources[positions[here]]
+            number[here] = p * self.counts[source[here]] + within[positions[here]]
         return source, number
 
     def samples_per_source(self, consumed: int) -> np.ndarray:
         """How many of the first ``consumed`` global samples each source gave."""
         period, rest = divmod(consumed, self.period)
-        return period * self.counts + np.bincount(self._sources(period, rest), minlength=len(self.counts))
+        return period * self.counts + np.bincount(self._period(period)[0][:rest], minlength=len(self.counts))
 
 
 class MixtureReader:
