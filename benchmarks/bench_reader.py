@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=5.0, help="timed seconds per reader")
-    parser.add_argument("--sizes", default="1e6,1e8", help="window counts of table 2 (each a virtual corpus)")
+    parser.add_argument("--sizes", default="1e6,1e8,1e12", help="window counts of table 2 (each a virtual corpus)")
     args = parser.parse_args()
     table(f"1. reader throughput, block {args.block_size}, batch {args.batch} (the demo's micro-batch), rank 0 of 2",
           ["data", "samples/s", "vs one folder", "tokens/s"],
