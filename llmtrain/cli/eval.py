@@ -41,7 +41,7 @@ def run(cfg: EvalConfig) -> None:
         data_dir = cfg.data_dir or trained.data_dir
         if not data_dir:
             raise UserError(f"{trained.source} records no single dataset (an export, or a run on data.mix): add "
-                            "data_dir=<a prepared folder> or text_file=...")
+                            "data_dir=<a prepared folder> or text_file=<a text file>")
         data = PreparedData(data_dir)
         if data.tokenizer_fingerprint != trained.tokenizer.fingerprint:
             raise UserError(f"{data_dir} was tokenized with another tokenizer (sha256 "
