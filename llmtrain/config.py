@@ -264,6 +264,9 @@ class ModelConfig:
     """Biases in linear layers and norms."""
     init_std: float = 0.02
     """Standard deviation of the weight init; residual projections get init_std / sqrt(2 * n_layer)."""
+    init_from: str = ""
+    """Start from these weights: a transformers folder (GPT-2 or Llama family) or an llmtrain export, checkpoint or
+    run. Its architecture replaces the fields above except block_size (the training window) and dropout."""
 
     def __post_init__(self) -> None:
         problems = []

@@ -18,6 +18,8 @@ from llmtrain.errors import UserError
 
 META_FILE = "meta.json"
 TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer.json")
+"""The names a tokenizer file may have in a folder (prepared data, checkpoint, export, transformers model)."""
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 
@@ -65,6 +67,11 @@ class ShardWriter:
 
     def summary(self) -> dict[str, Any]:
         return {"tokens": self.tokens, "documents": self.documents, "shards": self.shards}
+
+
+def find_tokenizer(folder: Path) -> Path | None:
+    """The folder's tokenizer file (the first of ``TOKENIZER_FILES`` present), or None."""
+    return next((folder / name for name in TOKENIZER_FILES if (folder / name).is_file()), None)
 
 
 def read_meta(folder: str | Path) -> dict[str, Any] | None:

@@ -2,7 +2,8 @@
 
 ``load_trained(path)`` accepts a run folder (its newest complete checkpoint, or ``step``), one checkpoint folder
 of any ZeRO stage saved by any number of ranks (DeepSpeed's ``zero_to_fp32`` merges the shards; the original
-world size is not needed), or a folder in the consolidated format below. The consolidated format does not
+world size is not needed), a folder in the consolidated format below, or a ``transformers`` folder of the GPT-2 or
+Llama family (``llmtrain.export.hf.load_hf``). The consolidated format does not
 depend on how the model was trained, so every training mode exports through it:
 
     model.safetensors   weights by llmtrain's parameter names (a tied output head is stored once, as wte.weight)
@@ -14,6 +15,7 @@ depend on how the model was trained, so every training mode exports through it:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import sys
@@ -71,9 +73,11 @@ def model_config_from(plain: dict[str, Any]) -> ModelConfig:
 def resolve_checkpoint(path: str | Path, step: int = 0) -> Path:
     """The folder to load: an export folder, a checkpoint folder, or a run's newest (or ``step``) complete one."""
     path = Path(path).expanduser()
+    from llmtrain.export.hf import is_hf_folder
+
     if not path.exists():
         raise UserError(f"{path} does not exist")
-    if (path / CONFIG).is_file() and (path / WEIGHTS).is_file():
+    if ((path / CONFIG).is_file() and (path / WEIGHTS).is_file()) or is_hf_folder(path):
         return path
     if is_checkpoint_folder(path):
         if not (path / MARKER).is_file():
@@ -92,9 +96,15 @@ def resolve_checkpoint(path: str | Path, step: int = 0) -> Path:
     return max(complete)[1]
 
 
-def load_trained(path: str | Path, step: int = 0, tokenizer: str | Path | None = None) -> TrainedModel:
-    """Load a trained model on this process; ``tokenizer`` (optional) must be the one it was trained with."""
+def load_trained(path: str | Path, step: int = 0, tokenizer: str | Path | None = None,
+                 block_size: int = 0) -> TrainedModel:
+    """Load a trained model on this process; ``tokenizer`` (optional) must be the one it was trained with.
+    ``block_size`` (0 = the model's own) changes the context it is built with: see ``with_block_size``."""
+    from llmtrain.export.hf import is_hf_folder, load_hf
+
     folder = resolve_checkpoint(path, step)
+    if is_hf_folder(folder):
+        return _check_tokenizer(with_block_size(load_hf(folder), block_size or None), tokenizer)
     problem = damage(folder) if (folder / MARKER).is_file() else None
     if problem:
         older = [str(s) for s, f in RunDir(folder.parent.parent).complete() if f != folder]
@@ -108,6 +118,28 @@ def load_trained(path: str | Path, step: int = 0, tokenizer: str | Path | None =
     except (OSError, ValueError, KeyError, RuntimeError, EOFError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise UserError(f"{folder} could not be loaded ({first}); it may be corrupt") from None
+    return _check_tokenizer(with_block_size(trained, block_size or None), tokenizer)
+
+
+def with_block_size(trained: TrainedModel, block_size: int | None) -> TrainedModel:
+    """``trained`` with another context (None: its own). RoPE takes any; a learned position table is cut to its
+    first rows, and cannot grow (a new row would be untrained)."""
+    cfg = trained.model_cfg
+    if block_size is None or block_size == cfg.block_size:
+        return trained
+    weights = dict(trained.state_dict)
+    if "wpe.weight" in weights:
+        if block_size > cfg.block_size:
+            raise UserError(f"{trained.source} has learned positions for {cfg.block_size} tokens, fewer than "
+                            f"model.block_size={block_size}")
+        weights["wpe.weight"] = weights["wpe.weight"][:block_size].clone()
+    return dataclasses.replace(trained, model_cfg=dataclasses.replace(cfg, block_size=block_size),
+                               state_dict=weights)
+
+
+def _check_tokenizer(trained: TrainedModel, tokenizer: str | Path | None) -> TrainedModel:
+    """``trained``, when ``tokenizer`` (optional) is the one it was trained with."""
+    folder = trained.source
     if tokenizer is not None:
         given = Tokenizer.load(tokenizer)
         if given.fingerprint != trained.tokenizer.fingerprint:

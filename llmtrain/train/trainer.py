@@ -27,6 +27,7 @@ from llmtrain.distributed import memory
 from llmtrain.distributed.deepspeed import (
     build_ds_config,
     build_partitioned,
+    copy_weights,
     initialize,
     should_compile,
     trainer_clips,
@@ -75,8 +76,9 @@ class Trainer:
         self.run, self.data, self.model_cfg = started.run, started.data, started.model_cfg
         self.run_dir = self.run.path
         # 4. The DeepSpeed config (ZeRO stage, precision, accumulation, clipping, buckets, compile), then the model:
-        #    identical initial weights on every rank (same seed); under ZeRO-3 built partitioned. Its size is
-        #    counted on a meta-device copy (a partitioned model counts only its shard).
+        #    identical initial weights on every rank (same seed, or model.init_from's weights copied in); under
+        #    ZeRO-3 built partitioned. Its size is counted on a meta-device copy (a partitioned model counts only
+        #    its shard).
         #    The memory it will take is predicted first (and warned about when it cannot fit).
         self.ds_config = build_ds_config(cfg, self.env.world_size, self.compiled)
         self.grad_accum = self.ds_config["gradient_accumulation_steps"]
@@ -90,6 +92,9 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         model = build_partitioned(lambda: build_model(self.model_cfg, cfg.dist.activation_checkpointing),
                                   self.ds_config)
+        if started.initial is not None:
+            copy_weights(model, started.initial.state_dict, cfg.dist.zero_stage)
+            started.initial = None  # its weights are in the model now; a resumed checkpoint replaces them (step 7)
         # 5. Optimizer and the DeepSpeed engine.
         optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.dist.offload_optimizer, self.env.device)
         self.engine = initialize(model, optimizer, self.ds_config, self.compiled)
