@@ -139,7 +139,7 @@ class DataConfig:
     source: Source = Source.stdlib
     """Corpus source: stdlib (the running Python's standard library, no download) | text (local files) | hf."""
     dir: str = MISSING
-    """Folder of the prepared dataset: shards, tokenizer.model and meta.json (training on data.mix: set it to '')."""
+    """Folder of the prepared dataset: shards, tokenizer (.model or .json) and meta.json (data.mix: set it to '')."""
     mix: list[MixSource] | None = None
     """Training: a weighted blend of prepared folders instead of data.dir, e.g.
     '[{dir: data/prose, weight: 0.7}, {dir: data/code, weight: 0.3}]'; each source keeps its own epoch order."""
@@ -164,7 +164,7 @@ class DataConfig:
     tokenizer_sample_documents: int = 1000
     """Number of training documents (chosen by seed) the tokenizer is trained on."""
     tokenizer_path: str | None = None
-    """Reuse this sentencepiece .model instead of training one."""
+    """Reuse this tokenizer instead of training one: a sentencepiece .model, or a Hugging Face tokenizer.json."""
     val_fraction: float = 0.01
     """Fraction of documents held out for validation (chosen by seed, at least one document)."""
     seed: int = 1234
@@ -605,7 +605,7 @@ class GenerateConfig(SamplingConfig):
     dtype: WeightDtype = WeightDtype.fp32
     """Weights and activations: fp32 | bf16."""
     tokenizer: str = ""
-    """Optional sentencepiece model to check against the one the model was trained with."""
+    """Optional tokenizer file to check against the one the model was trained with."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -47,3 +47,20 @@ def save_random_hf(kind: str, folder: Path, tokenizer_file: Path | None, vocab_s
     if tokenizer_file is not None:
         shutil.copy(tokenizer_file, folder / tokenizer_file.name)
     return model
+
+
+def save_byte_level_bpe(folder: Path, vocab_size: int = 1000, documents: int = 60) -> Path:
+    """A GPT-2-style byte-level BPE trained by the `tokenizers` library on stdlib files, saved as transformers saves
+    a fast tokenizer (tokenizer.json + tokenizer_config.json); returns the tokenizer.json."""
+    import transformers
+    from tokenizers import ByteLevelBPETokenizer
+
+    from llmtrain.data.sources import stdlib_files
+
+    texts = [path.read_text(encoding="utf-8", errors="replace") for path in stdlib_files()[:documents]]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
+                                                bos_token="<|endoftext|>")
+    fast.save_pretrained(str(folder))
+    return folder / "tokenizer.json"

@@ -1,7 +1,8 @@
 """Packed token shards: flat binary files of uint16/uint32 token ids, described by ``meta.json``.
 
-A prepared folder holds ``meta.json`` (written last: its presence means the folder is complete),
-``tokenizer.model`` and ``<split>_<k>.bin`` shards. Every document is followed by the end-of-document id.
+A prepared folder holds ``meta.json`` (written last: its presence means the folder is complete), its tokenizer
+(``tokenizer.model`` or ``tokenizer.json``, named in meta.json) and ``<split>_<k>.bin`` shards. Every document is
+followed by the end-of-document id.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ depend on how the model was trained, so every training mode exports through it:
     model.safetensors   weights by llmtrain's parameter names (a tied output head is stored once, as wte.weight)
     config.json         {"format": "llmtrain", "format_version": 1, "model": {ModelConfig}, "step": ...,
                          "tokens_seen": ..., "tokenizer_sha256": ..., "dtype": "fp32" | "bf16"}
-    tokenizer.model     the sentencepiece model the run was trained with
+    tokenizer.model     the tokenizer the run was trained with (a sentencepiece model, or tokenizer.json)
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from llmtrain.config import ModelConfig, to_plain
-from llmtrain.data.shards import TOKENIZER_FILE
+from llmtrain.data.shards import find_tokenizer
 from llmtrain.data.tokenizer import Tokenizer
 from llmtrain.dtypes import torch_dtype
 from llmtrain.errors import UserError
@@ -155,7 +155,7 @@ def _load_exported(folder: Path) -> TrainedModel:
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{folder / CONFIG} is not an llmtrain export (format {meta.get('format')!r}, version "
                         f"{meta.get('format_version')!r}); a Hugging Face folder is loaded with transformers")
-    tok = _tokenizer(folder / TOKENIZER_FILE, meta["tokenizer_sha256"], folder)
+    tok = _tokenizer(find_tokenizer(folder), meta["tokenizer_sha256"], folder)
     data_dir = _data_dir(folder) if (folder / RUN_CONFIG).is_file() else None  # a run's own checkpoint
     return TrainedModel(model_config_from(meta["model"]), load_file(str(folder / WEIGHTS)), tok, folder,
                         int(meta["step"]), int(meta["tokens_seen"]), data_dir)
@@ -171,18 +171,17 @@ def _load_checkpoint(folder: Path) -> TrainedModel:
     state = json.loads((folder / STATE).read_text())
     marker = read_marker(folder)
     data_dir = _data_dir(folder)
-    tok_path = folder / TOKENIZER_FILE
-    if not tok_path.is_file():  # checkpoints written before tokenizers were copied into them
-        tok_path = Path(data_dir) / TOKENIZER_FILE
+    # checkpoints written before tokenizers were copied into them: the data folder's
+    tok_path = find_tokenizer(folder) or find_tokenizer(Path(data_dir))
     tok = _tokenizer(tok_path, state["tokenizer_sha256"], folder)
     model_cfg = model_config_from(state["model"])
     weights = _consolidate(folder, int(marker["zero_stage"]), model_cfg)
     return TrainedModel(model_cfg, weights, tok, folder, int(state["step"]), int(state["tokens_seen"]), data_dir)
 
 
-def _tokenizer(path: Path, sha256: str, folder: Path) -> Tokenizer:
-    if not path.is_file():
-        raise UserError(f"the tokenizer of {folder} is missing ({path})")
+def _tokenizer(path: Path | None, sha256: str, folder: Path) -> Tokenizer:
+    if path is None or not path.is_file():
+        raise UserError(f"the tokenizer of {folder} is missing (no tokenizer.model or tokenizer.json)")
     tok = Tokenizer.load(path)
     if tok.fingerprint != sha256:
         raise UserError(f"{path} (sha256 {tok.fingerprint[:12]}) is not the tokenizer {folder} was trained with "
@@ -233,5 +232,5 @@ def save_consolidated(trained: TrainedModel, out: str | Path, dtype: str = "fp32
             "step": trained.step, "tokens_seen": trained.tokens_seen,
             "tokenizer_sha256": trained.tokenizer.fingerprint, "dtype": dtype}
     (out / CONFIG).write_text(json.dumps(meta, indent=1))
-    trained.tokenizer.save(out / TOKENIZER_FILE)
+    trained.tokenizer.save(out / trained.tokenizer.file_name)
     return out

@@ -132,7 +132,8 @@ def save_hf(trained: TrainedModel, out: str | Path, dtype: str = "fp32") -> str:
     _require_transformers("format=hf")
     from transformers import AutoModelForCausalLM
 
-    from llmtrain.export.hf_tokenizer import save_hf_tokenizer
+    from llmtrain.data.tokenizer import JsonTokenizer
+    from llmtrain.export.hf_tokenizer import save_hf_tokenizer, save_json_tokenizer
 
     cfg = trained.model_cfg
     family = hf_family(cfg)
@@ -145,9 +146,12 @@ def save_hf(trained: TrainedModel, out: str | Path, dtype: str = "fp32") -> str:
     model = model.to(torch_dtype(dtype)).eval()
     out = Path(out)
     model.save_pretrained(out)
-    sp_model = out / "tokenizer.model"
-    trained.tokenizer.save(sp_model)
-    save_hf_tokenizer(sp_model, out)
+    tokenizer_file = out / trained.tokenizer.file_name
+    trained.tokenizer.save(tokenizer_file)
+    if isinstance(trained.tokenizer, JsonTokenizer):
+        save_json_tokenizer(trained.tokenizer, out)
+    else:
+        save_hf_tokenizer(tokenizer_file, out)
     return family
 
 

@@ -22,7 +22,6 @@ import torch.distributed as dist
 
 from llmtrain.config import Precision, TrainConfig
 from llmtrain.data.reader import DeviceBatches, ValidationWindows
-from llmtrain.data.shards import TOKENIZER_FILE
 from llmtrain.distributed import memory
 from llmtrain.distributed.deepspeed import (
     build_ds_config,
@@ -105,7 +104,7 @@ class Trainer:
         self.batches = DeviceBatches(reader, cfg.train.micro_batch_size, self.engine.device)
         self.val = self.data.validation(block, cfg.train.eval_windows)
         # 7. Checkpoints, and auto-resume from the newest complete one.
-        tokenizer_copy = {TOKENIZER_FILE: self.data.tokenizer_file}  # checkpoints stand on their own
+        tokenizer_copy = {self.data.tokenizer_file.name: self.data.tokenizer_file}  # checkpoints stand on their own
         self.checkpointer = Checkpointer(self.run, self.env.rank, self.env.world_size, cfg.dist.zero_stage,
                                          cfg.train.keep_checkpoints, tokenizer_copy)
         self.step, self.tokens_seen, self.skipped_steps = 0, 0, 0

@@ -121,3 +121,39 @@ def test_another_tokenizer_or_an_unsupported_field_is_one_line(hf_folders, prepa
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "activation_function=gelu is not supported" in proc.stderr.splitlines()[-1]
     assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()
+
+
+def test_gpt2_with_its_tokenizer_json_prepares_trains_generates_and_exports(tmp_path):
+    """GPT-2's byte-level BPE through the second tokenizer backend, from prepare to a transformers export."""
+    from llmtrain.data.tokenizer import Tokenizer
+    from llmtrain.export.consolidate import load_trained
+    from tests.hf_models import save_byte_level_bpe
+
+    folder = tmp_path / "gpt2-bpe"
+    tokenizer_json = save_byte_level_bpe(folder)
+    save_random_hf("gpt2", folder, None, 1024)  # a vocabulary padded beyond the tokenizer's (<= 1000)
+    proc = run_cli("llmtrain-prepare", "data=stdlib", f"data.dir={tmp_path / 'data'}", "data.max_documents=60",
+                   f"data.tokenizer_path={tokenizer_json}", "data.num_proc=1", "data.val_fraction=0.1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_dir = tmp_path / "run"
+    launch(run_dir, tmp_path / "data", 1, f"model.init_from={folder}", "dist.zero_stage=0", common=INIT)
+    curve = losses(run_dir)
+    assert sorted(curve) == list(range(1, STEPS + 1)) and curve[STEPS] < curve[1]
+    checkpoint = run_dir / "checkpoints" / f"step_{STEPS:08d}"
+    assert (checkpoint / "tokenizer.json").read_bytes() == tokenizer_json.read_bytes()  # it stands on its own
+    proc = run_cli("llmtrain-generate", f"run.dir={run_dir}", "prompt=import os", "temperature=0",
+                   "max_new_tokens=8", "stop_at_eod=false")
+    assert proc.returncode == 0 and proc.stdout.startswith("import os"), proc.stderr[-2000:]
+    proc = run_cli("llmtrain-export", f"run.dir={run_dir}", "format=hf", f"out={tmp_path / 'hf'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == tokenizer_json.read_bytes()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ours_tok = Tokenizer.load(tokenizer_json)
+    text = "def main():\n    print('hé 12 <|endoftext|>')\n"
+    assert hf_tok(text)["input_ids"] == ours_tok.encode(text) and hf_tok.eos_token_id == ours_tok.eod_id
+    ids = torch.tensor([ours_tok.encode(text)[:64]])
+    with torch.no_grad():
+        gap = (theirs(ids).logits - load_trained(run_dir).build()(ids)[0]).abs().max().item()
+    print(f"\ntrained gpt2 (tokenizer.json) -> transformers: max |logit diff| = {gap:.3g}")
+    assert gap <= 1e-4
