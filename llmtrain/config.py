@@ -651,6 +651,27 @@ class EvalConfig:
     """auto (cuda when present) | cpu | cuda."""
     dtype: WeightDtype = WeightDtype.fp32
     """fp32 | bf16."""
+    tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks to run instead of perplexity, e.g. tasks=[hellaswag,arc_easy] (pip install
+    'llmtrain[eval]'); log-likelihood tasks only."""
+    task_dir: str = ""
+    """A folder of more lm-eval task YAMLs (local tasks), searched besides lm-eval's own."""
+    limit: int = 0
+    """tasks: score at most this many documents per task; 0 = all."""
+    num_fewshot: int | None = None
+    """tasks: few-shot examples per prompt; null = each task's default."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """tasks: log the results table to wandb (wandb.mode=online|offline)."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.limit < 0 or self.batch_size < 1:
+            problems.append("limit must be >= 0 and batch_size >= 1")
+        if (self.task_dir or self.limit or self.num_fewshot is not None) and not self.tasks:
+            problems.append("task_dir, limit and num_fewshot apply to tasks=[...], which is empty")
+        if self.tasks and (self.text_file or self.data_dir or self.max_windows):
+            problems.append("tasks=[...] runs lm-eval; text_file, data_dir and max_windows are for perplexity")
+        raise_problems(problems, "eval")
 
 
 @dataclass(kw_only=True)
