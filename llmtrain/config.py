@@ -139,7 +139,7 @@ class DataConfig:
     source: Source = Source.stdlib
     """Corpus source: stdlib (the running Python's standard library, no download) | text (local files) | hf."""
     dir: str = MISSING
-    """Folder of the prepared dataset: shards, tokenizer.model and meta.json (training on data.mix: set it to '')."""
+    """Folder of the prepared dataset: shards, tokenizer (.model or .json) and meta.json (data.mix: set it to '')."""
     mix: list[MixSource] | None = None
     """Training: a weighted blend of prepared folders instead of data.dir, e.g.
     '[{dir: data/prose, weight: 0.7}, {dir: data/code, weight: 0.3}]'; each source keeps its own epoch order."""
@@ -164,7 +164,7 @@ class DataConfig:
     tokenizer_sample_documents: int = 1000
     """Number of training documents (chosen by seed) the tokenizer is trained on."""
     tokenizer_path: str | None = None
-    """Reuse this sentencepiece .model instead of training one."""
+    """Reuse this tokenizer instead of training one: a sentencepiece .model, or a Hugging Face tokenizer.json."""
     val_fraction: float = 0.01
     """Fraction of documents held out for validation (chosen by seed, at least one document)."""
     seed: int = 1234
@@ -264,6 +264,9 @@ class ModelConfig:
     """Biases in linear layers and norms."""
     init_std: float = 0.02
     """Standard deviation of the weight init; residual projections get init_std / sqrt(2 * n_layer)."""
+    init_from: str = ""
+    """Start from these weights: a transformers folder (GPT-2 or Llama family) or an llmtrain export, checkpoint or
+    run. Its architecture replaces the fields above except block_size (the training window) and dropout."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -602,7 +605,7 @@ class GenerateConfig(SamplingConfig):
     dtype: WeightDtype = WeightDtype.fp32
     """Weights and activations: fp32 | bf16."""
     tokenizer: str = ""
-    """Optional sentencepiece model to check against the one the model was trained with."""
+    """Optional tokenizer file to check against the one the model was trained with."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -648,6 +651,27 @@ class EvalConfig:
     """auto (cuda when present) | cpu | cuda."""
     dtype: WeightDtype = WeightDtype.fp32
     """fp32 | bf16."""
+    tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks to run instead of perplexity, e.g. tasks=[hellaswag,arc_easy] (pip install
+    'llmtrain[eval]'); log-likelihood tasks only."""
+    task_dir: str = ""
+    """A folder of more lm-eval task YAMLs (local tasks), searched besides lm-eval's own."""
+    limit: int = 0
+    """tasks: score at most this many documents per task; 0 = all."""
+    num_fewshot: int | None = None
+    """tasks: few-shot examples per prompt; null = each task's default."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """tasks: log the results table to wandb (wandb.mode=online|offline)."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.limit < 0 or self.batch_size < 1:
+            problems.append("limit must be >= 0 and batch_size >= 1")
+        if (self.task_dir or self.limit or self.num_fewshot is not None) and not self.tasks:
+            problems.append("task_dir, limit and num_fewshot apply to tasks=[...], which is empty")
+        if self.tasks and (self.text_file or self.data_dir or self.max_windows):
+            problems.append("tasks=[...] runs lm-eval; text_file, data_dir and max_windows are for perplexity")
+        raise_problems(problems, "eval")
 
 
 @dataclass(kw_only=True)

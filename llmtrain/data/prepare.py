@@ -1,4 +1,4 @@
-"""``llmtrain-prepare``: corpus -> sentencepiece tokenizer -> packed memory-mapped shards + meta.json.
+"""``llmtrain-prepare``: corpus -> tokenizer (trained, or data.tokenizer_path) -> packed memory-mapped shards.
 
 Everything is written into a staging folder beside ``data.dir`` and moved into place only when complete,
 so a killed prepare never leaves a folder that looks finished. Re-running with the same config on a complete
@@ -26,7 +26,6 @@ from llmtrain.config import DataConfig, to_plain
 from llmtrain.data.shards import (
     FORMAT_VERSION,
     META_FILE,
-    TOKENIZER_FILE,
     ShardWriter,
     read_meta,
     token_dtype,
@@ -80,9 +79,9 @@ def prepare(cfg: DataConfig) -> PrepareReport:
         is_val = split_documents(len(ds), cfg.val_fraction, cfg.seed)
         with clock.stage("tokenizer"):
             tokenizer = _tokenizer(cfg, ds, is_val)
-            tokenizer.save(stage / TOKENIZER_FILE)
+            tokenizer.save(stage / tokenizer.file_name)
         with clock.stage("tokenize"):
-            ids = tokenize(ds, stage / TOKENIZER_FILE, cfg.num_proc)
+            ids = tokenize(ds, stage / tokenizer.file_name, cfg.num_proc)
         with clock.stage("pack"):
             splits = pack(ids, is_val, tokenizer, stage, cfg.shard_tokens)
         meta = _meta(cfg, tokenizer, splits, stats)
@@ -271,7 +270,7 @@ def _meta(cfg: DataConfig, tokenizer: Tokenizer, splits: dict[str, Any], stats: 
         "vocab_size": tokenizer.vocab_size,
         "dtype": token_dtype(tokenizer.vocab_size).name,
         "eod_id": tokenizer.eod_id,
-        "tokenizer": {"file": TOKENIZER_FILE, "sha256": tokenizer.fingerprint},
+        "tokenizer": {"file": tokenizer.file_name, "sha256": tokenizer.fingerprint},
         "splits": splits,
         "source": {"kind": cfg.source.value, **asdict(stats)},
         "config": to_plain(cfg),
