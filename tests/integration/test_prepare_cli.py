@@ -44,6 +44,8 @@ def test_help_lists_the_config(tmp_path):
     assert "  data: hf, stdlib, text\n" in proc.stdout
     assert "  data.vocab_size = 8192\n      Tokenizer vocabulary size" in proc.stdout
     assert "  data.dir (required)\n" in proc.stdout
+    for key in ("data.num_tasks = 1", "data.task = 'all'", "data.streaming = False"):
+        assert f"  {key}\n      " in proc.stdout
 
 
 @pytest.mark.parametrize(
@@ -57,6 +59,9 @@ def test_help_lists_the_config(tmp_path):
         ("corpus", ["data=text", "data.paths=[{d}/c]", "data.unknown_key=1"], ["Key 'unknown_key' not in"]),
         ("jsonl-missing", ["data=text", "data.paths=[{d}/c]"], ["c/r.jsonl:2: the record has no 'text'"]),
         ("jsonl-object", ["data=text", "data.paths=[{d}/c]"], ["c/r.jsonl:1: the record has a dict under 'text'"]),
+        ("corpus", ["data=text", "data.paths=[{d}/c]", "data.num_tasks=2", "data.task=merge"],
+         ["data.task=merge: there is no complete plan in", "run data.task=plan first"]),
+        ("corpus", ["data=text", "data.paths=[{d}/c]", "data.num_tasks=2"], ["needs data.task=plan, then 0..1"]),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, setup, overrides, fragments):
