@@ -170,16 +170,23 @@ class DataConfig:
     seed: int = 1234
     """Seed of the train/val split and the tokenizer sample."""
     num_proc: int = 2
-    """Processes used to tokenize (Dataset.map num_proc)."""
+    """Processes used to tokenize (Dataset.map num_proc; sentencepiece threads with data.streaming=true)."""
     shard_tokens: int = 1 << 26
     """Maximum tokens per shard file."""
     overwrite: bool = False
     """Replace a data.dir prepared with another config or tokenizer."""
     prepare_if_missing: bool = False
     """Training: prepare data.dir first when it holds no dataset (set by naming a source: data=stdlib|text|hf)."""
+    num_tasks: int = 1
+    """Split tokenizing into this many independent tasks, each run by its own data.task=<i> (slurm/prepare.sh)."""
+    task: str = "all"
+    """all: the whole prepare in this process | plan | <i> in [0, num_tasks): tokenize slice i | merge: meta.json."""
+    streaming: bool = False
+    """Tokenize a stream (datasets' IterableDataset) in bounded memory; its val split is per document, not by count."""
 
     def __post_init__(self) -> None:
         problems = []
+        problems += self._task_problems()
         if self.source == Source.text and not self.paths:
             problems.append("data=text needs data.paths=[file,...]")
         if self.source == Source.hf and not self.hf_name:
@@ -215,12 +222,35 @@ class DataConfig:
             problems.append(f"data.mix names {names} repeat; give each source its own name: ...")
         return problems
 
-    # Fields that change how a prepare runs but not what it writes.
-    RUNTIME_ONLY = ("dir", "mix", "num_proc", "overwrite", "prepare_if_missing")
+    def _task_problems(self) -> list[str]:
+        if self.num_tasks < 1:
+            return [f"data.num_tasks={self.num_tasks} must be >= 1"]
+        if self.streaming and (self.num_tasks > 1 or self.task != "all"):
+            return ["data.streaming=true runs in one process: leave data.num_tasks=1 and data.task=all"]
+        if self.task == "all":
+            if self.num_tasks > 1:
+                return [f"data.num_tasks={self.num_tasks} needs data.task=plan, then 0..{self.num_tasks - 1}, then "
+                        "merge (bash slurm/prepare.sh runs them as a Slurm array)"]
+            return []
+        if self.task in ("plan", "merge") or (self.task.isdigit() and int(self.task) < self.num_tasks):
+            return []
+        return [f"data.task={self.task} must be all, plan, merge or a task number in [0, {self.num_tasks})"]
+
+    @property
+    def task_index(self) -> int | None:
+        """The number of the tokenize task this process runs (data.task=<i>), or None for all/plan/merge."""
+        return int(self.task) if self.task.isdigit() else None
+
+    # Fields that change how a prepare runs but not what it writes (num_tasks/task: the merged folder is the same).
+    RUNTIME_ONLY = ("dir", "mix", "num_proc", "overwrite", "prepare_if_missing", "num_tasks", "task")
+    # Fields added after datasets were prepared: at these values they stay out of the fingerprint, so a folder
+    # prepared before the field existed still counts as prepared with the same config.
+    FINGERPRINT_SINCE = {"streaming": False}
 
     def fingerprint(self) -> str:
         """SHA-256 of every field that determines the prepared output (not the RUNTIME_ONLY ones)."""
-        payload = {k: v for k, v in to_plain(self).items() if k not in self.RUNTIME_ONLY}
+        payload = {k: v for k, v in to_plain(self).items()
+                   if k not in self.RUNTIME_ONLY and self.FINGERPRINT_SINCE.get(k, ...) != v}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

@@ -3,6 +3,10 @@
 Everything is written into a staging folder beside ``data.dir`` and moved into place only when complete,
 so a killed prepare never leaves a folder that looks finished. Re-running with the same config on a complete
 folder does nothing.
+
+This module is the one-process pipeline (``data.task=all``) and the pieces the other two modes reuse:
+``llmtrain.data.tasks`` runs it as a plan, K tokenize tasks and a merge (``data.num_tasks``), and
+``llmtrain.data.streaming`` tokenizes a stream in bounded memory (``data.streaming=true``).
 """
 
 from __future__ import annotations
@@ -41,12 +45,20 @@ STAGING_PREFIX = ".partial-"
 
 @dataclass
 class PrepareReport:
-    """What a prepare did: the written meta (or the existing one) and seconds spent per stage."""
+    """What a prepare did: the written meta (or the existing one) and seconds spent per stage.
+
+    A plan or tokenize task (``data.task=plan|<i>``) reports its own folder and json instead, described by ``note``.
+    """
 
     data_dir: Path
     meta: dict[str, Any]
     skipped: bool = False
     seconds: dict[str, float] = field(default_factory=dict)
+    note: str | None = None
+
+    def line(self) -> str:
+        """The one line the CLI prints: the folder and what it holds."""
+        return f"{self.data_dir}: {self.note if self.note is not None else describe(self.meta)}"
 
     @property
     def total_seconds(self) -> float:
@@ -65,7 +77,16 @@ class _Stopwatch:
 
 
 def prepare(cfg: DataConfig) -> PrepareReport:
-    """Prepare ``cfg.dir`` from the configured source; returns what was done."""
+    """Prepare ``cfg.dir`` from the configured source (or run the phase ``cfg.task`` of it); returns what was done."""
+    # Imported here: both modules build on this one's pieces.
+    if cfg.streaming:
+        from llmtrain.data.streaming import prepare_streaming
+
+        return prepare_streaming(cfg)
+    if cfg.task != "all":
+        from llmtrain.data.tasks import run_phase
+
+        return run_phase(cfg)
     target = Path(cfg.dir).expanduser().resolve()
     existing = _check_target(target, cfg)
     if existing is not None:
@@ -209,8 +230,11 @@ def _encode_batch(batch: dict[str, list[str]], model_path: str) -> dict[str, lis
     return {"ids": [np.asarray(ids, dtype=dtype) for ids in tokenizer.encode_batch(batch[TEXT_COLUMN])]}
 
 
-def tokenize(ds: datasets.Dataset, model_path: Path, num_proc: int) -> datasets.Dataset:
-    """Encode every document with ``Dataset.map(batched=True, num_proc=...)``: one ``ids`` column."""
+def tokenize(ds: datasets.Dataset, model_path: Path, num_proc: int,
+             cache_file: Path | None = None) -> datasets.Dataset:
+    """Encode every document with ``Dataset.map(batched=True, num_proc=...)``: one ``ids`` column.
+
+    ``cache_file``: where the result's Arrow file goes (default: beside ``ds``'s own cache files)."""
     num_proc = max(1, min(num_proc, len(ds)))
     return ds.map(
         _encode_batch,
@@ -220,6 +244,7 @@ def tokenize(ds: datasets.Dataset, model_path: Path, num_proc: int) -> datasets.
         remove_columns=ds.column_names,
         fn_kwargs={"model_path": str(model_path)},
         new_fingerprint=f"llmtrain-tokenize-{os.getpid()}-{time.time_ns()}",
+        cache_file_name=str(cache_file) if cache_file is not None else None,
         desc="tokenize",
     )
 

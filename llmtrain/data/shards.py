@@ -25,6 +25,11 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 
 
+def shard_name(split: str, index: int) -> str:
+    """The file name of shard ``index`` of ``split``: ``train_000.bin``."""
+    return f"{split}_{index:03d}.bin"
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
@@ -40,7 +45,7 @@ class ShardWriter:
 
     def _open_next(self) -> None:
         self.close()
-        name = f"{self.split}_{len(self.shards):03d}.bin"
+        name = shard_name(self.split, len(self.shards))
         self._file = open(self.folder / name, "wb")  # noqa: SIM115 -- kept open across write() calls
         self.shards.append({"file": name, "tokens": 0})
 
