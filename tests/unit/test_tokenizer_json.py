@@ -70,3 +70,17 @@ def test_a_json_that_is_not_a_tokenizer_is_one_line(tmp_path):
     (tmp_path / "tokenizer.json").write_text('{"not": "a tokenizer"}')
     with pytest.raises(UserError, match="is not a tokenizers tokenizer.json"):
         Tokenizer.load(tmp_path / "tokenizer.json")
+
+
+def test_prepare_as_tasks_with_a_tokenizer_json(json_file, tmp_path):
+    """The plan keeps the tokenizer under its own name; tasks and the merge use it: the one-process result."""
+    one = tmp_path / "one"
+    prepare(small_data_config(one, max_documents=40, tokenizer_path=str(json_file)))
+    for task in ["plan", "1", "0", "merge"]:
+        prepare(small_data_config(tmp_path / "tasks", max_documents=40, tokenizer_path=str(json_file), num_tasks=2,
+                                  task=task))
+    merged = PreparedData(tmp_path / "tasks")
+    assert merged.meta["tokenizer"] == PreparedData(one).meta["tokenizer"]
+    assert sorted(p.name for p in (tmp_path / "tasks").iterdir()) == sorted(p.name for p in one.iterdir())
+    for shard in one.glob("*.bin"):
+        assert shard.read_bytes() == (tmp_path / "tasks" / shard.name).read_bytes()
