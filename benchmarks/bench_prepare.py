@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import datasets
+from _corpus import write_random_words
 from _table import table  # benchmarks/ is on sys.path when a benchmark runs as a script
 
 from llmtrain.config import DataConfig, Source
@@ -96,17 +97,6 @@ def peak_rss(*overrides: str) -> tuple[float, float]:
     out = subprocess.run([sys.executable, "-c", wrapper, *PREPARE, *overrides], capture_output=True, text=True,
                          check=True, env={**os.environ, "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"})
     return time.perf_counter() - start, int(out.stdout.split()[-1]) / 1024
-
-
-def write_random_words(folder: Path, megabytes: int, doc_bytes: int = 100_000) -> None:
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
-    vocab = ["".join(rng.choice(letters, size=rng.integers(2, 9))) for _ in range(3000)]
-    folder.mkdir()
-    for i in range(megabytes * 1_000_000 // doc_bytes):
-        (folder / f"{i:05d}.txt").write_text(" ".join(rng.choice(vocab, size=doc_bytes // 6)) + "\n")
 
 
 def streaming_table(work: Path, stdlib_mb: float, words_mb: int) -> None:

@@ -263,16 +263,21 @@ def pack(ids: datasets.Dataset, is_val: np.ndarray, tokenizer: Tokenizer, folder
         offsets = offsets - offsets[0]
         values = column.flatten().to_numpy(zero_copy_only=False)
         lengths = np.diff(offsets)
-        doc_is_val = is_val[row: row + len(column)]
-        for name, mask in (("train", ~doc_is_val), ("val", doc_is_val)):
-            if mask.any():
-                writers[name].write(_with_eod(values, lengths, mask, tokenizer.eod_id, dtype), int(mask.sum()))
+        write_documents(writers, values, lengths, is_val[row: row + len(column)], tokenizer.eod_id)
         row += len(column)
         bar.update(len(column))
     bar.close()
     for writer in writers.values():
         writer.close()
     return {name: writer.summary() for name, writer in writers.items()}
+
+
+def write_documents(writers: dict[str, ShardWriter], values: np.ndarray, lengths: np.ndarray, is_val: np.ndarray,
+                    eod_id: int) -> None:
+    """Append each document (``lengths`` of the flat ``values``), followed by ``eod_id``, to its split's shards."""
+    for name, mask in (("train", ~is_val), ("val", is_val)):
+        if mask.any():
+            writers[name].write(_with_eod(values, lengths, mask, eod_id, writers[name].dtype), int(mask.sum()))
 
 
 def _with_eod(values: np.ndarray, lengths: np.ndarray, keep: np.ndarray, eod_id: int, dtype: np.dtype) -> np.ndarray:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from llmtrain.config import DataConfig
 from llmtrain.data.order import keyed_uniform
-from llmtrain.data.prepare import PrepareReport, _check_target, _meta, _publish, _staging, _Stopwatch, _with_eod
+from llmtrain.data.prepare import PrepareReport, _check_target, _meta, _publish, _staging, _Stopwatch, write_documents
 from llmtrain.data.shards import SPLITS, ShardWriter, token_dtype, write_meta
 from llmtrain.data.sources import DocumentStream, stream_corpus
 from llmtrain.data.tokenizer import Tokenizer
@@ -106,9 +106,7 @@ def pack_stream(stream: DocumentStream, tokenizer: Tokenizer, folder: Path, cfg:
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         values = np.fromiter((i for doc in ids for i in doc), dtype=dtype, count=int(lengths.sum()))
         is_val = is_val_document(cfg.seed, seen, len(texts), cfg.val_fraction)
-        for name, mask in (("train", ~is_val), ("val", is_val)):
-            if mask.any():
-                writers[name].write(_with_eod(values, lengths, mask, tokenizer.eod_id, dtype), int(mask.sum()))
+        write_documents(writers, values, lengths, is_val, tokenizer.eod_id)
         seen += len(texts)
         bar.update(len(texts))
     bar.close()

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from benchmarks._corpus import write_random_words
 from tests.conftest import BIN, REPO, run_cli
 
 
@@ -120,18 +121,6 @@ def test_killed_prepare_leaves_no_complete_looking_folder(tmp_path):
     assert again.returncode == 0, again.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
     assert (out / "meta.json").is_file()
-
-
-def write_random_words(folder, megabytes: int, doc_bytes: int = 100_000) -> None:
-    """``megabytes`` of random-word documents, one ~100 kB .txt file each."""
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
-    vocab = ["".join(rng.choice(letters, size=rng.integers(2, 9))) for _ in range(3000)]
-    folder.mkdir()
-    for i in range(megabytes * 1_000_000 // doc_bytes):
-        (folder / f"{i:05d}.txt").write_text(" ".join(rng.choice(vocab, size=doc_bytes // 6)) + "\n")
 
 
 def peak_rss_mb(*args: str) -> tuple[float, subprocess.CompletedProcess]:
