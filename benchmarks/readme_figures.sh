@@ -24,6 +24,8 @@ speed() { grep -oE "[0-9,]+ tokens/s" "$OUT/$1.log" | tr -d ', tokens/s' |
           awk '{s += $1; n++} END {if (n) printf "mean %.0f tokens/s over %d logged intervals\n", s / n, n}' | tee -a "$LOG"; }
 torchrun2() { "$BIN/torchrun" --standalone --nproc_per_node 2 -m llmtrain.cli.train "$@"; }
 
+note "== $(date -u +%FT%TZ) $(git rev-parse --short HEAD) on $(lscpu | sed -n 's/^Model name: *//p'), \
+$(grep -o -w -E 'avx512_bf16|avx512f|avx2' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 $BIN/llmtrain-prepare data=stdlib data.dir=data/stdlib >/dev/null
 
 # 1. Quick start (README "Quick start"): 200 steps of `small`, ZeRO-2, 2 ranks.

@@ -139,7 +139,7 @@ class DataConfig:
     source: Source = Source.stdlib
     """Corpus source: stdlib (the running Python's standard library, no download) | text (local files) | hf."""
     dir: str = MISSING
-    """Folder of the prepared dataset: shards, tokenizer.model and meta.json (training on data.mix: set it to '')."""
+    """Folder of the prepared dataset: shards, tokenizer (.model or .json) and meta.json (data.mix: set it to '')."""
     mix: list[MixSource] | None = None
     """Training: a weighted blend of prepared folders instead of data.dir, e.g.
     '[{dir: data/prose, weight: 0.7}, {dir: data/code, weight: 0.3}]'; each source keeps its own epoch order."""
@@ -164,22 +164,29 @@ class DataConfig:
     tokenizer_sample_documents: int = 1000
     """Number of training documents (chosen by seed) the tokenizer is trained on."""
     tokenizer_path: str | None = None
-    """Reuse this sentencepiece .model instead of training one."""
+    """Reuse this tokenizer instead of training one: a sentencepiece .model, or a Hugging Face tokenizer.json."""
     val_fraction: float = 0.01
     """Fraction of documents held out for validation (chosen by seed, at least one document)."""
     seed: int = 1234
     """Seed of the train/val split and the tokenizer sample."""
     num_proc: int = 2
-    """Processes used to tokenize (Dataset.map num_proc)."""
+    """Processes used to tokenize (Dataset.map num_proc; sentencepiece threads with data.streaming=true)."""
     shard_tokens: int = 1 << 26
     """Maximum tokens per shard file."""
     overwrite: bool = False
     """Replace a data.dir prepared with another config or tokenizer."""
     prepare_if_missing: bool = False
     """Training: prepare data.dir first when it holds no dataset (set by naming a source: data=stdlib|text|hf)."""
+    num_tasks: int = 1
+    """Split tokenizing into this many independent tasks, each run by its own data.task=<i> (slurm/prepare.sh)."""
+    task: str = "all"
+    """all: the whole prepare in this process | plan | <i> in [0, num_tasks): tokenize slice i | merge: meta.json."""
+    streaming: bool = False
+    """Tokenize a stream (datasets' IterableDataset) in bounded memory; its val split is per document, not by count."""
 
     def __post_init__(self) -> None:
         problems = []
+        problems += self._task_problems()
         if self.source == Source.text and not self.paths:
             problems.append("data=text needs data.paths=[file,...]")
         if self.source == Source.hf and not self.hf_name:
@@ -215,12 +222,35 @@ class DataConfig:
             problems.append(f"data.mix names {names} repeat; give each source its own name: ...")
         return problems
 
-    # Fields that change how a prepare runs but not what it writes.
-    RUNTIME_ONLY = ("dir", "mix", "num_proc", "overwrite", "prepare_if_missing")
+    def _task_problems(self) -> list[str]:
+        if self.num_tasks < 1:
+            return [f"data.num_tasks={self.num_tasks} must be >= 1"]
+        if self.streaming and (self.num_tasks > 1 or self.task != "all"):
+            return ["data.streaming=true runs in one process: leave data.num_tasks=1 and data.task=all"]
+        if self.task == "all":
+            if self.num_tasks > 1:
+                return [f"data.num_tasks={self.num_tasks} needs data.task=plan, then 0..{self.num_tasks - 1}, then "
+                        "merge (bash slurm/prepare.sh runs them as a Slurm array)"]
+            return []
+        if self.task in ("plan", "merge") or (self.task.isdigit() and int(self.task) < self.num_tasks):
+            return []
+        return [f"data.task={self.task} must be all, plan, merge or a task number in [0, {self.num_tasks})"]
+
+    @property
+    def task_index(self) -> int | None:
+        """The number of the tokenize task this process runs (data.task=<i>), or None for all/plan/merge."""
+        return int(self.task) if self.task.isdigit() else None
+
+    # Fields that change how a prepare runs but not what it writes (num_tasks/task: the merged folder is the same).
+    RUNTIME_ONLY = ("dir", "mix", "num_proc", "overwrite", "prepare_if_missing", "num_tasks", "task")
+    # Fields added after datasets were prepared: at these values they stay out of the fingerprint, so a folder
+    # prepared before the field existed still counts as prepared with the same config.
+    FINGERPRINT_SINCE = {"streaming": False}
 
     def fingerprint(self) -> str:
         """SHA-256 of every field that determines the prepared output (not the RUNTIME_ONLY ones)."""
-        payload = {k: v for k, v in to_plain(self).items() if k not in self.RUNTIME_ONLY}
+        payload = {k: v for k, v in to_plain(self).items()
+                   if k not in self.RUNTIME_ONLY and self.FINGERPRINT_SINCE.get(k, ...) != v}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -264,6 +294,9 @@ class ModelConfig:
     """Biases in linear layers and norms."""
     init_std: float = 0.02
     """Standard deviation of the weight init; residual projections get init_std / sqrt(2 * n_layer)."""
+    init_from: str = ""
+    """Start from these weights: a transformers folder (GPT-2 or Llama family) or an llmtrain export, checkpoint or
+    run. Its architecture replaces the fields above except block_size (the training window) and dropout."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -602,7 +635,7 @@ class GenerateConfig(SamplingConfig):
     dtype: WeightDtype = WeightDtype.fp32
     """Weights and activations: fp32 | bf16."""
     tokenizer: str = ""
-    """Optional sentencepiece model to check against the one the model was trained with."""
+    """Optional tokenizer file to check against the one the model was trained with."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -648,6 +681,27 @@ class EvalConfig:
     """auto (cuda when present) | cpu | cuda."""
     dtype: WeightDtype = WeightDtype.fp32
     """fp32 | bf16."""
+    tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks to run instead of perplexity, e.g. tasks=[hellaswag,arc_easy] (pip install
+    'llmtrain[eval]'); log-likelihood tasks only."""
+    task_dir: str = ""
+    """A folder of more lm-eval task YAMLs (local tasks), searched besides lm-eval's own."""
+    limit: int = 0
+    """tasks: score at most this many documents per task; 0 = all."""
+    num_fewshot: int | None = None
+    """tasks: few-shot examples per prompt; null = each task's default."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """tasks: log the results table to wandb (wandb.mode=online|offline)."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.limit < 0 or self.batch_size < 1:
+            problems.append("limit must be >= 0 and batch_size >= 1")
+        if (self.task_dir or self.limit or self.num_fewshot is not None) and not self.tasks:
+            problems.append("task_dir, limit and num_fewshot apply to tasks=[...], which is empty")
+        if self.tasks and (self.text_file or self.data_dir or self.max_windows):
+            problems.append("tasks=[...] runs lm-eval; text_file, data_dir and max_windows are for perplexity")
+        raise_problems(problems, "eval")
 
 
 @dataclass(kw_only=True)

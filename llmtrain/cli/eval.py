@@ -1,8 +1,11 @@
-"""Perplexity of a trained model on its dataset's validation windows, or on any text file, as a table.
+"""Perplexity of a trained model on its dataset's validation windows or on any text file, as a table; or, with
+tasks=[...], lm-evaluation-harness tasks (pip install 'llmtrain[eval]') through the model, its table printed.
 
     llmtrain-eval run.dir=runs/demo
     llmtrain-eval run.dir=runs/demo text_file=README.md
     llmtrain-eval run.dir=exports/demo data_dir=data/stdlib max_windows=200
+    llmtrain-eval run.dir=runs/demo tasks=[arc_easy,hellaswag] limit=500 wandb.mode=offline
+    llmtrain-eval run.dir=exports/demo tasks=[my_task] task_dir=tasks/   # a local task YAML over local files
 """
 
 from __future__ import annotations
@@ -11,22 +14,56 @@ import logging
 from pathlib import Path
 
 from llmtrain.cli._entry import hydra_command
-from llmtrain.config import EvalConfig
+from llmtrain.config import EvalConfig, WandbMode, to_plain
 from llmtrain.errors import UserError
 
 log = logging.getLogger("llmtrain")
 
 
 def run(cfg: EvalConfig) -> None:
-    from llmtrain.data.reader import PreparedData
     from llmtrain.distributed.env import local_device
     from llmtrain.dtypes import torch_dtype
-    from llmtrain.evaluate import mean_loss, perplexity, text_batches
     from llmtrain.export.consolidate import load_trained
 
+    if cfg.tasks:
+        from llmtrain.harness import require_lm_eval
+
+        require_lm_eval()  # before the model is loaded
     trained = load_trained(cfg.run.dir, cfg.run.step)
     device = local_device(cfg.device.value)
     model = trained.build(device, torch_dtype(cfg.dtype))
+    if cfg.tasks:
+        tasks_table(cfg, trained, model, device)
+    else:
+        perplexity_table(cfg, trained, model, device)
+
+
+def tasks_table(cfg: EvalConfig, trained, model, device) -> None:
+    from lm_eval.utils import make_table
+
+    from llmtrain.harness import HarnessLM, run_tasks
+
+    results = run_tasks(HarnessLM(model, trained.tokenizer, device, cfg.batch_size), cfg.tasks, cfg.task_dir,
+                        cfg.limit, cfg.num_fewshot)
+    table = make_table(results)
+    print(table)
+    if cfg.wandb.mode != WandbMode.disabled:
+        import wandb
+
+        name = cfg.wandb.name or f"eval-{trained.source.name}"
+        with wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, name=name, group=cfg.wandb.group,
+                        mode=cfg.wandb.mode.value, job_type="eval", config=to_plain(cfg)) as started:
+            scores = {f"{task}/{metric.split(',')[0]}": value for task, row in results["results"].items()
+                      for metric, value in row.items() if isinstance(value, (int, float)) and "stderr" not in metric}
+            started.log(scores)
+            started.log({"lm_eval": wandb.Table(columns=["task", "metric", "value"],
+                                                data=[[*key.split("/", 1), value] for key, value in scores.items()])})
+
+
+def perplexity_table(cfg: EvalConfig, trained, model, device) -> None:
+    from llmtrain.data.reader import PreparedData
+    from llmtrain.evaluate import mean_loss, perplexity, text_batches
+
     block = trained.model_cfg.block_size
     if cfg.text_file:
         try:
@@ -40,7 +77,8 @@ def run(cfg: EvalConfig) -> None:
     else:
         data_dir = cfg.data_dir or trained.data_dir
         if not data_dir:
-            raise UserError(f"{trained.source} does not record its dataset: add data_dir=... or text_file=...")
+            raise UserError(f"{trained.source} records no single dataset (an export, or a run on data.mix): add "
+                            "data_dir=<a prepared folder> or text_file=<a text file>")
         data = PreparedData(data_dir)
         if data.tokenizer_fingerprint != trained.tokenizer.fingerprint:
             raise UserError(f"{data_dir} was tokenized with another tokenizer (sha256 "

@@ -2,6 +2,9 @@
 
     llmtrain-prepare data=stdlib data.dir=data/stdlib
     llmtrain-prepare data=text 'data.paths=[corpus/]' data.vocab_size=16000 data.dir=data/mine
+    llmtrain-prepare data=text 'data.paths=[big.jsonl]' data.streaming=true data.dir=data/big   # bounded memory
+    llmtrain-prepare data.dir=data/stdlib data.num_tasks=4 data.task=plan   # then data.task=0..3, then merge:
+    bash slurm/prepare.sh 4 data=stdlib data.dir=data/stdlib                # ... as a Slurm array
     llmtrain-prepare --cfg job          # print the composed config
 """
 
@@ -12,10 +15,9 @@ from llmtrain.config import PrepareConfig
 
 
 def run(cfg: PrepareConfig) -> None:
-    from llmtrain.data.prepare import describe, prepare
+    from llmtrain.data.prepare import prepare
 
-    report = prepare(cfg.data)
-    print(f"{report.data_dir}: {describe(report.meta)}")
+    print(prepare(cfg.data).line())
 
 
 main = hydra_command("llmtrain-prepare", "prepare", PrepareConfig, run)

@@ -89,3 +89,16 @@ class EpochOrder:
             else:
                 out[here] = self._subset[shuffled]
         return out
+
+
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)  # splitmix64's increment
+
+
+def keyed_uniform(key: Sequence[int] | int, index: np.ndarray) -> np.ndarray:
+    """A float in ``[0, 1)`` per index, fixed by the key and the index alone (not by the other indices asked for):
+    element ``index`` of splitmix64's stream seeded from ``SeedSequence(key)``."""
+    seed = np.random.SeedSequence([key] if isinstance(key, int) else list(key)).generate_state(1, dtype=np.uint64)[0]
+    x = np.asarray(index, dtype=np.int64)
+    flat = x.reshape(-1).astype(np.uint64)  # arrays, not scalars: numpy wraps uint64 arithmetic on arrays silently
+    bits = _mix(seed + (flat + np.uint64(1)) * _GAMMA)
+    return ((bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))).reshape(x.shape)

@@ -1,8 +1,12 @@
-"""``llmtrain-prepare``: corpus -> sentencepiece tokenizer -> packed memory-mapped shards + meta.json.
+"""``llmtrain-prepare``: corpus -> tokenizer (trained, or data.tokenizer_path) -> packed memory-mapped shards.
 
 Everything is written into a staging folder beside ``data.dir`` and moved into place only when complete,
 so a killed prepare never leaves a folder that looks finished. Re-running with the same config on a complete
 folder does nothing.
+
+This module is the one-process pipeline (``data.task=all``) and the pieces the other two modes reuse:
+``llmtrain.data.tasks`` runs it as a plan, K tokenize tasks and a merge (``data.num_tasks``), and
+``llmtrain.data.streaming`` tokenizes a stream in bounded memory (``data.streaming=true``).
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ from llmtrain.config import DataConfig, to_plain
 from llmtrain.data.shards import (
     FORMAT_VERSION,
     META_FILE,
-    TOKENIZER_FILE,
     ShardWriter,
     read_meta,
     token_dtype,
@@ -42,12 +45,20 @@ STAGING_PREFIX = ".partial-"
 
 @dataclass
 class PrepareReport:
-    """What a prepare did: the written meta (or the existing one) and seconds spent per stage."""
+    """What a prepare did: the written meta (or the existing one) and seconds spent per stage.
+
+    A plan or tokenize task (``data.task=plan|<i>``) reports its own folder and json instead, described by ``note``.
+    """
 
     data_dir: Path
     meta: dict[str, Any]
     skipped: bool = False
     seconds: dict[str, float] = field(default_factory=dict)
+    note: str | None = None
+
+    def line(self) -> str:
+        """The one line the CLI prints: the folder and what it holds."""
+        return f"{self.data_dir}: {self.note if self.note is not None else describe(self.meta)}"
 
     @property
     def total_seconds(self) -> float:
@@ -66,7 +77,16 @@ class _Stopwatch:
 
 
 def prepare(cfg: DataConfig) -> PrepareReport:
-    """Prepare ``cfg.dir`` from the configured source; returns what was done."""
+    """Prepare ``cfg.dir`` from the configured source (or run the phase ``cfg.task`` of it); returns what was done."""
+    # Imported here: both modules build on this one's pieces.
+    if cfg.streaming:
+        from llmtrain.data.streaming import prepare_streaming
+
+        return prepare_streaming(cfg)
+    if cfg.task != "all":
+        from llmtrain.data.tasks import run_phase
+
+        return run_phase(cfg)
     target = Path(cfg.dir).expanduser().resolve()
     existing = _check_target(target, cfg)
     if existing is not None:
@@ -80,9 +100,9 @@ def prepare(cfg: DataConfig) -> PrepareReport:
         is_val = split_documents(len(ds), cfg.val_fraction, cfg.seed)
         with clock.stage("tokenizer"):
             tokenizer = _tokenizer(cfg, ds, is_val)
-            tokenizer.save(stage / TOKENIZER_FILE)
+            tokenizer.save(stage / tokenizer.file_name)
         with clock.stage("tokenize"):
-            ids = tokenize(ds, stage / TOKENIZER_FILE, cfg.num_proc)
+            ids = tokenize(ds, stage / tokenizer.file_name, cfg.num_proc)
         with clock.stage("pack"):
             splits = pack(ids, is_val, tokenizer, stage, cfg.shard_tokens)
         meta = _meta(cfg, tokenizer, splits, stats)
@@ -210,8 +230,11 @@ def _encode_batch(batch: dict[str, list[str]], model_path: str) -> dict[str, lis
     return {"ids": [np.asarray(ids, dtype=dtype) for ids in tokenizer.encode_batch(batch[TEXT_COLUMN])]}
 
 
-def tokenize(ds: datasets.Dataset, model_path: Path, num_proc: int) -> datasets.Dataset:
-    """Encode every document with ``Dataset.map(batched=True, num_proc=...)``: one ``ids`` column."""
+def tokenize(ds: datasets.Dataset, model_path: Path, num_proc: int,
+             cache_file: Path | None = None) -> datasets.Dataset:
+    """Encode every document with ``Dataset.map(batched=True, num_proc=...)``: one ``ids`` column.
+
+    ``cache_file``: where the result's Arrow file goes (default: beside ``ds``'s own cache files)."""
     num_proc = max(1, min(num_proc, len(ds)))
     return ds.map(
         _encode_batch,
@@ -221,6 +244,7 @@ def tokenize(ds: datasets.Dataset, model_path: Path, num_proc: int) -> datasets.
         remove_columns=ds.column_names,
         fn_kwargs={"model_path": str(model_path)},
         new_fingerprint=f"llmtrain-tokenize-{os.getpid()}-{time.time_ns()}",
+        cache_file_name=str(cache_file) if cache_file is not None else None,
         desc="tokenize",
     )
 
@@ -239,16 +263,21 @@ def pack(ids: datasets.Dataset, is_val: np.ndarray, tokenizer: Tokenizer, folder
         offsets = offsets - offsets[0]
         values = column.flatten().to_numpy(zero_copy_only=False)
         lengths = np.diff(offsets)
-        doc_is_val = is_val[row: row + len(column)]
-        for name, mask in (("train", ~doc_is_val), ("val", doc_is_val)):
-            if mask.any():
-                writers[name].write(_with_eod(values, lengths, mask, tokenizer.eod_id, dtype), int(mask.sum()))
+        write_documents(writers, values, lengths, is_val[row: row + len(column)], tokenizer.eod_id)
         row += len(column)
         bar.update(len(column))
     bar.close()
     for writer in writers.values():
         writer.close()
     return {name: writer.summary() for name, writer in writers.items()}
+
+
+def write_documents(writers: dict[str, ShardWriter], values: np.ndarray, lengths: np.ndarray, is_val: np.ndarray,
+                    eod_id: int) -> None:
+    """Append each document (``lengths`` of the flat ``values``), followed by ``eod_id``, to its split's shards."""
+    for name, mask in (("train", ~is_val), ("val", is_val)):
+        if mask.any():
+            writers[name].write(_with_eod(values, lengths, mask, eod_id, writers[name].dtype), int(mask.sum()))
 
 
 def _with_eod(values: np.ndarray, lengths: np.ndarray, keep: np.ndarray, eod_id: int, dtype: np.dtype) -> np.ndarray:
@@ -271,7 +300,7 @@ def _meta(cfg: DataConfig, tokenizer: Tokenizer, splits: dict[str, Any], stats: 
         "vocab_size": tokenizer.vocab_size,
         "dtype": token_dtype(tokenizer.vocab_size).name,
         "eod_id": tokenizer.eod_id,
-        "tokenizer": {"file": TOKENIZER_FILE, "sha256": tokenizer.fingerprint},
+        "tokenizer": {"file": tokenizer.file_name, "sha256": tokenizer.fingerprint},
         "splits": splits,
         "source": {"kind": cfg.source.value, **asdict(stats)},
         "config": to_plain(cfg),

@@ -204,7 +204,7 @@ class PreparedData:
 
     @property
     def tokenizer_file(self) -> Path:
-        return self.folder / TOKENIZER_FILE
+        return self.folder / self.meta["tokenizer"].get("file", TOKENIZER_FILE)
 
     def tokenizer(self) -> Tokenizer:
         tokenizer = Tokenizer.load(self.tokenizer_file)

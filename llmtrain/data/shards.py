@@ -1,7 +1,8 @@
 """Packed token shards: flat binary files of uint16/uint32 token ids, described by ``meta.json``.
 
-A prepared folder holds ``meta.json`` (written last: its presence means the folder is complete),
-``tokenizer.model`` and ``<split>_<k>.bin`` shards. Every document is followed by the end-of-document id.
+A prepared folder holds ``meta.json`` (written last: its presence means the folder is complete), its tokenizer
+(``tokenizer.model`` or ``tokenizer.json``, named in meta.json) and ``<split>_<k>.bin`` shards. Every document is
+followed by the end-of-document id.
 """
 
 from __future__ import annotations
@@ -18,8 +19,15 @@ from llmtrain.errors import UserError
 
 META_FILE = "meta.json"
 TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer.json")
+"""The names a tokenizer file may have in a folder (prepared data, checkpoint, export, transformers model)."""
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
+
+
+def shard_name(split: str, index: int) -> str:
+    """The file name of shard ``index`` of ``split``: ``train_000.bin``."""
+    return f"{split}_{index:03d}.bin"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -37,7 +45,7 @@ class ShardWriter:
 
     def _open_next(self) -> None:
         self.close()
-        name = f"{self.split}_{len(self.shards):03d}.bin"
+        name = shard_name(self.split, len(self.shards))
         self._file = open(self.folder / name, "wb")  # noqa: SIM115 -- kept open across write() calls
         self.shards.append({"file": name, "tokens": 0})
 
@@ -65,6 +73,11 @@ class ShardWriter:
 
     def summary(self) -> dict[str, Any]:
         return {"tokens": self.tokens, "documents": self.documents, "shards": self.shards}
+
+
+def find_tokenizer(folder: Path) -> Path | None:
+    """The folder's tokenizer file (the first of ``TOKENIZER_FILES`` present), or None."""
+    return next((folder / name for name in TOKENIZER_FILES if (folder / name).is_file()), None)
 
 
 def read_meta(folder: str | Path) -> dict[str, Any] | None:

@@ -3,17 +3,21 @@
 Local files are loaded with `datasets`' own builders: plain text (the stdlib's ``.py`` files, ``.txt``, any
 other suffix) through the Generator builder, ``.jsonl``/``.json`` and ``.parquet`` through the ``json`` and
 ``parquet`` builders. Bytes that are not valid UTF-8 are replaced by U+FFFD and counted instead of failing.
+
+``stream_corpus`` reads the same sources as IterableDatasets (``streaming=True``) for ``data.streaming=true``:
+the same documents in the same order, nothing materialized.
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
 import json
 import logging
 import re
 import sysconfig
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,12 +78,14 @@ def expand_paths(patterns: list[str]) -> list[Path]:
 
 
 def sanitize_utf8(files: list[Path], scratch: Path, stats: CorpusStats) -> list[Path]:
-    """Return ``files`` with each one holding invalid UTF-8 swapped for a repaired copy under ``scratch``."""
+    """Return ``files`` with each one holding invalid UTF-8 swapped for a repaired copy under ``scratch``.
+
+    Files are read in chunks through an incremental decoder (the same text as decoding each whole file), so
+    memory does not grow with a file's size."""
     out = []
     for i, path in enumerate(files):
-        raw = path.read_bytes()
-        stats.bytes += len(raw)
-        text, bad = decode_utf8(raw)
+        size, bad = _utf8_chunks(path)
+        stats.bytes += size
         if not bad:
             out.append(path)
             continue
@@ -87,9 +93,31 @@ def sanitize_utf8(files: list[Path], scratch: Path, stats: CorpusStats) -> list[
         stats.invalid_utf8_sequences += bad
         fixed = scratch / f"{i:06d}{path.suffix}"
         fixed.parent.mkdir(parents=True, exist_ok=True)
-        fixed.write_text(text, encoding="utf-8")
+        with open(fixed, "w", encoding="utf-8") as f:
+            _utf8_chunks(path, write=f.write)
         out.append(fixed)
     return out
+
+
+def _utf8_chunks(path: Path, write: Callable[[str], object] | None = None,
+                 chunk_bytes: int = 1 << 24) -> tuple[int, int]:
+    """Decode ``path`` chunk by chunk, each invalid sequence replaced by U+FFFD: (bytes, invalid sequences);
+    ``write`` receives the decoded text."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    size = replaced = literal = 0
+    tail = b""  # a literal U+FFFD in the input may straddle two chunks
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(chunk_bytes)
+            text = decoder.decode(raw, final=not raw)
+            size += len(raw)
+            replaced += text.count(_REPLACEMENT)
+            literal += (tail + raw).count(_REPLACEMENT.encode())
+            tail = (tail + raw)[-2:]
+            if write is not None:
+                write(text)
+            if not raw:
+                return size, replaced - literal
 
 
 def decode_utf8(raw: bytes) -> tuple[str, int]:
@@ -242,3 +270,132 @@ def load_corpus(cfg: DataConfig, scratch: Path) -> tuple[datasets.Dataset, Corpu
         log.warning("%d file(s) held invalid UTF-8 (%d sequences replaced by U+FFFD): %s",
                     len(stats.invalid_utf8_files), stats.invalid_utf8_sequences, ", ".join(sorted(names)[:5]))
     return ds, stats
+
+
+# ---- streaming (data.streaming=true): the same sources as IterableDatasets, read in bounded memory --------------
+
+STREAM_BATCH = 64  # documents per batch read from a stream (a batch is held in memory whole)
+
+
+def _streamed_text_documents(files: list[str], unit: str) -> Iterator[dict]:
+    """``_plain_text_documents`` for a stream: with ``text_unit=line`` a file is read a line at a time, so one huge
+    file does not have to fit in memory (a whole document or paragraph file still does). The rows are the same;
+    a file's invalid-UTF-8 count is spread over the documents of the lines that hold it."""
+    for name in files:
+        if unit != TextUnit.line.value:
+            yield from _plain_text_documents([name], unit)
+            continue
+        size = Path(name).stat().st_size
+        with open(name, "rb") as f:
+            # \n never occurs inside a UTF-8 sequence, so decoding line by line replaces exactly what decoding the
+            # whole file does, and splitlines() of each \n-ended line gives the pieces of the whole text's
+            for raw in f:
+                text, bad = decode_utf8(raw)
+                for piece in text.splitlines():
+                    if piece.strip():
+                        yield {TEXT_COLUMN: piece, "file": name, "bytes": size, "invalid_utf8": bad}
+                        size = bad = 0
+
+
+@dataclass
+class DocumentStream:
+    """A corpus as a stream of document batches, re-readable from the start (the tokenizer reads its head first)."""
+
+    parts: list[tuple[datasets.IterableDataset, str, str]]
+    """(stream, its text column, what it is for messages), read in this order."""
+    stats: CorpusStats
+    """Files and the bytes known before reading (json/parquet); ``batches(count=True)`` adds the rest."""
+    max_documents: int = 0
+    count_text_bytes: bool = False
+    """Report the documents' UTF-8 bytes (hub data, or data.max_documents), not the files'."""
+
+    def batches(self, count: bool = False) -> Iterator[list[str]]:
+        """Lists of document texts in corpus order (at most ``max_documents`` in all); ``count``: add the bytes,
+        documents and invalid-UTF-8 counts of what is read to ``stats``."""
+        documents = text_bytes = 0
+        files_with_bad: dict[str, None] = {}
+        for ds, column, what in self.parts:
+            for batch in _read(ds, what):
+                texts = _batch_texts(batch, column, what)
+                if self.max_documents:
+                    texts = texts[: self.max_documents - documents]
+                if count:
+                    text_bytes += sum(len(t.encode()) for t in texts) if self.count_text_bytes else 0
+                    if "bytes" in batch and not self.count_text_bytes:
+                        self.stats.bytes += sum(batch["bytes"][: len(texts)])
+                    for name, bad in zip(batch.get("file", ()), batch.get("invalid_utf8", ())[: len(texts)],
+                                         strict=False):
+                        if bad:
+                            files_with_bad[name] = None
+                            self.stats.invalid_utf8_sequences += bad
+                documents += len(texts)
+                if texts:
+                    yield texts
+                if self.max_documents and documents >= self.max_documents:
+                    break
+            if self.max_documents and documents >= self.max_documents:
+                break
+        if count:
+            self.stats.documents = documents
+            self.stats.invalid_utf8_files += list(files_with_bad)
+            if self.count_text_bytes:
+                self.stats.bytes = text_bytes
+
+
+def _read(ds: datasets.IterableDataset, what: str) -> Iterator[dict[str, list]]:
+    """The stream's batches; a stream reads its files only now, so their errors surface here (in many types)."""
+    batches = ds.iter(batch_size=STREAM_BATCH)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as exc:
+            raise UserError(f"could not read the {what} data: {str(exc).splitlines()[0]}") from None
+        yield batch
+
+
+def _batch_texts(batch: dict[str, list], column: str, what: str) -> list[str]:
+    if column not in batch:
+        raise UserError(f"{what} data has no column {column!r} (columns: {sorted(batch)}); set data.text_field")
+    texts = batch[column]
+    wrong = next((t for t in texts if not isinstance(t, str)), "")
+    if not isinstance(wrong, str):
+        raise UserError(f"{what} column {column!r} holds {type(wrong).__name__}, not text (every record needs a "
+                        "string there; set data.text_field to its text field)")
+    return texts
+
+
+def stream_corpus(cfg: DataConfig, scratch: Path) -> DocumentStream:
+    """The configured source as a ``DocumentStream``: `datasets`' builders with ``streaming=True`` (no Arrow cache)
+    and an IterableDataset over the plain-text generator; ``scratch`` holds repaired copies of bad-UTF-8 json."""
+    stats = CorpusStats()
+    if cfg.source == Source.hf:
+        try:
+            ds = datasets.load_dataset(cfg.hf_name, cfg.hf_config, split=cfg.hf_split, streaming=True)
+        except Exception as exc:
+            raise UserError(f"could not load {cfg.hf_name!r} from the hub: {str(exc).splitlines()[0]}") from None
+        return DocumentStream([(ds, cfg.text_field, cfg.hf_name)], stats, cfg.max_documents, count_text_bytes=True)
+    files = stdlib_files() if cfg.source == Source.stdlib else expand_paths(cfg.paths)
+    stats.files = len(files)
+    by_builder: dict[str, list[Path]] = {}
+    for path in files:
+        by_builder.setdefault(_BUILDER_BY_SUFFIX.get(path.suffix.lower(), "text"), []).append(path)
+    parts = []
+    for builder, paths in by_builder.items():
+        if builder == "text":  # the seed-shuffled file order of the non-streaming prepare
+            order = np.random.default_rng(cfg.seed).permutation(len(paths))
+            ds = datasets.IterableDataset.from_generator(
+                _streamed_text_documents, gen_kwargs={"files": [str(paths[i]) for i in order],
+                                                      "unit": cfg.text_unit.value})
+            parts.append((ds, TEXT_COLUMN, "text"))
+            continue
+        if builder == "json":
+            paths = sanitize_utf8(paths, scratch / "utf8-fixed", stats)
+        else:
+            stats.bytes += sum(p.stat().st_size for p in paths)
+        kwargs = {"columns": [cfg.text_field]} if builder == "parquet" else {}
+        ds = datasets.load_dataset(builder, data_files=[str(p) for p in paths], split="train", streaming=True,
+                                   cache_dir=str(scratch / "hf-cache"), **kwargs)
+        parts.append((ds, cfg.text_field, builder))
+    return DocumentStream(parts, stats, cfg.max_documents, count_text_bytes=bool(cfg.max_documents))

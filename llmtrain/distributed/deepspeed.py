@@ -150,6 +150,26 @@ def build_partitioned(build: Callable[[], torch.nn.Module], ds_config: dict[str,
         return build()
 
 
+def copy_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], zero_stage: int) -> None:
+    """Copy whole ``weights`` (the same on every rank) into a freshly built ``model``, by parameter name (a tied
+    head may be left out). Under ZeRO-3 each parameter is gathered in turn and rank 0's copy is re-partitioned on
+    release, so no rank ever holds more than one whole parameter of the model besides ``weights``."""
+    import contextlib
+
+    params = dict(model.named_parameters())  # a tied weight appears once, under its first name
+    missing = sorted(set(params) - set(weights))
+    if missing:
+        raise UserError(f"the initial weights have no {', '.join(missing[:4])}")
+    for name, param in params.items():
+        gathered = contextlib.nullcontext()
+        if zero_stage == 3:
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters([param], modifier_rank=0)
+        with gathered, torch.no_grad():
+            param.copy_(weights[name])
+
+
 def should_compile(setting: bool | None, device: torch.device, zero_stage: int) -> bool:
     """``train.compile``: as set, or (null) on with CUDA at ZeRO 0-2. Measured on 2 CPU cores (`small`, block 128,
     README "Benchmarks"): fp32 steps are matmul-bound and gain nothing (1.01x); bf16 gains 1.24x after a first

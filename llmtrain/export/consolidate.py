@@ -2,18 +2,20 @@
 
 ``load_trained(path)`` accepts a run folder (its newest complete checkpoint, or ``step``), one checkpoint folder
 of any ZeRO stage saved by any number of ranks (DeepSpeed's ``zero_to_fp32`` merges the shards; the original
-world size is not needed), or a folder in the consolidated format below. The consolidated format does not
+world size is not needed), a folder in the consolidated format below, or a ``transformers`` folder of the GPT-2 or
+Llama family (``llmtrain.export.hf.load_hf``). The consolidated format does not
 depend on how the model was trained, so every training mode exports through it:
 
     model.safetensors   weights by llmtrain's parameter names (a tied output head is stored once, as wte.weight)
     config.json         {"format": "llmtrain", "format_version": 1, "model": {ModelConfig}, "step": ...,
                          "tokens_seen": ..., "tokenizer_sha256": ..., "dtype": "fp32" | "bf16"}
-    tokenizer.model     the sentencepiece model the run was trained with
+    tokenizer.model     the tokenizer the run was trained with (a sentencepiece model, or tokenizer.json)
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import sys
@@ -25,7 +27,7 @@ import torch
 from torch import nn
 
 from llmtrain.config import ModelConfig, to_plain
-from llmtrain.data.shards import TOKENIZER_FILE
+from llmtrain.data.shards import find_tokenizer
 from llmtrain.data.tokenizer import Tokenizer
 from llmtrain.dtypes import torch_dtype
 from llmtrain.errors import UserError
@@ -71,9 +73,11 @@ def model_config_from(plain: dict[str, Any]) -> ModelConfig:
 def resolve_checkpoint(path: str | Path, step: int = 0) -> Path:
     """The folder to load: an export folder, a checkpoint folder, or a run's newest (or ``step``) complete one."""
     path = Path(path).expanduser()
+    from llmtrain.export.hf import is_hf_folder
+
     if not path.exists():
         raise UserError(f"{path} does not exist")
-    if (path / CONFIG).is_file() and (path / WEIGHTS).is_file():
+    if ((path / CONFIG).is_file() and (path / WEIGHTS).is_file()) or is_hf_folder(path):
         return path
     if is_checkpoint_folder(path):
         if not (path / MARKER).is_file():
@@ -92,9 +96,15 @@ def resolve_checkpoint(path: str | Path, step: int = 0) -> Path:
     return max(complete)[1]
 
 
-def load_trained(path: str | Path, step: int = 0, tokenizer: str | Path | None = None) -> TrainedModel:
-    """Load a trained model on this process; ``tokenizer`` (optional) must be the one it was trained with."""
+def load_trained(path: str | Path, step: int = 0, tokenizer: str | Path | None = None,
+                 block_size: int = 0) -> TrainedModel:
+    """Load a trained model on this process; ``tokenizer`` (optional) must be the one it was trained with.
+    ``block_size`` (0 = the model's own) changes the context it is built with: see ``with_block_size``."""
+    from llmtrain.export.hf import is_hf_folder, load_hf
+
     folder = resolve_checkpoint(path, step)
+    if is_hf_folder(folder):
+        return _check_tokenizer(with_block_size(load_hf(folder), block_size or None), tokenizer)
     problem = damage(folder) if (folder / MARKER).is_file() else None
     if problem:
         older = [str(s) for s, f in RunDir(folder.parent.parent).complete() if f != folder]
@@ -108,6 +118,28 @@ def load_trained(path: str | Path, step: int = 0, tokenizer: str | Path | None =
     except (OSError, ValueError, KeyError, RuntimeError, EOFError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise UserError(f"{folder} could not be loaded ({first}); it may be corrupt") from None
+    return _check_tokenizer(with_block_size(trained, block_size or None), tokenizer)
+
+
+def with_block_size(trained: TrainedModel, block_size: int | None) -> TrainedModel:
+    """``trained`` with another context (None: its own). RoPE takes any; a learned position table is cut to its
+    first rows, and cannot grow (a new row would be untrained)."""
+    cfg = trained.model_cfg
+    if block_size is None or block_size == cfg.block_size:
+        return trained
+    weights = dict(trained.state_dict)
+    if "wpe.weight" in weights:
+        if block_size > cfg.block_size:
+            raise UserError(f"{trained.source} has learned positions for {cfg.block_size} tokens, fewer than "
+                            f"model.block_size={block_size}")
+        weights["wpe.weight"] = weights["wpe.weight"][:block_size].clone()
+    return dataclasses.replace(trained, model_cfg=dataclasses.replace(cfg, block_size=block_size),
+                               state_dict=weights)
+
+
+def _check_tokenizer(trained: TrainedModel, tokenizer: str | Path | None) -> TrainedModel:
+    """``trained``, when ``tokenizer`` (optional) is the one it was trained with."""
+    folder = trained.source
     if tokenizer is not None:
         given = Tokenizer.load(tokenizer)
         if given.fingerprint != trained.tokenizer.fingerprint:
@@ -123,7 +155,7 @@ def _load_exported(folder: Path) -> TrainedModel:
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{folder / CONFIG} is not an llmtrain export (format {meta.get('format')!r}, version "
                         f"{meta.get('format_version')!r}); a Hugging Face folder is loaded with transformers")
-    tok = _tokenizer(folder / TOKENIZER_FILE, meta["tokenizer_sha256"], folder)
+    tok = _tokenizer(find_tokenizer(folder), meta["tokenizer_sha256"], folder)
     data_dir = _data_dir(folder) if (folder / RUN_CONFIG).is_file() else None  # a run's own checkpoint
     return TrainedModel(model_config_from(meta["model"]), load_file(str(folder / WEIGHTS)), tok, folder,
                         int(meta["step"]), int(meta["tokens_seen"]), data_dir)
@@ -139,18 +171,17 @@ def _load_checkpoint(folder: Path) -> TrainedModel:
     state = json.loads((folder / STATE).read_text())
     marker = read_marker(folder)
     data_dir = _data_dir(folder)
-    tok_path = folder / TOKENIZER_FILE
-    if not tok_path.is_file():  # checkpoints written before tokenizers were copied into them
-        tok_path = Path(data_dir) / TOKENIZER_FILE
+    # checkpoints written before tokenizers were copied into them: the data folder's
+    tok_path = find_tokenizer(folder) or find_tokenizer(Path(data_dir))
     tok = _tokenizer(tok_path, state["tokenizer_sha256"], folder)
     model_cfg = model_config_from(state["model"])
     weights = _consolidate(folder, int(marker["zero_stage"]), model_cfg)
     return TrainedModel(model_cfg, weights, tok, folder, int(state["step"]), int(state["tokens_seen"]), data_dir)
 
 
-def _tokenizer(path: Path, sha256: str, folder: Path) -> Tokenizer:
-    if not path.is_file():
-        raise UserError(f"the tokenizer of {folder} is missing ({path})")
+def _tokenizer(path: Path | None, sha256: str, folder: Path) -> Tokenizer:
+    if path is None or not path.is_file():
+        raise UserError(f"the tokenizer of {folder} is missing (no tokenizer.model or tokenizer.json)")
     tok = Tokenizer.load(path)
     if tok.fingerprint != sha256:
         raise UserError(f"{path} (sha256 {tok.fingerprint[:12]}) is not the tokenizer {folder} was trained with "
@@ -201,5 +232,5 @@ def save_consolidated(trained: TrainedModel, out: str | Path, dtype: str = "fp32
             "step": trained.step, "tokens_seen": trained.tokens_seen,
             "tokenizer_sha256": trained.tokenizer.fingerprint, "dtype": dtype}
     (out / CONFIG).write_text(json.dumps(meta, indent=1))
-    trained.tokenizer.save(out / TOKENIZER_FILE)
+    trained.tokenizer.save(out / trained.tokenizer.file_name)
     return out

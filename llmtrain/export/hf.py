@@ -1,17 +1,24 @@
-"""Export to a Hugging Face ``transformers`` folder: GPT-2 for learned-positions / LayerNorm / GELU models, Llama for
-RoPE / RMSNorm / SwiGLU ones (grouped-query attention included). Pure renaming and reshaping of the weights:
+"""llmtrain <-> Hugging Face ``transformers``: GPT-2 for learned-positions / LayerNorm / GELU models, Llama for
+RoPE / RMSNorm / SwiGLU ones (grouped-query attention included). Both directions are pure renaming and reshaping
+of the weights through one table, ``weight_pairs``:
 
 - GPT-2 stores its projections as ``Conv1D`` (in, out), so our (out, in) linear weights are transposed, and it
-  always has biases and LayerNorm biases: models trained without them get zeros (the same function).
+  always has biases and LayerNorm biases: models trained without them are exported with zeros (the same function).
 - Llama splits our fused ``qkv`` into q/k/v projections and our fused SwiGLU ``up`` (gate rows first) into
   gate/up projections; both rotate the same channel halves in RoPE, so no permutation is needed.
 
-``transformers`` is an optional extra (``pip install 'llmtrain[hf]'``), imported only here.
+Import (``load_hf``) reads a folder with ``transformers`` itself (safetensors or PyTorch weights, sharded or not,
+any dtype -> fp32) and maps its config onto ``ModelConfig``; a setting llmtrain's GPT cannot represent is refused
+in one line naming the field. ``transformers`` is an optional extra (``pip install 'llmtrain[hf]'``), imported only
+here.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,6 +26,21 @@ from llmtrain.config import MLP, Arch, ModelConfig, Norm, Positions
 from llmtrain.dtypes import torch_dtype
 from llmtrain.errors import UserError
 from llmtrain.export.consolidate import TrainedModel
+
+LLAMA_TYPES = ("llama", "mistral")
+"""``model_type`` values read as the Llama family (Mistral without sliding windows is a Llama)."""
+GPT2_GELU = ("gelu_new", "gelu_pytorch_tanh")
+"""GPT-2 activation names that are the tanh approximation of GELU, which is what our MLP computes."""
+
+
+@dataclass(frozen=True)
+class WeightPair:
+    """One of our tensors and the transformers tensor(s) it is made of (several: stacked along dim 0)."""
+
+    ours: str
+    theirs: tuple[str, ...]
+    transpose: bool = False
+    """GPT-2's Conv1D stores (in, out), the transpose of our nn.Linear weight."""
 
 
 def hf_family(cfg: ModelConfig) -> str:
@@ -37,80 +59,228 @@ def hf_family(cfg: ModelConfig) -> str:
                     "(learned/layernorm/gelu) and Llama (rope/rmsnorm/swiglu) families; use format=safetensors")
 
 
-def _gpt2(cfg: ModelConfig, sd: dict[str, torch.Tensor], eod: int):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-                        n_head=cfg.n_head, n_inner=cfg.hidden, activation_function="gelu_new", resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=cfg.norm_eps,
-                        tie_word_embeddings=cfg.tie_embeddings, bos_token_id=eod, eos_token_id=eod)
-
-    def bias(name: str, size: int) -> torch.Tensor:
-        return sd.get(name, torch.zeros(size))
-
-    out = {"transformer.wte.weight": sd["wte.weight"], "transformer.wpe.weight": sd["wpe.weight"],
-           "transformer.ln_f.weight": sd["norm_f.weight"], "transformer.ln_f.bias": bias("norm_f.bias", cfg.n_embd)}
-    for i in range(cfg.n_layer):
-        ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
-        for src, dst in (("norm1", "ln_1"), ("norm2", "ln_2")):
-            out[theirs + dst + ".weight"] = sd[ours + src + ".weight"]
-            out[theirs + dst + ".bias"] = bias(ours + src + ".bias", cfg.n_embd)
-        for src, dst in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp.up", "mlp.c_fc"),
-                         ("mlp.down", "mlp.c_proj")):
-            weight = sd[ours + src + ".weight"]
-            out[theirs + dst + ".weight"] = weight.t().contiguous()  # Conv1D is (in, out)
-            out[theirs + dst + ".bias"] = bias(ours + src + ".bias", weight.shape[0])
+def weight_pairs(cfg: ModelConfig, family: str) -> list[WeightPair]:
+    """Every weight of our model with its transformers name(s): the one mapping export and import share."""
+    pairs = []
+    if family == "gpt2":
+        suffixes = (".weight", ".bias") if cfg.bias else (".weight",)
+        pairs += [WeightPair("wte.weight", ("transformer.wte.weight",)),
+                  WeightPair("wpe.weight", ("transformer.wpe.weight",))]
+        pairs += [WeightPair("norm_f" + s, ("transformer.ln_f" + s,)) for s in suffixes]
+        for i in range(cfg.n_layer):
+            ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
+            for src, dst, is_linear in (("norm1", "ln_1", False), ("norm2", "ln_2", False),
+                                        ("attn.qkv", "attn.c_attn", True), ("attn.proj", "attn.c_proj", True),
+                                        ("mlp.up", "mlp.c_fc", True), ("mlp.down", "mlp.c_proj", True)):
+                pairs += [WeightPair(ours + src + s, (theirs + dst + s,), is_linear and s == ".weight")
+                          for s in suffixes]
+    else:
+        pairs += [WeightPair("wte.weight", ("model.embed_tokens.weight",)),
+                  WeightPair("norm_f.weight", ("model.norm.weight",))]
+        for i in range(cfg.n_layer):
+            ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
+            attn, mlp = theirs + "self_attn.", theirs + "mlp."
+            pairs += [WeightPair(ours + "norm1.weight", (theirs + "input_layernorm.weight",)),
+                      WeightPair(ours + "norm2.weight", (theirs + "post_attention_layernorm.weight",)),
+                      WeightPair(ours + "attn.qkv.weight", tuple(attn + p + "_proj.weight" for p in "qkv")),
+                      WeightPair(ours + "attn.proj.weight", (attn + "o_proj.weight",)),
+                      WeightPair(ours + "mlp.up.weight", (mlp + "gate_proj.weight", mlp + "up_proj.weight")),
+                      WeightPair(ours + "mlp.down.weight", (mlp + "down_proj.weight",))]
     if not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"]
-    return GPT2LMHeadModel(config), out
+        pairs.append(WeightPair("lm_head.weight", ("lm_head.weight",)))
+    return pairs
 
 
-def _llama(cfg: ModelConfig, sd: dict[str, torch.Tensor], eod: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+# -- export ---------------------------------------------------------------------------------------------------
+def hf_config(cfg: ModelConfig, family: str, eod: int):
+    """The transformers config of our model (the inverse of ``model_config_of``)."""
+    if family == "gpt2":
+        from transformers import GPT2Config
 
-    config = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.hidden,
-                         num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
-                         num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim, hidden_act="silu",
-                         max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps,
-                         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-                         attention_bias=False, mlp_bias=False, tie_word_embeddings=cfg.tie_embeddings,
-                         bos_token_id=eod, eos_token_id=eod)
-    q, kv = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-    out = {"model.embed_tokens.weight": sd["wte.weight"], "model.norm.weight": sd["norm_f.weight"]}
-    for i in range(cfg.n_layer):
-        ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
-        wq, wk, wv = sd[ours + "attn.qkv.weight"].split([q, kv, kv], dim=0)
-        gate, up = sd[ours + "mlp.up.weight"].chunk(2, dim=0)
-        out.update({theirs + "input_layernorm.weight": sd[ours + "norm1.weight"],
-                    theirs + "post_attention_layernorm.weight": sd[ours + "norm2.weight"],
-                    theirs + "self_attn.q_proj.weight": wq, theirs + "self_attn.k_proj.weight": wk,
-                    theirs + "self_attn.v_proj.weight": wv,
-                    theirs + "self_attn.o_proj.weight": sd[ours + "attn.proj.weight"],
-                    theirs + "mlp.gate_proj.weight": gate, theirs + "mlp.up_proj.weight": up,
-                    theirs + "mlp.down_proj.weight": sd[ours + "mlp.down.weight"]})
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"]
-    return LlamaForCausalLM(config), out
+        return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
+                          n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.hidden, activation_function="gelu_new",
+                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=cfg.norm_eps,
+                          tie_word_embeddings=cfg.tie_embeddings, bos_token_id=eod, eos_token_id=eod)
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.hidden,
+                       num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                       num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim, hidden_act="silu",
+                       max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps,
+                       rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+                       attention_bias=False, mlp_bias=False, tie_word_embeddings=cfg.tie_embeddings,
+                       bos_token_id=eod, eos_token_id=eod)
+
+
+def to_hf_weights(pairs: list[WeightPair], sd: dict[str, torch.Tensor],
+                  shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """Our weights by transformers names; ``shapes`` (the transformers model's) give the split sizes, and a tensor
+    of theirs we do not have (GPT-2's biases of a model trained without) is zeros."""
+    out = {}
+    for pair in pairs:
+        weight = sd[pair.ours].t() if pair.transpose else sd[pair.ours]
+        parts = weight.split([shapes[name][0] for name in pair.theirs], dim=0)
+        out.update({name: part.contiguous() for name, part in zip(pair.theirs, parts, strict=True)})
+    for name, shape in shapes.items():
+        if name not in out and name.endswith(".bias"):
+            out[name] = torch.zeros(shape)
+    return out
 
 
 def save_hf(trained: TrainedModel, out: str | Path, dtype: str = "fp32") -> str:
     """Write a folder ``transformers.AutoModelForCausalLM`` / ``AutoTokenizer`` load; returns the family."""
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        raise UserError("format=hf needs transformers: pip install 'llmtrain[hf]'") from None
-    from llmtrain.export.hf_tokenizer import save_hf_tokenizer
+    _require_transformers("format=hf")
+    from transformers import AutoModelForCausalLM
 
-    family = hf_family(trained.model_cfg)
-    build = _gpt2 if family == "gpt2" else _llama
-    model, weights = build(trained.model_cfg, trained.state_dict, trained.tokenizer.eod_id)
+    from llmtrain.data.tokenizer import JsonTokenizer
+    from llmtrain.export.hf_tokenizer import save_hf_tokenizer, save_json_tokenizer
+
+    cfg = trained.model_cfg
+    family = hf_family(cfg)
+    model = AutoModelForCausalLM.from_config(hf_config(cfg, family, trained.tokenizer.eod_id))
+    shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
+    weights = to_hf_weights(weight_pairs(cfg, family), trained.state_dict, shapes)
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    tied = {"lm_head.weight"} if trained.model_cfg.tie_embeddings else set()
+    tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
     assert not unexpected and set(missing) <= tied, (missing, unexpected)  # the mapping covers every weight
     model = model.to(torch_dtype(dtype)).eval()
     out = Path(out)
     model.save_pretrained(out)
-    sp_model = out / "tokenizer.model"
-    trained.tokenizer.save(sp_model)
-    save_hf_tokenizer(sp_model, out)
+    tokenizer_file = out / trained.tokenizer.file_name
+    trained.tokenizer.save(tokenizer_file)
+    if isinstance(trained.tokenizer, JsonTokenizer):
+        save_json_tokenizer(trained.tokenizer, out)
+    else:
+        save_hf_tokenizer(tokenizer_file, out)
     return family
+
+
+# -- import ---------------------------------------------------------------------------------------------------
+def is_hf_folder(folder: Path) -> bool:
+    """A transformers model folder: a config.json that names a ``model_type``."""
+    config = folder / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return "model_type" in json.loads(config.read_text())
+    except ValueError:
+        return False
+
+
+def model_config_of(hf: Any, folder: Path) -> ModelConfig:
+    """Our ModelConfig for a transformers config of the GPT-2 or Llama family (block_size = its context); anything
+    our GPT cannot compute the same way is refused in one line naming the field."""
+    where = f"{folder / 'config.json'}"
+    if hf.model_type == "gpt2":
+        problems = _gpt2_problems(hf)
+        context = hf.n_positions
+        fields = dict(n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd, mlp_hidden=hf.n_inner or 0,
+                      norm=Norm.layernorm, norm_eps=hf.layer_norm_epsilon, mlp=MLP.gelu, pos=Positions.learned,
+                      bias=True)
+    elif hf.model_type in LLAMA_TYPES:
+        problems = _llama_problems(hf)
+        context = hf.max_position_embeddings
+        fields = dict(n_layer=hf.num_hidden_layers, n_head=hf.num_attention_heads,
+                      n_kv_head=hf.num_key_value_heads or hf.num_attention_heads, n_embd=hf.hidden_size,
+                      mlp_hidden=hf.intermediate_size, norm=Norm.rmsnorm, norm_eps=hf.rms_norm_eps, mlp=MLP.swiglu,
+                      pos=Positions.rope, rope_theta=float(_rope_parameters(hf).get("rope_theta", 10000.0)),
+                      bias=False)
+    else:
+        raise UserError(f"{where}: model_type={hf.model_type} is not supported; llmtrain imports the GPT-2 "
+                        f"(gpt2) and Llama ({', '.join(LLAMA_TYPES)}) families")
+    if problems:
+        raise UserError(f"{where}: {'; '.join(problems)}")
+    return ModelConfig(name=folder.name, arch=Arch.gpt, vocab_size=hf.vocab_size, block_size=context,
+                       tie_embeddings=bool(hf.tie_word_embeddings), **fields)
+
+
+def _gpt2_problems(hf: Any) -> list[str]:
+    problems = []
+    if hf.activation_function not in GPT2_GELU:
+        problems.append(f"activation_function={hf.activation_function} is not supported (llmtrain's GELU is the "
+                        f"tanh approximation: {' or '.join(GPT2_GELU)})")
+    if not hf.scale_attn_weights:
+        problems.append("scale_attn_weights=false is not supported (llmtrain scales attention by 1/sqrt(head size))")
+    if hf.scale_attn_by_inverse_layer_idx:
+        problems.append("scale_attn_by_inverse_layer_idx=true is not supported")
+    if getattr(hf, "add_cross_attention", False):
+        problems.append("add_cross_attention=true is not supported (a decoder-only model has no cross-attention)")
+    return problems
+
+
+def _rope_parameters(hf: Any) -> dict[str, Any]:
+    """transformers 5 keeps RoPE settings in ``rope_parameters``; 4.x in ``rope_theta`` and ``rope_scaling``."""
+    params = getattr(hf, "rope_parameters", None)
+    if params is None:
+        params = {"rope_theta": getattr(hf, "rope_theta", 10000.0), **(getattr(hf, "rope_scaling", None) or {})}
+    return params
+
+
+def _llama_problems(hf: Any) -> list[str]:
+    problems = []
+    if hf.hidden_act != "silu":
+        problems.append(f"hidden_act={hf.hidden_act} is not supported (llmtrain's SwiGLU gates with silu)")
+    rope_type = _rope_parameters(hf).get("rope_type", _rope_parameters(hf).get("type", "default"))
+    if rope_type != "default":
+        problems.append(f"rope_scaling type={rope_type} is not supported (llmtrain computes plain RoPE)")
+    head_dim = getattr(hf, "head_dim", None)
+    if head_dim and head_dim * hf.num_attention_heads != hf.hidden_size:
+        problems.append(f"head_dim={head_dim} is not hidden_size / num_attention_heads "
+                        f"= {hf.hidden_size // hf.num_attention_heads}")
+    for name in ("attention_bias", "mlp_bias"):
+        if getattr(hf, name, False):
+            problems.append(f"{name}=true is not supported (llmtrain's biases are all or none, and Llama's "
+                            "RMSNorm has none)")
+    if getattr(hf, "pretraining_tp", 1) != 1:
+        problems.append(f"pretraining_tp={hf.pretraining_tp} is not supported")
+    if getattr(hf, "sliding_window", None):
+        problems.append(f"sliding_window={hf.sliding_window} is not supported (llmtrain attends to the whole block)")
+    return problems
+
+
+def from_hf_weights(pairs: list[WeightPair], theirs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our weights from transformers ones: the inverse of ``to_hf_weights``."""
+    out = {}
+    for pair in pairs:
+        weight = torch.cat([theirs[name] for name in pair.theirs], dim=0)
+        out[pair.ours] = (weight.t() if pair.transpose else weight).contiguous()
+    return out
+
+
+def load_hf(folder: str | Path) -> TrainedModel:
+    """A transformers folder of the GPT-2 or Llama family as a TrainedModel in fp32 (step 0), with the folder's
+    tokenizer."""
+    _require_transformers(f"loading {folder}")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmtrain.data.shards import find_tokenizer
+    from llmtrain.data.tokenizer import Tokenizer
+
+    folder = Path(folder).expanduser()
+    cfg = model_config_of(AutoConfig.from_pretrained(folder), folder)
+    tokenizer_file = find_tokenizer(folder)
+    if tokenizer_file is None:
+        raise UserError(f"{folder} has no tokenizer (tokenizer.model or tokenizer.json); copy the model's "
+                        "tokenizer into it")
+    family = hf_family(cfg)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"transformers could not load {folder} ({str(exc).strip().splitlines()[0][:200]})") from None
+    theirs = model.state_dict()
+    pairs = weight_pairs(cfg, family)
+    mapped = {name for pair in pairs for name in pair.theirs}
+    tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    left = sorted(set(theirs) - mapped - tied)
+    if left:
+        raise UserError(f"{folder} holds weights llmtrain has no place for: {', '.join(left[:4])}")
+    tokenizer = Tokenizer.load(tokenizer_file)
+    return TrainedModel(cfg, from_hf_weights(pairs, theirs), tokenizer, folder, step=0, tokens_seen=0)
+
+
+def _require_transformers(what: str) -> None:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise UserError(f"{what} needs transformers: pip install 'llmtrain[hf]'") from None
+

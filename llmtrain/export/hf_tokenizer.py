@@ -29,7 +29,7 @@ import json
 import re
 from pathlib import Path
 
-from llmtrain.data.tokenizer import EOD_PIECE
+from llmtrain.data.tokenizer import EOD_PIECE, JsonTokenizer
 from llmtrain.errors import UserError
 
 # sentencepiece's ModelProto.SentencePiece.Type
@@ -65,6 +65,28 @@ def save_hf_tokenizer(sp_model_path: str | Path, out_dir: str | Path) -> None:
     config_path = out_dir / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def save_json_tokenizer(tokenizer: JsonTokenizer, out_dir: str | Path) -> None:
+    """The tokenizer_config.json (+ special_tokens_map) that makes AutoTokenizer load a ``tokenizer.json`` as
+    llmtrain encodes with it: nothing added, special tokens in the text spelled out, eos = the end-of-document token.
+    The tokenizer.json keeps its bytes, so the folder's tokenizer has the fingerprint the model was trained with."""
+    import transformers
+
+    out_dir = Path(out_dir)
+    hf = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(out_dir / tokenizer.file_name),
+        eos_token=tokenizer.backend.id_to_token(tokenizer.eod_id),
+        split_special_tokens=True,
+        clean_up_tokenization_spaces=False,
+        model_input_names=["input_ids", "attention_mask"],
+    )
+    hf.save_pretrained(str(out_dir))
+    tokenizer.save(out_dir / tokenizer.file_name)  # save_pretrained re-serialized it
+    config_path = out_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"  # as in save_hf_tokenizer: loads with 4.x and 5.x
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.distributed.rpc as rpc
 
 from llmtrain.config import Mode, TrainConfig
-from llmtrain.distributed.deepspeed import should_compile
+from llmtrain.distributed.deepspeed import copy_weights, should_compile
 from llmtrain.distributed.env import DistEnv, launcher_vars
 from llmtrain.dtypes import torch_dtype
 from llmtrain.errors import UserError
@@ -93,9 +93,13 @@ class AsyncPSTrainer:
         started = setup.set_up_run(cfg, rank == 0)
         self.run, self.data, self.model_cfg, self.resolved = (started.run, started.data, started.model_cfg,
                                                                started.resolved)
-        # 3. The model, identical on every process (same seed); its tensors split among the servers.
+        # 3. The model, identical on every process (same seed, or model.init_from's weights); its tensors split
+        #    among the servers.
         torch.manual_seed(cfg.train.seed)
         self._model = build_model(self.model_cfg, cfg.dist.activation_checkpointing)
+        if started.initial is not None:
+            copy_weights(self._model, started.initial.state_dict, zero_stage=0)
+            started.initial = None
         self.start_step = 0
         sizes = [(n, p.numel()) for n, p in self._model.named_parameters()]  # a tied weight appears once
         self.shards = shard_names(sizes, self.num_servers)

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -22,9 +22,12 @@ from llmtrain.errors import UserError, os_reason
 from llmtrain.train import lock
 from llmtrain.train.checkpoint import RunDir, read_marker, read_state
 
+if TYPE_CHECKING:
+    from llmtrain.export.consolidate import TrainedModel
+
 log = logging.getLogger("llmtrain")
 
-RESUMABLE_MODEL_CHANGES = ("name", "dropout")
+RESUMABLE_MODEL_CHANGES = ("name", "dropout", "init_from")
 """Model fields that may change between a checkpoint and its resumption (they change no tensor shape)."""
 
 
@@ -49,12 +52,15 @@ class RunSetup:
     data: TrainingData
     model_cfg: ModelConfig
     resolved: dict[str, Any]
+    initial: TrainedModel | None = None
+    """The model of model.init_from (fp32 weights by our names), or None: trainers copy it into the model they
+    build (``llmtrain.distributed.deepspeed.copy_weights``)."""
 
 
 def set_up_run(cfg: TrainConfig, is_main: bool, wait: Callable[[], None] | None = None) -> RunSetup:
     """The set-up every mode begins with, in this order: the run folder (made and locked by the main process;
     the same path on every rank), the data (prepared first if missing, see ``open_data``), the model config with its
-    vocabulary check, and the resolved config."""
+    vocabulary check (or the model of ``model.init_from``, with its tokenizer check), and the resolved config."""
     run = RunDir.of(cfg.run.dir)
     check_data_dir(cfg.data)  # before anything is made: a typo in data.dir leaves no run.dir behind
     if is_main:
@@ -64,8 +70,9 @@ def set_up_run(cfg: TrainConfig, is_main: bool, wait: Callable[[], None] | None 
             raise UserError(f"cannot create run.dir={cfg.run.dir}: {os_reason(exc)}") from None
         lock.acquire(run.lock)  # before anything is written: a second run on this folder is refused here
     data = open_data(cfg.data, is_main, wait)
-    model_cfg = model_config(cfg, data)
-    return RunSetup(run, data, model_cfg, resolved_config(cfg, model_cfg))
+    initial = initial_model(cfg.model, data) if cfg.model.init_from else None
+    model_cfg = initial.model_cfg if initial is not None else model_config(cfg, data)
+    return RunSetup(run, data, model_cfg, resolved_config(cfg, model_cfg), initial)
 
 
 def open_data(cfg: DataConfig, is_main: bool, wait: Callable[[], None] | None = None) -> TrainingData:
@@ -116,6 +123,27 @@ def model_config(cfg: TrainConfig, data: TrainingData) -> ModelConfig:
         raise UserError(f"model.vocab_size={model_cfg.vocab_size} but the tokenizer of {data.folder} has "
                         f"{data.vocab_size} tokens; leave model.vocab_size=0 to take it from the data")
     return model_cfg
+
+
+def initial_model(model: ModelConfig, data: TrainingData) -> TrainedModel:
+    """The model ``model.init_from`` names, at ``model.block_size`` and ``model.dropout``; its tokenizer must be the
+    one ``data`` was prepared with, as a resumed checkpoint's must."""
+    from llmtrain.export.consolidate import load_trained
+
+    initial = load_trained(model.init_from, block_size=model.block_size)
+    theirs = initial.tokenizer.fingerprint
+    if theirs != data.tokenizer_fingerprint:
+        raise UserError(f"{data.folder} was prepared with another tokenizer (sha256 {data.tokenizer_fingerprint[:12]}) "
+                        f"than model.init_from={model.init_from} (sha256 {theirs[:12]}); prepare it with "
+                        f"data.tokenizer_path=<the model's tokenizer file>")
+    vocab = initial.model_cfg.vocab_size
+    if model.vocab_size not in (0, vocab) or vocab < data.vocab_size:
+        raise UserError(f"model.init_from={model.init_from} has a vocabulary of {vocab} tokens; the data has "
+                        f"{data.vocab_size} and model.vocab_size={model.vocab_size} (leave it 0)")
+    cfg = dataclasses.replace(initial.model_cfg, dropout=model.dropout, init_from=model.init_from)
+    log.info("model.init_from=%s: %s, step %d; model.block_size=%d and model.dropout=%s from the config, the "
+             "architecture from the folder", model.init_from, cfg, initial.step, cfg.block_size, cfg.dropout)
+    return dataclasses.replace(initial, model_cfg=cfg)
 
 
 def resolved_config(cfg: TrainConfig, model_cfg: ModelConfig) -> dict[str, Any]:

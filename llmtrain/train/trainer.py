@@ -22,11 +22,11 @@ import torch.distributed as dist
 
 from llmtrain.config import Precision, TrainConfig
 from llmtrain.data.reader import DeviceBatches, ValidationWindows
-from llmtrain.data.shards import TOKENIZER_FILE
 from llmtrain.distributed import memory
 from llmtrain.distributed.deepspeed import (
     build_ds_config,
     build_partitioned,
+    copy_weights,
     initialize,
     should_compile,
     trainer_clips,
@@ -75,8 +75,9 @@ class Trainer:
         self.run, self.data, self.model_cfg = started.run, started.data, started.model_cfg
         self.run_dir = self.run.path
         # 4. The DeepSpeed config (ZeRO stage, precision, accumulation, clipping, buckets, compile), then the model:
-        #    identical initial weights on every rank (same seed); under ZeRO-3 built partitioned. Its size is
-        #    counted on a meta-device copy (a partitioned model counts only its shard).
+        #    identical initial weights on every rank (same seed, or model.init_from's weights copied in); under
+        #    ZeRO-3 built partitioned. Its size is counted on a meta-device copy (a partitioned model counts only
+        #    its shard).
         #    The memory it will take is predicted first (and warned about when it cannot fit).
         self.ds_config = build_ds_config(cfg, self.env.world_size, self.compiled)
         self.grad_accum = self.ds_config["gradient_accumulation_steps"]
@@ -90,6 +91,9 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         model = build_partitioned(lambda: build_model(self.model_cfg, cfg.dist.activation_checkpointing),
                                   self.ds_config)
+        if started.initial is not None:
+            copy_weights(model, started.initial.state_dict, cfg.dist.zero_stage)
+            started.initial = None  # its weights are in the model now; a resumed checkpoint replaces them (step 7)
         # 5. Optimizer and the DeepSpeed engine.
         optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.dist.offload_optimizer, self.env.device)
         self.engine = initialize(model, optimizer, self.ds_config, self.compiled)
@@ -100,7 +104,7 @@ class Trainer:
         self.batches = DeviceBatches(reader, cfg.train.micro_batch_size, self.engine.device)
         self.val = self.data.validation(block, cfg.train.eval_windows)
         # 7. Checkpoints, and auto-resume from the newest complete one.
-        tokenizer_copy = {TOKENIZER_FILE: self.data.tokenizer_file}  # checkpoints stand on their own
+        tokenizer_copy = {self.data.tokenizer_file.name: self.data.tokenizer_file}  # checkpoints stand on their own
         self.checkpointer = Checkpointer(self.run, self.env.rank, self.env.world_size, cfg.dist.zero_stage,
                                          cfg.train.keep_checkpoints, tokenizer_copy)
         self.step, self.tokens_seen, self.skipped_steps = 0, 0, 0

@@ -164,3 +164,77 @@ def test_hydra_submitit_sweep_submits_one_job_per_setting(uninterrupted, prepare
     assert losses["0.003"][10] != losses["0.01"][10]
     # 2 srun ranks train like torchrun's 2 ranks: the warm-up steps (lr independent of max_steps) are equal
     assert [losses["0.003"][s] for s in range(1, 6)] == [logged_losses(uninterrupted)[s] for s in range(1, 6)]
+
+
+# The settings of tests/conftest.py's small_data_config, as overrides: the same prepare as `prepared_small`.
+SMALL_PREPARE = ["data=stdlib", "data.max_documents=150", "data.vocab_size=1024", "data.tokenizer_sample_documents=100",
+                 "data.shard_tokens=50000", "data.num_proc=1", "data.val_fraction=0.05"]
+
+
+def submit_prepare(num_tasks: int, out: Path, logs: Path, python: Path) -> dict[str, str]:
+    """bash slurm/prepare.sh: the job ids it printed (plan, tasks = the array, merge)."""
+    env = {**os.environ, "LLMTRAIN_PYTHON": str(python),
+           "SBATCH_OPTS": f"--cpus-per-task=1 --time=10 --output={logs}/%x-%j.out"}
+    proc = subprocess.run(["bash", "slurm/prepare.sh", str(num_tasks), *SMALL_PREPARE, f"data.dir={out}"],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    found = re.fullmatch(r"plan (\d+), tasks (\d+)_\[0-\d+\], merge (\d+)\n", proc.stdout)
+    assert found, proc.stdout
+    return dict(zip(("plan", "tasks", "merge"), found.groups(), strict=True))
+
+
+def phase_logs(logs: Path, since_job: int) -> dict[str, str]:
+    """The logs of the prepare jobs numbered ``since_job`` or later, by their data.task (slurm/prepare.sbatch's
+    first line names it)."""
+    found = {}
+    for path in logs.glob("llmtrain-prepare-*.out"):
+        text = path.read_text(errors="replace")
+        task = re.search(r"^llmtrain-prepare: job (\d+) on .*: data.task=(\S+)$", text, re.M)
+        if task and int(task.group(1)) >= since_job:
+            found[task.group(2)] = text
+    return found
+
+
+def test_prepare_array_with_a_failed_task_then_resubmitted_equals_one_process(slurm, prepared_small, tmp_path):
+    """slurm/prepare.sh with K=2: task 1 fails the first time (its python exits 1), which cancels the merge and
+    leaves no meta.json; the same command again redoes only task 1 and merges token for token what one process
+    writes."""
+    import numpy as np
+
+    from llmtrain.data.reader import PreparedData
+    from llmtrain.data.tasks import work_folder
+    from tests.conftest import small_data_config
+
+    out, logs, fail = tmp_path / "d", tmp_path / "logs", tmp_path / "fail-task-1"
+    logs.mkdir()
+    fail.touch()
+    python = tmp_path / "python"  # the job's python; array task 1 fails while `fail` exists
+    python.write_text(f'#!/bin/bash\nif [ "$SLURM_ARRAY_TASK_ID" = 1 ] && [ -e {fail} ]; then\n'
+                      f'  echo "simulated failure of task 1" >&2; exit 1\nfi\nexec {BIN / "python"} "$@"\n')
+    python.chmod(0o755)
+
+    first = submit_prepare(2, out, logs, python)
+    info = wait_for(first["merge"], DONE | {"CANCELLED"}, timeout=300)
+    assert info["JobState"] == "CANCELLED", info  # --kill-on-invalid-dep: never pending forever, never run
+    assert wait_for(f"{first['tasks']}_1", DONE, timeout=60)["JobState"] == "FAILED"
+    assert wait_for(f"{first['tasks']}_0", DONE, timeout=60)["JobState"] == "COMPLETED"
+    work = work_folder(out, small_data_config(out))
+    assert not out.exists() and sorted(p.name for p in work.iterdir()) == ["plan", "task_0"]
+
+    fail.unlink()
+    again = submit_prepare(2, out, logs, python)
+    info = wait_for(again["merge"], DONE | {"CANCELLED"}, timeout=300)
+    merge_log = (logs / f"llmtrain-prepare-{again['merge']}.out").read_text()
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), merge_log[-3000:]
+    redone = phase_logs(logs, since_job=int(again["plan"]))
+    assert sorted(redone) == ["0", "1", "merge", "plan"]
+    assert "data.task=plan has nothing to do" in redone["plan"]
+    assert "data.task=0 has nothing to do" in redone["0"]
+    assert "has nothing to do" not in redone["1"] and "task 1: documents [75, 150)" in redone["1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "logs", "python"]  # the work folder is gone
+    merged, one = PreparedData(out), PreparedData(prepared_small)
+    assert merged.tokenizer_fingerprint == one.tokenizer_fingerprint
+    for split in ("train", "val"):
+        tokens = [np.concatenate([np.asarray(s) for s in d.split(split).shards]) for d in (merged, one)]
+        assert np.array_equal(*tokens)
+        assert merged.meta["splits"][split]["documents"] == one.meta["splits"][split]["documents"]

@@ -17,9 +17,10 @@ COMMON = ["model=tiny", f"train.max_steps={STEPS}", "train.global_batch_size=8",
 _CACHE: dict[tuple, tuple[Path, subprocess.CompletedProcess]] = {}
 
 
-def launch(run_dir: Path, data_dir: Path, ranks: int, *overrides: str, check: bool = True):
+def launch(run_dir: Path, data_dir: Path, ranks: int, *overrides: str, check: bool = True,
+           common: list[str] = COMMON):
     """Train with `llmtrain-train` (1 rank) or `torchrun --nproc_per_node 2 -m llmtrain.cli.train`."""
-    args = [f"data.dir={data_dir}", f"run.dir={run_dir}", *COMMON, *overrides]
+    args = [f"data.dir={data_dir}", f"run.dir={run_dir}", *common, *overrides]
     if ranks == 1:
         cmd = [str(BIN / "llmtrain-train"), *args]
     else:

@@ -1,6 +1,6 @@
 """Helper process for test_train.py: a Trainer's initial weights, gathered whole, and what each rank held.
 
-    torchrun --nproc_per_node 2 tests/integration/initial_weights_run.py DATA_DIR RUN_DIR ZERO_STAGE OUT.pt
+    torchrun --nproc_per_node 2 tests/integration/initial_weights_run.py DATA_DIR RUN_DIR ZERO_STAGE OUT.pt [INIT_FROM]
 
 Rank 0 saves {"weights": the gathered initial state, "model": the model config, "held": elements each rank held
 right after construction}.
@@ -32,6 +32,8 @@ def main() -> None:
 
     trainer_module.build_partitioned = counting
     cfg = tiny_config(data_dir, run_dir, stage, max_steps=1, global_batch_size=4, micro_batch_size=2, eval_every=0)
+    if len(sys.argv) > 5:
+        cfg.model.init_from = sys.argv[5]
     trainer = trainer_module.Trainer(cfg)
     params = list(trainer.engine.module.parameters())
     counts = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size())]

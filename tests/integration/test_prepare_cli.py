@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from benchmarks._corpus import write_random_words
 from tests.conftest import BIN, REPO, run_cli
 
 
@@ -44,6 +45,8 @@ def test_help_lists_the_config(tmp_path):
     assert "  data: hf, stdlib, text\n" in proc.stdout
     assert "  data.vocab_size = 8192\n      Tokenizer vocabulary size" in proc.stdout
     assert "  data.dir (required)\n" in proc.stdout
+    for key in ("data.num_tasks = 1", "data.task = 'all'", "data.streaming = False"):
+        assert f"  {key}\n      " in proc.stdout
 
 
 @pytest.mark.parametrize(
@@ -57,6 +60,9 @@ def test_help_lists_the_config(tmp_path):
         ("corpus", ["data=text", "data.paths=[{d}/c]", "data.unknown_key=1"], ["Key 'unknown_key' not in"]),
         ("jsonl-missing", ["data=text", "data.paths=[{d}/c]"], ["c/r.jsonl:2: the record has no 'text'"]),
         ("jsonl-object", ["data=text", "data.paths=[{d}/c]"], ["c/r.jsonl:1: the record has a dict under 'text'"]),
+        ("corpus", ["data=text", "data.paths=[{d}/c]", "data.num_tasks=2", "data.task=merge"],
+         ["data.task=merge: there is no complete plan in", "run data.task=plan first"]),
+        ("corpus", ["data=text", "data.paths=[{d}/c]", "data.num_tasks=2"], ["needs data.task=plan, then 0..1"]),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, setup, overrides, fragments):
@@ -115,3 +121,28 @@ def test_killed_prepare_leaves_no_complete_looking_folder(tmp_path):
     assert again.returncode == 0, again.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
     assert (out / "meta.json").is_file()
+
+
+def peak_rss_mb(*args: str) -> tuple[float, subprocess.CompletedProcess]:
+    """Run a console script under a fresh python that reports its child's peak RSS (ru_maxrss, kB on Linux)."""
+    wrapper = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(p.returncode)")
+    proc = subprocess.run([str(BIN / "python"), "-c", wrapper, str(BIN / args[0]), *args[1:]], capture_output=True,
+                          text=True, cwd=REPO, timeout=600)
+    return int(proc.stderr.splitlines()[-1]) / 1024, proc
+
+
+@pytest.mark.slow
+def test_streaming_memory_does_not_grow_with_the_corpus(tmp_path):
+    """Peak RSS of a streaming prepare of 200 MB vs 20 MB of text: less than 100 MB apart (~1 minute)."""
+    peaks = {}
+    for megabytes in (20, 200):
+        write_random_words(tmp_path / f"c{megabytes}", megabytes)
+        peaks[megabytes], proc = peak_rss_mb(
+            "llmtrain-prepare", "data=text", f"data.paths=[{tmp_path}/c{megabytes}]", "data.streaming=true",
+            f"data.dir={tmp_path}/d{megabytes}", "data.vocab_size=512", "data.tokenizer_sample_documents=20")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        meta = json.loads((tmp_path / f"d{megabytes}" / "meta.json").read_text())
+        assert meta["source"]["documents"] == megabytes * 10 and meta["source"]["bytes"] > megabytes * 0.99e6
+    print(f"\npeak RSS: 20 MB corpus {peaks[20]:.0f} MB, 200 MB corpus {peaks[200]:.0f} MB")
+    assert abs(peaks[200] - peaks[20]) < 100, peaks

@@ -1,0 +1,66 @@
+"""Small random models built by ``transformers`` (not by llmtrain) and saved with ``save_pretrained``: the folders
+``model.init_from`` and ``load_trained`` read in the tests."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+KINDS = ("llama", "gpt2", "gpt2_untied_bin", "mistral")
+"""llama: grouped-query attention, untied, rope_theta 500, eps 1e-6. gpt2: tied. gpt2_untied_bin: untied, saved as
+PyTorch weights (pytorch_model.bin). mistral: a Llama-family model_type without sliding windows."""
+
+
+def hf_config(kind: str, vocab_size: int, context: int = 128):
+    import transformers
+
+    if kind.startswith("gpt2"):
+        return transformers.GPT2Config(vocab_size=vocab_size, n_positions=context, n_embd=64, n_layer=2, n_head=4,
+                                       layer_norm_epsilon=1e-5, tie_word_embeddings=kind == "gpt2",
+                                       bos_token_id=1, eos_token_id=1)
+    config = transformers.MistralConfig if kind == "mistral" else transformers.LlamaConfig
+    return config(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context, rms_norm_eps=1e-6,
+                  rope_theta=500.0, tie_word_embeddings=False, sliding_window=None, bos_token_id=1, eos_token_id=1)
+
+
+def save_random_hf(kind: str, folder: Path, tokenizer_file: Path | None, vocab_size: int, seed: int = 0):
+    """Build a random ``kind`` model with transformers (norms and biases perturbed, so a mix-up in any mapping
+    shows), save it into ``folder`` with the tokenizer file; returns the model in eval mode."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(kind, vocab_size)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or "ln_" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+            else:
+                param.normal_(0.0, 0.1)
+    if kind.endswith("_bin"):  # transformers 5 saves safetensors only: write PyTorch weights as older versions did
+        folder.mkdir(parents=True, exist_ok=True)
+        model.config.save_pretrained(folder)
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    else:
+        model.save_pretrained(folder)
+    if tokenizer_file is not None:
+        shutil.copy(tokenizer_file, folder / tokenizer_file.name)
+    return model
+
+
+def save_byte_level_bpe(folder: Path, vocab_size: int = 1000, documents: int = 60) -> Path:
+    """A GPT-2-style byte-level BPE trained by the `tokenizers` library on stdlib files, saved as transformers saves
+    a fast tokenizer (tokenizer.json + tokenizer_config.json); returns the tokenizer.json."""
+    import transformers
+    from tokenizers import ByteLevelBPETokenizer
+
+    from llmtrain.data.sources import stdlib_files
+
+    texts = [path.read_text(encoding="utf-8", errors="replace") for path in stdlib_files()[:documents]]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
+                                                bos_token="<|endoftext|>")
+    fast.save_pretrained(str(folder))
+    return folder / "tokenizer.json"
