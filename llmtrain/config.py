@@ -685,7 +685,8 @@ class EvalConfig:
     """lm-evaluation-harness tasks to run instead of perplexity, e.g. tasks=[hellaswag,arc_easy] (pip install
     'llmtrain[eval]'); log-likelihood tasks only."""
     task_dir: str = ""
-    """A folder of more lm-eval task YAMLs (local tasks), searched besides lm-eval's own."""
+    """A folder of more lm-eval task YAMLs (local tasks), searched besides lm-eval's own; the tasks run from it,
+    so data files its YAMLs name by relative path are found beside them."""
     limit: int = 0
     """tasks: score at most this many documents per task; 0 = all."""
     num_fewshot: int | None = None

@@ -9,6 +9,7 @@ spans the boundary is scored as the text would be tokenized whole.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -85,18 +86,24 @@ class HarnessLM(LM):
 
 
 def run_tasks(lm: HarnessLM, tasks: list[str], task_dir: str, limit: int, num_fewshot: int | None) -> dict[str, Any]:
-    """lm-eval's ``simple_evaluate`` of ``tasks`` (names; ``task_dir``: a folder of more task YAMLs)."""
+    """lm-eval's ``simple_evaluate`` of ``tasks`` (names; ``task_dir``: a folder of more task YAMLs). The tasks run
+    from ``task_dir``, so the data files its YAMLs name by relative path are found beside them."""
+    import contextlib
+
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=task_dir or None)
+    folder = Path(task_dir).resolve() if task_dir else None
+    if folder is not None and not folder.is_dir():
+        raise UserError(f"task_dir={task_dir} is not a folder")
+    manager = TaskManager(include_path=str(folder) if folder else None)
     unknown = [task for task in tasks if not manager.match_tasks([task])]
     if unknown:
         raise UserError(f"tasks: lm-eval knows no task {', '.join(unknown)}" +
                         ("" if task_dir else " (add task_dir=<folder of task YAMLs> for local tasks)"))
-    results = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit or None,
-                              num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=0)
-    return results
+    with contextlib.chdir(folder) if folder else contextlib.nullcontext():
+        return simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit or None,
+                               num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=0)
 
 
 def require_lm_eval() -> None:

@@ -55,7 +55,7 @@ def test_offline_task_accuracy_equals_the_hand_computation(run, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"} | {"WANDB_DIR": str(tmp_path),
                                                                          "HF_DATASETS_OFFLINE": "1"}
     proc = run_cli("llmtrain-eval", f"run.dir={run_dir}", "tasks=[llmtrain_code_mc]", f"task_dir={TASKS}",
-                   "wandb.mode=offline", cwd=TASKS, env=env, timeout=600)
+                   "wandb.mode=offline", env=env, timeout=600)  # from the repository: the jsonl is found via task_dir
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = next(line for line in proc.stdout.splitlines() if re.search(r"\|\s*acc\s*\|", line))
     harness_acc = float([cell for cell in row.split("|") if cell.strip()][-3])
