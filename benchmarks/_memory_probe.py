@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from llmtrain.allocator import use_tuned_malloc
 from llmtrain.config import (
     DataConfig,
     DistConfig,
@@ -93,4 +94,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    use_tuned_malloc()  # as every llmtrain command starts: re-executed once with glibc tuned (llmtrain/allocator.py)
     main()

@@ -177,12 +177,6 @@ def entropy(p: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def unigram_entropy(split: TokenSplit, vocab_size: int) -> float:
-    """Entropy in nats of the split's own token frequencies: what a model that ignores context can reach."""
-    counts = unigram_counts(split, vocab_size)
-    return entropy(counts / counts.sum())
-
-
 class PreparedData:
     """A folder written by ``llmtrain-prepare``: meta, tokenizer and splits."""
 
@@ -231,7 +225,8 @@ class PreparedData:
 
     def unigram_entropy(self) -> float:
         """Entropy (nats/token) of the validation tokens' own unigram distribution: the loss to beat."""
-        return unigram_entropy(self.split("val"), self.vocab_size)
+        counts = unigram_counts(self.split("val"), self.vocab_size)
+        return entropy(counts / counts.sum())
 
     def __repr__(self) -> str:
         return f"PreparedData({self.folder}, {self.meta['splits']['train']['tokens']} train tokens)"

@@ -7,7 +7,7 @@
 
 The phases share a work folder beside ``data.dir``, ``.<name>.tasks-<config fingerprint[:12]>/``:
 
-    plan/       corpus/ (the one-column text Dataset, save_to_disk), tokenizer.model, val_mask.npy, plan.json
+    plan/       corpus/ (the one-column text Dataset, save_to_disk), the tokenizer file, val_mask.npy, plan.json
     task_<i>/   train_000.bin ..., val_000.bin ... (documents [i*D//K, (i+1)*D//K)), task.json
 
 ``plan/`` and each ``task_<i>/`` are written under a temporary name and renamed when complete, with their json

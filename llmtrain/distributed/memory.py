@@ -1,14 +1,14 @@
 """Know before you launch: the memory a rank will hold, predicted from the config, and what would make it fit.
 
 Model states per rank follow the ZeRO paper's accounting (Rajbhandari et al. 2020, section 3), with the bytes
-DeepSpeed really keeps per parameter: the weights (4 bytes fp32, 2 bf16/fp16), their gradients, and the
-optimizer's fp32 state -- Adam's two moments (8 bytes) plus, from ZeRO-1 on or with mixed precision, an fp32 master
-copy (4 bytes; DeepSpeed clones it even in fp32). Stage 1 splits the optimizer state over the data-parallel ranks,
-stage 2 the gradients too, stage 3 the weights too. Besides them: Adam's temporaries, the communication buckets
-(sized from the model width, see ``deepspeed.buckets_for_width``), stage 3's gathered working set (two layers and
-the embedding), the activations of one micro-batch (Korthikanti et al. 2022: 34·b·t·h + 5·a·b·t² per layer at
-2 bytes), the logits, and the process itself (PyTorch and DeepSpeed loaded: measured, not predicted). What the
-prediction cannot know is the allocator's fragmentation: glibc keeps freed chunks below its mmap threshold.
+DeepSpeed really keeps per parameter: the weights (4 bytes fp32, 2 bf16/fp16), their gradients, and the optimizer's
+fp32 state -- Adam's two moments (8 bytes) plus, with mixed precision or at ZeRO-1/2, an fp32 master copy (4 bytes;
+ZeRO-1/2 clone it even in fp32, ZeRO-3 in fp32 steps the partition itself). Stage 1 splits the optimizer state over
+the data-parallel ranks, stage 2 the gradients too, stage 3 the weights too. Besides them: Adam's temporaries, the
+communication buckets (sized from the model width, see ``deepspeed.buckets_for_width``), stage 3's gathered working
+set (two layers and the embedding), the activations of one micro-batch (Korthikanti et al. 2022: 34·b·t·h + 5·a·b·t²
+per layer at 2 bytes), the logits, and the process itself (PyTorch and DeepSpeed loaded: measured, not predicted).
+What the prediction cannot know is the allocator's fragmentation (see ``llmtrain.allocator``).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def estimate(cfg: TrainConfig, num_params: int, world: int, process_bytes: float
     mixed = cfg.precision != Precision.fp32
     weight_bytes = 2 if mixed else 4
     grad_bytes = 4 if (mixed and stage == 0) else weight_bytes  # bf16 ZeRO-0 accumulates in fp32
-    optim_bytes = 8 + (4 if (mixed or stage >= 1) else 0)
+    optim_bytes = 8 + (4 if (mixed or stage in (1, 2)) else 0)  # see deepspeed._fp32_master_is_the_partition
     weights = weight_bytes * psi / (n if stage == 3 else 1)
     gradients = grad_bytes * psi / (n if stage >= 2 else 1)
     optimizer = optim_bytes * psi / (n if stage >= 1 else 1)

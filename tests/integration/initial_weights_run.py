@@ -3,7 +3,8 @@
     torchrun --nproc_per_node 2 tests/integration/initial_weights_run.py DATA_DIR RUN_DIR ZERO_STAGE OUT.pt [INIT_FROM]
 
 Rank 0 saves {"weights": the gathered initial state, "model": the model config, "held": elements each rank held
-right after construction}.
+right after construction, "master_is_the_partition": per ZeRO-3 sub-group, whether the fp32 master partition shares
+the parameter partition's storage}.
 """
 
 from __future__ import annotations
@@ -40,8 +41,13 @@ def main() -> None:
     dist.all_gather(counts, torch.tensor([held[0]]))
     with deepspeed.zero.GatheredParameters(params, enabled=stage == 3):
         weights = {name: p.detach().clone() for name, p in trainer.engine.module.named_parameters()}
+    zero = trainer.engine.optimizer  # under ZeRO-3: is each fp32 master partition the parameter partition itself?
+    shared = [a.data_ptr() == b.data_ptr() for a, b in zip(getattr(zero, "fp16_partitioned_groups_flat", []),
+                                                          getattr(zero, "fp32_partitioned_groups_flat", []),
+                                                          strict=True)]
     if dist.get_rank() == 0:
-        torch.save({"weights": weights, "model": trainer.model_cfg, "held": [int(c) for c in counts]}, out)
+        torch.save({"weights": weights, "model": trainer.model_cfg, "held": [int(c) for c in counts],
+                    "master_is_the_partition": shared}, out)
     dist.barrier()
 
 

@@ -217,3 +217,5 @@ def test_zero3_builds_the_model_partitioned_with_the_unpartitioned_initial_weigh
         assert torch.equal(weight, whole[name].detach()), name  # bitwise, fp32
     total = sum(p.numel() for p in whole.values())
     assert all(held <= total / 2 + 2 * 64 for held in saved["held"]), (saved["held"], total)  # never whole
+    # fp32: no second copy of the weights as the optimizer's master (16 bytes per parameter, not 20)
+    assert saved["master_is_the_partition"] and all(saved["master_is_the_partition"])

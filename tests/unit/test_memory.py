@@ -18,9 +18,10 @@ def config(stage: int, precision: Precision = Precision.fp32, micro: int = 1, **
                        train=TrainLoopConfig(global_batch_size=8 * micro, micro_batch_size=micro))
 
 
-@pytest.mark.parametrize(("stage", "per_param"), [(0, 16), (1, 8 + 12 / 2), (2, 4 + 16 / 2), (3, 20 / 2)])
+@pytest.mark.parametrize(("stage", "per_param"), [(0, 16), (1, 8 + 12 / 2), (2, 4 + 16 / 2), (3, 16 / 2)])
 def test_model_states_per_rank_follow_the_stage(stage, per_param):
-    # fp32: weights 4 + gradients 4 + Adam 8 bytes, and DeepSpeed's fp32 master copy (4) from ZeRO-1 on
+    # fp32: weights 4 + gradients 4 + Adam 8 bytes, and DeepSpeed's fp32 master copy (4) at ZeRO-1/2 (at ZeRO-3 the
+    # partition is its own master)
     assert estimate(config(stage), PSI, world=2, process_bytes=0).model_states == pytest.approx(per_param * PSI)
 
 
@@ -45,8 +46,8 @@ def test_a_run_that_cannot_fit_is_told_what_would():
     gpu = what_would_fit(dataclasses.replace(cfg, dist=DistConfig(zero_stage=2)), PSI, 2, 0, need * 0.6, on_gpu=True)
     assert any("dist.offload_optimizer=true" in option for option in gpu)
     # nothing fits alone: the settings together, then more ranks
-    assert what_would_fit(config(0, micro=4), PSI, 2, 0.5 * GB, visible=3.75 * GB, on_gpu=False) == [
-        "dist.zero_stage=3 dist.activation_checkpointing=true train.micro_batch_size=1 (3.7 GB)"]
+    assert what_would_fit(config(0, micro=4), PSI, 2, 0.5 * GB, visible=3.2 * GB, on_gpu=False) == [
+        "dist.zero_stage=3 dist.activation_checkpointing=true train.micro_batch_size=1 (3.1 GB)"]
     assert what_would_fit(cfg, PSI, 2, 0.5 * GB, visible=1.55 * GB, on_gpu=False) == [
-        "dist.zero_stage=3 dist.activation_checkpointing=true on 8 ranks (1.5 GB)"]
+        "dist.zero_stage=3 dist.activation_checkpointing=true on 8 ranks (1.3 GB)"]
     assert what_would_fit(cfg, PSI, 2, 0.5 * GB, visible=0.1 * GB, on_gpu=False) == []
