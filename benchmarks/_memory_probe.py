@@ -94,5 +94,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    use_tuned_malloc()  # as every llmtrain command starts: re-executed once with glibc tuned (llmtrain/allocator.py)
+    if sys.argv[3] == "3":
+        use_tuned_malloc()  # as llmtrain-train starts at ZeRO-3: re-executed once, glibc tuned (llmtrain/allocator.py)
     main()

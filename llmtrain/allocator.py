@@ -1,21 +1,24 @@
-"""The host allocator every llmtrain command runs with: glibc's malloc, tuned so that freed tensors leave the process.
+"""The host allocator a ZeRO-3 run uses: glibc's malloc, tuned so that freed layers leave the process.
 
 ZeRO-3 gathers each layer's weights and frees them again two or three times a step. glibc serves allocations below
 its mmap threshold from its heaps and keeps them there when they are freed; the threshold rises (to 32 MiB) the
 first time a large block is freed, so from then on most tensors land in the heaps, which fragment. Measured at
 ``350m`` fp32, ZeRO-3, 2 CPU ranks (``benchmarks/bench_train.py``, table 3): a rank's resident memory grew step
-after step, to 2.1x the ZeRO formula after 4 steps. Two glibc tunables end that:
+after step, to 1.95-2.1x the ZeRO formula. Two glibc tunables end that:
 
 - ``glibc.malloc.mmap_threshold=4194304``: every block of 4 MiB or more gets its own mapping, returned to the system
   by ``free``; the threshold stays fixed. Peak 1.26x the formula, but alone it costs 30% of a step in page faults
   (each gathered layer is new memory to the kernel).
 - ``glibc.malloc.hugetlb=1`` (glibc 2.35 and later): those mappings ask for transparent huge pages, 512 times fewer
-  faults. Together: 11.6-11.7 s per step against 11.2-12.3 s with glibc's defaults, and the same losses.
+  faults. Together: 11.6-11.7 s per step against 11.1-12.3 s with glibc's defaults, and the same losses.
 
-glibc reads its tunables once, as a process starts. So a command re-executes itself at once (same pid, same
-arguments, before it imports torch; ~0.2 s) with ``GLIBC_TUNABLES`` set, and its children inherit it. A
-``GLIBC_TUNABLES`` already in the environment is left as it is: ``GLIBC_TUNABLES=`` (empty) keeps glibc's defaults,
-and a process preloading another allocator (``LD_PRELOAD=libjemalloc.so.2``) is not touched either.
+Only ZeRO-3 frees whole layers every step; at ZeRO-0 the same tunables measured ~10% slower (350m: 12.2 against
+11.0 s per step) and at ZeRO-2 no different, so ``llmtrain-train`` asks for them at ZeRO-3 only.
+
+glibc reads its tunables once, as a process starts. So the command re-executes itself (same pid, same arguments,
+before it imports torch; ~0.2 s) with ``GLIBC_TUNABLES`` set, and its children inherit it. A ``GLIBC_TUNABLES``
+already in the environment is left as it is: ``GLIBC_TUNABLES=`` (empty) keeps glibc's defaults, and a process
+preloading another allocator (``LD_PRELOAD=libjemalloc.so.2``) is not touched either.
 """
 
 from __future__ import annotations

@@ -19,7 +19,6 @@ from typing import Any, NoReturn, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from llmtrain.allocator import use_tuned_malloc
 from llmtrain.config import register_configs
 from llmtrain.errors import UserError
 
@@ -191,7 +190,6 @@ def hydra_command(command: str, config_name: str, schema: type[T], task: Callabl
             sys.exit(130)
 
     def main() -> None:
-        use_tuned_malloc()  # re-executes this process once, with glibc tuned for ZeRO's gather-and-free (allocator.py)
         # The deepspeed launcher appends --local_rank=N (also in LOCAL_RANK); Hydra takes no such flag.
         sys.argv = [a for a in sys.argv if not a.startswith(("--local_rank", "--local-rank"))]
         for i, arg in enumerate(sys.argv[1:], start=1):

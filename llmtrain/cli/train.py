@@ -11,6 +11,7 @@ prepared first from the data.* settings.
 
 from __future__ import annotations
 
+from llmtrain.allocator import use_tuned_malloc
 from llmtrain.cli._entry import hydra_command
 from llmtrain.config import Mode, TrainConfig
 
@@ -27,6 +28,8 @@ def trainer_class(mode: Mode) -> type:
 
 
 def run(cfg: TrainConfig) -> None:
+    if cfg.dist.zero_stage == 3 and cfg.mode == Mode.sync:
+        use_tuned_malloc()  # re-executes this process once, glibc tuned for ZeRO-3's gather-and-free (allocator.py)
     from llmtrain.distributed.env import shutdown
     from llmtrain.train.checkpoint import RunDir
 
