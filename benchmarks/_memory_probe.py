@@ -94,6 +94,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[3] == "3":
-        use_tuned_malloc()  # as llmtrain-train starts at ZeRO-3: re-executed once, glibc tuned (llmtrain/allocator.py)
+    if int(sys.argv[3]) >= 1:
+        use_tuned_malloc()  # as llmtrain-train starts at ZeRO-1..3: re-executed once, glibc tuned (allocator.py)
     main()

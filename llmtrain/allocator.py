@@ -1,4 +1,4 @@
-"""The host allocator a ZeRO-3 run uses: glibc's malloc, tuned so that freed layers leave the process.
+"""The host allocator a ZeRO run uses: glibc's malloc, tuned so that freed layers leave the process.
 
 ZeRO-3 gathers each layer's weights and frees them again two or three times a step. glibc serves allocations below
 its mmap threshold from its heaps and keeps them there when they are freed; the threshold rises (to 32 MiB) the
@@ -12,8 +12,9 @@ after step, to 1.95-2.1x the ZeRO formula. Two glibc tunables end that:
 - ``glibc.malloc.hugetlb=1`` (glibc 2.35 and later): those mappings ask for transparent huge pages, 512 times fewer
   faults. Together: 11.6-11.7 s per step against 11.1-12.3 s with glibc's defaults, and the same losses.
 
-Only ZeRO-3 frees whole layers every step; at ZeRO-0 the same tunables measured ~10% slower (350m: 12.2 against
-11.0 s per step) and at ZeRO-2 no different, so ``llmtrain-train`` asks for them at ZeRO-3 only.
+At ZeRO-1 they help as much (350m: peak 6.43 -> 5.14 GiB, 14.0 -> 11.4 s per step; without them ZeRO-1 held more
+than ZeRO-0), at ZeRO-2 they change little (5.30 -> 5.14 GiB, same s/step), but at ZeRO-0 they measured ~10%
+slower (12.2 against 11.0 s per step). So ``llmtrain-train`` asks for them from ZeRO-1 on.
 
 glibc reads its tunables once, as a process starts. So the command re-executes itself (same pid, same arguments,
 before it imports torch; ~0.2 s) with ``GLIBC_TUNABLES`` set, and its children inherit it. A ``GLIBC_TUNABLES``

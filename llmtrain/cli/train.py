@@ -28,8 +28,8 @@ def trainer_class(mode: Mode) -> type:
 
 
 def run(cfg: TrainConfig) -> None:
-    if cfg.dist.zero_stage == 3 and cfg.mode == Mode.sync:
-        use_tuned_malloc()  # re-executes this process once, glibc tuned for ZeRO-3's gather-and-free (allocator.py)
+    if cfg.dist.zero_stage >= 1:
+        use_tuned_malloc()  # re-executes this process once, glibc tuned for ZeRO's gather-and-free (allocator.py)
     from llmtrain.distributed.env import shutdown
     from llmtrain.train.checkpoint import RunDir
 
