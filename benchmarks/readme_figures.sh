@@ -23,6 +23,16 @@ val_lines() { grep -E "val_loss|vs unigram" "$OUT/$1.log" | sed -E 's/^\[[^]]*\]
 speed() { grep -oE "[0-9,]+ tokens/s" "$OUT/$1.log" | tr -d ', tokens/s' |
           awk '{s += $1; n++} END {if (n) printf "mean %.0f tokens/s over %d logged intervals\n", s / n, n}' | tee -a "$LOG"; }
 torchrun2() { "$BIN/torchrun" --standalone --nproc_per_node 2 -m llmtrain.cli.train "$@"; }
+evaluate() {  # evaluate RUN...: every validation window of each run's last checkpoint
+    for run in "$@"; do
+        timed "eval-$run" "$BIN/llmtrain-eval" run.dir="$OUT/$run"
+        tail -n 2 "$OUT/eval-$run.log" | tee -a "$LOG"
+    done
+}
+ngram() {  # ngram ORDER TOKENS: the n-gram fitted on the first TOKENS training tokens (0: all of them)
+    timed "ngram$1-$2" "$BIN/llmtrain-ngram" data.dir=data/stdlib order="$1" block_size=128 train_tokens="$2"
+    tail -n 2 "$OUT/ngram$1-$2.log" | tee -a "$LOG"
+}
 
 note "== $(date -u +%FT%TZ) $(git rev-parse --short HEAD) on $(lscpu | sed -n 's/^Model name: *//p'), \
 $(grep -o -w -E 'avx512_bf16|avx512f|avx2' /proc/cpuinfo | sort -u | tr '\n' ' ')"
@@ -35,37 +45,24 @@ timed smalldata-gpt env OMP_NUM_THREADS=1 "$BIN/llmtrain-train" experiment=small
 val_lines smalldata-gpt
 timed smalldata-lstm torchrun2 experiment=small_data model=lstm run.dir="$OUT/smalldata-lstm"
 val_lines smalldata-lstm
-for run in smalldata-gpt smalldata-lstm; do
-    timed "eval-$run" "$BIN/llmtrain-eval" run.dir="$OUT/$run"
-    tail -n 2 "$OUT/eval-$run.log" | tee -a "$LOG"
-done
-for order in 3 4; do
-    timed "ngram$order-262144" "$BIN/llmtrain-ngram" data.dir=data/stdlib order=$order block_size=128 \
-        train_tokens=262144
-    tail -n 2 "$OUT/ngram$order-262144.log" | tee -a "$LOG"
-done
+evaluate smalldata-gpt smalldata-lstm
+ngram 3 262144
+ngram 4 262144
 
 # 4. One pass, equal tokens (README "One pass"): 1,000 steps each, and the n-grams at the same token counts.
 timed baselines-gpt torchrun2 experiment=baselines run.dir="$OUT/baselines-gpt"
 val_lines baselines-gpt
 timed baselines-lstm torchrun2 experiment=baselines model=lstm run.dir="$OUT/baselines-lstm"
 val_lines baselines-lstm
-for run in baselines-gpt baselines-lstm; do
-    timed "eval-$run" "$BIN/llmtrain-eval" run.dir="$OUT/$run"
-    tail -n 2 "$OUT/eval-$run.log" | tee -a "$LOG"
-done
+evaluate baselines-gpt baselines-lstm
 for tokens in 409600 512000 1024000 1536000 2048000 0; do
-    for order in 3 4; do
-        timed "ngram$order-$tokens" "$BIN/llmtrain-ngram" data.dir=data/stdlib order=$order block_size=128 \
-            train_tokens=$tokens
-        tail -n 2 "$OUT/ngram$order-$tokens.log" | tee -a "$LOG"
-    done
+    ngram 3 $tokens
+    ngram 4 $tokens
 done
 # 1. Quick start (README "Quick start"): 200 steps of `small`, ZeRO-2, 2 ranks.
 timed demo torchrun2 experiment=demo run.dir="$OUT/demo"
 val_lines demo; speed demo
-timed eval-demo "$BIN/llmtrain-eval" run.dir="$OUT/demo"  # the demo's row of the one-pass table (all windows)
-tail -n 2 "$OUT/eval-demo.log" | tee -a "$LOG"
+evaluate demo  # the demo's row of the one-pass table (all windows)
 
 # 2. Sync vs async (README "Asynchronous SGD"), fp32 and bf16.
 timed compare-fp32 "$BIN/llmtrain-compare" experiment=demo compare.dir="$OUT/compare"
