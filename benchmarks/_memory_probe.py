@@ -94,6 +94,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if int(sys.argv[3]) >= 1:
-        use_tuned_malloc()  # as llmtrain-train starts at ZeRO-1..3: re-executed once, glibc tuned (allocator.py)
+    use_tuned_malloc(int(sys.argv[3]))  # as llmtrain-train starts: from ZeRO-1 on, re-executed with glibc tuned
     main()

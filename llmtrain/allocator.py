@@ -14,7 +14,7 @@ after step, to 1.95-2.1x the ZeRO formula. Two glibc tunables end that:
 
 At ZeRO-1 they help as much (350m: peak 6.43 -> 5.14 GiB, 14.0 -> 11.4 s per step; without them ZeRO-1 held more
 than ZeRO-0), at ZeRO-2 they change little (5.30 -> 5.14 GiB, same s/step), but at ZeRO-0 they measured ~10%
-slower (12.2 against 11.0 s per step). So ``llmtrain-train`` asks for them from ZeRO-1 on.
+slower (12.2 against 11.0 s per step). So they are used from ZeRO-1 on (:data:`MIN_ZERO_STAGE`).
 
 glibc reads its tunables once, as a process starts. So the command re-executes itself (same pid, same arguments,
 before it imports torch; ~0.2 s) with ``GLIBC_TUNABLES`` set, and its children inherit it. A ``GLIBC_TUNABLES``
@@ -28,6 +28,7 @@ import os
 import sys
 
 TUNABLES = "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=4194304"
+MIN_ZERO_STAGE = 1  # ZeRO-0 keeps glibc's defaults (see above)
 MIN_GLIBC = (2, 35)  # the first with glibc.malloc.hugetlb; without it the threshold alone would slow ZeRO-3 down
 
 
@@ -49,9 +50,10 @@ def wanted(environ: dict[str, str] | os._Environ) -> bool:
     return version is not None and version >= MIN_GLIBC
 
 
-def use_tuned_malloc() -> None:
-    """Re-execute this process with :data:`TUNABLES` when :func:`wanted`; return when it is already set up."""
-    if not wanted(os.environ):
+def use_tuned_malloc(zero_stage: int) -> None:
+    """For a run at ``zero_stage``: re-execute this process with :data:`TUNABLES` when :func:`wanted` from
+    :data:`MIN_ZERO_STAGE` on; return when it is already set up or keeps glibc's defaults."""
+    if zero_stage < MIN_ZERO_STAGE or not wanted(os.environ):
         return
     os.environ["GLIBC_TUNABLES"] = TUNABLES
     try:

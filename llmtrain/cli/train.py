@@ -28,8 +28,7 @@ def trainer_class(mode: Mode) -> type:
 
 
 def run(cfg: TrainConfig) -> None:
-    if cfg.dist.zero_stage >= 1:
-        use_tuned_malloc()  # re-executes this process once, glibc tuned for ZeRO's gather-and-free (allocator.py)
+    use_tuned_malloc(cfg.dist.zero_stage)  # from ZeRO-1 on, re-executes this process once with glibc tuned
     from llmtrain.distributed.env import shutdown
     from llmtrain.train.checkpoint import RunDir
 

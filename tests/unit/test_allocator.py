@@ -15,7 +15,7 @@ PROBE = """
 import ctypes, os
 from llmtrain.allocator import use_tuned_malloc
 print("start", os.getpid(), os.environ.get("GLIBC_TUNABLES"), flush=True)
-use_tuned_malloc()
+use_tuned_malloc(int(os.environ["STAGE"]))  # the ZeRO stage of the run asking
 libc = ctypes.CDLL("libc.so.6")
 class Info(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
@@ -32,8 +32,8 @@ needs_glibc = pytest.mark.skipif(allocator.glibc_version() is None or allocator.
                                  reason="glibc 2.35 or later only")
 
 
-def run_probe(**env: str) -> list[list[str]]:
-    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+def run_probe(stage: int = 3, **env: str) -> list[list[str]]:
+    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD")} | {"STAGE": str(stage)}
     out = subprocess.run([sys.executable, "-c", PROBE], env={**base, **env}, capture_output=True, text=True,
                          timeout=60, check=True).stdout
     return [line.split() for line in out.splitlines()]
@@ -49,9 +49,11 @@ def test_a_command_re_executes_once_with_the_tunables_and_large_blocks_stay_mapp
 
 
 @needs_glibc
-def test_glibc_defaults_when_the_user_set_tunables_or_another_allocator():
+def test_glibc_defaults_at_zero0_when_the_user_set_tunables_or_another_allocator():
     lines = run_probe(GLIBC_TUNABLES="")
     assert [line[0] for line in lines] == ["start", "mapped"]
     assert lines[1] == ["mapped", "0"]  # glibc's dynamic threshold: the 6 MiB block came from the heap
+    zero0 = run_probe(stage=0)  # a ZeRO-0 run keeps glibc's defaults too
+    assert [line[0] for line in zero0] == ["start", "mapped"] and zero0[1] == ["mapped", "0"]
     assert not allocator.wanted({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"})
     assert allocator.wanted({})
