@@ -32,6 +32,7 @@ from llmtrain.config import (
 )
 from llmtrain.distributed import memory
 from llmtrain.distributed.env import init_distributed
+from llmtrain.distributed.exit import ended_process
 from llmtrain.export.consolidate import model_config_from
 from llmtrain.train.trainer import Trainer
 
@@ -95,4 +96,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     use_tuned_malloc(int(sys.argv[3]))  # as llmtrain-train starts: from ZeRO-1 on, re-executed with glibc tuned
-    main()
+    ended_process(main)()  # and as it ends

@@ -14,6 +14,7 @@ from __future__ import annotations
 from llmtrain.allocator import use_tuned_malloc
 from llmtrain.cli._entry import hydra_command
 from llmtrain.config import Mode, TrainConfig
+from llmtrain.distributed.exit import ended_process
 
 
 def trainer_class(mode: Mode) -> type:
@@ -29,29 +30,26 @@ def trainer_class(mode: Mode) -> type:
 
 def run(cfg: TrainConfig) -> None:
     use_tuned_malloc(cfg.dist.zero_stage)  # from ZeRO-1 on, re-executes this process once with glibc tuned
-    from llmtrain.distributed.env import shutdown
     from llmtrain.train.checkpoint import RunDir
 
     run_dir = RunDir.of(cfg.run.dir)
     made_here = not run_dir.path.exists()
     try:
-        try:
-            trainer = trainer_class(cfg.mode)(cfg)
-        except BaseException:
-            if made_here:  # a run refused during set-up leaves no empty run.dir behind
-                run_dir.remove_if_unused()
-            raise
-        result = trainer.fit()
-        if trainer.env.is_main and result.stopped_early:
-            print(f"stopped at step {result.steps} with a checkpoint in {cfg.run.dir}; re-run to continue", flush=True)
-        elif trainer.env.is_main:
-            print(f"step {result.steps}: val_loss {result.val_loss:.4f} (ppl {result.val_ppl:.2f}) vs unigram entropy "
-                  f"of the val tokens {result.unigram_entropy:.4f}; {result.skipped_steps} skipped step(s)", flush=True)
-    finally:
-        shutdown()
+        trainer = trainer_class(cfg.mode)(cfg)
+    except BaseException:
+        if made_here:  # a run refused during set-up leaves no empty run.dir behind
+            run_dir.remove_if_unused()
+        raise
+    result = trainer.fit()
+    if trainer.env.is_main and result.stopped_early:
+        print(f"stopped at step {result.steps} with a checkpoint in {cfg.run.dir}; re-run to continue", flush=True)
+    elif trainer.env.is_main:
+        print(f"step {result.steps}: val_loss {result.val_loss:.4f} (ppl {result.val_ppl:.2f}) vs unigram entropy "
+              f"of the val tokens {result.unigram_entropy:.4f}; {result.skipped_steps} skipped step(s)", flush=True)
 
 
-main = hydra_command("llmtrain-train", "train", TrainConfig, run)
+# A rank leaves its process group and ends without interpreter finalization (see llmtrain/distributed/exit.py).
+main = ended_process(hydra_command("llmtrain-train", "train", TrainConfig, run))
 
 if __name__ == "__main__":
     main()

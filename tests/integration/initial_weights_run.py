@@ -17,7 +17,7 @@ import torch.distributed as dist
 from tiny_config import tiny_config  # a sibling: a script run by path has its own folder on sys.path
 
 from llmtrain.distributed import deepspeed as ds
-from llmtrain.distributed.env import shutdown
+from llmtrain.distributed.exit import ended_process
 from llmtrain.train import trainer as trainer_module
 
 
@@ -52,7 +52,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        shutdown()  # as the CLI does: a process group left up can abort the exit ("terminate called ...")
+    ended_process(main)()  # as llmtrain-train ends (llmtrain/distributed/exit.py)

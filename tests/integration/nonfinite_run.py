@@ -12,7 +12,7 @@ import torch
 from tiny_config import tiny_config  # a sibling: a script run by path has its own folder on sys.path
 
 from llmtrain.config import Precision
-from llmtrain.distributed.env import shutdown
+from llmtrain.distributed.exit import ended_process
 from llmtrain.errors import UserError
 from llmtrain.model.gpt import GPT
 from llmtrain.train.trainer import Trainer
@@ -60,7 +60,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        shutdown()  # as the CLI does: a process group left up can abort the exit ("terminate called ...")
+    ended_process(main)()  # as llmtrain-train ends (llmtrain/distributed/exit.py)

@@ -19,7 +19,7 @@ import torch
 from tiny_config import tiny_config  # a sibling: a script run by path has its own folder on sys.path
 from torch.overrides import TorchFunctionMode
 
-from llmtrain.distributed.env import shutdown
+from llmtrain.distributed.exit import ended_process
 from llmtrain.train.trainer import Trainer
 
 READS = {"item", "tolist", "__float__", "__int__", "__bool__", "__index__", "numpy"}
@@ -67,7 +67,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        shutdown()
+    ended_process(main)()  # as llmtrain-train ends (llmtrain/distributed/exit.py)
