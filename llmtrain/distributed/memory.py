@@ -4,10 +4,11 @@ Model states per rank follow the ZeRO paper's accounting (Rajbhandari et al. 202
 DeepSpeed really keeps per parameter: the weights (4 bytes fp32, 2 bf16/fp16), their gradients, and the optimizer's
 fp32 state -- Adam's two moments (8 bytes) plus, with mixed precision or at ZeRO-1/2, an fp32 master copy (4 bytes;
 ZeRO-1/2 clone it even in fp32, ZeRO-3 in fp32 steps the partition itself). Stage 1 splits the optimizer state over
-the data-parallel ranks, stage 2 the gradients too, stage 3 the weights too. Besides them: Adam's temporaries, the
-communication buckets (sized from the model width, see ``deepspeed.buckets_for_width``), stage 3's gathered working
-set (two layers and the embedding), the activations of one micro-batch (Korthikanti et al. 2022: 34·b·t·h + 5·a·b·t²
-per layer at 2 bytes), the logits, and the process itself (PyTorch and DeepSpeed loaded: measured, not predicted).
+the data-parallel ranks, stage 2 the gradients too, stage 3 the weights too. Besides them: Adam's temporary, the
+communication buckets (sized from the model width, see ``deepspeed.buckets_for_width``; at stage 0 one all-reduce
+copy of all the gradients), stage 3's gathered working set (two layers and the embedding), the activations of one
+micro-batch (Korthikanti et al. 2022: 34·b·t·h + 5·a·b·t² per layer at 2 bytes), the logits, and the process itself
+(PyTorch and DeepSpeed loaded: measured, not predicted).
 What the prediction cannot know is the allocator's fragmentation (see ``llmtrain.allocator``).
 """
 
@@ -21,6 +22,7 @@ import torch
 
 from llmtrain.config import Precision, TrainConfig
 from llmtrain.distributed.deepspeed import buckets_for_width
+from llmtrain.train.optim import ChunkedAdamW
 
 GB = 2**30
 
@@ -68,10 +70,10 @@ def estimate(cfg: TrainConfig, num_params: int, world: int, process_bytes: float
     if on_gpu and cfg.dist.offload_params:
         weights = 0.0
     h, layer_params = m.n_embd, 12 * m.n_embd**2
-    # Adam's update makes one fp32 temporary as large as the tensors it steps at once: the rank's whole partition
-    # (all parameters at ZeRO-0), or one layer's worth at stage 3 (sub_group_size, see deepspeed.buckets_for_width).
-    temporaries = 4 * (layer_params if stage == 3 else psi / (n if stage >= 1 else 1))
-    buffers = temporaries
+    # Adam's update: PyTorch's fused AdamW (GPU) makes no temporary, ChunkedAdamW (CPU) one chunk's worth.
+    buffers = 0.0 if on_gpu else 4.0 * ChunkedAdamW.CHUNK
+    if stage == 0:  # DeepSpeed flattens all gradients into one all-reduce bucket (up to 5e8 elements) -- even on 1 rank
+        buffers += grad_bytes * min(psi, 5e8)
     buckets = buckets_for_width(h, stage) if stage >= 1 else {}
     if stage in (1, 2):
         buffers += (buckets["reduce_bucket_size"] + buckets["allgather_bucket_size"]) * 4
