@@ -1,11 +1,12 @@
 """How a rank's process ends: out of the process group, without interpreter finalization.
 
-``destroy_process_group`` leaves gloo's worker threads running (DeepSpeed keeps references to the groups). A
-worker that drops the last reference to a tensor while Python finalizes cannot take the GIL: the thread is
-unwound through a ``noexcept`` destructor and the rank aborts (SIGABRT, "terminate called without an active
-exception") after all its work is done, which fails the launcher. So a rank leaves the group, runs its
-``atexit`` handlers (logging, wandb, the run lock), flushes its output and ends with ``os._exit``. Every file a
-run writes is closed (and fsynced) before that, so nothing is lost.
+``destroy_process_group`` leaves gloo's threads running (DeepSpeed keeps references to the groups: a rank still
+has its 2 ``gloo_tcp_loop`` and 4 ``pt_gloo_runloop`` threads at exit). Now and then (a few times in CI, never in
+100+ runs in a row on demand) a rank then aborted *after* all its work was done -- SIGABRT, "terminate called
+without an active exception", what a native thread unwound by Python's finalization through a ``noexcept`` frame
+prints -- and failed the launcher. Which thread it was stays unproven; but a process that never finalizes cannot
+abort there. So a rank leaves the group, runs its ``atexit`` handlers (logging, wandb, the run lock), flushes its
+output and ends with ``os._exit``. Every file a run writes is closed (checkpoints fsynced) before that.
 
 Imports no torch: ``--help`` stays fast.
 """
