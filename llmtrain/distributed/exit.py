@@ -6,7 +6,9 @@ has its 2 ``gloo_tcp_loop`` and 4 ``pt_gloo_runloop`` threads at exit). Now and 
 without an active exception", what a native thread unwound by Python's finalization through a ``noexcept`` frame
 prints -- and failed the launcher. Which thread it was stays unproven; but a process that never finalizes cannot
 abort there. So a rank leaves the group, runs its ``atexit`` handlers (logging, wandb, the run lock), flushes its
-output and ends with ``os._exit``. Every file a run writes is closed (checkpoints fsynced) before that.
+output and ends with ``os._exit``. Every file a run writes is closed (checkpoints fsynced) before that. A rank
+that fails unexpectedly beside local peers first lingers (``linger_for_local_peers``), so that its launcher names
+the rank that failed first.
 
 Imports no torch: ``--help`` stays fast.
 """
@@ -19,6 +21,7 @@ import faulthandler
 import functools
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from typing import NoReturn
@@ -39,9 +42,25 @@ def ended_process(main: Callable[[], None]) -> Callable[[], NoReturn]:
         except BaseException:  # what the interpreter would print, and exit 1 with
             traceback.print_exc()
             code = 1
+            linger_for_local_peers()
         exit_now(code)
 
     return ended
+
+
+LINGER_S = 2.0
+
+
+def linger_for_local_peers() -> None:
+    """A rank that fails unexpectedly while other ranks share its launcher waits ``LINGER_S`` before it ends.
+
+    When a peer is killed, this rank's own error (a collective cut off: "Connection reset by peer") follows within
+    milliseconds; a launcher that then sees both exits in one poll names the wrong rank as the root cause (torchrun
+    keeps the earliest by whole-second timestamps, then by rank). Lingering, the first failure is seen first and this
+    rank is stopped by the launcher. A rank alone on its node (one per namespace-node, say) leaves at once.
+    """
+    if int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1"))) > 1:  # torchrun's; deepspeed's
+        time.sleep(LINGER_S)
 
 
 def _exit_code(code: object) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -11,14 +12,17 @@ import pytest
 from tests.conftest import REPO
 
 PROGRAM = """
-import atexit, os, sys
+import atexit, os, sys, time
 import torch.distributed as dist
 from llmtrain.distributed.exit import ended_process
 
 def handler():
     print("atexit ran; group up:", dist.is_initialized())
+    print(f"{time.monotonic() - started:.2f}", file=sys.stderr)  # the last line: seconds from main to the handlers
 
 def main():
+    global started
+    started = time.monotonic()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
     dist.init_process_group("gloo", rank=0, world_size=1)
     atexit.register(handler)
@@ -30,12 +34,13 @@ print("never printed")
 """
 
 
-def end(ending: str) -> subprocess.CompletedProcess:
+def end(ending: str, local_ranks: int = 1) -> subprocess.CompletedProcess:
     from llmtrain.distributed.env import _free_port
 
     code = textwrap.dedent(PROGRAM).replace("{ending}", ending)
+    env = {**os.environ, "LOCAL_WORLD_SIZE": str(local_ranks)}
     return subprocess.run([sys.executable, "-c", code, str(_free_port())], capture_output=True, text=True,
-                          timeout=120, cwd=REPO)
+                          timeout=120, cwd=REPO, env=env)
 
 
 @pytest.mark.parametrize(("ending", "code"), [("return", 0), ("sys.exit(3)", 3), ("sys.exit(None)", 0),
@@ -47,3 +52,15 @@ def test_a_rank_ends_with_its_code_after_its_handlers_and_output_out_of_the_grou
     assert proc.stdout == "unflushed outputatexit ran; group up: False\n"
     if code == 1:
         assert ("RuntimeError: boom" in proc.stderr and "Traceback" in proc.stderr) or "bad input" in proc.stderr
+
+
+@pytest.mark.parametrize(("ending", "local_ranks", "lingers"), [("raise RuntimeError('peer gone')", 2, True),
+                                                                ("raise RuntimeError('alone')", 1, False),
+                                                                ("sys.exit(2)", 2, False), ("return", 2, False)])
+def test_only_an_unexpected_failure_beside_local_peers_lingers(ending, local_ranks, lingers):
+    """So that a launcher sees a killed peer's exit before this rank's consequent error (and names the peer)."""
+    from llmtrain.distributed.exit import LINGER_S
+
+    proc = end(ending, local_ranks)
+    seconds = float(proc.stderr.strip().splitlines()[-1])
+    assert (seconds >= LINGER_S) is lingers and seconds < LINGER_S + 5, seconds
