@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -92,11 +93,13 @@ def overhead_table(data: str, work: Path, steps: int, reps: int) -> None:
                 ddp.append(bare(data, threads, steps, micro, accum // ranks, block, ranks))
         ratios = [a / b for a, b in zip(mine, theirs, strict=True)]
         rows.append([label, " / ".join(f"{t:,.0f}" for t in mine), " / ".join(f"{t:,.0f}" for t in theirs),
-                     " / ".join(f"{r:.3f}" for r in ratios), f"{sum(mine) / sum(theirs):.3f}",
+                     " / ".join(f"{r:.3f}" for r in ratios), f"{statistics.median(ratios):.3f}",
+                     f"{sum(mine) / sum(theirs):.3f}",
                      " / ".join(f"{t:,.0f}" for t in ddp) or "-", f"{sum(mine) / sum(ddp):.3f}" if ddp else "-"])
     table(f"0a. small fp32, block {block}, global batch {micro * accum}: llmtrain-train vs the bare loop at 2 threads "
           f"(and vs a bare torch DDP loop on as many ranks; {reps} interleaved runs each, tok/s)",
-          ["setup", "llmtrain-train", "bare loop", "ratio per pair", "ratio", "bare DDP loop", "ratio to DDP"], rows)
+          ["setup", "llmtrain-train", "bare loop", "ratio per pair", "median pair", "ratio of sums",
+           "bare DDP loop", "ratio to DDP"], rows)
     rows = []
     for precision in ("fp32", "bf16"):
         n = steps if precision == "fp32" else 2 * steps  # bf16 steps take half the time
@@ -107,10 +110,11 @@ def overhead_table(data: str, work: Path, steps: int, reps: int) -> None:
                                          micro * accum, f"model.block_size={block}", f"train.compile={flag}",
                                          bias=False)["tokens_per_s"])
         eager, compiled = (sum(speeds[flag]) / reps for flag in ("false", "true"))
-        rows.append([precision, f"{eager:,.0f}", f"{compiled:,.0f}", f"{compiled / eager:.3f}"])
+        pairs = " / ".join(f"{c / e:.3f}" for e, c in zip(speeds["false"], speeds["true"], strict=True))
+        rows.append([precision, f"{eager:,.0f}", f"{compiled:,.0f}", pairs, f"{compiled / eager:.3f}"])
     table(f"0b. the same, 1 process x 2 threads, ZeRO-0: train.compile=true vs false ({reps} interleaved pairs; tok/s "
           "after the first quarter of the steps, which holds the compile)", ["precision", "eager", "compiled",
-                                                                             "speed-up"], rows)
+                                                                             "speed-up per pair", "speed-up"], rows)
 
 
 def hf_reference(vocab: int, precision: str, steps: int, micro: int, threads: int) -> float:

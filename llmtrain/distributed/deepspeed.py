@@ -219,6 +219,42 @@ def _fp32_master_is_the_partition() -> Iterator[None]:
         Stage3._create_fp32_partitions = original
 
 
+def _gather_partitions(original: Callable[..., None]) -> Callable[..., None]:
+    """DeepSpeed's ``all_gather_dp_groups`` (ZeRO-1/2 and the bf16 optimizer: after each step every rank gathers the
+    others' updated weight partitions into its flat buffer), done as one broadcast per partition where the group
+    runs over gloo, and by ``original`` elsewhere (NCCL's all-gather is the fast path there).
+
+    Gloo's all-gather copies through its ring: measured on 2 CPU cores, 13.8M fp32 elements (`small`), one
+    ``all_gather_into_tensor`` took 50-58 ms and two broadcasts into the same views 14-15 ms (4 ranks: 88-90 against
+    32-35 ms). At ZeRO-2 that all-gather was most of ``engine.step`` (87 ms of a 1.15 s step on 2 ranks). The
+    partitions are views of the flat buffer, so the bytes that land are the same; the values are bitwise equal."""
+    import torch.distributed as dist
+
+    def gather(groups_flat, partitioned_param_groups, dp_process_group, *args, **kwargs) -> None:
+        if any(dist.get_backend(group) != "gloo" for group in dp_process_group):
+            return original(groups_flat, partitioned_param_groups, dp_process_group, *args, **kwargs)
+        for partitions, group in zip(partitioned_param_groups, dp_process_group, strict=True):
+            if dist.get_world_size(group) > 1:
+                pending = [dist.broadcast(part, group=group, group_src=src, async_op=True)
+                           for src, part in enumerate(partitions)]
+                for work in pending:
+                    work.wait()
+        return None
+
+    gather.gathers_by_broadcast = True
+    return gather
+
+
+def _use_broadcast_gathers() -> None:
+    """Install :func:`_gather_partitions` where DeepSpeed calls ``all_gather_dp_groups`` (once per process)."""
+    from deepspeed.runtime import bf16_optimizer
+    from deepspeed.runtime.zero import stage_1_and_2
+
+    for module in (stage_1_and_2, bf16_optimizer):
+        if not getattr(module.all_gather_dp_groups, "gathers_by_broadcast", False):
+            module.all_gather_dp_groups = _gather_partitions(module.all_gather_dp_groups)
+
+
 def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any],
                compile_model: bool = False):
     """Wrap model and optimizer in a DeepSpeed engine (the only call of deepspeed.initialize); with
@@ -227,6 +263,7 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_conf
     import deepspeed
     from pydantic import ValidationError
 
+    _use_broadcast_gathers()
     try:
         with _fp32_master_is_the_partition():
             engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
