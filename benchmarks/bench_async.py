@@ -102,11 +102,12 @@ def main() -> None:
                         help="precisions of the throughput runs (bf16 is slow on CPUs without native bf16)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["throughput", "loss"])
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench-async-"))
-    if "throughput" not in args.skip:
-        throughput(args.data, work, args.steps, args.model, args.precisions)
-    if "loss" not in args.skip:
-        loss_at_equal_tokens(args.data, work, args.loss_steps)
+    with tempfile.TemporaryDirectory(prefix="bench-async-") as tmp:  # run folders, each with its last checkpoint
+        work = Path(tmp)
+        if "throughput" not in args.skip:
+            throughput(args.data, work, args.steps, args.model, args.precisions)
+        if "loss" not in args.skip:
+            loss_at_equal_tokens(args.data, work, args.loss_steps)
 
 
 if __name__ == "__main__":

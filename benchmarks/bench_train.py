@@ -165,8 +165,11 @@ def main() -> None:
                         help="table 1's precisions; bf16 runs --steps/6 steps (slow on CPUs without native bf16)")
     args = parser.parse_args()
     vocab = json.loads((Path(args.data) / "meta.json").read_text())["vocab_size"]
-    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:  # run folders, each with its last checkpoint
+        run_tables(args, vocab, Path(tmp))
 
+
+def run_tables(args: argparse.Namespace, vocab: int, work: Path) -> None:
     if "overhead" not in args.skip:
         overhead_table(args.data, work, args.steps, args.reps)
 
