@@ -173,8 +173,9 @@ def copy_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], zero_
 
 def should_compile(setting: bool | None, device: torch.device, zero_stage: int) -> bool:
     """``train.compile``: as set, or (null) on with CUDA at ZeRO 0-2. Measured on 2 CPU cores (`small`, block 128,
-    README "Benchmarks"): fp32 steps are matmul-bound and gain nothing (1.01x); bf16 gains 1.24x after a first
-    compile of ~13 s per process (~3 s from inductor's cache), which a short CPU run does not win back.
+    README "Benchmarks"): fp32 steps are matmul-bound (85% of the step in matmul and attention kernels) and gain
+    1.01-1.05x; bf16 gains 1.17-1.24x after a first compile of ~13 s per process (~3 s from inductor's cache),
+    which a short CPU run does not win back.
 
     ZeRO-3 gathers each submodule's parameters in hooks that plain torch.compile traces into, recompiling per
     submodule until dynamo gives up (measured: the recompile limit hit at the first step). DeepSpeed compiles
