@@ -56,7 +56,7 @@ def test_broadcast_gather_equals_deepspeeds_all_gather_bitwise(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(results[0]["got"], results[1]["got"], strict=True))
 
 
-def test_installed_once_and_kept_for_other_backends():
+def test_installed_once():
     from deepspeed.runtime.zero import stage_1_and_2
 
     from llmtrain.distributed.deepspeed import _use_broadcast_gathers
@@ -65,3 +65,11 @@ def test_installed_once_and_kept_for_other_backends():
     first = stage_1_and_2.all_gather_dp_groups
     _use_broadcast_gathers()
     assert stage_1_and_2.all_gather_dp_groups is first and first.gathers_by_broadcast
+
+
+def test_other_backends_keep_deepspeeds_all_gather(monkeypatch):
+    calls = []
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    gather = _gather_partitions(lambda *args, **kwargs: calls.append((args, kwargs)))
+    gather(["flat"], [["part0", "part1"]], ["group"], 512, allgather_bucket_size=1 << 20)
+    assert calls == [((["flat"], [["part0", "part1"]], ["group"], 512), {"allgather_bucket_size": 1 << 20})]
