@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from llmtrain.config import register_configs
+from llmtrain.distributed.exit import linger_for_local_peers
 from llmtrain.errors import UserError
 
 T = TypeVar("T")
@@ -188,6 +189,11 @@ def hydra_command(command: str, config_name: str, schema: type[T], task: Callabl
         except KeyboardInterrupt:
             print(f"{command}: interrupted", file=sys.stderr)
             sys.exit(130)
+        except Exception:
+            # Hydra reports an unexpected error and exits 1 itself (SystemExit, never seen by ended_process as a
+            # failure): linger first, so that a launcher names a killed peer, not this rank (distributed/exit.py).
+            linger_for_local_peers()
+            raise
 
     def main() -> None:
         # The deepspeed launcher appends --local_rank=N (also in LOCAL_RANK); Hydra takes no such flag.

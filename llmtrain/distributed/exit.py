@@ -58,9 +58,15 @@ def linger_for_local_peers() -> None:
     milliseconds; a launcher that then sees both exits in one poll names the wrong rank as the root cause (torchrun
     keeps the earliest by whole-second timestamps, then by rank). Lingering, the first failure is seen first and this
     rank is stopped by the launcher. A rank alone on its node (one per namespace-node, say) leaves at once.
+    LOCAL_WORLD_SIZE is torchrun's, LOCAL_SIZE the deepspeed launcher's.
     """
-    if int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1"))) > 1:  # torchrun's; deepspeed's
+    global _lingered
+    if not _lingered and int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1"))) > 1:
+        _lingered = True  # once per process: the Hydra wrapper and ended_process may both see the failure
         time.sleep(LINGER_S)
+
+
+_lingered = False
 
 
 def _exit_code(code: object) -> int:

@@ -64,3 +64,38 @@ def test_only_an_unexpected_failure_beside_local_peers_lingers(ending, local_ran
     proc = end(ending, local_ranks)
     seconds = float(proc.stderr.strip().splitlines()[-1])
     assert (seconds >= LINGER_S) is lingers and seconds < LINGER_S + 5, seconds
+
+
+
+HYDRA_PROGRAM = """
+import atexit, sys, time
+from llmtrain.cli._entry import hydra_command
+from llmtrain.config import TrainConfig
+from llmtrain.distributed.exit import ended_process
+
+started = time.monotonic()
+atexit.register(lambda: print(f"{time.monotonic() - started:.2f}", file=sys.stderr))  # the last line
+
+def task(cfg):
+    raise RuntimeError("Connection reset by peer")
+
+sys.argv = ["llmtrain-train", "data.dir=d", "run.dir=r"]
+ended_process(hydra_command("llmtrain-train", "train", TrainConfig, task))()
+"""
+
+
+@pytest.mark.parametrize(("local_ranks", "full_error", "lingers"), [(2, "", True), (2, "1", True), (1, "", False)])
+def test_an_unexpected_failure_reported_by_hydra_lingers_once(tmp_path, local_ranks, full_error, lingers):
+    """Hydra catches a task's unexpected error, prints it and exits 1 (a SystemExit, not a failure to
+    ended_process): the linger must come before that, and only once where the error also reaches ended_process
+    (HYDRA_FULL_ERROR=1). Without it a launcher named this rank instead of the killed peer (in a CI run)."""
+    from llmtrain.distributed.exit import LINGER_S
+
+    env = {**os.environ, "LOCAL_WORLD_SIZE": str(local_ranks), "HYDRA_FULL_ERROR": full_error,
+           "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", HYDRA_PROGRAM], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env=env)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Connection reset by peer" in proc.stderr
+    seconds = float(proc.stderr.strip().splitlines()[-1])
+    assert (seconds >= LINGER_S) is lingers and seconds < 2 * LINGER_S, seconds
