@@ -33,7 +33,7 @@ from llmtrain.config import (
 from llmtrain.distributed import memory
 from llmtrain.distributed.env import init_distributed
 from llmtrain.distributed.exit import ended_process
-from llmtrain.export.consolidate import model_config_from
+from llmtrain.run.trained import model_config_from
 from llmtrain.train.trainer import Trainer
 
 

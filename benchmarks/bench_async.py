@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from _table import table  # benchmarks/ is on sys.path when a benchmark runs as a script
 
-from llmtrain.train.checkpoint import RunDir
+from llmtrain.run.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = ["model.block_size=128", "train.global_batch_size=16", "train.micro_batch_size=8", "optim.lr=2e-3",

@@ -18,7 +18,7 @@ import numpy as np
 
 from llmtrain.config import CompareConfig
 from llmtrain.errors import UserError
-from llmtrain.train.checkpoint import RunDir
+from llmtrain.run.rundir import RunDir
 
 
 @dataclass
@@ -127,7 +127,7 @@ def plot(runs: list[ModeRun], out: Path) -> list[Path]:
 
 
 def compare(cfg: CompareConfig, user_overrides: list[str]) -> str:
-    from llmtrain.train.setup import check_data_dir
+    from llmtrain.run.setup import check_data_dir
 
     check_data_dir(cfg.data)  # the runs would each refuse it, after compare.dir was made
     out = Path(cfg.compare.dir)

@@ -23,7 +23,7 @@ log = logging.getLogger("llmtrain")
 def run(cfg: EvalConfig) -> None:
     from llmtrain.distributed.env import local_device
     from llmtrain.dtypes import torch_dtype
-    from llmtrain.export.consolidate import load_trained
+    from llmtrain.run.trained import load_trained
 
     if cfg.tasks:
         from llmtrain.harness import require_lm_eval
@@ -62,6 +62,7 @@ def tasks_table(cfg: EvalConfig, trained, model, device) -> None:
 
 def perplexity_table(cfg: EvalConfig, trained, model, device) -> None:
     from llmtrain.data.reader import PreparedData
+    from llmtrain.data.tokenizer import check_same_tokenizer
     from llmtrain.evaluate import mean_loss, perplexity, text_batches
 
     block = trained.model_cfg.block_size
@@ -80,10 +81,8 @@ def perplexity_table(cfg: EvalConfig, trained, model, device) -> None:
             raise UserError(f"{trained.source} records no single dataset (an export, or a run on data.mix): add "
                             "data_dir=<a prepared folder> or text_file=<a text file>")
         data = PreparedData(data_dir)
-        if data.tokenizer_fingerprint != trained.tokenizer.fingerprint:
-            raise UserError(f"{data_dir} was tokenized with another tokenizer (sha256 "
-                            f"{data.tokenizer_fingerprint[:12]}) than {trained.source} (sha256 "
-                            f"{trained.tokenizer.fingerprint[:12]})")
+        check_same_tokenizer(data.tokenizer_fingerprint, trained.tokenizer.fingerprint, data_dir,
+                             str(trained.source), "score it on data prepared with the model's tokenizer")
         batches = data.val_windows(block, cfg.max_windows).batches(cfg.batch_size)
         scored_on = f"{data_dir} (val)"
     loss, tokens = mean_loss(model, batches, device)

@@ -22,7 +22,7 @@ log = logging.getLogger("llmtrain")
 
 
 def run(cfg: ExportConfig) -> None:
-    from llmtrain.export.consolidate import load_trained, save_consolidated
+    from llmtrain.run.trained import load_trained, save_consolidated
 
     out = Path(cfg.out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:

@@ -40,7 +40,7 @@ def run(cfg: GenerateConfig) -> None:
 
     from llmtrain.distributed.env import local_device
     from llmtrain.dtypes import torch_dtype
-    from llmtrain.export.consolidate import load_trained
+    from llmtrain.run.trained import load_trained
     from llmtrain.generate import TextGenerator
 
     prompts = read_prompts(cfg)

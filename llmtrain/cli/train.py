@@ -30,7 +30,7 @@ def trainer_class(mode: Mode) -> type:
 
 def run(cfg: TrainConfig) -> None:
     use_tuned_malloc(cfg.dist.zero_stage)  # from ZeRO-1 on, re-executes this process once with glibc tuned
-    from llmtrain.train.checkpoint import RunDir
+    from llmtrain.run.rundir import RunDir
 
     run_dir = RunDir.of(cfg.run.dir)
     made_here = not run_dir.path.exists()

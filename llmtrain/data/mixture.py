@@ -31,7 +31,7 @@ from llmtrain.data.reader import (
     to_xy,
     unigram_counts,
 )
-from llmtrain.data.tokenizer import Tokenizer
+from llmtrain.data.tokenizer import Tokenizer, check_same_tokenizer
 from llmtrain.errors import UserError
 
 PERIOD = 10_000
@@ -145,11 +145,9 @@ class MixedData:
         self.weights = [source.weight / total for source in mix]
         first = self.sources[0]
         for i, data in enumerate(self.sources[1:], 1):
-            if data.tokenizer_fingerprint != first.tokenizer_fingerprint:
-                raise UserError(f"data.mix[{i}].dir={data.folder} was prepared with another tokenizer than "
-                                f"data.mix[0].dir={first.folder} (sha256 {data.tokenizer_fingerprint[:12]} != "
-                                f"{first.tokenizer_fingerprint[:12]}); prepare it with "
-                                f"data.tokenizer_path={first.tokenizer_file}")
+            check_same_tokenizer(data.tokenizer_fingerprint, first.tokenizer_fingerprint,
+                                 f"data.mix[{i}].dir={data.folder}", f"data.mix[0].dir={first.folder}",
+                                 f"prepare it with data.tokenizer_path={first.tokenizer_file}")
         self.folder = first.folder
 
     @property

@@ -25,7 +25,7 @@ import torch
 
 from llmtrain.data.order import EpochOrder
 from llmtrain.data.shards import META_FILE, TOKENIZER_FILE, TokenSplit, read_meta
-from llmtrain.data.tokenizer import Tokenizer
+from llmtrain.data.tokenizer import Tokenizer, check_same_tokenizer
 from llmtrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -202,9 +202,8 @@ class PreparedData:
 
     def tokenizer(self) -> Tokenizer:
         tokenizer = Tokenizer.load(self.tokenizer_file)
-        if tokenizer.fingerprint != self.tokenizer_fingerprint:
-            raise UserError(f"{self.tokenizer_file} does not match the tokenizer the shards were made with "
-                            f"(sha256 {tokenizer.fingerprint[:12]} != {self.tokenizer_fingerprint[:12]})")
+        check_same_tokenizer(tokenizer.fingerprint, self.tokenizer_fingerprint, str(self.tokenizer_file),
+                             f"the shards of {self.folder}", "prepare the data again")
         return tokenizer
 
     def split(self, name: str) -> TokenSplit:

@@ -26,6 +26,15 @@ JSON_EOD_PIECES = (EOD_PIECE, "<|end_of_text|>", "</s>")
 """End-of-document tokens looked for, in this order, in a tokenizer.json (GPT-2, Llama 3, Llama 2 / Mistral)."""
 
 
+def check_same_tokenizer(theirs: str, ours: str, their_owner: str, our_owner: str, fix: str) -> None:
+    """The one tokenizer check: ``their_owner`` (a checkpoint, a dataset, a file) must have been made with the
+    tokenizer of ``our_owner``, compared by fingerprint (the SHA-256 of the tokenizer file); else one line with
+    ``fix``."""
+    if theirs != ours:
+        raise UserError(f"{their_owner} has another tokenizer than {our_owner} (sha256 {theirs[:12]} vs "
+                        f"{ours[:12]}); {fix}")
+
+
 class Tokenizer:
     """What llmtrain needs of a tokenizer: ids <-> text, the end-of-document id, the vocabulary size, and the file
     it was loaded from (saved into checkpoints and exports under ``file_name``)."""

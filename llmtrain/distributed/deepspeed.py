@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from llmtrain.config import Precision, TrainConfig
+from llmtrain.config import ModelConfig, Precision, TrainConfig
+from llmtrain.distributed.env import select_accelerator
 from llmtrain.errors import UserError
+from llmtrain.model import build_model
+from llmtrain.optim import param_groups
 
 
 def grad_accumulation_steps(global_batch: int, micro_batch: int, dp_world: int) -> int:
@@ -278,3 +283,29 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_conf
     if compile_model:
         engine.compile()
     return engine
+
+
+def fp32_weights(folder: Path, zero_stage: int, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """fp32 weights from DeepSpeed's files: ZeRO >= 1 merges the fp32 partitions of every rank (DeepSpeed's
+    zero_to_fp32); ZeRO-0 keeps whole weights, and under bf16 their fp32 masters in the optimizer state."""
+    if zero_stage > 0:
+        select_accelerator()  # before deepspeed is imported: no CUDA -> its CPU accelerator, without a warning
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # after select_accelerator
+
+        with contextlib.redirect_stdout(sys.stderr):  # it prints progress; stdout is for generated text
+            weights = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+        return {k: v.detach().clone() for k, v in weights.items()}
+    saved = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    weights = {k: v.float() for k, v in saved["module"].items()}
+    masters = (saved.get("optimizer") or {}).get("fp32_groups")
+    if masters is not None and any(v.dtype != torch.float32 for v in saved["module"].values()):
+        # DeepSpeed keeps the fp32 masters per optimizer group: the group-order contract of llmtrain.optim.
+        with torch.device("meta"):
+            model = build_model(model_cfg)
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        for group, group_masters in zip(param_groups(model.parameters(), 0.0), masters, strict=True):
+            for param, master in zip(group["params"], group_masters, strict=True):
+                weights[name_of[id(param)]] = master.float()
+        if model_cfg.tie_embeddings:
+            weights["lm_head.weight"] = weights["wte.weight"]
+    return weights

@@ -99,14 +99,30 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistEnv:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-        if "OMP_NUM_THREADS" not in os.environ:  # ranks on one host share its cores instead of oversubscribing
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        share_cores(local_world)
     import deepspeed
 
     quiet_deepspeed()
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
                                verbose=False)
     return DistEnv(rank, local_rank, world, local_world, device, backend)
+
+
+def share_cores(local_world: int) -> None:
+    """Ranks on one host share its cores instead of oversubscribing them (unless OMP_NUM_THREADS says otherwise)."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+
+
+def rpc_env(cpu_ranks: int = 0) -> DistEnv:
+    """This process's place in a job that talks over RPC (the parameter-server mode; no process group): ranks from
+    the launcher; ranks below ``cpu_ranks`` stay on the CPU, the others take their GPU where there is one."""
+    rank, local_rank, world, local_world = launcher_vars()
+    on_gpu = rank >= cpu_ranks and torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
+    if not on_gpu:
+        share_cores(local_world)
+    return DistEnv(rank, local_rank, world, local_world, device, "tensorpipe")
 
 
 def quiet_deepspeed() -> None:

@@ -22,7 +22,7 @@ import torch
 
 from llmtrain.config import Precision, TrainConfig
 from llmtrain.distributed.deepspeed import buckets_for_width
-from llmtrain.train.optim import ChunkedAdamW
+from llmtrain.optim import ChunkedAdamW
 
 GB = 2**30
 

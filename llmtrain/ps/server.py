@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from llmtrain.config import OptimConfig
-from llmtrain.train.optim import build_optimizer, lr_at, set_lr
+from llmtrain.optim import build_optimizer, lr_at, set_lr
 
 
 def shard_names(named_sizes: Sequence[tuple[str, int]], num_servers: int) -> list[list[str]]:

@@ -11,8 +11,8 @@ rendezvous (the same environment as sync mode). Server 0 (rank 0) writes the met
 Precision: workers compute in ``precision`` (bf16 by default), pulls and pushes carry tensors of that dtype,
 servers keep fp32 masters and optimizer state and apply in fp32.
 
-Set-up (data, model config, resume rule, run folder, optimizer) comes from the same functions as the
-synchronous trainer's: ``llmtrain.train.setup``, ``llmtrain.train.checkpoint``, ``llmtrain.train.optim``.
+Set-up, the run folder, the checkpoint procedure and resume rule, and the log/eval/save cadence are the synchronous
+trainer's (``llmtrain.run``); this mode supplies its roles, its loop and its tensor files (``llmtrain.ps.checkpoint``).
 """
 
 from __future__ import annotations
@@ -25,20 +25,22 @@ import numpy as np
 import torch
 import torch.distributed.rpc as rpc
 
-from llmtrain.config import Mode, TrainConfig
+from llmtrain.config import TrainConfig
 from llmtrain.distributed.deepspeed import copy_weights, should_compile
-from llmtrain.distributed.env import DistEnv, launcher_vars
+from llmtrain.distributed.env import rpc_env
 from llmtrain.dtypes import torch_dtype
 from llmtrain.errors import UserError
 from llmtrain.evaluate import mean_loss, validation_scores
 from llmtrain.model import build_model
 from llmtrain.ps import rpc as calls
+from llmtrain.ps.checkpoint import ServerCheckpointIO
 from llmtrain.ps.server import ParameterServer, shard_names
-from llmtrain.train import setup
-from llmtrain.train.checkpoint import checkpoint_bytes, finish_checkpoint, no_room, read_marker, saving
-from llmtrain.train.metrics import MetricsLogger
-from llmtrain.train.preemption import StopSignals, clear_preempted, mark_preempted
-from llmtrain.train.setup import TrainResult
+from llmtrain.run import setup
+from llmtrain.run.cadence import Cadence
+from llmtrain.run.checkpoint import Checkpoints, Peers, client_state
+from llmtrain.run.metrics import MetricsLogger
+from llmtrain.run.preemption import StopSignals, clear_preempted, mark_preempted
+from llmtrain.run.setup import TrainResult
 
 log = logging.getLogger("llmtrain")
 
@@ -69,8 +71,9 @@ class AsyncPSTrainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         # 1. Roles from the launcher's environment: servers first, then workers.
-        rank, local_rank, world, local_world = launcher_vars()
         self.num_servers = cfg.ps.num_servers
+        self.env = rpc_env(cpu_ranks=self.num_servers)  # servers on the CPU; workers on their GPU where there is one
+        rank, world = self.env.rank, self.env.world_size
         self.num_workers = world - self.num_servers
         if self.num_workers < 1:
             raise UserError(f"mode=async_ps with ps.num_servers={self.num_servers} needs at least "
@@ -78,16 +81,12 @@ class AsyncPSTrainer:
         if cfg.train.global_batch_size % (self.num_workers * cfg.train.micro_batch_size):
             raise UserError(f"train.global_batch_size={cfg.train.global_batch_size} must be a multiple of "
                             f"{self.num_workers} workers x train.micro_batch_size={cfg.train.micro_batch_size}")
-        self.env = DistEnv(rank, local_rank, world, local_world, torch.device("cpu"), "tensorpipe")
         self.is_server = rank < self.num_servers
         # A stop signal reaches every process of a Slurm job: server 0 decides when to stop, the others go on.
         self._signals = StopSignals(listen=rank == 0).install()
         self.worker = rank - self.num_servers
-        if not self.is_server and torch.cuda.is_available():
-            self.env = DistEnv(rank, local_rank, world, local_world, torch.device("cuda", local_rank), "tensorpipe")
         self.dtype = torch_dtype(cfg.precision)
         """Workers compute, and pulls and pushes travel, in this dtype; servers keep fp32 masters."""
-        torch.set_num_threads(max(1, torch.get_num_threads() // max(1, local_world)))
         # 2. Run folder and data: rank 0 prepares the dataset if needed, the others wait for it (no process
         #    group exists yet); the model config takes its vocabulary from it.
         started = setup.set_up_run(cfg, rank == 0)
@@ -103,17 +102,22 @@ class AsyncPSTrainer:
         self.start_step = 0
         sizes = [(n, p.numel()) for n, p in self._model.named_parameters()]  # a tied weight appears once
         self.shards = shard_names(sizes, self.num_servers)
-        # 4. Servers hold their shard before anyone can call them; then all join the RPC group.
+        # 4. Checkpoints: server 0 writes them (the shards of the others by RPC); each server resumes its own shard.
+        shard_files = ServerCheckpointIO(rank, world, self.num_servers, self.num_workers,
+                                         sum(p.numel() for p in self._model.parameters()), self.name,
+                                         self.gather_state, self.model_cfg, self.data.tokenizer)
+        self.checkpoints = Checkpoints(self.run, shard_files, Peers(is_main=rank == 0), cfg.train.keep_checkpoints)
+        # 5. Servers hold their shard before anyone can call them; then all join the RPC group.
         if self.is_server:
             params = dict(self._model.named_parameters())
             calls.install(ParameterServer({n: params[n] for n in self.shards[rank]}, cfg.optim, cfg.train.max_steps,
                                           self.num_workers, cfg.ps.staleness_lr, cfg.ps.max_staleness,
                                           cfg.ps.timeout_s, cfg.train.stop_at_step, wire_dtype=self.dtype))
-            self._resume_server(rank)
+            self._resume_server()
             self._model.to(self.dtype)  # server 0 evaluates in the workers' precision, as sync mode does
         elif should_compile(cfg.train.compile, self.env.device, zero_stage=0):
             self._model.compile()  # in place: the parameter names that pulls, pushes and checkpoints use stay
-        # 5. The resolved config, once the checkpoint (if any) was accepted: a refused resume changes nothing.
+        # 6. The resolved config, once the checkpoint (if any) was accepted: a refused resume changes nothing.
         self.config_yaml = setup.write_run_config(self.run, self.resolved) if rank == 0 else ""
         options = rpc.TensorPipeRpcBackendOptions(init_method="env://", rpc_timeout=cfg.ps.timeout_s)
         rpc.init_rpc(self.name(rank), rank=rank, world_size=world, rpc_backend_options=options)
@@ -201,7 +205,9 @@ class AsyncPSTrainer:
         clear_preempted(self.run)
         result = TrainResult(unigram_entropy=self.data.unigram_entropy())
         self._lost: list[bool] = []
+        cadence = Cadence.of(cfg)
         seen, step, interval_start = 0, self.start_step, time.time()
+        evaluated = saved = -1
         tokens_per_update = cfg.global_batch_size // self.num_workers * self.model_cfg.block_size
         interval: list[dict] = []
         done = threading.Thread(target=lambda: self._lost.append(not server.wait_until_done()), daemon=True)
@@ -222,26 +228,28 @@ class AsyncPSTrainer:
                     continue
                 step += 1
                 metrics.advance()
-                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                if cadence.log(step):
                     seconds = record["time"] - interval_start
                     self._log(metrics, step, interval, tokens_per_update, seconds)
                     result.losses[step] = float(np.mean([r["loss"] for r in interval[-self.num_workers:]]))
                     interval, interval_start = [], record["time"]
-                last = step == cfg.max_steps or step == cfg.stop_at_step
-                if cfg.eval_every and step % cfg.eval_every == 0 and not last:
-                    metrics.log(step, self.evaluate())  # on the weights of now: the workers go on meanwhile
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not last:
-                    self._save_checkpoint(step, step * self.num_workers * tokens_per_update)
+                if cadence.stops(step):  # the last step's evaluation and save wait for every update (below)
+                    continue
+                if cadence.evaluate(step):  # on the weights of now: the workers go on meanwhile
+                    self._evaluate_into(result, metrics, step)
+                    evaluated = step
+                if cadence.save(step):
+                    self._save(step)
+                    saved = step
         if self._lost[0]:
             log.warning("%d worker(s) were lost (silent for more than ps.timeout_s=%d s); the others finished "
                         "the run", len(server.clock) - len(server.finished), self.cfg.ps.timeout_s)
         result.steps, result.stopped_early = step, step < cfg.max_steps
-        if not result.stopped_early:
-            scores = self.evaluate()
-            result.val_loss, result.val_ppl = scores["val_loss"], scores["val_ppl"]
-            metrics.log(step, scores)
+        if cadence.evaluate(step) and evaluated != step:
+            self._evaluate_into(result, metrics, step)
         metrics.close()
-        self._save_checkpoint(step, step * self.num_workers * tokens_per_update)
+        if saved != step:  # a run always ends with a checkpoint, as a synchronous one does
+            self._save(step)
         if stopping and result.stopped_early:
             mark_preempted(self.run, step, self._signals.requested)
         for i in range(1, self.num_servers):
@@ -298,50 +306,20 @@ class AsyncPSTrainer:
         model.train()
         return validation_scores(parts, losses)
 
-    def _save_checkpoint(self, step: int, tokens_seen: int) -> None:
-        """A complete checkpoint folder: every server's shard state (to resume) and the whole model in the
-        consolidated format (so llmtrain-generate / -export / -eval read it like any other); marked complete
-        last, older ones pruned."""
-        import shutil
+    def _evaluate_into(self, result: TrainResult, metrics: MetricsLogger, step: int) -> None:
+        scores = self.evaluate()
+        result.val_loss, result.val_ppl = scores["val_loss"], scores["val_ppl"]
+        metrics.log(step, scores)
 
-        from llmtrain.export.consolidate import TrainedModel, save_consolidated
+    def _save(self, step: int) -> None:
+        tokens_seen = step * self.cfg.train.global_batch_size * self.model_cfg.block_size
+        state = client_state(step, tokens_seen, self.data.tokenizer_fingerprint, self.model_cfg, self.cfg.train.seed)
+        self.checkpoints.save(step, state, self.config_yaml)
 
-        folder = self.run.checkpoint(step)
-        shutil.rmtree(folder, ignore_errors=True)
-        need = checkpoint_bytes(self.run, sum(p.numel() for p in self._model.parameters()))
-        if problem := no_room(folder, need):
-            raise UserError(f"{problem}; the older checkpoints are kept")
-        with saving(folder, need):
-            folder.mkdir(parents=True)
-            for i in range(self.num_servers):
-                path = str(folder / f"ps{i}.pt")
-                calls.save_shard(path) if i == 0 else rpc.rpc_sync(self.name(i), calls.save_shard, args=(path,))
-            trained = TrainedModel(self.model_cfg, self.gather_state(), self.data.tokenizer(), folder, step,
-                                   tokens_seen)
-            save_consolidated(trained, folder)
-            state = setup.client_state(step, tokens_seen, self.data, self.model_cfg, self.cfg.train.seed)
-            marker = {"step": step, "mode": Mode.async_ps.value, "world_size": self.env.world_size,
-                      "num_servers": self.num_servers, "num_workers": self.num_workers, "zero_stage": None}
-            finish_checkpoint(folder, self.config_yaml, state, marker)
-        self.run.prune(self.cfg.train.keep_checkpoints, folder)
-        log.info("checkpoint (step %d) in %s", step, folder)
-
-    def _resume_server(self, rank: int) -> None:
+    def _resume_server(self) -> None:
         """Continue from the run's newest complete checkpoint: this server's shard, optimizer and counters."""
-        folder = self.run.newest_intact(is_main=rank == 0) if self.cfg.run.resume else None
-        if folder is None:
+        if not self.cfg.run.resume:
             return
-        state = setup.check_resumable(folder, Mode.async_ps, self.data, self.model_cfg)
-        marker = read_marker(folder)
-        if (marker["num_servers"], marker["num_workers"]) != (self.num_servers, self.num_workers):
-            raise UserError(f"{folder} was saved by {marker['num_servers']} server(s) and {marker['num_workers']}"
-                            f" worker(s); resume with the same (this run has {self.num_servers} and "
-                            f"{self.num_workers}) or start a new run.dir")
-        try:
-            saved = torch.load(folder / f"ps{rank}.pt", map_location="cpu", weights_only=False)
-            calls.server().load_state_dict(saved)
-        except (OSError, RuntimeError, KeyError, EOFError) as exc:
-            raise UserError(f"checkpoint {folder} could not be loaded ({str(exc)[:160]}); it may be corrupt") from None
-        self.start_step = state["step"]
-        if rank == 0:
-            log.info("resumed from %s (step %d)", folder, self.start_step)
+        state = self.checkpoints.resume(self.data.tokenizer_fingerprint, self.model_cfg)
+        if state is not None:
+            self.start_step = state["step"]

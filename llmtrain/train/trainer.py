@@ -36,12 +36,14 @@ from llmtrain.dtypes import torch_dtype
 from llmtrain.errors import UserError
 from llmtrain.evaluate import validation_scores
 from llmtrain.model import build_model
-from llmtrain.train import setup
-from llmtrain.train.checkpoint import Checkpointer
-from llmtrain.train.metrics import MetricsLogger, peak_flops, peak_memory_gb
-from llmtrain.train.optim import build_optimizer, lr_at, set_lr
-from llmtrain.train.preemption import StopSignals, clear_preempted, mark_preempted
-from llmtrain.train.setup import TrainResult
+from llmtrain.optim import build_optimizer, lr_at, set_lr
+from llmtrain.run import setup
+from llmtrain.run.cadence import Cadence
+from llmtrain.run.checkpoint import Checkpoints, client_state
+from llmtrain.run.metrics import MetricsLogger, peak_flops, peak_memory_gb
+from llmtrain.run.preemption import StopSignals, clear_preempted, mark_preempted
+from llmtrain.run.setup import TrainResult
+from llmtrain.train.checkpoint import DeepSpeedCheckpointIO, process_group_peers
 
 log = logging.getLogger("llmtrain")
 
@@ -105,8 +107,9 @@ class Trainer:
         self.val = self.data.validation(block, cfg.train.eval_windows)
         # 7. Checkpoints, and auto-resume from the newest complete one.
         tokenizer_copy = {self.data.tokenizer_file.name: self.data.tokenizer_file}  # checkpoints stand on their own
-        self.checkpointer = Checkpointer(self.run, self.env.rank, self.env.world_size, cfg.dist.zero_stage,
-                                         cfg.train.keep_checkpoints, tokenizer_copy)
+        engine_files = DeepSpeedCheckpointIO(self.engine, self.env.rank, self.env.world_size, cfg.dist.zero_stage)
+        self.checkpoints = Checkpoints(self.run, engine_files, process_group_peers(self.env.rank),
+                                       cfg.train.keep_checkpoints, tokenizer_copy)
         self.step, self.tokens_seen, self.skipped_steps = 0, 0, 0
         if cfg.run.resume:
             self._resume()
@@ -148,15 +151,13 @@ class Trainer:
 
     def _client_state(self) -> dict[str, Any]:
         """What continues a run exactly besides DeepSpeed's tensors. No RNG state: see train_step."""
-        return setup.client_state(self.step, self.tokens_seen, self.data, self.model_cfg, self.cfg.train.seed,
-                                  skipped_steps=self.skipped_steps, reader=self.batches.state_dict())
+        return client_state(self.step, self.tokens_seen, self.data.tokenizer_fingerprint, self.model_cfg,
+                            self.cfg.train.seed, skipped_steps=self.skipped_steps, reader=self.batches.state_dict())
 
     def _resume(self) -> None:
-        folder = self.run.newest_intact(self.env.is_main, dist.barrier)
-        if folder is None:
+        client = self.checkpoints.resume(self.data.tokenizer_fingerprint, self.model_cfg)
+        if client is None:
             return
-        client = setup.check_resumable(folder, self.cfg.mode, self.data, self.model_cfg)
-        self.checkpointer.load(self.engine, folder)  # refused mismatches above never reach DeepSpeed
         self.step, self.tokens_seen = client["step"], client["tokens_seen"]
         self.skipped_steps = client["skipped_steps"]
         self.batches.load_state_dict(client["reader"])
@@ -164,6 +165,7 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         cfg, result = self.cfg.train, TrainResult(unigram_entropy=self.data.unigram_entropy())
+        cadence = Cadence.of(cfg)
         tokens_per_step = cfg.global_batch_size * self.model_cfg.block_size
         consecutive_nonfinite, interval_start, interval_steps = 0, time.perf_counter(), 0
         if self.env.is_main:
@@ -187,21 +189,19 @@ class Trainer:
                 else:
                     consecutive_nonfinite = 0
                 self.metrics.advance()
-                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                if cadence.log(self.step):
                     elapsed = time.perf_counter() - interval_start
                     tokens_per_s = interval_steps * tokens_per_step / elapsed
                     self._log_step(loss, self._grad_norm(outcome), tokens_per_s, elapsed / interval_steps)
                     interval_start, interval_steps = time.perf_counter(), 0
-                last = self.step == cfg.max_steps
-                if last or (cfg.eval_every and self.step % cfg.eval_every == 0):
+                if cadence.evaluate(self.step):
                     scores = self.evaluate()
                     result.val_loss, result.val_ppl = scores["val_loss"], scores["val_ppl"]
                     self.metrics.log(self.step, scores)
                 signum = outcome.stop_signal
-                stop = bool(signum) or self.step == cfg.stop_at_step
-                if last or stop or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
-                    self.checkpointer.save(self.engine, self.step, self._client_state(), self.config_yaml)
-                if stop and not last:
+                if cadence.save(self.step, bool(signum)):
+                    self.checkpoints.save(self.step, self._client_state(), self.config_yaml)
+                if cadence.stops(self.step, bool(signum)) and not cadence.is_last(self.step):
                     result.stopped_early = True
                     if signum and self.env.is_main:
                         mark_preempted(self.run, self.step, signum)

@@ -135,7 +135,7 @@ def test_help_of_each_command(command, fragment):
 def test_zero0_checkpoints_load_fp32_and_bf16_masters(run):
     import torch
 
-    from llmtrain.export.consolidate import load_trained
+    from llmtrain.run.trained import load_trained
 
     fp32_dir = run("z0-1rank", 1, "precision=fp32", "dist.zero_stage=0")
     assert abs(eval_loss(f"run.dir={fp32_dir}", "max_windows=40") - val_losses(fp32_dir)[STEPS]) < 1e-4

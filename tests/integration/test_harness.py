@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmtrain.export.consolidate import load_trained
+from llmtrain.run.trained import load_trained
 from tests.conftest import run_cli
 
 pytest.importorskip("lm_eval")

@@ -58,7 +58,7 @@ def test_llama_continues_alike_under_zero0_and_zero3(init_run):
 
 
 def test_zero3_starts_from_exactly_the_imported_weights(hf_folders, prepared_small, tmp_path):
-    from llmtrain.export.consolidate import load_trained
+    from llmtrain.run.trained import load_trained
 
     script, out = Path(__file__).with_name("initial_weights_run.py"), tmp_path / "init.pt"
     proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(script),
@@ -74,7 +74,7 @@ def test_zero3_starts_from_exactly_the_imported_weights(hf_folders, prepared_sma
 
 
 def test_zero3_run_resumes_and_exports_back_to_transformers(init_run, hf_folders, prepared_small, tmp_path):
-    from llmtrain.export.consolidate import load_trained
+    from llmtrain.run.trained import load_trained
 
     reference = losses(init_run("llama", 2, "dist.zero_stage=3"))
     run_dir = tmp_path / "resumed"
@@ -126,7 +126,7 @@ def test_another_tokenizer_or_an_unsupported_field_is_one_line(hf_folders, prepa
 def test_gpt2_with_its_tokenizer_json_prepares_trains_generates_and_exports(tmp_path):
     """GPT-2's byte-level BPE through the second tokenizer backend, from prepare to a transformers export."""
     from llmtrain.data.tokenizer import Tokenizer
-    from llmtrain.export.consolidate import load_trained
+    from llmtrain.run.trained import load_trained
     from tests.hf_models import save_byte_level_bpe
 
     folder = tmp_path / "gpt2-bpe"

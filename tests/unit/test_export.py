@@ -11,7 +11,7 @@ import torch
 from llmtrain.config import MLP, Arch, ModelConfig, Norm, Positions, SamplingConfig
 from llmtrain.data.tokenizer import Tokenizer
 from llmtrain.errors import UserError
-from llmtrain.export.consolidate import TrainedModel, load_trained, save_consolidated
+from llmtrain.run.trained import TrainedModel, load_trained, save_consolidated
 from llmtrain.generate import TextGenerator
 from llmtrain.model import build_model
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llmtrain.errors import UserError
-from llmtrain.export.consolidate import load_trained
+from llmtrain.run.trained import load_trained
 from tests.hf_models import KINDS, hf_config, save_random_hf
 
 transformers = pytest.importorskip("transformers")
@@ -85,7 +85,7 @@ def test_folder_without_tokenizer_is_refused(tmp_path):
     ("mistral", {"sliding_window": 16}, "sliding_window=16 is not supported"),
 ])
 def test_what_our_gpt_cannot_compute_is_refused_naming_the_field(kind, change, message, tmp_path):
-    from llmtrain.export.hf import model_config_of
+    from llmtrain.hf_mapping import model_config_of
 
     config = hf_config(kind, VOCAB)
     for key, value in change.items():
@@ -96,7 +96,7 @@ def test_what_our_gpt_cannot_compute_is_refused_naming_the_field(kind, change, m
 
 
 def test_other_model_types_are_refused(tmp_path):
-    from llmtrain.export.hf import model_config_of
+    from llmtrain.hf_mapping import model_config_of
 
     with pytest.raises(UserError, match="model_type=bert is not supported"):
         model_config_of(transformers.BertConfig(), tmp_path)

@@ -12,8 +12,8 @@ import pytest
 
 from llmtrain.config import WandbConfig
 from llmtrain.errors import UserError
-from llmtrain.train import lock, metrics
-from llmtrain.train.checkpoint import RunDir
+from llmtrain.run import lock, metrics
+from llmtrain.run.rundir import RunDir
 
 
 def test_a_live_holder_is_named_and_the_lock_left_alone(tmp_path):

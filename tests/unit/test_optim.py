@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from llmtrain.train.optim import ChunkedAdamW
+from llmtrain.optim import ChunkedAdamW
 
 SHAPES = [(300, 100), (17,), (500, 70), (1, 5), (3,), (4096,), (64, 64)]
 

@@ -1,4 +1,4 @@
-"""The set-up both training modes share (train/setup.py) and the run folder's one owner (train/checkpoint.py):
+"""The set-up both training modes share (run/setup.py) and the run folder's one owner (run/rundir.py):
 the vocabulary check, the resume rule with its mode, the atomic completion marker, pruning."""
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ import pytest
 
 from llmtrain.config import Mode, ModelConfig, TrainConfig, to_plain
 from llmtrain.errors import UserError
-from llmtrain.export.consolidate import load_trained
-from llmtrain.train import setup
-from llmtrain.train.checkpoint import MARKER, STATE, RunDir, damage, finish_checkpoint, read_marker
+from llmtrain.run import setup
+from llmtrain.run.checkpoint import check_resumable, finish_checkpoint
+from llmtrain.run.rundir import MARKER, STATE, RunDir, damage, read_marker
+from llmtrain.run.trained import load_trained
 
+SHA = "ab" * 32
 MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=300)
 
 
@@ -50,26 +52,26 @@ def test_one_resume_rule_for_both_modes(tmp_path, mode):
     run = RunDir.of(tmp_path / "run")
     folder = saved_checkpoint(run, 10, mode.value)
     # the name and dropout may change on resume, in either mode
-    state = setup.check_resumable(folder, mode, FakeData(), replace(MODEL, name="renamed", dropout=0.1))
+    state = check_resumable(folder, mode, SHA, replace(MODEL, name="renamed", dropout=0.1))
     assert state["step"] == 10
     with pytest.raises(UserError, match=r"another model shape \(n_layer: 2 -> 3\)"):
-        setup.check_resumable(folder, mode, FakeData(), replace(MODEL, n_layer=3))
+        check_resumable(folder, mode, SHA, replace(MODEL, n_layer=3))
     with pytest.raises(UserError, match="another tokenizer"):
-        setup.check_resumable(folder, mode, FakeData(tokenizer_fingerprint="cd" * 32), MODEL)
+        check_resumable(folder, mode, "cd" * 32, MODEL)
 
 
 def test_a_checkpoint_of_the_other_mode_is_named_as_such(tmp_path):
     ps_folder = saved_checkpoint(RunDir.of(tmp_path / "ps"), 4, "async_ps")
     with pytest.raises(UserError, match="was saved by mode=async_ps and this run has mode=sync; resume it with "
                                         "mode=async_ps"):
-        setup.check_resumable(ps_folder, Mode.sync, FakeData(), MODEL)
+        check_resumable(ps_folder, Mode.sync, SHA, MODEL)
     sync_folder = saved_checkpoint(RunDir.of(tmp_path / "sync"), 4, "sync")
     with pytest.raises(UserError, match="was saved by mode=sync and this run has mode=async_ps"):
-        setup.check_resumable(sync_folder, Mode.async_ps, FakeData(), MODEL)
+        check_resumable(sync_folder, Mode.async_ps, SHA, MODEL)
     # checkpoints written before the marker named its mode were all synchronous
     old = saved_checkpoint(RunDir.of(tmp_path / "old"), 4, None)
     assert read_marker(old)["mode"] == "sync"
-    assert setup.check_resumable(old, Mode.sync, FakeData(), MODEL)["step"] == 4
+    assert check_resumable(old, Mode.sync, SHA, MODEL)["step"] == 4
 
 
 def test_the_marker_appears_whole_or_not_at_all(tmp_path, monkeypatch):
@@ -155,7 +157,7 @@ def test_a_save_that_cannot_finish_is_one_line_and_leaves_no_partial_folder(tmp_
     import shutil
     from collections import namedtuple
 
-    from llmtrain.train.checkpoint import saving
+    from llmtrain.run.checkpoint import saving
 
     run = RunDir.of(tmp_path / "run")
     older = saved_checkpoint(run, 1, "sync")

@@ -14,7 +14,7 @@ from llmtrain.config import DataConfig, Decay, OptimConfig, OptimizerName, Preci
 from llmtrain.distributed.deepspeed import build_ds_config, grad_accumulation_steps, should_compile
 from llmtrain.errors import UserError
 from llmtrain.model import GPT, build_model
-from llmtrain.train.optim import build_optimizer, lr_at, param_groups
+from llmtrain.optim import build_optimizer, lr_at, param_groups
 
 PRESETS = sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml"))
 

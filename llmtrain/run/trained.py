@@ -3,7 +3,7 @@
 ``load_trained(path)`` accepts a run folder (its newest complete checkpoint, or ``step``), one checkpoint folder
 of any ZeRO stage saved by any number of ranks (DeepSpeed's ``zero_to_fp32`` merges the shards; the original
 world size is not needed), a folder in the consolidated format below, or a ``transformers`` folder of the GPT-2 or
-Llama family (``llmtrain.export.hf.load_hf``). The consolidated format does not
+Llama family (``load_hf``). The consolidated format does not
 depend on how the model was trained, so every training mode exports through it:
 
     model.safetensors   weights by llmtrain's parameter names (a tied output head is stored once, as wte.weight)
@@ -14,11 +14,9 @@ depend on how the model was trained, so every training mode exports through it:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,12 +26,21 @@ from torch import nn
 
 from llmtrain.config import ModelConfig, to_plain
 from llmtrain.data.shards import find_tokenizer
-from llmtrain.data.tokenizer import Tokenizer
+from llmtrain.data.tokenizer import Tokenizer, check_same_tokenizer
+from llmtrain.distributed.deepspeed import fp32_weights
 from llmtrain.dtypes import torch_dtype
 from llmtrain.errors import UserError
+from llmtrain.hf_mapping import (
+    from_hf_weights,
+    hf_family,
+    is_hf_folder,
+    model_config_of,
+    require_transformers,
+    weight_pairs,
+)
 from llmtrain.model import build_model
-from llmtrain.train.checkpoint import CONFIG as RUN_CONFIG
-from llmtrain.train.checkpoint import MARKER, STATE, RunDir, damage, is_checkpoint_folder, read_marker
+from llmtrain.run.rundir import CONFIG as RUN_CONFIG
+from llmtrain.run.rundir import MARKER, STATE, RunDir, damage, is_checkpoint_folder, read_marker
 
 log = logging.getLogger("llmtrain")
 FORMAT, FORMAT_VERSION = "llmtrain", 1
@@ -73,8 +80,6 @@ def model_config_from(plain: dict[str, Any]) -> ModelConfig:
 def resolve_checkpoint(path: str | Path, step: int = 0) -> Path:
     """The folder to load: an export folder, a checkpoint folder, or a run's newest (or ``step``) complete one."""
     path = Path(path).expanduser()
-    from llmtrain.export.hf import is_hf_folder
-
     if not path.exists():
         raise UserError(f"{path} does not exist")
     if ((path / CONFIG).is_file() and (path / WEIGHTS).is_file()) or is_hf_folder(path):
@@ -100,14 +105,12 @@ def load_trained(path: str | Path, step: int = 0, tokenizer: str | Path | None =
                  block_size: int = 0) -> TrainedModel:
     """Load a trained model on this process; ``tokenizer`` (optional) must be the one it was trained with.
     ``block_size`` (0 = the model's own) changes the context it is built with: see ``with_block_size``."""
-    from llmtrain.export.hf import is_hf_folder, load_hf
-
     folder = resolve_checkpoint(path, step)
     if is_hf_folder(folder):
         return _check_tokenizer(with_block_size(load_hf(folder), block_size or None), tokenizer)
     problem = damage(folder) if (folder / MARKER).is_file() else None
     if problem:
-        older = [str(s) for s, f in RunDir(folder.parent.parent).complete() if f != folder]
+        older = [str(s) for s, f in RunDir.holding(folder).complete() if f != folder]
         raise UserError(f"{folder} is damaged ({problem})" + (f"; load an older checkpoint with run.dir=<run> "
                         f"run.step=N (complete: steps {', '.join(older)})" if older else ""))
     try:
@@ -139,12 +142,9 @@ def with_block_size(trained: TrainedModel, block_size: int | None) -> TrainedMod
 
 def _check_tokenizer(trained: TrainedModel, tokenizer: str | Path | None) -> TrainedModel:
     """``trained``, when ``tokenizer`` (optional) is the one it was trained with."""
-    folder = trained.source
     if tokenizer is not None:
-        given = Tokenizer.load(tokenizer)
-        if given.fingerprint != trained.tokenizer.fingerprint:
-            raise UserError(f"tokenizer {tokenizer} (sha256 {given.fingerprint[:12]}) is not the one {folder} was "
-                            f"trained with (sha256 {trained.tokenizer.fingerprint[:12]})")
+        check_same_tokenizer(Tokenizer.load(tokenizer).fingerprint, trained.tokenizer.fingerprint,
+                             f"tokenizer={tokenizer}", str(trained.source), "leave tokenizer unset to use the model's")
     return trained
 
 
@@ -175,7 +175,7 @@ def _load_checkpoint(folder: Path) -> TrainedModel:
     tok_path = find_tokenizer(folder) or find_tokenizer(Path(data_dir))
     tok = _tokenizer(tok_path, state["tokenizer_sha256"], folder)
     model_cfg = model_config_from(state["model"])
-    weights = _consolidate(folder, int(marker["zero_stage"]), model_cfg)
+    weights = fp32_weights(folder, int(marker["zero_stage"]), model_cfg)
     return TrainedModel(model_cfg, weights, tok, folder, int(state["step"]), int(state["tokens_seen"]), data_dir)
 
 
@@ -183,40 +183,9 @@ def _tokenizer(path: Path | None, sha256: str, folder: Path) -> Tokenizer:
     if path is None or not path.is_file():
         raise UserError(f"the tokenizer of {folder} is missing (no tokenizer.model or tokenizer.json)")
     tok = Tokenizer.load(path)
-    if tok.fingerprint != sha256:
-        raise UserError(f"{path} (sha256 {tok.fingerprint[:12]}) is not the tokenizer {folder} was trained with "
-                        f"(sha256 {sha256[:12]})")
+    check_same_tokenizer(tok.fingerprint, sha256, str(path), f"the model of {folder}",
+                         "copy the tokenizer it was trained with into the folder")
     return tok
-
-
-def _consolidate(folder: Path, zero_stage: int, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """fp32 weights from DeepSpeed's files: ZeRO >= 1 merges the fp32 partitions of every rank (DeepSpeed's
-    zero_to_fp32); ZeRO-0 keeps whole weights, and under bf16 their fp32 masters in the optimizer state."""
-    if zero_stage > 0:
-        from llmtrain.distributed.env import select_accelerator
-
-        select_accelerator()  # before deepspeed is imported: no CUDA -> its CPU accelerator, without a warning
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with contextlib.redirect_stdout(sys.stderr):  # it prints progress; stdout is for generated text
-            weights = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
-        return {k: v.detach().clone() for k, v in weights.items()}
-    saved = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    weights = {k: v.float() for k, v in saved["module"].items()}
-    masters = (saved.get("optimizer") or {}).get("fp32_groups")
-    if masters is not None and any(v.dtype != torch.float32 for v in saved["module"].values()):
-        # DeepSpeed keeps the fp32 masters per optimizer group: the group-order contract of llmtrain.train.optim.
-        from llmtrain.train.optim import param_groups
-
-        with torch.device("meta"):
-            model = build_model(model_cfg)
-        name_of = {id(p): n for n, p in model.named_parameters()}
-        for group, group_masters in zip(param_groups(model.parameters(), 0.0), masters, strict=True):
-            for param, master in zip(group["params"], group_masters, strict=True):
-                weights[name_of[id(param)]] = master.float()
-        if model_cfg.tie_embeddings:
-            weights["lm_head.weight"] = weights["wte.weight"]
-    return weights
 
 
 def save_consolidated(trained: TrainedModel, out: str | Path, dtype: str = "fp32") -> Path:
@@ -234,3 +203,31 @@ def save_consolidated(trained: TrainedModel, out: str | Path, dtype: str = "fp32
     (out / CONFIG).write_text(json.dumps(meta, indent=1))
     trained.tokenizer.save(out / trained.tokenizer.file_name)
     return out
+
+
+def load_hf(folder: str | Path) -> TrainedModel:
+    """A transformers folder of the GPT-2 or Llama family as a TrainedModel in fp32 (step 0), with the folder's
+    tokenizer."""
+    require_transformers(f"loading {folder}")
+    from transformers import AutoConfig, AutoModelForCausalLM  # an optional extra: imported when a folder needs it
+
+    folder = Path(folder).expanduser()
+    cfg = model_config_of(AutoConfig.from_pretrained(folder), folder)
+    tokenizer_file = find_tokenizer(folder)
+    if tokenizer_file is None:
+        raise UserError(f"{folder} has no tokenizer (tokenizer.model or tokenizer.json); copy the model's "
+                        "tokenizer into it")
+    family = hf_family(cfg)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"transformers could not load {folder} ({str(exc).strip().splitlines()[0][:200]})") from None
+    theirs = model.state_dict()
+    pairs = weight_pairs(cfg, family)
+    mapped = {name for pair in pairs for name in pair.theirs}
+    tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    left = sorted(set(theirs) - mapped - tied)
+    if left:
+        raise UserError(f"{folder} holds weights llmtrain has no place for: {', '.join(left[:4])}")
+    tokenizer = Tokenizer.load(tokenizer_file)
+    return TrainedModel(cfg, from_hf_weights(pairs, theirs), tokenizer, folder, step=0, tokens_seen=0)

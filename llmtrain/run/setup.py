@@ -10,26 +10,22 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from llmtrain.config import DataConfig, Mode, ModelConfig, TrainConfig, to_plain
+from llmtrain.config import DataConfig, ModelConfig, TrainConfig, to_plain
 from llmtrain.data.mixture import MixedData, TrainingData
 from llmtrain.data.reader import PreparedData
+from llmtrain.data.tokenizer import check_same_tokenizer
 from llmtrain.errors import UserError, os_reason
-from llmtrain.train import lock
-from llmtrain.train.checkpoint import RunDir, read_marker, read_state
+from llmtrain.run import lock
+from llmtrain.run.rundir import RunDir
 
 if TYPE_CHECKING:
-    from llmtrain.export.consolidate import TrainedModel
+    from llmtrain.run.trained import TrainedModel
 
 log = logging.getLogger("llmtrain")
-
-RESUMABLE_MODEL_CHANGES = ("name", "dropout", "init_from")
-"""Model fields that may change between a checkpoint and its resumption (they change no tensor shape)."""
-
 
 @dataclass
 class TrainResult:
@@ -128,14 +124,12 @@ def model_config(cfg: TrainConfig, data: TrainingData) -> ModelConfig:
 def initial_model(model: ModelConfig, data: TrainingData) -> TrainedModel:
     """The model ``model.init_from`` names, at ``model.block_size`` and ``model.dropout``; its tokenizer must be the
     one ``data`` was prepared with, as a resumed checkpoint's must."""
-    from llmtrain.export.consolidate import load_trained
+    from llmtrain.run.trained import load_trained
 
     initial = load_trained(model.init_from, block_size=model.block_size)
-    theirs = initial.tokenizer.fingerprint
-    if theirs != data.tokenizer_fingerprint:
-        raise UserError(f"{data.folder} was prepared with another tokenizer (sha256 {data.tokenizer_fingerprint[:12]}) "
-                        f"than model.init_from={model.init_from} (sha256 {theirs[:12]}); prepare it with "
-                        f"data.tokenizer_path=<the model's tokenizer file>")
+    check_same_tokenizer(data.tokenizer_fingerprint, initial.tokenizer.fingerprint, f"data.dir={data.folder}",
+                         f"model.init_from={model.init_from}",
+                         "prepare it with data.tokenizer_path=<the model's tokenizer file>")
     vocab = initial.model_cfg.vocab_size
     if model.vocab_size not in (0, vocab) or vocab < data.vocab_size:
         raise UserError(f"model.init_from={model.init_from} has a vocabulary of {vocab} tokens; the data has "
@@ -156,30 +150,3 @@ def write_run_config(run: RunDir, resolved: dict[str, Any]) -> str:
     text = yaml.safe_dump(resolved, sort_keys=False)
     run.config.write_text(text)
     return text
-
-
-def client_state(step: int, tokens_seen: int, data: TrainingData, model_cfg: ModelConfig, seed: int,
-                 **extra: Any) -> dict[str, Any]:
-    """llmtrain's own state of a checkpoint, the same keys in every mode (``extra``: what one mode adds)."""
-    return {"step": step, "tokens_seen": tokens_seen, "tokenizer_sha256": data.tokenizer_fingerprint,
-            "model": to_plain(model_cfg), "seed": seed, **extra}
-
-
-def check_resumable(folder: Path, mode: Mode, data: TrainingData, model_cfg: ModelConfig) -> dict[str, Any]:
-    """The one rule for continuing from ``folder`` in any mode: saved by the same mode, with the same tokenizer
-    and the same model shape (only ``RESUMABLE_MODEL_CHANGES`` may differ). Returns the checkpoint's state."""
-    saved_mode = read_marker(folder)["mode"]
-    if saved_mode != mode.value:
-        raise UserError(f"{folder} was saved by mode={saved_mode} and this run has mode={mode.value}; resume it "
-                        f"with mode={saved_mode} or start a new run.dir")
-    state = read_state(folder)
-    if state.get("tokenizer_sha256") != data.tokenizer_fingerprint:
-        raise UserError(f"{folder} was trained with another tokenizer (sha256 "
-                        f"{str(state.get('tokenizer_sha256'))[:12]}, data.dir has {data.tokenizer_fingerprint[:12]});"
-                        " use the same data.dir or a new run.dir")
-    mine = to_plain(model_cfg)
-    changed = [f"{k}: {v} -> {mine.get(k)}" for k, v in state["model"].items()
-               if k not in RESUMABLE_MODEL_CHANGES and mine.get(k) != v]
-    if changed:
-        raise UserError(f"{folder} has another model shape ({', '.join(changed)}); use a new run.dir")
-    return state

@@ -12,7 +12,7 @@ import logging
 import signal
 from types import FrameType, TracebackType
 
-from llmtrain.train.checkpoint import RunDir
+from llmtrain.run.rundir import RunDir
 
 log = logging.getLogger("llmtrain")
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)

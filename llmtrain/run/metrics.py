@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from llmtrain.config import WandbConfig, WandbMode
 from llmtrain.errors import UserError
-from llmtrain.train.checkpoint import RunDir
+from llmtrain.run.rundir import RunDir
 
 log = logging.getLogger("llmtrain")
 

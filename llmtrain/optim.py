@@ -4,7 +4,7 @@ the synchronous engine (DeepSpeed wraps what ``build_optimizer`` returns) and ea
 The group-order contract: ``param_groups`` always returns exactly two groups, ``[decay, no_decay]``, each in
 the order the parameters were given (a model's ``parameters()`` order; a tied weight once). Both groups are
 present even when one is empty. DeepSpeed keeps its fp32 master copies per optimizer group in this order, and
-``llmtrain.export.consolidate`` maps them back to parameter names by rebuilding these groups from the model.
+``llmtrain.run.trained`` maps them back to parameter names by rebuilding these groups from the model.
 """
 
 from __future__ import annotations

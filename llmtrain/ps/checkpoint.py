@@ -1,0 +1,62 @@
+"""The parameter-server mode's tensor files (``llmtrain.run.checkpoint`` does the rest of every checkpoint).
+
+A checkpoint holds each server's shard state (``ps<i>.pt``: fp32 masters, optimizer state, counters; what resumes
+the run) and the whole model in the consolidated format (``llmtrain.run.trained``), so llmtrain-generate, -export
+and -eval read it like any other. Server 0 writes it, asking the other servers by RPC for their shards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.rpc as rpc
+
+from llmtrain.config import Mode, ModelConfig
+from llmtrain.data.tokenizer import Tokenizer
+from llmtrain.errors import UserError
+from llmtrain.ps import rpc as calls
+from llmtrain.run.trained import TrainedModel, save_consolidated
+
+
+def shard_file(folder: Path, server: int) -> Path:
+    """Where server ``server`` keeps its shard state in a checkpoint folder."""
+    return folder / f"ps{server}.pt"
+
+
+class ServerCheckpointIO:
+    """Every server's shard, and the whole model gathered from them."""
+
+    mode = Mode.async_ps
+
+    def __init__(self, rank: int, world_size: int, num_servers: int, num_workers: int, num_params: int,
+                 name: Callable[[int], str], gather: Callable[[], dict[str, torch.Tensor]], model_cfg: ModelConfig,
+                 tokenizer: Callable[[], Tokenizer]) -> None:
+        self.rank, self.world_size, self.num_servers, self.num_workers = rank, world_size, num_servers, num_workers
+        self._num_params, self.name, self.gather = num_params, name, gather
+        self.model_cfg, self.tokenizer = model_cfg, tokenizer
+
+    def num_params(self) -> int:
+        return self._num_params
+
+    def marker_fields(self) -> dict[str, Any]:
+        return {"world_size": self.world_size, "num_servers": self.num_servers, "num_workers": self.num_workers,
+                "zero_stage": None}
+
+    def write(self, folder: Path, state: dict[str, Any]) -> None:
+        for i in range(self.num_servers):
+            path = str(shard_file(folder, i))
+            calls.save_shard(path) if i == self.rank else rpc.rpc_sync(self.name(i), calls.save_shard, args=(path,))
+        trained = TrainedModel(self.model_cfg, self.gather(), self.tokenizer(), folder, state["step"],
+                               state["tokens_seen"])
+        save_consolidated(trained, folder)
+
+    def read(self, folder: Path, marker: dict[str, Any]) -> None:
+        if (marker["num_servers"], marker["num_workers"]) != (self.num_servers, self.num_workers):
+            raise UserError(f"{folder} was saved by {marker['num_servers']} server(s) and {marker['num_workers']}"
+                            f" worker(s); resume with the same (this run has {self.num_servers} and "
+                            f"{self.num_workers}) or start a new run.dir")
+        saved = torch.load(shard_file(folder, self.rank), map_location="cpu", weights_only=False)
+        calls.server().load_state_dict(saved)

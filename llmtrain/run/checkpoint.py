@@ -1,0 +1,224 @@
+"""One checkpoint procedure for every training mode, and the one rule and path to resume.
+
+A mode supplies a ``CheckpointIO``: how its tensor files are written into a checkpoint folder and read back
+(DeepSpeed's engine for the synchronous mode, ``llmtrain.train.checkpoint``; each parameter server's shard for
+the asynchronous one, ``llmtrain.ps.checkpoint``). Everything else is done here, the same way for both:
+
+- before a save, room on the disk, checked by the main process and agreed by all (every process stops, or none);
+- after the tensors, llmtrain's own files (state, resolved config, tokenizer copy), every file flushed (fsync),
+  then the completion marker (``marker_of``: the one schema), written last and atomically;
+- old checkpoints pruned;
+- resume: the newest intact complete checkpoint (``RunDir.newest_intact``), the resume rule
+  (``check_resumable``), the load, and one message when it fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from llmtrain.config import Mode, ModelConfig, to_plain
+from llmtrain.errors import UserError
+from llmtrain.run.rundir import CONFIG, MARKER, STATE, RunDir, read_marker, read_state
+
+log = logging.getLogger("llmtrain")
+
+RESUMABLE_MODEL_CHANGES = ("name", "dropout", "init_from")
+"""Model fields that may change between a checkpoint and its resumption (they change no tensor shape)."""
+
+
+class CheckpointIO(Protocol):
+    """What one mode contributes to a checkpoint: its tensor files."""
+
+    mode: Mode
+
+    def num_params(self) -> int:
+        """Parameters of the whole model (the size of a first checkpoint is estimated from it)."""
+
+    def marker_fields(self) -> dict[str, Any]:
+        """What the marker records of how the checkpoint was written (world size, ZeRO stage, servers, ...)."""
+
+    def write(self, folder: Path, state: dict[str, Any]) -> None:
+        """Write this mode's tensor files into ``folder`` (called on every process; collective where the mode is);
+        ``state`` is llmtrain's own state of the checkpoint."""
+
+    def read(self, folder: Path, marker: dict[str, Any]) -> None:
+        """Load this process's tensors from ``folder`` (its marker given); refuse a layout it cannot take in one
+        ``UserError``. Any other error is reported as a checkpoint that could not be loaded."""
+
+
+@dataclass(frozen=True)
+class Peers:
+    """The processes that save and resume together. The main one writes llmtrain's own files and decides; with a
+    process group, ``barrier`` waits for all and ``share`` hands the main process's string to every process.
+    Without one (a parameter server saves for all of them), both do nothing."""
+
+    is_main: bool = True
+    barrier: Callable[[], None] | None = None
+    share: Callable[[str], str] = lambda value: value
+
+    def wait(self) -> None:
+        if self.barrier is not None:
+            self.barrier()
+
+
+def marker_of(step: int, mode: Mode, fields: dict[str, Any]) -> dict[str, Any]:
+    """The completion marker's content (``finish_checkpoint`` adds each file's size): the one schema."""
+    return {"step": step, "mode": mode.value, **fields}
+
+
+def client_state(step: int, tokens_seen: int, tokenizer_sha256: str, model_cfg: ModelConfig, seed: int,
+                 **extra: Any) -> dict[str, Any]:
+    """llmtrain's own state of a checkpoint, the same keys in every mode (``extra``: what one mode adds)."""
+    return {"step": step, "tokens_seen": tokens_seen, "tokenizer_sha256": tokenizer_sha256,
+            "model": to_plain(model_cfg), "seed": seed, **extra}
+
+
+class Checkpoints:
+    """A run's checkpoints, saved and resumed through one mode's ``CheckpointIO``."""
+
+    def __init__(self, run: RunDir, io: CheckpointIO, peers: Peers, keep: int,
+                 attachments: dict[str, Path] | None = None) -> None:
+        self.run, self.io, self.peers, self.keep = run, io, peers, keep
+        self.attachments = attachments or {}
+        """Files copied into every checkpoint by the main process, by their name there (the tokenizer)."""
+
+    def save(self, step: int, state: dict[str, Any], config_yaml: str) -> Path:
+        """Every process writes its part; the main one then writes llmtrain's own state, marks the folder complete
+        and prunes old ones. A save that cannot finish is one line, with every older checkpoint kept."""
+        folder = self.run.checkpoint(step)
+        need = checkpoint_bytes(self.run, self.io.num_params())
+        problem = ""
+        if self.peers.is_main:
+            if folder.exists():  # a half-written save of the same step from a killed run
+                shutil.rmtree(folder)
+            problem = no_room(folder, need) or ""
+        problem = self.peers.share(problem)  # every process stops, or none
+        if problem:
+            raise UserError(f"{problem}; the older checkpoints are kept")
+        started = time.perf_counter()
+        with saving(folder, need):
+            folder.mkdir(parents=True, exist_ok=True)
+            self.io.write(folder, state)
+            self.peers.wait()
+            if self.peers.is_main:
+                finish_checkpoint(folder, config_yaml, state, marker_of(step, self.io.mode, self.io.marker_fields()),
+                                  self.attachments)
+        if self.peers.is_main:
+            size = sum(read_marker(folder)["files"].values())
+            log.info("checkpoint of step %d: %.2f GB in %.1f s (%s)", step, size / 2**30,
+                     time.perf_counter() - started, folder)
+            self.run.prune(self.keep, folder)
+        self.peers.wait()
+        return folder
+
+    def resume(self, tokenizer_sha256: str, model_cfg: ModelConfig) -> dict[str, Any] | None:
+        """Load the newest intact complete checkpoint, if any, after the resume rule accepted it; its state."""
+        folder = self.run.newest_intact(self.peers.is_main, self.peers.barrier)
+        if folder is None:
+            return None
+        state = check_resumable(folder, self.io.mode, tokenizer_sha256, model_cfg)
+        saved = read_marker(folder)
+        try:
+            self.io.read(folder, saved)
+        except (OSError, RuntimeError, KeyError, EOFError, ValueError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise UserError(f"checkpoint {folder} could not be loaded ({first}); it may be corrupt: remove it to "
+                            "resume from an older one") from None
+        if self.peers.is_main:
+            log.info("resumed from %s (step %d, saved on %s processes)", folder, state["step"],
+                     saved.get("world_size", "?"))
+        return state
+
+
+def check_resumable(folder: Path, mode: Mode, tokenizer_sha256: str, model_cfg: ModelConfig) -> dict[str, Any]:
+    """The one rule for continuing from ``folder`` in any mode: saved by the same mode, with the same tokenizer
+    and the same model shape (only ``RESUMABLE_MODEL_CHANGES`` may differ). Returns the checkpoint's state."""
+    from llmtrain.data.tokenizer import check_same_tokenizer
+
+    saved_mode = read_marker(folder)["mode"]
+    if saved_mode != mode.value:
+        raise UserError(f"{folder} was saved by mode={saved_mode} and this run has mode={mode.value}; resume it "
+                        f"with mode={saved_mode} or start a new run.dir")
+    state = read_state(folder)
+    check_same_tokenizer(str(state.get("tokenizer_sha256")), tokenizer_sha256, f"checkpoint {folder}", "data.dir",
+                         "use the same data.dir or a new run.dir")
+    mine = to_plain(model_cfg)
+    changed = [f"{k}: {v} -> {mine.get(k)}" for k, v in state["model"].items()
+               if k not in RESUMABLE_MODEL_CHANGES and mine.get(k) != v]
+    if changed:
+        raise UserError(f"{folder} has another model shape ({', '.join(changed)}); use a new run.dir")
+    return state
+
+
+def finish_checkpoint(folder: Path, config_yaml: str, state: dict[str, Any], marker: dict[str, Any],
+                      attachments: dict[str, Path] | None = None) -> None:
+    """After every tensor file of ``folder`` is written (one process): llmtrain's own files; then every file
+    and folder is flushed to the disk (fsync), so that a power loss cannot leave a "complete" checkpoint with
+    empty files; then the marker, which records each file's size, written to a temporary name and renamed so
+    that it appears whole or not at all."""
+    (folder / CONFIG).write_text(config_yaml)
+    (folder / STATE).write_text(json.dumps(state, indent=1))
+    for name, source in (attachments or {}).items():
+        shutil.copyfile(source, folder / name)
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    for path in [*files, *sorted({p.parent for p in files}, reverse=True), folder]:
+        _fsync(path)
+    marker = {**marker, "files": {p.relative_to(folder).as_posix(): p.stat().st_size for p in files}}
+    tmp = folder / (MARKER + ".tmp")
+    tmp.write_text(json.dumps(marker))
+    _fsync(tmp)
+    os.replace(tmp, folder / MARKER)
+    _fsync(folder)
+
+
+def checkpoint_bytes(run: RunDir, num_params: int) -> int:
+    """What the next checkpoint will take on disk: the newest complete one's size, or before the first one,
+    16 bytes per parameter (fp32 weights, an fp32 master copy and Adam's two moments)."""
+    newest = run.newest()
+    recorded = read_marker(newest).get("files") if newest is not None else None
+    if recorded:  # the sizes its marker recorded: no walk over the folder
+        return sum(recorded.values())
+    if newest is not None:  # a checkpoint from before sizes were recorded
+        return sum(p.stat().st_size for p in newest.rglob("*") if p.is_file())
+    return 16 * num_params
+
+
+def no_room(folder: Path, need: int) -> str | None:
+    """Why ``need`` bytes will not fit where ``folder`` is saved, or None (checked before a save starts)."""
+    free = shutil.disk_usage(folder.parent if folder.parent.exists() else folder.parent.parent).free
+    if free >= need:
+        return None
+    return f"no space left on device: {folder} needs ~{need / 2**20:,.0f} MB, {free / 2**20:,.0f} MB are free"
+
+
+@contextlib.contextmanager
+def saving(folder: Path, need: int) -> Iterator[None]:
+    """Turn a save that cannot finish (no space, quota, I/O error) into one line naming the folder and the
+    cause; the partial folder is removed, every older checkpoint kept."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError from its writer
+        shutil.rmtree(folder, ignore_errors=True)
+        cause = no_room(folder, need) or (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        if cause.startswith("no space"):
+            raise UserError(f"{cause}; the older checkpoints are kept") from None
+        raise UserError(f"{folder} could not be saved ({cause}); the older checkpoints are kept") from None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
