@@ -19,6 +19,7 @@ import numpy as np
 from llmtrain.config import CompareConfig
 from llmtrain.errors import UserError
 from llmtrain.run.rundir import RunDir
+from llmtrain.run.setup import check_data_dir
 
 
 @dataclass
@@ -127,8 +128,6 @@ def plot(runs: list[ModeRun], out: Path) -> list[Path]:
 
 
 def compare(cfg: CompareConfig, user_overrides: list[str]) -> str:
-    from llmtrain.run.setup import check_data_dir
-
     check_data_dir(cfg.data)  # the runs would each refuse it, after compare.dir was made
     out = Path(cfg.compare.dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -13,9 +13,9 @@ import math
 from collections.abc import Iterable
 
 import torch
-from torch.optim.adam import adam
 
 from llmtrain.config import Decay, OptimConfig, OptimizerName
+from llmtrain.workarounds import CHUNKED_ADAMW, usable
 
 
 def full_ndim(param: torch.Tensor) -> int:
@@ -41,18 +41,23 @@ class ChunkedAdamW(torch.optim.AdamW):
     temporary (``sqrt(exp_avg_sq)``) as large as everything it steps at once: the whole group, which under ZeRO 1-3
     is one flat partition of Ψ/N elements -- 0.6 GB per rank for ``350m`` on 2 ranks, at the moment the ranks hold the
     most. Stepped a chunk at a time that temporary is 4 MiB, and the step runs from cache (2.5x faster on a 40M-element
-    flat tensor here). Built on torch's own state set-up (``_init_group``) and functional ``adam`` (torch is pinned).
+    flat tensor here). Built on torch's private state set-up (``_init_group``) and functional ``adam``: where either
+    is gone or takes other parameters (``llmtrain.workarounds.CHUNKED_ADAMW``), torch's own step runs.
     """
 
     CHUNK = 1 << 20  # elements
 
     @torch.no_grad()
     def step(self, closure=None):
-        if closure is not None or any(g["amsgrad"] or g["maximize"] or g["capturable"] for g in self.param_groups):
+        if (closure is not None or any(g["amsgrad"] or g["maximize"] or g["capturable"] for g in self.param_groups)
+                or not usable(CHUNKED_ADAMW)):
             return super().step(closure)
+        from torch.optim.adam import adam  # checked by usable(CHUNKED_ADAMW), as is _init_group
+
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-            has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, [], steps)
+            has_complex = self._init_group(group=group, params_with_grad=params, grads=grads, exp_avgs=exp_avgs,
+                                           exp_avg_sqs=exp_avg_sqs, max_exp_avg_sqs=[], state_steps=steps)
             pieces = []  # (param, grad, exp_avg, exp_avg_sq, step): whole tensors, or chunk views of large ones
             for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
                 if p.numel() <= self.CHUNK or not all(x.is_contiguous() for x in (p, g, m, v)):
@@ -62,7 +67,8 @@ class ChunkedAdamW(torch.optim.AdamW):
                     pieces += [(*views, t) for views in zip(*chunks, strict=True)]
             for batch in _batches(pieces, self.CHUNK):
                 p, g, m, v, t = (list(column) for column in zip(*batch, strict=True))
-                adam(p, g, m, v, [], [x.clone() for x in t],  # adam() counts the step; each batch counts a copy
+                adam(params=p, grads=g, exp_avgs=m, exp_avg_sqs=v, max_exp_avg_sqs=[],
+                     state_steps=[x.clone() for x in t],  # adam() counts the step; each batch counts a copy
                      amsgrad=False, has_complex=has_complex, beta1=group["betas"][0], beta2=group["betas"][1],
                      lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
                      foreach=True, capturable=False, differentiable=False, fused=False, grad_scale=None,

@@ -14,6 +14,7 @@ from llmtrain.config import CompareConfig
 
 
 def run(cfg: CompareConfig) -> None:
+    # Imported on use, not at the top: --help and config errors answer before torch is loaded.
     from hydra.core.hydra_config import HydraConfig
 
     from llmtrain.compare import compare

@@ -21,6 +21,7 @@ log = logging.getLogger("llmtrain")
 
 
 def run(cfg: EvalConfig) -> None:
+    # Imported on use, not at the top: --help and config errors answer before torch is loaded.
     from llmtrain.distributed.env import local_device
     from llmtrain.dtypes import torch_dtype
     from llmtrain.run.trained import load_trained
@@ -39,7 +40,7 @@ def run(cfg: EvalConfig) -> None:
 
 
 def tasks_table(cfg: EvalConfig, trained, model, device) -> None:
-    from lm_eval.utils import make_table
+    from lm_eval.utils import make_table  # an optional extra (llmtrain[eval]): imported once asked for
 
     from llmtrain.harness import HarnessLM, run_tasks
 
@@ -61,6 +62,7 @@ def tasks_table(cfg: EvalConfig, trained, model, device) -> None:
 
 
 def perplexity_table(cfg: EvalConfig, trained, model, device) -> None:
+    # Imported on use, not at the top: --help and config errors answer before torch is loaded.
     from llmtrain.data.reader import PreparedData
     from llmtrain.data.tokenizer import check_same_tokenizer
     from llmtrain.evaluate import mean_loss, perplexity, text_batches

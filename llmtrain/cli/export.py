@@ -22,6 +22,8 @@ log = logging.getLogger("llmtrain")
 
 
 def run(cfg: ExportConfig) -> None:
+    # Imported on use, not at the top: --help and config errors answer before torch is loaded.
+    from llmtrain.export.hf import save_hf
     from llmtrain.run.trained import load_trained, save_consolidated
 
     out = Path(cfg.out).expanduser()
@@ -36,8 +38,6 @@ def run(cfg: ExportConfig) -> None:
         raise UserError(f"cannot write out={out}: {os_reason(exc)}") from None
     try:
         if cfg.format == ExportFormat.hf:
-            from llmtrain.export.hf import save_hf
-
             family = save_hf(trained, staging, cfg.dtype.value)
             what = f"transformers {family} folder"
         else:

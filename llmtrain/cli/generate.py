@@ -36,12 +36,13 @@ def read_prompts(cfg: GenerateConfig) -> list[str]:
 
 
 def run(cfg: GenerateConfig) -> None:
+    # Imported on use, not at the top: --help and config errors answer before torch is loaded.
     import torch
 
     from llmtrain.distributed.env import local_device
     from llmtrain.dtypes import torch_dtype
-    from llmtrain.run.trained import load_trained
     from llmtrain.generate import TextGenerator
+    from llmtrain.run.trained import load_trained
 
     prompts = read_prompts(cfg)
     trained = load_trained(cfg.run.dir, cfg.run.step, cfg.tokenizer or None)

@@ -23,6 +23,7 @@ log = logging.getLogger("llmtrain")
 
 
 def run(cfg: NgramConfig) -> None:
+    # Imported on use, not at the top: --help and config errors answer before torch is loaded.
     import numpy as np
 
     from llmtrain.baselines.ngram import KneserNeyLM

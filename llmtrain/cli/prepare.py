@@ -15,6 +15,7 @@ from llmtrain.config import PrepareConfig
 
 
 def run(cfg: PrepareConfig) -> None:
+    # Imported on use, not at the top: --help and config errors answer before torch is loaded.
     from llmtrain.data.prepare import prepare
 
     print(prepare(cfg.data).line())

@@ -18,7 +18,8 @@ from llmtrain.distributed.exit import ended_process
 
 
 def trainer_class(mode: Mode) -> type:
-    """The one place a training mode picks its trainer."""
+    """The one place a training mode picks its trainer (imported on use: each mode loads only its own engine,
+    DeepSpeed or torch.distributed.rpc, and only after ``use_tuned_malloc``)."""
     if mode == Mode.async_ps:
         from llmtrain.ps.trainer import AsyncPSTrainer
 
@@ -29,8 +30,8 @@ def trainer_class(mode: Mode) -> type:
 
 
 def run(cfg: TrainConfig) -> None:
-    use_tuned_malloc(cfg.dist.zero_stage)  # from ZeRO-1 on, re-executes this process once with glibc tuned
-    from llmtrain.run.rundir import RunDir
+    use_tuned_malloc(cfg.dist.zero_stage)  # without a GPU, from ZeRO-1 on: re-executes once with glibc tuned
+    from llmtrain.run.rundir import RunDir  # after the re-execution: nothing heavy is imported twice
 
     run_dir = RunDir.of(cfg.run.dir)
     made_here = not run_dir.path.exists()
@@ -48,7 +49,7 @@ def run(cfg: TrainConfig) -> None:
               f"of the val tokens {result.unigram_entropy:.4f}; {result.skipped_steps} skipped step(s)", flush=True)
 
 
-# A rank leaves its process group and ends without interpreter finalization (see llmtrain/distributed/exit.py).
+# A rank leaves its process group and ends; over gloo without interpreter finalization (llmtrain/distributed/exit.py).
 main = ended_process(hydra_command("llmtrain-train", "train", TrainConfig, run))
 
 if __name__ == "__main__":

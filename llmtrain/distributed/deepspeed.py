@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from llmtrain import workarounds
 from llmtrain.config import ModelConfig, Precision, TrainConfig
 from llmtrain.distributed.env import select_accelerator
 from llmtrain.errors import UserError
@@ -193,93 +194,23 @@ def should_compile(setting: bool | None, device: torch.device, zero_stage: int) 
     return setting
 
 
-@contextlib.contextmanager
-def _fp32_master_is_the_partition() -> Iterator[None]:
-    """Works around DeepSpeed (0.19.8, ``zero/stage3.py``, ``_create_fp32_partitions``; no upstream issue found):
-    ZeRO-3 means to use an fp32 parameter partition as its own fp32 master copy ("we don't need another copy of
-    the weights"), but tests ``partition.device == self.device`` with ``self.device`` a device *name* (a str),
-    which a ``torch.device`` never equals. So every fp32 run cloned its partitions: 20 bytes per parameter per
-    rank where the ZeRO formula counts 16 (+0.58 GiB per rank at 350m on 2 ranks). For the length of that one
-    call the comparison is given a ``torch.device``; bf16 and offloaded runs take their own branches as before.
-    The optimizer then updates the partition in place and DeepSpeed's copy back to it is a copy onto itself."""
-    try:
-        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
-    except ImportError:  # nothing to work around
-        yield
-        return
-    original = Stage3._create_fp32_partitions
-
-    def create_fp32_partitions(self) -> None:
-        name = self.device
-        if isinstance(name, str) and not self.offload_optimizer:
-            self.device = torch.device(name)
-        try:
-            original(self)
-        finally:
-            self.device = name
-
-    Stage3._create_fp32_partitions = create_fp32_partitions
-    try:
-        yield
-    finally:
-        Stage3._create_fp32_partitions = original
-
-
-def _gather_partitions(original: Callable[..., None]) -> Callable[..., None]:
-    """DeepSpeed's ``all_gather_dp_groups`` (ZeRO-1/2 and the bf16 optimizer: after each step every rank gathers the
-    others' updated weight partitions into its flat buffer), done as one broadcast per partition where the group
-    runs over gloo, and by ``original`` elsewhere (NCCL's all-gather is the fast path there).
-
-    Gloo's all-gather copies through its ring: measured on 2 CPU cores, 13.8M fp32 elements (`small`), one
-    ``all_gather_into_tensor`` took 50-58 ms and two broadcasts into the same views 14-15 ms (4 ranks: 88-90 against
-    32-35 ms). At ZeRO-2 that all-gather was most of ``engine.step`` (87 ms of a 1.15 s step on 2 ranks). The
-    partitions are views of the flat buffer, so the bytes that land are the same; the values are bitwise equal."""
-    import torch.distributed as dist
-
-    def gather(groups_flat, partitioned_param_groups, dp_process_group, *args, **kwargs) -> None:
-        if any(dist.get_backend(group) != "gloo" for group in dp_process_group):
-            return original(groups_flat, partitioned_param_groups, dp_process_group, *args, **kwargs)
-        for partitions, group in zip(partitioned_param_groups, dp_process_group, strict=True):
-            if dist.get_world_size(group) > 1:
-                pending = [dist.broadcast(part, group=group, group_src=src, async_op=True)
-                           for src, part in enumerate(partitions)]
-                for work in pending:
-                    work.wait()
-        return None
-
-    gather.gathers_by_broadcast = True
-    return gather
-
-
-def _use_broadcast_gathers() -> None:
-    """Install :func:`_gather_partitions` where DeepSpeed calls ``all_gather_dp_groups`` (once per process)."""
-    from deepspeed.runtime import bf16_optimizer
-    from deepspeed.runtime.zero import stage_1_and_2
-
-    for module in (stage_1_and_2, bf16_optimizer):
-        if not getattr(module.all_gather_dp_groups, "gathers_by_broadcast", False):
-            module.all_gather_dp_groups = _gather_partitions(module.all_gather_dp_groups)
-
-
 def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any],
                compile_model: bool = False):
-    """Wrap model and optimizer in a DeepSpeed engine (the only call of deepspeed.initialize); with
+    """Wrap model and optimizer in a DeepSpeed engine (the only call of deepspeed.initialize, with the workarounds
+    of ``llmtrain.workarounds`` that apply to this accelerator and ZeRO stage); with
     ``compile_model``, torch.compile the module in place through the engine (its parameter names, and so every
     checkpoint, stay those of the eager module: a run saved compiled resumes eager and back)."""
-    import deepspeed
+    import deepspeed  # imported on use: after select_accelerator, and not for --help
     from pydantic import ValidationError
 
-    _use_broadcast_gathers()
+    zero_stage = ds_config["zero_optimization"]["stage"]
     try:
-        with _fp32_master_is_the_partition():
+        with workarounds.around_initialize(zero_stage):  # the patches of DeepSpeed that apply here, if any
             engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     except ValidationError as exc:  # a nested key of dist.deepspeed_overrides that DeepSpeed does not know
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise UserError(f"dist.deepspeed_overrides: DeepSpeed refused the config ({problems})") from None
-    if ds_config["zero_optimization"]["stage"] == 0 and engine.dp_world_size == 1:
-        # One process: DeepSpeed would still copy every gradient into flat buckets, all-reduce them with itself and
-        # copy them back, each step (measured: 1% of a `small` step on CPU). Skipping it changes no value.
-        engine.enable_backward_allreduce = False
+    workarounds.after_initialize(engine, zero_stage)
     if compile_model:
         engine.compile()
     return engine

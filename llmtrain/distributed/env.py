@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llmtrain.distributed.slurm import net_env, task_ranks
 from llmtrain.errors import UserError
 
 
@@ -41,8 +42,6 @@ def _free_port() -> int:
 def launcher_vars() -> tuple[int, int, int, int]:
     """RANK/LOCAL_RANK/WORLD_SIZE from torchrun, the deepspeed launcher or ``srun`` (one task per rank); a single
     process otherwise."""
-    from llmtrain.distributed.slurm import net_env, task_ranks
-
     if "RANK" not in os.environ and (slurm := task_ranks(os.environ)) is not None:
         os.environ.update(slurm)
         os.environ.update(net_env(slurm["MASTER_ADDR"], os.environ))  # the interface that reaches rank 0

@@ -1,4 +1,4 @@
-"""How a rank's process ends: out of the process group, without interpreter finalization.
+"""How a rank's process ends: out of the process group; over gloo, without interpreter finalization.
 
 ``destroy_process_group`` leaves gloo's threads running (DeepSpeed keeps references to the groups: a rank still
 has its 2 ``gloo_tcp_loop`` and 4 ``pt_gloo_runloop`` threads at exit). Now and then (a few times in CI, never in
@@ -6,9 +6,12 @@ has its 2 ``gloo_tcp_loop`` and 4 ``pt_gloo_runloop`` threads at exit). Now and 
 without an active exception", what a native thread unwound by Python's finalization through a ``noexcept`` frame
 prints -- and failed the launcher. Which thread it was stays unproven; but a process that never finalizes cannot
 abort there. So a rank leaves the group, runs its ``atexit`` handlers (logging, wandb, the run lock), flushes its
-output and ends with ``os._exit``. Every file a run writes is closed (checkpoints fsynced) before that. A rank
-that fails unexpectedly beside local peers first lingers (``linger_for_local_peers``), so that its launcher names
-the rank that failed first.
+output and ends with ``os._exit`` (:data:`NO_FINALIZATION`). Every file a run writes is closed (checkpoints fsynced)
+before that. All of this was seen over gloo only: a rank whose group is NCCL, or one on a CUDA host that holds no
+gloo group, ends normally through ``sys.exit`` (:func:`ends_without_finalization`).
+
+A rank that fails unexpectedly beside local peers first lingers (``linger_for_local_peers``, :data:`LINGER`), so
+that its launcher names the rank that failed first. That is about the launcher, not the backend: it runs everywhere.
 
 Imports no torch: ``--help`` stays fast.
 """
@@ -23,8 +26,33 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import ModuleType
 from typing import NoReturn
+
+from llmtrain.workarounds import Upstream, Workaround, usable
+
+NO_FINALIZATION = Workaround(
+    name="ending a rank without interpreter finalization",
+    works_around="gloo's native threads (2 gloo_tcp_loop, 4 pt_gloo_runloop) outlive destroy_process_group; now and "
+                 "then a rank aborted in Python's finalization after all its work was done (SIGABRT, 'terminate "
+                 "called without an active exception') and failed the launcher; no upstream issue found",
+    checked_with="torch 2.13.0 (gloo), deepspeed 0.19.8, CPython 3.11",
+    runs_where="a rank whose process group is gloo, or a torch process on a host without CUDA; NCCL ranks and CUDA "
+               "hosts without a gloo group end through sys.exit",
+    upstream=(Upstream("atexit:_run_exitfuncs"),))  # CPython's private "run the handlers now" (a builtin: no signature)
+LINGER = Workaround(
+    name="a failed rank lingers before it ends",
+    works_around="torchrun names as root cause the failure with the smallest timestamp, in whole seconds, then the "
+                 "first rank (ChildFailedError.get_first_failure): a rank whose collective a killed peer cut off fails "
+                 "within milliseconds and was named instead of that peer",
+    checked_with="torch 2.13.0 (torchrun)",
+    runs_where="any launcher and backend, when a rank fails unexpectedly beside local peers (LOCAL_WORLD_SIZE or "
+               "LOCAL_SIZE > 1); it patches and calls nothing, so only the tests check its upstream",
+    upstream=(Upstream("torch.distributed.elastic.multiprocessing.errors:ChildFailedError.get_first_failure",
+                       ("self",), source=("min(self.failures.keys(), key=lambda r: self.failures[r].timestamp)",)),
+              Upstream("torch.distributed.elastic.multiprocessing.errors:ProcessFailure._set_no_reply_file",
+                       source=("self.timestamp = int(time.time())",))))
 
 
 def ended_process(main: Callable[[], None]) -> Callable[[], NoReturn]:
@@ -76,14 +104,32 @@ def _exit_code(code: object) -> int:
     return 1
 
 
+def ends_without_finalization(modules: Mapping[str, ModuleType] = sys.modules) -> bool:
+    """Whether this process may hold gloo's threads (``modules``: those imported): its process group is gloo, or (no
+    group up) torch runs on a host without CUDA, where any group it had was gloo. One that never imported torch has
+    none of them."""
+    dist = modules.get("torch.distributed")
+    if dist is None:
+        return False
+    if dist.is_available() and dist.is_initialized():
+        abrupt = "gloo" in str(dist.get_backend())
+    else:
+        abrupt = not modules["torch"].cuda.is_available()
+    return abrupt and usable(NO_FINALIZATION)
+
+
 def exit_now(code: int) -> NoReturn:
-    """Leave the process group, run the ``atexit`` handlers, flush, and exit without finalization."""
+    """Leave the process group and end with ``code``: where :func:`ends_without_finalization`, run the ``atexit``
+    handlers, flush and exit without finalization; elsewhere through ``sys.exit``."""
+    abrupt = ends_without_finalization()  # before the group is left: its backend decides
     try:
         if "torch.distributed" in sys.modules:
             from llmtrain.distributed.env import shutdown
 
             shutdown()
     finally:
+        if not abrupt:
+            sys.exit(code)
         atexit._run_exitfuncs()
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):

@@ -61,7 +61,7 @@ def estimate(cfg: TrainConfig, num_params: int, world: int, process_bytes: float
     mixed = cfg.precision != Precision.fp32
     weight_bytes = 2 if mixed else 4
     grad_bytes = 4 if (mixed and stage == 0) else weight_bytes  # bf16 ZeRO-0 accumulates in fp32
-    optim_bytes = 8 + (4 if (mixed or stage in (1, 2)) else 0)  # see deepspeed._fp32_master_is_the_partition
+    optim_bytes = 8 + (4 if (mixed or stage in (1, 2)) else 0)  # see llmtrain.workarounds.FP32_MASTER
     weights = weight_bytes * psi / (n if stage == 3 else 1)
     gradients = grad_bytes * psi / (n if stage >= 2 else 1)
     optimizer = optim_bytes * psi / (n if stage >= 1 else 1)

@@ -1,1 +1,1 @@
-"""Checkpoint consolidation and export to other tools' formats."""
+"""Output formats for other tools: a Hugging Face transformers folder and its tokenizer files."""

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from llmtrain.config import Mode, ModelConfig, to_plain
+from llmtrain.data.tokenizer import check_same_tokenizer
 from llmtrain.errors import UserError
 from llmtrain.run.rundir import CONFIG, MARKER, STATE, RunDir, read_marker, read_state
 
@@ -134,7 +135,7 @@ class Checkpoints:
             raise UserError(f"checkpoint {folder} could not be loaded ({first}); it may be corrupt: remove it to "
                             "resume from an older one") from None
         if self.peers.is_main:
-            log.info("resumed from %s (step %d, saved on %s processes)", folder, state["step"],
+            log.info("resumed from %s (step %d, saved on %s ranks)", folder, state["step"],
                      saved.get("world_size", "?"))
         return state
 
@@ -142,8 +143,6 @@ class Checkpoints:
 def check_resumable(folder: Path, mode: Mode, tokenizer_sha256: str, model_cfg: ModelConfig) -> dict[str, Any]:
     """The one rule for continuing from ``folder`` in any mode: saved by the same mode, with the same tokenizer
     and the same model shape (only ``RESUMABLE_MODEL_CHANGES`` may differ). Returns the checkpoint's state."""
-    from llmtrain.data.tokenizer import check_same_tokenizer
-
     saved_mode = read_marker(folder)["mode"]
     if saved_mode != mode.value:
         raise UserError(f"{folder} was saved by mode={saved_mode} and this run has mode={mode.value}; resume it "

@@ -10,20 +10,20 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from llmtrain.config import DataConfig, ModelConfig, TrainConfig, to_plain
 from llmtrain.data.mixture import MixedData, TrainingData
+from llmtrain.data.prepare import prepare
 from llmtrain.data.reader import PreparedData
+from llmtrain.data.shards import read_meta
 from llmtrain.data.tokenizer import check_same_tokenizer
 from llmtrain.errors import UserError, os_reason
 from llmtrain.run import lock
 from llmtrain.run.rundir import RunDir
-
-if TYPE_CHECKING:
-    from llmtrain.run.trained import TrainedModel
+from llmtrain.run.trained import TrainedModel, load_trained
 
 log = logging.getLogger("llmtrain")
 
@@ -76,13 +76,9 @@ def open_data(cfg: DataConfig, is_main: bool, wait: Callable[[], None] | None = 
     ``check_data_dir`` let through: the command named its source) is prepared first by the main process while the
     others wait (``wait``: a barrier of the process group, or by default a poll for the finished folder). The
     sources of a mix must be prepared already."""
-    from llmtrain.data.shards import read_meta
-
     if cfg.mix is not None:
         return MixedData(cfg.mix)
     if is_main and read_meta(cfg.dir) is None:  # set_up_run has refused it unless cfg.prepare_if_missing
-        from llmtrain.data.prepare import prepare
-
         log.info("%s holds no prepared dataset: preparing it first (data=%s)", cfg.dir, cfg.source.value)
         prepare(cfg)
     (wait or (lambda: _poll_prepared(cfg.dir)))()
@@ -91,8 +87,6 @@ def open_data(cfg: DataConfig, is_main: bool, wait: Callable[[], None] | None = 
 
 def check_data_dir(cfg: DataConfig) -> None:
     """Refuse a data.dir that holds no prepared dataset unless the command named a source to prepare it from."""
-    from llmtrain.data.shards import read_meta
-
     if cfg.mix is not None:
         MixedData(cfg.mix)  # every source prepared, with one tokenizer
         return
@@ -103,8 +97,6 @@ def check_data_dir(cfg: DataConfig) -> None:
 
 def _poll_prepared(data_dir: str, timeout_s: float = 600) -> None:
     """Wait without a process group (the parameter-server mode joins RPC only after set-up)."""
-    from llmtrain.data.shards import read_meta
-
     deadline = time.time() + timeout_s
     while read_meta(data_dir) is None:
         if time.time() > deadline:
@@ -124,8 +116,6 @@ def model_config(cfg: TrainConfig, data: TrainingData) -> ModelConfig:
 def initial_model(model: ModelConfig, data: TrainingData) -> TrainedModel:
     """The model ``model.init_from`` names, at ``model.block_size`` and ``model.dropout``; its tokenizer must be the
     one ``data`` was prepared with, as a resumed checkpoint's must."""
-    from llmtrain.run.trained import load_trained
-
     initial = load_trained(model.init_from, block_size=model.block_size)
     check_same_tokenizer(data.tokenizer_fingerprint, initial.tokenizer.fingerprint, f"data.dir={data.folder}",
                          f"model.init_from={model.init_from}",

@@ -1,1 +1,1 @@
-"""The synchronous trainer and its components: optimizer + schedule, checkpoints, metrics."""
+"""The synchronous mode: a GPT trained under DeepSpeed ZeRO (its trainer, and its checkpoint tensor files)."""

@@ -1,59 +1,55 @@
-"""The tuned glibc malloc: a command re-executes itself once with GLIBC_TUNABLES, and glibc then keeps its mmap
-threshold fixed (freed layers leave the process) instead of raising it after the first large free."""
+"""When a command re-executes itself with the tuned glibc malloc (llmtrain/allocator.py): glibc 2.35 or later, no
+GLIBC_TUNABLES or malloc preload of the user's, and no GPU on the host (measured on CPU only), found without torch.
+The re-exec itself and glibc's behaviour, in real processes: tests/integration/test_allocator_reexec.py."""
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
 
 import pytest
 
 from llmtrain import allocator
 
-PROBE = """
-import ctypes, os
-from llmtrain.allocator import use_tuned_malloc
-print("start", os.getpid(), os.environ.get("GLIBC_TUNABLES"), flush=True)
-use_tuned_malloc(int(os.environ["STAGE"]))  # the ZeRO stage of the run asking
-libc = ctypes.CDLL("libc.so.6")
-class Info(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
-libc.mallinfo2.restype = Info
-libc.malloc.restype = ctypes.c_void_p
-libc.free(ctypes.c_void_p(libc.malloc(20 << 20)))  # glibc's default: this free raises the threshold to 20 MiB
-before = libc.mallinfo2().hblks
-block = libc.malloc(6 << 20)
-print("mapped", libc.mallinfo2().hblks - before, flush=True)
-"""
-
 needs_glibc = pytest.mark.skipif(allocator.glibc_version() is None or allocator.glibc_version() < allocator.MIN_GLIBC,
                                  reason="glibc 2.35 or later only")
 
 
-def run_probe(stage: int = 3, **env: str) -> list[list[str]]:
-    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD")} | {"STAGE": str(stage)}
-    out = subprocess.run([sys.executable, "-c", PROBE], env={**base, **env}, capture_output=True, text=True,
-                         timeout=60, check=True).stdout
-    return [line.split() for line in out.splitlines()]
-
-
 @needs_glibc
-def test_a_command_re_executes_once_with_the_tunables_and_large_blocks_stay_mapped():
-    lines = run_probe()
-    assert [line[0] for line in lines] == ["start", "start", "mapped"]  # the same code ran twice: once re-executed
-    assert lines[0][1] == lines[1][1]  # same pid: launchers (torchrun, srun) keep tracking it
-    assert lines[0][2] == "None" and lines[1][2] == allocator.TUNABLES
-    assert lines[2] == ["mapped", "1"]  # a 6 MiB block has its own mapping even after a 20 MiB free
+def test_wanted_on_a_cpu_host_unless_the_user_chose_an_allocator():
+    assert allocator.wanted({}, gpu=False)
+    assert not allocator.wanted({"GLIBC_TUNABLES": ""}, gpu=False)  # empty: glibc's defaults, by choice
+    assert not allocator.wanted({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}, gpu=False)
 
 
-@needs_glibc
-def test_glibc_defaults_at_zero0_when_the_user_set_tunables_or_another_allocator():
-    lines = run_probe(GLIBC_TUNABLES="")
-    assert [line[0] for line in lines] == ["start", "mapped"]
-    assert lines[1] == ["mapped", "0"]  # glibc's dynamic threshold: the 6 MiB block came from the heap
-    zero0 = run_probe(stage=0)  # a ZeRO-0 run keeps glibc's defaults too
-    assert [line[0] for line in zero0] == ["start", "mapped"] and zero0[1] == ["mapped", "0"]
-    assert not allocator.wanted({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"})
-    assert allocator.wanted({})
+def test_a_gpu_host_keeps_glibcs_defaults():
+    assert not allocator.wanted({}, gpu=True)
+
+
+def test_a_gpu_is_found_by_the_drivers_files(tmp_path):
+    gpus, device = tmp_path / "gpus", tmp_path / "nvidia0"
+    gpus.mkdir()
+    files = (str(gpus), str(device))
+    assert not allocator.host_has_gpu({}, files)  # the driver's folder without a GPU in it
+    (gpus / "0000:3b:00.0").mkdir()
+    assert allocator.host_has_gpu({}, files)
+    assert allocator.host_has_gpu({"CUDA_VISIBLE_DEVICES": "1"}, files)
+    assert not allocator.host_has_gpu({"CUDA_VISIBLE_DEVICES": ""}, files)  # hidden: a CPU run
+    assert not allocator.host_has_gpu({"CUDA_VISIBLE_DEVICES": "-1"}, files)
+    assert allocator.host_has_gpu({}, (str(tmp_path / "none"), str(device))) is False
+    device.touch()
+    assert allocator.host_has_gpu({}, (str(tmp_path / "none"), str(device)))
+
+
+def test_glibc_version_is_read():
+    version = allocator.glibc_version()
+    assert version is None or (len(version) == 2 and version >= (2, 0))
+
+
+def test_a_zero0_run_or_one_on_a_gpu_host_does_not_re_execute(monkeypatch):
+    def execv(*args):
+        raise AssertionError("must not re-execute")
+
+    monkeypatch.setattr(allocator.os, "execv", execv)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    allocator.use_tuned_malloc(0)
+    monkeypatch.setattr(allocator, "host_has_gpu", lambda environ: True)
+    allocator.use_tuned_malloc(3)
+    assert "GLIBC_TUNABLES" not in allocator.os.environ

@@ -1,101 +1,100 @@
-"""How a rank ends (llmtrain/distributed/exit.py): its exit code, its atexit handlers and output, no group left."""
+"""How a rank ends (llmtrain/distributed/exit.py), in this process: which ranks end without finalization (gloo, or no
+CUDA) and which through ``sys.exit`` (NCCL), the exit code, the handlers, the linger. Real ranks ending over gloo:
+tests/integration/test_exit_processes.py."""
 
 from __future__ import annotations
 
+import atexit
 import os
-import subprocess
 import sys
-import textwrap
+from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest import REPO
-
-PROGRAM = """
-import atexit, os, sys, time
-import torch.distributed as dist
-from llmtrain.distributed.exit import ended_process
-
-def handler():
-    print("atexit ran; group up:", dist.is_initialized())
-    print(f"{time.monotonic() - started:.2f}", file=sys.stderr)  # the last line: seconds from main to the handlers
-
-def main():
-    global started
-    started = time.monotonic()
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    atexit.register(handler)
-    sys.stdout.write("unflushed output")  # kept in the buffer, no newline
-    {ending}
-
-ended_process(main)()
-print("never printed")
-"""
+from llmtrain.distributed import exit as ending
 
 
-def end(ending: str, local_ranks: int = 1) -> subprocess.CompletedProcess:
-    from llmtrain.distributed.env import _free_port
-
-    code = textwrap.dedent(PROGRAM).replace("{ending}", ending)
-    env = {**os.environ, "LOCAL_WORLD_SIZE": str(local_ranks)}
-    return subprocess.run([sys.executable, "-c", code, str(_free_port())], capture_output=True, text=True,
-                          timeout=120, cwd=REPO, env=env)
+def modules(backend: str | None, cuda: bool) -> dict[str, SimpleNamespace]:
+    """sys.modules as ending sees it: a group of ``backend`` up (None: no group), on a host with or without CUDA."""
+    dist = SimpleNamespace(is_available=lambda: True, is_initialized=lambda: backend is not None,
+                           get_backend=lambda: backend)
+    return {"torch.distributed": dist, "torch": SimpleNamespace(cuda=SimpleNamespace(is_available=lambda: cuda))}
 
 
-@pytest.mark.parametrize(("ending", "code"), [("return", 0), ("sys.exit(3)", 3), ("sys.exit(None)", 0),
-                                              ("raise RuntimeError('boom')", 1), ("sys.exit('bad input')", 1)])
-def test_a_rank_ends_with_its_code_after_its_handlers_and_output_out_of_the_group(ending, code):
-    proc = end(ending)
-    assert proc.returncode == code, proc.stderr[-2000:]
-    # the group was left before the handlers ran; buffered output was flushed; nothing after main ran
-    assert proc.stdout == "unflushed outputatexit ran; group up: False\n"
-    if code == 1:
-        assert ("RuntimeError: boom" in proc.stderr and "Traceback" in proc.stderr) or "bad input" in proc.stderr
+@pytest.mark.parametrize(("backend", "cuda", "abrupt"), [
+    ("gloo", False, True), ("gloo", True, True), ("cpu:gloo,cuda:nccl", True, True),  # gloo's threads may be there
+    ("nccl", True, False), (None, True, False),  # NCCL, or a CUDA host with no group up: a normal exit
+    (None, False, True)])  # no group up on a CPU host: any it had was gloo
+def test_only_gloo_ranks_and_cpu_hosts_end_without_finalization(backend, cuda, abrupt):
+    assert ending.ends_without_finalization(modules(backend, cuda)) is abrupt
 
 
-@pytest.mark.parametrize(("ending", "local_ranks", "lingers"), [("raise RuntimeError('peer gone')", 2, True),
-                                                                ("raise RuntimeError('alone')", 1, False),
-                                                                ("sys.exit(2)", 2, False), ("return", 2, False)])
-def test_only_an_unexpected_failure_beside_local_peers_lingers(ending, local_ranks, lingers):
-    """So that a launcher sees a killed peer's exit before this rank's consequent error (and names the peer)."""
-    from llmtrain.distributed.exit import LINGER_S
-
-    proc = end(ending, local_ranks)
-    seconds = float(proc.stderr.strip().splitlines()[-1])
-    assert (seconds >= LINGER_S) is lingers and seconds < LINGER_S + 5, seconds
+def test_a_process_without_torch_ends_normally():
+    assert not ending.ends_without_finalization({})
 
 
-
-HYDRA_PROGRAM = """
-import atexit, sys, time
-from llmtrain.cli._entry import hydra_command
-from llmtrain.config import TrainConfig
-from llmtrain.distributed.exit import ended_process
-
-started = time.monotonic()
-atexit.register(lambda: print(f"{time.monotonic() - started:.2f}", file=sys.stderr))  # the last line
-
-def task(cfg):
-    raise RuntimeError("Connection reset by peer")
-
-sys.argv = ["llmtrain-train", "data.dir=d", "run.dir=r"]
-ended_process(hydra_command("llmtrain-train", "train", TrainConfig, task))()
-"""
+class Exited(Exception):
+    pass
 
 
-@pytest.mark.parametrize(("local_ranks", "full_error", "lingers"), [(2, "", True), (2, "1", True), (1, "", False)])
-def test_an_unexpected_failure_reported_by_hydra_lingers_once(tmp_path, local_ranks, full_error, lingers):
-    """Hydra catches a task's unexpected error, prints it and exits 1 (a SystemExit, not a failure to
-    ended_process): the linger must come before that, and only once where the error also reaches ended_process
-    (HYDRA_FULL_ERROR=1). Without it a launcher named this rank instead of the killed peer (in a CI run)."""
-    from llmtrain.distributed.exit import LINGER_S
+def fake_os_exit(code: int):
+    raise Exited(code)
 
-    env = {**os.environ, "LOCAL_WORLD_SIZE": str(local_ranks), "HYDRA_FULL_ERROR": full_error,
-           "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", HYDRA_PROGRAM], capture_output=True, text=True, timeout=120,
-                          cwd=tmp_path, env=env)
-    assert proc.returncode == 1, proc.stderr[-2000:]
-    assert "Connection reset by peer" in proc.stderr
-    seconds = float(proc.stderr.strip().splitlines()[-1])
-    assert (seconds >= LINGER_S) is lingers and seconds < 2 * LINGER_S, seconds
+
+@pytest.fixture
+def handlers(monkeypatch):
+    ran = []
+    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: ran.append("handlers"))
+    monkeypatch.setattr(os, "_exit", fake_os_exit)
+    return ran
+
+
+def test_without_finalization_the_handlers_run_then_os_exit(monkeypatch, handlers):
+    monkeypatch.setattr(ending, "ends_without_finalization", lambda: True)
+    with pytest.raises(Exited) as exited:
+        ending.exit_now(3)
+    assert exited.value.args == (3,) and handlers == ["handlers"]
+
+
+def test_elsewhere_a_rank_ends_through_sys_exit(monkeypatch, handlers):
+    monkeypatch.setattr(ending, "ends_without_finalization", lambda: False)
+    with pytest.raises(SystemExit) as exited:
+        ending.exit_now(3)
+    assert exited.value.code == 3 and handlers == []  # the interpreter runs them as it finalizes
+
+
+@pytest.mark.parametrize(("ending_of_main", "code", "lingers"), [
+    ("return", 0, False), ("sys.exit(3)", 3, False), ("sys.exit(None)", 0, False), ("raise", 1, True),
+    ("sys.exit('bad input')", 1, False)])
+def test_the_exit_code_of_main(monkeypatch, capsys, ending_of_main, code, lingers):
+    codes, lingered = [], []
+    monkeypatch.setattr(ending, "exit_now", codes.append)
+    monkeypatch.setattr(ending, "linger_for_local_peers", lambda: lingered.append(True))
+    monkeypatch.setattr(ending.faulthandler, "enable", lambda **kwargs: None)  # pytest's capture has no fileno
+
+    def main():
+        if ending_of_main == "raise":
+            raise RuntimeError("boom")
+        if ending_of_main != "return":
+            exec(ending_of_main, {"sys": sys})
+
+    ending.ended_process(main)()
+    assert codes == [code] and bool(lingered) is lingers
+    err = capsys.readouterr().err
+    assert ("RuntimeError: boom" in err) is (ending_of_main == "raise")
+    assert ("bad input" in err) is ("bad input" in ending_of_main)
+
+
+@pytest.mark.parametrize(("env", "lingers"), [({"LOCAL_WORLD_SIZE": "2"}, True), ({"LOCAL_SIZE": "4"}, True),
+                                              ({"LOCAL_WORLD_SIZE": "1"}, False), ({}, False)])
+def test_a_failure_lingers_once_beside_local_peers(monkeypatch, env, lingers):
+    slept = []
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(ending, "_lingered", False)
+    monkeypatch.setattr(ending.time, "sleep", slept.append)
+    ending.linger_for_local_peers()
+    ending.linger_for_local_peers()  # the Hydra wrapper and ended_process may both see the failure
+    assert slept == ([ending.LINGER_S] if lingers else [])

@@ -11,9 +11,9 @@ import torch
 from llmtrain.config import MLP, Arch, ModelConfig, Norm, Positions, SamplingConfig
 from llmtrain.data.tokenizer import Tokenizer
 from llmtrain.errors import UserError
-from llmtrain.run.trained import TrainedModel, load_trained, save_consolidated
 from llmtrain.generate import TextGenerator
 from llmtrain.model import build_model
+from llmtrain.run.trained import TrainedModel, load_trained, save_consolidated
 
 BASE = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=1024, init_std=0.1)
 FAMILIES = {

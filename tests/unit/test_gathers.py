@@ -1,75 +1,32 @@
-"""The gloo path of DeepSpeed's post-step gather (llmtrain/distributed/deepspeed.py, ``_gather_partitions``): two
-real gloo ranks, against DeepSpeed's own all-gather."""
+"""The broadcast gather (llmtrain/workarounds.py, ``gather_by_broadcast``) without processes: installed
+once, and groups of another backend keep DeepSpeed's all-gather. Two real gloo ranks against DeepSpeed's own
+all-gather, bitwise: tests/integration/test_gathers_gloo.py."""
 
 from __future__ import annotations
 
-import torch
+import inspect
+
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from llmtrain.distributed.deepspeed import _gather_partitions
-
-SIZES = (10_007 * 2, 6)  # two groups, as a GPT's decay / no-decay groups: a large one and a tiny one
+from llmtrain.workarounds import gather_by_broadcast, install_broadcast_gathers
 
 
-def groups(rank: int, world: int) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
-    """Flat buffers whose own partition holds this rank's (random) values and the rest garbage, as after the
-    optimizer step; the partitions are views of the flat buffers, as in ZeRO-1/2."""
-    flats, parts = [], []
-    for size in SIZES:
-        flat = torch.full((size,), float("nan"))
-        views = list(flat.split(size // world))
-        views[rank].copy_(torch.randn(size // world, generator=torch.Generator().manual_seed(100 * rank + size)))
-        flats.append(flat)
-        parts.append(views)
-    return flats, parts
-
-
-def rank_main(rank: int, world: int, init: str, out: str) -> None:
-    import deepspeed
-    from deepspeed.runtime.utils import all_gather_into_tensor_dp_groups
-
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    deepspeed.init_distributed("gloo")  # DeepSpeed's comm layer, on the group above
-    pg = [dist.group.WORLD] * len(SIZES)
-    expected, expected_parts = groups(rank, world)
-    all_gather_into_tensor_dp_groups(expected, expected_parts, pg)
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the gloo path must not call the original")
-
-    got, got_parts = groups(rank, world)
-    _gather_partitions(refuse)(got, got_parts, pg, 1, 1 << 20)
-    torch.save({"expected": expected, "got": got}, f"{out}.{rank}")
-    dist.destroy_process_group()
-
-
-def test_broadcast_gather_equals_deepspeeds_all_gather_bitwise(tmp_path):
-    world = 2
-    mp.spawn(rank_main, args=(world, f"file://{tmp_path / 'init'}", str(tmp_path / "out")), nprocs=world)
-    results = [torch.load(tmp_path / f"out.{rank}") for rank in range(world)]
-    for result in results:
-        for expected, got in zip(result["expected"], result["got"], strict=True):
-            assert not got.isnan().any()
-            assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
-    # every rank ends with the same buffers: the gathered whole
-    assert all(torch.equal(a, b) for a, b in zip(results[0]["got"], results[1]["got"], strict=True))
-
-
-def test_installed_once():
+def test_installed_once(monkeypatch):
+    from deepspeed.runtime import bf16_optimizer
     from deepspeed.runtime.zero import stage_1_and_2
 
-    from llmtrain.distributed.deepspeed import _use_broadcast_gathers
-
-    _use_broadcast_gathers()
+    for module in (stage_1_and_2, bf16_optimizer):  # DeepSpeed's own again after this test
+        monkeypatch.setattr(module, "all_gather_dp_groups", module.all_gather_dp_groups)
+    install_broadcast_gathers()
     first = stage_1_and_2.all_gather_dp_groups
-    _use_broadcast_gathers()
+    install_broadcast_gathers()
     assert stage_1_and_2.all_gather_dp_groups is first and first.gathers_by_broadcast
+    assert inspect.unwrap(first) is not first and not hasattr(inspect.unwrap(first), "gathers_by_broadcast")
 
 
 def test_other_backends_keep_deepspeeds_all_gather(monkeypatch):
     calls = []
     monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
-    gather = _gather_partitions(lambda *args, **kwargs: calls.append((args, kwargs)))
+    gather = gather_by_broadcast(lambda *args, **kwargs: calls.append((args, kwargs)))
     gather(["flat"], [["part0", "part1"]], ["group"], 512, allgather_bucket_size=1 << 20)
     assert calls == [((["flat"], [["part0", "part1"]], ["group"], 512), {"allgather_bucket_size": 1 << 20})]
