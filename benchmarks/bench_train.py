@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from _table import table  # benchmarks/ is on sys.path when a benchmark runs as a script
 
-from llmtrain.run.rundir import RunDir
 from llmtrain.run.metrics import probe_peak
+from llmtrain.run.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -27,9 +27,6 @@ from llmtrain.data.order import EpochOrder
 from llmtrain.data.shards import META_FILE, TOKENIZER_FILE, TokenSplit, read_meta
 from llmtrain.data.tokenizer import Tokenizer, check_same_tokenizer
 from llmtrain.errors import UserError
-
-if TYPE_CHECKING:
-    from llmtrain.data.mixture import MixtureReader
 
 
 class WindowIndex:
@@ -231,13 +228,33 @@ class PreparedData:
         return f"PreparedData({self.folder}, {self.meta['splits']['train']['tokens']} train tokens)"
 
 
+class TrainReader(Protocol):
+    """What ``DeviceBatches`` reads from: a ``TokenWindowReader`` (one data.dir) or a ``mixture.MixtureReader``."""
+
+    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's next ``batch_size`` windows as (x, y) of shape (batch_size, block_size)."""
+        ...
+
+    def samples_by_source(self, consumed_samples: int) -> dict[str, int]:
+        """Samples taken from each named source of a mix as of ``consumed_samples``."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state to save in a checkpoint."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved state; refuses one saved with other data or block_size."""
+        ...
+
+
 class DeviceBatches:
     """A reader's batches on the compute device, one batch ahead: handing out a batch gathers the next one (on a
     GPU from pinned memory, copied ``non_blocking``), so the host prepares it while the device still runs the
     work queued before. ``state_dict`` is the reader's as of the batches handed out -- the one prepared ahead
     was not trained on, and a resumed run reads it again."""
 
-    def __init__(self, reader: TokenWindowReader | MixtureReader, batch_size: int, device: torch.device) -> None:
+    def __init__(self, reader: TrainReader, batch_size: int, device: torch.device) -> None:
         self.reader, self.batch_size, self.device = reader, batch_size, device
         self._ahead: tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | None = None
         self._state = reader.state_dict()

@@ -30,9 +30,10 @@ from tqdm.auto import tqdm
 
 from llmtrain.config import DataConfig
 from llmtrain.data.order import keyed_uniform
-from llmtrain.data.prepare import PrepareReport, _check_target, _meta, _publish, _staging, _Stopwatch, write_documents
+from llmtrain.data.pipeline import write_documents
 from llmtrain.data.shards import SPLITS, ShardWriter, token_dtype, write_meta
 from llmtrain.data.sources import DocumentStream, stream_corpus
+from llmtrain.data.staging import PrepareReport, Stopwatch, build_meta, check_target, publish, staging
 from llmtrain.data.tokenizer import Tokenizer
 from llmtrain.errors import UserError
 
@@ -42,22 +43,22 @@ log = logging.getLogger("llmtrain")
 def prepare_streaming(cfg: DataConfig) -> PrepareReport:
     """Prepare ``cfg.dir`` from a stream of the configured source; returns what was done."""
     target = Path(cfg.dir).expanduser().resolve()
-    existing = _check_target(target, cfg)
+    existing = check_target(target, cfg)
     if existing is not None:
         log.info("%s is already prepared with this config; nothing to do", target)
         return PrepareReport(target, existing, skipped=True)
-    clock = _Stopwatch()
-    with _staging(target) as stage:
+    clock = Stopwatch()
+    with staging(target) as stage:
         stream = stream_corpus(cfg, stage / "scratch")
         with clock.stage("tokenizer"):
             tokenizer = _stream_tokenizer(cfg, stream)
             tokenizer.save(stage / tokenizer.file_name)
         with clock.stage("tokenize+pack"):
             splits = pack_stream(stream, tokenizer, stage, cfg)
-        meta = _meta(cfg, tokenizer, splits, stream.stats)
+        meta = build_meta(cfg, tokenizer, splits, stream.stats)
         shutil.rmtree(stage / "scratch", ignore_errors=True)
         write_meta(stage, meta)
-        _publish(stage, target)
+        publish(stage, target)
     report = PrepareReport(target, meta, seconds=clock.seconds)
     mb = stream.stats.bytes / 1e6
     log.info("prepared %s by streaming: %d documents, %.1f MB, %s train + %s val tokens, in %.1f s (%.2f MB/s)",

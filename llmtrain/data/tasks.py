@@ -37,20 +37,10 @@ import datasets
 import numpy as np
 
 from llmtrain.config import DataConfig
-from llmtrain.data.prepare import (
-    PrepareReport,
-    _check_target,
-    _meta,
-    _publish,
-    _staging,
-    _Stopwatch,
-    _tokenizer,
-    pack,
-    split_documents,
-    tokenize,
-)
+from llmtrain.data.pipeline import load_or_train_tokenizer, pack, split_documents, tokenize
 from llmtrain.data.shards import SPLITS, ShardWriter, find_tokenizer, token_dtype, write_meta
 from llmtrain.data.sources import CorpusStats, load_corpus
+from llmtrain.data.staging import PrepareReport, Stopwatch, build_meta, check_target, publish, staging
 from llmtrain.data.tokenizer import Tokenizer
 from llmtrain.errors import UserError
 
@@ -77,7 +67,7 @@ def task_documents(num_documents: int, num_tasks: int, index: int) -> range:
 def run_phase(cfg: DataConfig) -> PrepareReport:
     """Run the phase ``cfg.task`` (plan, a task number, merge); nothing when ``data.dir`` is already prepared."""
     target = Path(cfg.dir).expanduser().resolve()
-    existing = _check_target(target, cfg)
+    existing = check_target(target, cfg)
     if existing is not None:
         log.info("%s is already prepared with this config; data.task=%s has nothing to do", target, cfg.task)
         return PrepareReport(target, existing, skipped=True)
@@ -102,15 +92,15 @@ def plan(cfg: DataConfig, work: Path) -> PrepareReport:
     if done is not None:
         log.info("%s is complete; data.task=plan has nothing to do", folder)
         return PrepareReport(folder, done, skipped=True, note=_describe_plan(done))
-    clock = _Stopwatch()
-    with _staging(folder) as stage:
+    clock = Stopwatch()
+    with staging(folder) as stage:
         with clock.stage("load"):
             ds, stats = load_corpus(cfg, stage / "scratch")
         if cfg.num_tasks > len(ds):
             raise UserError(f"data.num_tasks={cfg.num_tasks} is more than the corpus's {len(ds)} documents")
         is_val = split_documents(len(ds), cfg.val_fraction, cfg.seed)
         with clock.stage("tokenizer"):
-            tokenizer = _tokenizer(cfg, ds, is_val)
+            tokenizer = load_or_train_tokenizer(cfg, ds, is_val)
             tokenizer.save(stage / tokenizer.file_name)
         with clock.stage("save"):
             ds.save_to_disk(str(stage / CORPUS_DIR))
@@ -120,7 +110,7 @@ def plan(cfg: DataConfig, work: Path) -> PrepareReport:
                 "tokenizer_sha256": tokenizer.fingerprint, "config_fingerprint": cfg.fingerprint(),
                 "seconds": clock.seconds}
         (stage / PLAN_FILE).write_text(json.dumps(done, indent=2))  # last: its presence marks the plan complete
-        _publish(stage, folder)
+        publish(stage, folder)
     log.info("planned %d tasks over %d documents in %s (%s)", cfg.num_tasks, len(ds), folder,
              ", ".join(f"{k} {v:.1f}s" for k, v in clock.seconds.items()))
     return PrepareReport(folder, done, seconds=clock.seconds, note=_describe_plan(done))
@@ -153,8 +143,8 @@ def run_task(cfg: DataConfig, work: Path, index: int) -> PrepareReport:
         return PrepareReport(folder, done, skipped=True, note=_describe_task(done))
     documents = task_documents(plan_done["documents"], cfg.num_tasks, index)
     plan_dir = work / PLAN_DIR
-    clock = _Stopwatch()
-    with _staging(folder) as stage:
+    clock = Stopwatch()
+    with staging(folder) as stage:
         with clock.stage("load"):
             ds = datasets.load_from_disk(str(plan_dir / CORPUS_DIR)).select(documents)  # contiguous: a slice
             is_val = np.load(plan_dir / VAL_MASK_FILE)[documents.start: documents.stop]
@@ -170,7 +160,7 @@ def run_task(cfg: DataConfig, work: Path, index: int) -> PrepareReport:
         done = {"task": index, "documents": [documents.start, documents.stop], "splits": splits,
                 "seconds": clock.seconds}
         (stage / TASK_FILE).write_text(json.dumps(done, indent=2))  # last: its presence marks the task complete
-        _publish(stage, folder)
+        publish(stage, folder)
     log.info("%s (of %d) in %s", _describe_task(done), cfg.num_tasks,
              ", ".join(f"{k} {v:.1f}s" for k, v in clock.seconds.items()))
     return PrepareReport(folder, done, seconds=clock.seconds, note=_describe_task(done))
@@ -195,17 +185,17 @@ def merge(cfg: DataConfig, target: Path, work: Path) -> PrepareReport:
         raise UserError(f"data.task=merge: task(s) {', '.join(map(str, missing))} of {cfg.num_tasks} are not "
                         f"complete in {work}; run data.task=<i> for each first")
     tasks = [_read_json(task_folder(work, i) / TASK_FILE) for i in range(cfg.num_tasks)]
-    clock = _Stopwatch()
-    with _staging(target) as stage:
+    clock = Stopwatch()
+    with staging(target) as stage:
         with clock.stage("merge"):
             planned = find_tokenizer(work / PLAN_DIR)
             shutil.copyfile(planned, stage / planned.name)
             tokenizer = Tokenizer.load(stage / planned.name)
             dtype = token_dtype(tokenizer.vocab_size)
             splits = {name: _repack(work, tasks, name, stage, dtype, cfg.shard_tokens) for name in SPLITS}
-        meta = _meta(cfg, tokenizer, splits, CorpusStats(**plan_done["stats"]))
+        meta = build_meta(cfg, tokenizer, splits, CorpusStats(**plan_done["stats"]))
         write_meta(stage, meta)
-        _publish(stage, target)
+        publish(stage, target)
     shutil.rmtree(work, ignore_errors=True)
     log.info("merged %d tasks into %s: %s train + %s val tokens in %.1f s", cfg.num_tasks, target,
              f"{splits['train']['tokens']:,}", f"{splits['val']['tokens']:,}", clock.seconds["merge"])

@@ -11,6 +11,8 @@ import pytest
 from tests.conftest import run_cli
 from tests.integration.conftest import COMMON
 
+pytestmark = pytest.mark.slow  # every test here starts processes (the CLI, ranks) or reads a run that did
+
 
 def refused(proc: subprocess.CompletedProcess, command: str, fragment: str) -> str:
     """The one error line of a refused command (exit 2, no traceback), checked to contain ``fragment``."""

@@ -14,6 +14,8 @@ import pytest
 from tests.conftest import BIN, REPO
 from tests.integration.conftest import COMMON, launch, losses
 
+pytestmark = pytest.mark.slow  # every test here starts processes (the CLI, ranks) or reads a run that did
+
 
 def start(run_dir: Path, data_dir: Path, ranks: int, *overrides: str) -> subprocess.Popen:
     args = [f"data.dir={data_dir}", f"run.dir={run_dir}", *COMMON, "precision=fp32", *overrides]

@@ -9,7 +9,7 @@ import torch
 
 from tests.integration.test_train import launch, losses
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = [pytest.mark.gpu, pytest.mark.slow, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 def trained(run_dir: Path, data_dir: Path, ranks: int, *overrides: str) -> dict[int, float]:

@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import yaml
 
 from tests.conftest import run_cli
 from tests.integration.conftest import STEPS, losses
+
+pytestmark = pytest.mark.slow  # every test here starts processes (the CLI, ranks) or reads a run that did
 
 # 60 steps: long enough that two workers' pulls and pushes interleave (with 20, a run once saw staleness 0 throughout)
 TWO_WORKERS = ("ps-1s2w", 3, "precision=fp32", "mode=async_ps", "train.max_steps=60")

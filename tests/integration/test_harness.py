@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from llmtrain.run.trained import load_trained
 from tests.conftest import run_cli
 
+pytestmark = pytest.mark.slow  # every test here starts processes (the CLI, ranks) or reads a run that did
+
 pytest.importorskip("lm_eval")
 TASKS = Path(__file__).resolve().parents[1] / "fixtures" / "lm_eval"
 RUN = ("z0-1rank", 1, "precision=fp32", "dist.zero_stage=0")  # shared with test_train / test_generate_export

@@ -9,6 +9,8 @@ import pytest
 
 from tests.integration.conftest import STEPS, launch, losses
 
+pytestmark = pytest.mark.slow  # every test here starts processes (the CLI, ranks) or reads a run that did
+
 
 def mix_args(first, second) -> list[str]:
     return ["data.dir=", f"data.mix=[{{dir: {first}, weight: 3}}, {{dir: {second}, weight: 1, name: code}}]",

@@ -12,6 +12,8 @@ import pytest
 from benchmarks._corpus import write_random_words
 from tests.conftest import BIN, REPO, run_cli
 
+pytestmark = pytest.mark.slow  # every test here starts processes (the CLI, ranks) or reads a run that did
+
 
 def assert_one_line_error(proc, *fragments):
     assert proc.returncode == 2, proc.stderr
@@ -132,7 +134,6 @@ def peak_rss_mb(*args: str) -> tuple[float, subprocess.CompletedProcess]:
     return int(proc.stderr.splitlines()[-1]) / 1024, proc
 
 
-@pytest.mark.slow
 def test_streaming_memory_does_not_grow_with_the_corpus(tmp_path):
     """Peak RSS of a streaming prepare of 200 MB vs 20 MB of text: less than 100 MB apart (~1 minute)."""
     peaks = {}

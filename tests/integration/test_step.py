@@ -14,6 +14,8 @@ from tests.conftest import BIN, REPO
 from tests.integration.conftest import STEPS, launch, losses
 from tests.integration.test_train import rel_diff
 
+pytestmark = pytest.mark.slow  # every test here starts processes (the CLI, ranks) or reads a run that did
+
 PROBE = Path(__file__).with_name("step_probe.py")
 
 

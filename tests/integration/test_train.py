@@ -17,6 +17,8 @@ import pytest
 from tests.conftest import BIN, REPO
 from tests.integration.conftest import COMMON, STEPS, launch, losses, val_losses
 
+pytestmark = pytest.mark.slow  # every test here starts processes (the CLI, ranks) or reads a run that did
+
 
 def rel_diff(a: dict[int, float], b: dict[int, float], steps) -> float:
     return max(abs(a[s] - b[s]) / abs(b[s]) for s in steps)

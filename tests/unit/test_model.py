@@ -98,6 +98,7 @@ def test_rope_preserves_norm_and_is_relative():
     assert torch.allclose((qs[0, 0, 5] * ks[0, 0, 3]).sum(), (qs[0, 0, 12] * ks[0, 0, 10]).sum(), atol=1e-5)
 
 
+@pytest.mark.slow  # 150 optimizer steps: seconds on an idle core, far more on a busy one
 def test_one_batch_overfit():
     torch.manual_seed(0)
     model = GPT(VARIANTS["llama"])

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from llmtrain.config import DataConfig, Source, TextUnit
-from llmtrain.data.prepare import _with_eod, prepare, split_documents
+from llmtrain.data.pipeline import split_documents, with_eod
+from llmtrain.data.prepare import prepare
 from llmtrain.data.reader import PreparedData
 from llmtrain.data.shards import token_dtype
 from llmtrain.errors import UserError
@@ -86,9 +87,9 @@ def test_every_source_document_comes_back_exactly(tmp_path):
 
 def test_with_eod_places_separators():
     values = np.array([1, 2, 3, 4, 5], dtype=np.uint16)
-    out = _with_eod(values, np.array([2, 1, 2]), np.array([True, False, True]), 9, np.dtype(np.uint16))
+    out = with_eod(values, np.array([2, 1, 2]), np.array([True, False, True]), 9, np.dtype(np.uint16))
     assert out.tolist() == [1, 2, 9, 4, 5, 9]
-    out = _with_eod(values, np.array([0, 5]), np.array([True, True]), 9, np.dtype(np.uint16))
+    out = with_eod(values, np.array([0, 5]), np.array([True, True]), 9, np.dtype(np.uint16))
     assert out.tolist() == [9, 1, 2, 3, 4, 5, 9]
 
 
