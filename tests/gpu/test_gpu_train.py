@@ -39,3 +39,19 @@ def test_compiled_gpu_training_tracks_eager(prepared_small, tmp_path, stage):
                        "train.compile=true")
     assert compiled[max(compiled)] < compiled[1] - 0.5
     assert max(abs(eager[s] - compiled[s]) / abs(eager[s]) for s in eager) <= 2e-2  # bf16, fused kernels
+
+
+def test_no_cpu_workaround_runs_on_a_gpu_host():
+    """The workarounds were measured on CPU ranks only: on a CUDA host none is installed (llmtrain/workarounds.py)."""
+    import os
+
+    from llmtrain import allocator, workarounds
+    from llmtrain.distributed.env import select_accelerator
+
+    select_accelerator()
+    assert allocator.host_has_gpu(os.environ) and not allocator.wanted(os.environ)
+    assert not workarounds.on_cpu_accelerator()
+    with workarounds.around_initialize(1), workarounds.around_initialize(3):
+        from deepspeed.runtime.zero import stage_1_and_2
+
+        assert not getattr(stage_1_and_2.all_gather_dp_groups, "gathers_by_broadcast", False)
