@@ -80,7 +80,8 @@ def test_ranks_die_with_their_killed_launcher_and_the_rerun_takes_over(prepared_
 
 def test_a_second_run_on_the_same_run_dir_is_refused_and_changes_nothing(prepared_small, tmp_path):
     run_dir = tmp_path / "shared"
-    first = start(run_dir, prepared_small, 1, "train.max_steps=60", "train.checkpoint_every=20")
+    # long enough that the first run still holds the folder when the second has started up, even on a busy machine
+    first = start(run_dir, prepared_small, 1, "train.max_steps=200", "train.checkpoint_every=50")
     wait_for_step(run_dir, 3, first)
     holder = json.loads((run_dir / "LOCK").read_text())
     started = time.time()
@@ -92,7 +93,7 @@ def test_a_second_run_on_the_same_run_dir_is_refused_and_changes_nothing(prepare
     assert f"pid {holder['pid']}" in last and "Traceback" not in second.stderr
     assert first.wait(timeout=300) == 0, Path(f"{run_dir}.log").read_text()[-2000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 61))  # one run's rows, none interleaved
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 201))  # one run's rows, none interleaved
     assert not (run_dir / "LOCK").exists()  # released at the end
     print(f"second run refused in {refused_after:.1f} s")
 

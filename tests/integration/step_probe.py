@@ -63,7 +63,8 @@ def main() -> None:
     trainer.fit()
     names = list(torch.load(trainer.run.complete()[-1][1] / "mp_rank_00_model_states.pt", weights_only=False)
                  ["module"]) if stage < 3 else []
-    print(json.dumps({"steps": record, "saved_names": names}))
+    if trainer.env.is_main:  # one line on stdout: two ranks' prints share torchrun's stdout and may interleave
+        print(json.dumps({"steps": record, "saved_names": names}), flush=True)
 
 
 if __name__ == "__main__":
