@@ -5,7 +5,7 @@ the data order's cost as the corpus grows (virtual corpora: sparse shards, nothi
 
 Table 1: samples/s of ``next_batch`` (window ids + tokens from the memory maps) for `data/stdlib` alone and for
 a 70/30 mix of `data/stdlib-modules` and `data/stdlib-tests` (prepared as in the README's data.mix example;
-the rows are skipped when they are missing), beside what a training step of the README demo consumes.
+the rows are skipped when they are missing), beside what a training step of the quick-start demo consumes.
 Table 2: per window count N, the time to build a reader and serve 10^4 samples, and the RSS that adds (VmRSS,
 this process): the data structures that grow with N.
 """
@@ -91,7 +91,7 @@ def main() -> None:
     table(f"1. reader throughput, block {args.block_size}, batch {args.batch} (the demo's micro-batch), rank 0 of 2",
           ["data", "samples/s", "vs one folder", "tokens/s"],
           throughput_rows(args.data_root, args.block_size, args.batch, args.seconds))
-    print(f"(the README demo trains on ~1,800 tokens/s: {1800 / args.block_size:,.0f} samples/s)")
+    print(f"(the quick-start demo trains on ~1,800 tokens/s: {1800 / args.block_size:,.0f} samples/s)")
     table("2. data order vs corpus size: build a reader over N windows and serve 10^4 samples",
           ["N windows", "ms", "RSS added (MB)"], scale_rows([int(float(s)) for s in args.sizes.split(",")]))
 

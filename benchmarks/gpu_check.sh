@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The one prepared GPU check, for a short loan of one H200 (about 8 minutes): tests/gpu, then tokens/s and MFU
+# A one-GPU smoke test and benchmark (about 8 minutes on one H200-class GPU): tests/gpu, then tokens/s and MFU
 # (against the data sheet's bf16 peak) of gpt2-124m and 350m in bf16, eager and train.compile=true, as one table.
-# Prepare the wheels here first (bash benchmarks/gpu_wheels.sh), then call the device tool with
-#   command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=560
-# Without CUDA (here: bash benchmarks/gpu_check.sh, ~3 minutes) it uses this checkout's .venv, the GPU tests skip,
-# and the same table is measured for `tiny` at block 128 on the CPU: a smoke run of every step of the script.
+#   bash benchmarks/gpu_check.sh        # results in $OUT (default /tmp/gpu-check): results.jsonl, table.md, logs
+# On a GPU machine without network access and without a .venv, it installs the wheels of .whl/ (built beforehand
+# on a machine with PyPI: bash benchmarks/gpu_wheels.sh) and the checkout itself. Without CUDA (~3 minutes) it uses
+# the checkout's .venv, the GPU tests skip, and the same table is measured for `tiny` at block 128 on the CPU: a
+# smoke run of every step of the script.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-check}
@@ -12,9 +13,9 @@ mkdir -p "$OUT" && rm -f "$OUT/results.jsonl"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_DATASETS_DISABLE_PROGRESS_BARS=1
 log() { echo "[$(date +%T)] $*"; }
 
-if [ -x .venv/bin/python ]; then  # a checkout set up by scripts/setup.sh (here)
+if [ -x .venv/bin/python ]; then  # a checkout set up by scripts/setup.sh
     py=.venv/bin/python
-else  # the device machine: only the working tree and the carried .whl/ travel
+else  # a GPU machine without network: the checkout and its .whl/ wheels
     log "install: the carried wheels and llmtrain itself (no network there)"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/*.whl || exit 1
     python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Run here, once, before a GPU loan (needs PyPI): the wheels of what the device machine's image lacks, into .whl/
-# (ignored by git, carried by benchmarks/gpu_check.sh). The image holds torch, transformers, sentencepiece,
-# safetensors, pyarrow, pandas, fsspec, huggingface-hub, tqdm, numpy... (/work/.library/device/KINDS.md); it
-# lacks DeepSpeed, Hydra/OmegaConf, datasets and pydantic. Versions: the ones this checkout's .venv runs.
-#   bash benchmarks/gpu_wheels.sh && du -sh .whl      # must stay well under the 64 MiB a call carries
+# The wheels benchmarks/gpu_check.sh installs on a GPU machine without network access, built once on a machine
+# with PyPI into .whl/ (ignored by git). A GPU image with torch, transformers, sentencepiece, safetensors, pyarrow,
+# pandas, fsspec, huggingface-hub, tqdm and numpy lacks DeepSpeed, Hydra/OmegaConf, datasets, pydantic and their
+# small dependencies: those are built or downloaded here, at the versions this checkout's .venv runs.
+#   bash benchmarks/gpu_wheels.sh && du -sh .whl      # a few tens of MiB, copied with the checkout
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qxF '/.whl/' .git/info/exclude || echo '/.whl/' >> .git/info/exclude
@@ -15,7 +15,7 @@ for name in hydra-core omegaconf datasets dill multiprocess xxhash pydantic pyda
             typing-inspection hjson; do
     binary+=("$name==$(version "$name")")
 done
-# The device runs Python 3.12 on x86-64 Linux.
+# The GPU machine runs Python 3.12 on x86-64 Linux.
 "${pip[@]}" download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .whl "${binary[@]}"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Re-run every README command whose figures depend on the training data order (the quick-start demo, the
-# sync/async comparison, the two baseline tables), one after another on an otherwise idle machine, and print the
-# figures the README quotes. About 2.5 hours on 2 CPU cores. Run from a set-up checkout (bash scripts/setup.sh):
+# Re-run every command whose figures depend on the training data order (docs/benchmarks.md: the quick-start demo,
+# sync vs async, the two baseline tables), one after another on an otherwise idle machine, and print the figures
+# docs/benchmarks.md and the README quote. About 2.5 hours on 2 CPU cores. Run from a set-up checkout
+# (bash scripts/setup.sh):
 #   bash benchmarks/readme_figures.sh [OUT]        # OUT: where the runs go (default: runs/readme-<date>)
 # Steps that already finished (their run folder holds a final checkpoint) are skipped on a re-run.
 set -euo pipefail
@@ -38,8 +39,8 @@ note "== $(date -u +%FT%TZ) $(git rev-parse --short HEAD) on $(lscpu | sed -n 's
 $(grep -o -w -E 'avx512_bf16|avx512f|avx2' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 $BIN/llmtrain-prepare data=stdlib data.dir=data/stdlib >/dev/null
 
-# Order: the runs whose speed the README quotes most closely (the demo, the comparison) come last.
-# 3. Same training data (README "Same training data"): 8 passes over 262,144 tokens; the GPT on one thread.
+# Order: the runs whose speed the figures quote most closely (the demo, the comparison) come last.
+# Same training data (docs/benchmarks.md, "Same training data"): 8 passes over 262,144 tokens; the GPT on one thread.
 timed smalldata-gpt env OMP_NUM_THREADS=1 "$BIN/llmtrain-train" experiment=small_data model=mini \
     run.dir="$OUT/smalldata-gpt"
 val_lines smalldata-gpt
@@ -49,7 +50,7 @@ evaluate smalldata-gpt smalldata-lstm
 ngram 3 262144
 ngram 4 262144
 
-# 4. One pass, equal tokens (README "One pass"): 1,000 steps each, and the n-grams at the same token counts.
+# One pass, equal tokens (docs/benchmarks.md, "One pass"): 1,000 steps each, and the n-grams at the same token counts.
 timed baselines-gpt torchrun2 experiment=baselines run.dir="$OUT/baselines-gpt"
 val_lines baselines-gpt
 timed baselines-lstm torchrun2 experiment=baselines model=lstm run.dir="$OUT/baselines-lstm"
@@ -59,12 +60,12 @@ for tokens in 409600 512000 1024000 1536000 2048000 0; do
     ngram 3 $tokens
     ngram 4 $tokens
 done
-# 1. Quick start (README "Quick start"): 200 steps of `small`, ZeRO-2, 2 ranks.
+# The quick-start demo (docs/benchmarks.md, "Quick-start demo"): 200 steps of `small`, ZeRO-2, 2 ranks.
 timed demo torchrun2 experiment=demo run.dir="$OUT/demo"
 val_lines demo; speed demo
 evaluate demo  # the demo's row of the one-pass table (all windows)
 
-# 2. Sync vs async (README "Asynchronous SGD"), fp32 and bf16.
+# Sync vs async (docs/benchmarks.md, "Sync vs async"), fp32 and bf16.
 timed compare-fp32 "$BIN/llmtrain-compare" experiment=demo compare.dir="$OUT/compare"
 cat "$OUT/compare/table.md" | tee -a "$LOG"
 timed compare-bf16 "$BIN/llmtrain-compare" experiment=demo precision=bf16 compare.dir="$OUT/compare-bf16"

@@ -386,7 +386,7 @@ class TrainLoopConfig:
     """Seed of the model init and the data order."""
     subset_tokens: int = 0
     """Train on a fixed subset of the train split, this many tokens in whole windows (the run's first windows),
-    repeated epoch after epoch; 0 = the whole split. For small-data comparisons (README, "Baselines")."""
+    repeated epoch after epoch; 0 = the whole split. For small-data comparisons (docs/benchmarks.md, "Baselines")."""
     eval_every: int = 100
     """Evaluate on the fixed validation windows every N steps (0 = only at the end)."""
     eval_windows: int = 200
@@ -402,8 +402,8 @@ class TrainLoopConfig:
     stop_at_step: int = 0
     """Save a checkpoint and stop at this step (0 = never); the schedule still spans max_steps."""
     compile: bool | None = None
-    """torch.compile the model (through DeepSpeed's ``engine.compile``); null = on with CUDA, off on CPU, where
-    fp32 gains nothing and bf16 gains less than the first compile costs a short run (README, "Benchmarks")."""
+    """torch.compile the model (through DeepSpeed's ``engine.compile``); null = on with CUDA, off on CPU, where fp32
+    gains nothing and bf16 gains less than the first compile costs a short run (docs/benchmarks.md, torch.compile)."""
 
     def __post_init__(self) -> None:
         problems = []

@@ -179,8 +179,8 @@ def copy_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], zero_
 
 def should_compile(setting: bool | None, device: torch.device, zero_stage: int) -> bool:
     """``train.compile``: as set, or (null) on with CUDA at ZeRO 0-2. Measured on 2 CPU cores (`small`, block 128,
-    README "Benchmarks"): fp32 steps are matmul-bound (85% of the step in matmul and attention kernels) and gain
-    1.01-1.05x; bf16 gains 1.17-1.24x after a first compile of ~13 s per process (~3 s from inductor's cache),
+    docs/benchmarks.md, torch.compile): fp32 steps are matmul-bound (85% of the step in matmul and attention kernels)
+    and gain 1.01-1.05x; bf16 gains 1.17-1.24x after a first compile of ~13 s per process (~3 s from inductor's cache),
     which a short CPU run does not win back.
 
     ZeRO-3 gathers each submodule's parameters in hooks that plain torch.compile traces into, recompiling per
