@@ -40,7 +40,8 @@ def run(cfg: EvalConfig) -> None:
 
 
 def tasks_table(cfg: EvalConfig, trained, model, device) -> None:
-    from lm_eval.utils import make_table  # an optional extra (llmtrain[eval]): imported once asked for
+    # lm-eval is an optional extra (llmtrain[eval]): imported only when tasks are asked for.
+    from lm_eval.utils import make_table
 
     from llmtrain.harness import HarnessLM, run_tasks
 

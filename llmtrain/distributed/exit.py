@@ -123,7 +123,7 @@ def exit_now(code: int) -> NoReturn:
     handlers, flush and exit without finalization; elsewhere through ``sys.exit``."""
     abrupt = ends_without_finalization()  # before the group is left: its backend decides
     try:
-        if "torch.distributed" in sys.modules:
+        if "torch.distributed" in sys.modules:  # only then: this module imports no torch, so --help stays fast
             from llmtrain.distributed.env import shutdown
 
             shutdown()
