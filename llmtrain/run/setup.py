@@ -16,7 +16,6 @@ import yaml
 
 from llmtrain.config import DataConfig, ModelConfig, TrainConfig, to_plain
 from llmtrain.data.mixture import MixedData, TrainingData
-from llmtrain.data.prepare import prepare
 from llmtrain.data.reader import PreparedData
 from llmtrain.data.shards import read_meta
 from llmtrain.data.tokenizer import check_same_tokenizer
@@ -79,6 +78,9 @@ def open_data(cfg: DataConfig, is_main: bool, wait: Callable[[], None] | None = 
     if cfg.mix is not None:
         return MixedData(cfg.mix)
     if is_main and read_meta(cfg.dir) is None:  # set_up_run has refused it unless cfg.prepare_if_missing
+        # Imported only to prepare: `datasets` costs every rank ~90 MB of memory and a second of start-up.
+        from llmtrain.data.prepare import prepare
+
         log.info("%s holds no prepared dataset: preparing it first (data=%s)", cfg.dir, cfg.source.value)
         prepare(cfg)
     (wait or (lambda: _poll_prepared(cfg.dir)))()
