@@ -274,7 +274,7 @@ class AsyncPSTrainer:
         tokens = len(records) * tokens_per_update
         metrics.log(step, {
             "loss": float(np.mean([r["loss"] for r in records[-self.num_workers:]])), "lr": records[-1]["lr"],
-            "tokens_seen": step * self.num_workers * tokens_per_update, "tokens_per_s": tokens / max(seconds, 1e-9),
+            "tokens_seen": self._tokens_seen(step), "tokens_per_s": tokens / max(seconds, 1e-9),
             "updates_per_s": len(records) / max(seconds, 1e-9),
             "staleness_mean": float(staleness.mean()), "staleness_p50": float(np.percentile(staleness, 50)),
             "staleness_p95": float(np.percentile(staleness, 95)), "staleness_max": int(staleness.max()),
@@ -311,9 +311,13 @@ class AsyncPSTrainer:
         result.val_loss, result.val_ppl = scores["val_loss"], scores["val_ppl"]
         metrics.log(step, scores)
 
+    def _tokens_seen(self, step: int) -> int:
+        """Tokens trained on after ``step`` steps (W updates of global_batch_size / W sequences each)."""
+        return step * self.cfg.train.global_batch_size * self.model_cfg.block_size
+
     def _save(self, step: int) -> None:
-        tokens_seen = step * self.cfg.train.global_batch_size * self.model_cfg.block_size
-        state = client_state(step, tokens_seen, self.data.tokenizer_fingerprint, self.model_cfg, self.cfg.train.seed)
+        state = client_state(step, self._tokens_seen(step), self.data.tokenizer_fingerprint, self.model_cfg,
+                             self.cfg.train.seed)
         self.checkpoints.save(step, state, self.config_yaml)
 
     def _resume_server(self) -> None:
