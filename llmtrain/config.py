@@ -96,6 +96,13 @@ class Mode(str, Enum):
     async_ps = "async_ps"
 
 
+class Resume(str, Enum):
+    """What a run does in a run.dir that already holds a history (checkpoints, metrics.jsonl)."""
+
+    auto = "auto"
+    restart = "restart"
+
+
 class Device(str, Enum):
     """Where a single-process command (generate, eval) runs."""
 
@@ -183,6 +190,10 @@ class DataConfig:
     """all: the whole prepare in this process | plan | <i> in [0, num_tasks): tokenize slice i | merge: meta.json."""
     streaming: bool = False
     """Tokenize a stream (datasets' IterableDataset) in bounded memory; its val split is per document, not by count."""
+    allow_invalid_utf8: bool = False
+    """Prepare a corpus even when most of its bytes are not valid UTF-8 (binary files), each bad sequence replaced."""
+    verify: bool = False
+    """Training: check every shard against the checksum meta.json records before the first step (reads each byte)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -242,7 +253,8 @@ class DataConfig:
         return int(self.task) if self.task.isdigit() else None
 
     # Fields that change how a prepare runs but not what it writes (num_tasks/task: the merged folder is the same).
-    RUNTIME_ONLY = ("dir", "mix", "num_proc", "overwrite", "prepare_if_missing", "num_tasks", "task")
+    RUNTIME_ONLY = ("dir", "mix", "num_proc", "overwrite", "prepare_if_missing", "num_tasks", "task",
+                    "allow_invalid_utf8", "verify")
     # Fields added after datasets were prepared: at these values they stay out of the fingerprint, so a folder
     # prepared before the field existed still counts as prepared with the same config.
     FINGERPRINT_SINCE = {"streaming": False}
@@ -497,8 +509,9 @@ class RunConfig:
 
     dir: str = MISSING
     """Run folder: checkpoints, metrics.jsonl, config.yaml, wandb files. Re-running resumes from it."""
-    resume: bool = True
-    """Continue from the newest complete checkpoint in run.dir when there is one."""
+    resume: Resume = Resume.auto
+    """auto: continue from the newest intact checkpoint in run.dir when there is one | restart: start over at step 0,
+    moving the folder's earlier checkpoints and metrics.jsonl aside (needed once every checkpoint is damaged)."""
 
 
 @dataclass(kw_only=True)
@@ -570,6 +583,8 @@ class PrepareConfig:
 
     data: DataConfig = field(default_factory=DataConfig)
     """The corpus to prepare."""
+    verify: bool = False
+    """Prepare nothing: check the prepared data.dir's shards against the sizes and checksums in its meta.json."""
 
     def __post_init__(self) -> None:
         if self.data.mix is not None:

@@ -2,7 +2,15 @@
 
 
 class UserError(Exception):
-    """A problem in what the user gave us. The CLI prints its message as one line and exits with code 2."""
+    """A problem in what the user gave us. The CLI prints its message as one line and exits with ``exit_code``."""
+
+    exit_code = 2
+
+
+class RunDiverged(UserError):
+    """Training stopped because its loss stayed non-finite: exit code 3, so a script can tell it from bad input."""
+
+    exit_code = 3
 
 
 def os_reason(exc: OSError) -> str:
