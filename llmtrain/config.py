@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -121,6 +122,59 @@ class WeightDtype(str, Enum):
     bf16 = "bf16"
 
 
+# Upper bounds no real run reaches, so that an absurd value is refused in one line instead of failing later in
+# torch, numpy or the operating system (an allocation of terabytes, an integer that no longer fits 64 bits).
+MAX_COUNT = 2**63 - 1
+"""Steps, windows, documents, tokens: what fits a signed 64-bit integer (numpy's and torch's)."""
+MAX_SEED = 2**63 - 1
+"""Seeds: torch.manual_seed takes < 2**64 and numpy's seed sequences non-negative integers; the margin lets a seed
+be offset (data.seed + 1, generate's seed + prompt index) and stay in range."""
+MAX_LAYERS = 1024
+"""model.n_layer and model.n_head (the deepest published Transformers have ~100 layers, ~128 heads)."""
+MAX_WIDTH = 65536
+"""model.n_embd (the widest published models are ~25k); model.mlp_hidden up to 4x this."""
+MAX_CONTEXT = 1 << 20
+"""model.block_size, ngram block_size: a training window of a million tokens."""
+MAX_VOCAB = 1 << 20
+"""Vocabulary sizes (published tokenizers have up to ~260k tokens)."""
+MAX_TIMEOUT_S = 10**6
+"""Timeouts (~12 days; a longer one overflows the timedelta and int64 milliseconds of torch.distributed)."""
+
+
+def bounded(name: str, value: float, low: float | None = None, high: float | None = None, *,
+            low_open: bool = False, high_open: bool = False) -> list[str]:
+    """``[]`` when ``value`` lies in the interval from ``low`` to ``high`` (open ends where asked), else the problem
+    as ``name=value must be ...``. NaN and infinities are always out: every comparison is written so NaN fails it."""
+    finite = not isinstance(value, float) or math.isfinite(value)
+    above = low is None or (value > low if low_open else value >= low)
+    below = high is None or (value < high if high_open else value <= high)
+    if finite and above and below:
+        return []
+    low, high = _shown(low), _shown(high)
+    if isinstance(value, float) and low is not None and high is not None:  # a range of fractions: [0, 1), (0, 1]
+        return [f"{name}={value} must be in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"]
+    if finite and above:  # over a cap
+        return [f"{name}={value} must be {'<' if high_open else '<='} {'2**63 - 1' if high == MAX_COUNT else high}"]
+    return [f"{name}={value} must be {'>' if low_open else '>='} {low}"
+            + (" and finite" if isinstance(value, float) else "")]
+
+
+def _shown(bound: float | None) -> float | None:
+    """A bound as the message shows it: 0 and 1, not 0.0 and 1.0."""
+    return int(bound) if isinstance(bound, float) and bound.is_integer() else bound
+
+
+def bounded_each(section: str, obj: Any, ranges: dict[str, tuple[float | None, float | None]]) -> list[str]:
+    """``bounded`` for several closed ranges of one section: ``{"max_steps": (1, MAX_COUNT)}``."""
+    return [problem for name, (low, high) in ranges.items()
+            for problem in bounded(f"{section}{name}", getattr(obj, name), low, high)]
+
+
+def nonempty(name: str, value: str, hint: str) -> list[str]:
+    """A required text (a folder, a name) that is empty or only spaces: the problem, with what to give."""
+    return [] if value.strip() else [f"{name} is empty: {hint}"]
+
+
 def raise_problems(problems: list[str], section: str) -> None:
     """Raise one ``ValueError`` listing every problem found in a section (no-op when there are none)."""
     if problems:
@@ -146,7 +200,7 @@ class DataConfig:
     source: Source = Source.stdlib
     """Corpus source: stdlib (the running Python's standard library, no download) | text (local files) | hf."""
     dir: str = MISSING
-    """Folder of the prepared dataset: shards, tokenizer (.model or .json) and meta.json (data.mix: set it to '')."""
+    """Folder of the prepared dataset: shards, tokenizer (.model or .json) and meta.json (not needed with data.mix)."""
     mix: list[MixSource] | None = None
     """Training: a weighted blend of prepared folders instead of data.dir, e.g.
     '[{dir: data/prose, weight: 0.7}, {dir: data/code, weight: 0.3}]'; each source keeps its own epoch order."""
@@ -181,7 +235,7 @@ class DataConfig:
     shard_tokens: int = 1 << 26
     """Maximum tokens per shard file."""
     overwrite: bool = False
-    """Replace a data.dir prepared with another config or tokenizer."""
+    """Prepare data.dir again even when it is already prepared (with this config or another)."""
     prepare_if_missing: bool = False
     """Training: prepare data.dir first when it holds no dataset (set by naming a source: data=stdlib|text|hf)."""
     num_tasks: int = 1
@@ -191,9 +245,11 @@ class DataConfig:
     streaming: bool = False
     """Tokenize a stream (datasets' IterableDataset) in bounded memory; its val split is per document, not by count."""
     allow_invalid_utf8: bool = False
-    """Prepare a corpus even when most of its bytes are not valid UTF-8 (binary files), each bad sequence replaced."""
+    """Prepare a corpus even when more than half of its bytes are in files that are not UTF-8 text (an invalid
+    sequence per 10 bytes or more: binary data or another encoding); each invalid sequence is replaced by U+FFFD."""
     verify: bool = False
-    """Training: check every shard against the checksum meta.json records before the first step (reads each byte)."""
+    """Training: before the first step every rank reads every shard and checks its size, token ids and the checksum
+    meta.json records."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -202,18 +258,14 @@ class DataConfig:
             problems.append("data=text needs data.paths=[file,...]")
         if self.source == Source.hf and not self.hf_name:
             problems.append("data=hf needs data.hf_name=<dataset>")
-        if not 260 <= self.vocab_size <= 1 << 20:
-            problems.append(f"data.vocab_size={self.vocab_size} must be in [260, 1048576]")
-        if not 0.0 < self.val_fraction < 1.0:
-            problems.append(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
-        if self.num_proc < 1:
-            problems.append(f"data.num_proc={self.num_proc} must be >= 1")
-        if self.shard_tokens < 1024:
-            problems.append(f"data.shard_tokens={self.shard_tokens} must be >= 1024")
-        if self.max_documents < 0:
-            problems.append(f"data.max_documents={self.max_documents} must be >= 0")
-        if self.tokenizer_sample_documents < 1:
-            problems.append(f"data.tokenizer_sample_documents={self.tokenizer_sample_documents} must be >= 1")
+        problems += bounded_each("data.", self, {
+            "num_proc": (1, 1024), "shard_tokens": (1024, 1 << 40),
+            "max_documents": (0, MAX_COUNT), "tokenizer_sample_documents": (1, MAX_COUNT), "seed": (0, MAX_SEED)})
+        if not 260 <= self.vocab_size <= MAX_VOCAB:
+            problems.append(f"data.vocab_size={self.vocab_size} must be in [260, {MAX_VOCAB}]")
+        problems += bounded("data.val_fraction", self.val_fraction, 0.0, 1.0, low_open=True, high_open=True)
+        problems += nonempty("data.text_field", self.text_field, "name the column that holds the text")
+        problems += nonempty("data.hf_split", self.hf_split, "name the split to read, e.g. data.hf_split=train")
         problems += self._mix_problems()
         raise_problems(problems, "data")
 
@@ -226,16 +278,16 @@ class DataConfig:
         if self.dir:
             problems.append(f"data.dir={self.dir} and data.mix are both set: train on a mix with data.dir=''")
         for i, source in enumerate(self.mix):
-            if not source.weight > 0:
-                problems.append(f"data.mix[{i}].weight={source.weight} must be > 0")
+            problems += bounded(f"data.mix[{i}].weight", source.weight, 0.0, low_open=True)
+            problems += nonempty(f"data.mix[{i}].dir", source.dir, "give a prepared folder")
         names = [source.name or Path(source.dir).name for source in self.mix]
         if len(set(names)) < len(names):
             problems.append(f"data.mix names {names} repeat; give each source its own name: ...")
         return problems
 
     def _task_problems(self) -> list[str]:
-        if self.num_tasks < 1:
-            return [f"data.num_tasks={self.num_tasks} must be >= 1"]
+        if self.num_tasks < 1 or self.num_tasks > 1 << 20:
+            return bounded("data.num_tasks", self.num_tasks, 1, 1 << 20)
         if self.streaming and (self.num_tasks > 1 or self.task != "all"):
             return ["data.streaming=true runs in one process: leave data.num_tasks=1 and data.task=all"]
         if self.task == "all":
@@ -311,21 +363,26 @@ class ModelConfig:
     run. Its architecture replaces the fields above except block_size (the training window) and dropout."""
 
     def __post_init__(self) -> None:
-        problems = []
-        kv = self.n_kv_head or self.n_head
-        if min(self.n_layer, self.n_head, self.n_embd, self.block_size) < 1:
-            problems.append("model.n_layer, n_head, n_embd and block_size must be >= 1")
-        elif self.n_embd % self.n_head:
-            problems.append(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
-        elif self.n_head % kv:
-            problems.append(f"model.n_head={self.n_head} must be divisible by model.n_kv_head={kv}")
-        elif self.pos == Positions.rope and (self.n_embd // self.n_head) % 2:
-            problems.append(f"model.pos=rope needs an even head size, got {self.n_embd // self.n_head}")
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"model.dropout={self.dropout} must be in [0, 1)")
-        if self.vocab_size < 0:
-            problems.append(f"model.vocab_size={self.vocab_size} must be >= 0")
+        problems = bounded_each("model.", self, {
+            "n_layer": (1, MAX_LAYERS), "n_head": (1, MAX_LAYERS), "n_kv_head": (0, MAX_LAYERS),
+            "n_embd": (1, MAX_WIDTH), "block_size": (1, MAX_CONTEXT), "vocab_size": (0, MAX_VOCAB),
+            "mlp_hidden": (0, 4 * MAX_WIDTH)})
+        if not problems:  # the shape checks divide by these sizes
+            problems += self._shape_problems()
+        problems += bounded("model.dropout", self.dropout, 0.0, 1.0, high_open=True)
+        for name in ("norm_eps", "rope_theta", "init_std"):
+            problems += bounded(f"model.{name}", getattr(self, name), 0.0, low_open=True)
         raise_problems(problems, "model")
+
+    def _shape_problems(self) -> list[str]:
+        kv = self.n_kv_head or self.n_head
+        if self.n_embd % self.n_head:
+            return [f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}"]
+        if self.n_head % kv:
+            return [f"model.n_head={self.n_head} must be divisible by model.n_kv_head={kv}"]
+        if self.pos == Positions.rope and (self.n_embd // self.n_head) % 2:
+            return [f"model.pos=rope needs an even head size, got {self.n_embd // self.n_head}"]
+        return []
 
     @property
     def kv_heads(self) -> int:
@@ -373,14 +430,14 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.lr <= 0:
-            problems.append(f"optim.lr={self.lr} must be > 0")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            problems.append(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
-        if self.warmup_steps < 0:
-            problems.append(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
-        if self.grad_clip < 0:
-            problems.append(f"optim.grad_clip={self.grad_clip} must be >= 0")
+        problems += bounded("optim.lr", self.lr, 0.0, low_open=True)
+        problems += bounded("optim.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        problems += bounded("optim.warmup_steps", self.warmup_steps, 0, MAX_COUNT)
+        for name in ("beta1", "beta2", "momentum"):
+            problems += bounded(f"optim.{name}", getattr(self, name), 0.0, 1.0, high_open=True)
+        problems += bounded("optim.eps", self.eps, 0.0, low_open=True)
+        for name in ("weight_decay", "grad_clip"):
+            problems += bounded(f"optim.{name}", getattr(self, name), 0.0)
         raise_problems(problems, "optim")
 
 
@@ -419,13 +476,11 @@ class TrainLoopConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "keep_checkpoints",
-                     "max_nonfinite_steps"):
-            if getattr(self, name) < 1:
-                problems.append(f"train.{name}={getattr(self, name)} must be >= 1")
-        for name in ("eval_every", "eval_windows", "checkpoint_every", "stop_at_step", "subset_tokens"):
-            if getattr(self, name) < 0:
-                problems.append(f"train.{name}={getattr(self, name)} must be >= 0")
+        problems += bounded_each("train.", self, {
+            "max_steps": (1, MAX_COUNT), "global_batch_size": (1, 1 << 24), "micro_batch_size": (1, 1 << 16),
+            "log_every": (1, MAX_COUNT), "keep_checkpoints": (1, MAX_COUNT), "max_nonfinite_steps": (1, MAX_COUNT),
+            "eval_every": (0, MAX_COUNT), "eval_windows": (0, MAX_COUNT), "checkpoint_every": (0, MAX_COUNT),
+            "stop_at_step": (0, MAX_COUNT), "subset_tokens": (0, MAX_COUNT), "seed": (0, MAX_SEED)})
         if self.micro_batch_size > 0 and self.global_batch_size % self.micro_batch_size:
             problems.append(f"train.global_batch_size={self.global_batch_size} is not a multiple of "
                             f"train.micro_batch_size={self.micro_batch_size}")
@@ -461,6 +516,7 @@ class DistConfig:
             problems.append("dist.offload_params=true needs dist.zero_stage=3")
         if self.backend not in ("auto", "nccl", "gloo"):
             problems.append(f"dist.backend={self.backend} must be auto, nccl or gloo")
+        problems += bounded("dist.timeout_s", self.timeout_s, 1, MAX_TIMEOUT_S)
         raise_problems(problems, "dist")
 
 
@@ -496,10 +552,8 @@ class PSConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.num_servers < 1:
-            problems.append(f"ps.num_servers={self.num_servers} must be >= 1")
-        if self.timeout_s < 1 or self.max_staleness < 0:
-            problems.append("ps.timeout_s must be >= 1 and ps.max_staleness >= 0")
+        problems += bounded_each("ps.", self, {
+            "num_servers": (1, 1 << 16), "max_staleness": (0, MAX_COUNT), "timeout_s": (1, MAX_TIMEOUT_S)})
         raise_problems(problems, "ps")
 
 
@@ -511,7 +565,11 @@ class RunConfig:
     """Run folder: checkpoints, metrics.jsonl, config.yaml, wandb files. Re-running resumes from it."""
     resume: Resume = Resume.auto
     """auto: continue from the newest intact checkpoint in run.dir when there is one | restart: start over at step 0,
-    moving the folder's earlier checkpoints and metrics.jsonl aside (needed once every checkpoint is damaged)."""
+    moving the folder's earlier history (checkpoints, metrics.jsonl, ...) into run.dir/previous/<n>/ (needed once
+    every checkpoint is damaged)."""
+
+    def __post_init__(self) -> None:
+        raise_problems(nonempty("run.dir", self.dir, "give the run folder, run.dir=runs/<name>"), "run")
 
 
 @dataclass(kw_only=True)
@@ -550,6 +608,12 @@ class TrainConfig:
             problems.append(f"model.vocab_size={self.model.vocab_size} is below the tokenizer's minimum of 260")
         if self.data.mix is not None and self.train.subset_tokens:
             problems.append("train.subset_tokens restricts one data.dir; it does not combine with data.mix")
+        window = self.model.block_size + 1
+        if 0 < self.train.subset_tokens < window:
+            problems.append(f"train.subset_tokens={self.train.subset_tokens} is less than one window of "
+                            f"model.block_size+1 = {window} tokens (0 = the whole split)")
+        if self.data.mix is None:
+            problems += nonempty("data.dir", self.data.dir, "give a prepared folder, data.dir=<folder>, or data.mix")
         raise_problems(problems, "training")
 
 
@@ -565,8 +629,9 @@ class CompareSection:
     """Also run async with ps.staleness_lr=true."""
 
     def __post_init__(self) -> None:
-        if self.compute_ranks < 1:
-            raise_problems([f"compare.compute_ranks={self.compute_ranks} must be >= 1"], "compare")
+        problems = nonempty("compare.dir", self.dir, "give the output folder, compare.dir=runs/<name>")
+        problems += bounded("compare.compute_ranks", self.compute_ranks, 1, 1 << 16)
+        raise_problems(problems, "compare")
 
 
 @dataclass(kw_only=True)
@@ -584,11 +649,13 @@ class PrepareConfig:
     data: DataConfig = field(default_factory=DataConfig)
     """The corpus to prepare."""
     verify: bool = False
-    """Prepare nothing: check the prepared data.dir's shards against the sizes and checksums in its meta.json."""
+    """Prepare nothing: check the prepared data.dir's shards against the sizes, token ids and checksums in its
+    meta.json."""
 
     def __post_init__(self) -> None:
         if self.data.mix is not None:
             raise_problems(["data.mix blends prepared folders for training; prepare each source on its own"], "data")
+        raise_problems(nonempty("data.dir", self.data.dir, "give the folder to prepare, data.dir=<folder>"), "data")
 
 
 @dataclass(kw_only=True)
@@ -599,6 +666,11 @@ class TrainedRef:
     """A run folder (its newest complete checkpoint), one of its checkpoints/step_* folders, or an exported folder."""
     step: int = 0
     """With a run folder: load this step's checkpoint instead of the newest (0 = newest)."""
+
+    def __post_init__(self) -> None:
+        problems = nonempty("run.dir", self.dir, "give a run, checkpoint or exported folder, run.dir=runs/<name>")
+        problems += bounded("run.step", self.step, 0, MAX_COUNT)
+        raise_problems(problems, "run")
 
 
 @dataclass(kw_only=True)
@@ -618,14 +690,10 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.max_new_tokens < 1:
-            problems.append(f"max_new_tokens={self.max_new_tokens} must be >= 1")
-        if self.temperature < 0:
-            problems.append(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
-        if self.top_k < 0:
-            problems.append(f"top_k={self.top_k} must be >= 0 (0 = off)")
-        if not 0.0 < self.top_p <= 1.0:
-            problems.append(f"top_p={self.top_p} must be in (0, 1]")
+        problems += bounded("max_new_tokens", self.max_new_tokens, 1, MAX_CONTEXT)
+        problems += bounded("temperature", self.temperature, 0.0)
+        problems += bounded("top_k", self.top_k, 0, MAX_VOCAB)
+        problems += bounded("top_p", self.top_p, 0.0, 1.0, low_open=True)
         raise_problems(problems, "sampling")
 
 
@@ -657,8 +725,8 @@ class GenerateConfig(SamplingConfig):
         problems = []
         if self.prompt and self.prompts_file:
             problems.append("give prompt=... or prompts_file=..., not both")
-        if self.batch_size < 1:
-            problems.append(f"batch_size={self.batch_size} must be >= 1")
+        problems += bounded("batch_size", self.batch_size, 1, 1 << 16)
+        problems += bounded("seed", self.seed, 0, MAX_SEED)
         raise_problems(problems, "generate")
 
 
@@ -676,6 +744,9 @@ class ExportConfig:
     """Weights written as fp32 | bf16."""
     overwrite: bool = False
     """Replace the files of an existing non-empty out folder."""
+
+    def __post_init__(self) -> None:
+        raise_problems(nonempty("out", self.out, "give the output folder, out=exports/<name>"), "export")
 
 
 @dataclass(kw_only=True)
@@ -711,8 +782,12 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.limit < 0 or self.batch_size < 1:
-            problems.append("limit must be >= 0 and batch_size >= 1")
+        problems += bounded_each("", self, {"max_windows": (0, MAX_COUNT), "batch_size": (1, 1 << 16),
+                                            "limit": (0, MAX_COUNT)})
+        if self.num_fewshot is not None:
+            problems += bounded("num_fewshot", self.num_fewshot, 0, 1 << 16)
+        if not all(task.strip() for task in self.tasks):
+            problems.append(f"tasks={self.tasks} names an empty task")
         if (self.task_dir or self.limit or self.num_fewshot is not None) and not self.tasks:
             problems.append("task_dir, limit and num_fewshot apply to tasks=[...], which is empty")
         if self.tasks and (self.text_file or self.data_dir or self.max_windows):
@@ -741,14 +816,14 @@ class NgramConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.order < 1:
-            problems.append(f"order={self.order} must be >= 1")
-        if not 0.0 <= self.discount < 1.0:
-            problems.append(f"discount={self.discount} must be in [0, 1) (0 = estimated)")
-        if self.train_tokens < 0 or self.block_size < 1:
-            problems.append("train_tokens must be >= 0 and block_size >= 1")
+        problems += bounded_each("", self, {"order": (1, 16), "train_tokens": (0, MAX_COUNT),
+                                            "block_size": (1, MAX_CONTEXT), "seed": (0, MAX_SEED),
+                                            "max_windows": (0, MAX_COUNT)})
+        problems += bounded("discount", self.discount, 0.0, 1.0, high_open=True)
         if self.data.mix is not None:
             problems.append("llmtrain-ngram fits one data.dir; data.mix is not supported")
+        else:
+            problems += nonempty("data.dir", self.data.dir, "give a prepared folder, data.dir=<folder>")
         raise_problems(problems, "ngram")
 
 

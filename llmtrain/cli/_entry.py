@@ -2,7 +2,8 @@
 
 Each command is ``hydra_command(name, config_name, schema, task)``; ``task`` receives the typed config object
 (never a ``DictConfig``). Mistakes a user can fix -- an unknown key, a wrong type, a failed check, a
-``UserError`` -- are printed as ``<command>: error: <one line>`` with exit code 2.
+``UserError`` -- are printed as ``<command>: error: <one line>`` with exit code 2 (a ``UserError`` names its own
+code), by the main process only: under a launcher the other ranks exit with the same code quietly.
 """
 
 from __future__ import annotations
@@ -11,15 +12,16 @@ import dataclasses
 import logging
 import os
 import re
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from llmtrain.config import register_configs
+from llmtrain.config import TrainConfig, register_configs
 from llmtrain.distributed.exit import linger_for_local_peers
 from llmtrain.errors import UserError
 
@@ -60,9 +62,19 @@ def _listed_options(lines: list[str]) -> list[str]:
     return options
 
 
-def fail(command: str, message: str) -> NoReturn:
-    print(f"{command}: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(USER_ERROR_EXIT)
+def fail(command: str, message: str, code: int = USER_ERROR_EXIT) -> NoReturn:
+    """Print the one line (main process only: every rank of a launch refuses the same config) and exit ``code``."""
+    if _is_main_process():
+        print(f"{command}: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _is_main_process() -> bool:
+    if not {"RANK", "SLURM_PROCID"} & os.environ.keys():  # a single process: no launcher, no torch to import
+        return True
+    from llmtrain.distributed.env import launcher_rank
+
+    return launcher_rank() == 0
 
 
 def unknown_keys(cfg: DictConfig, schema: type, prefix: str = "") -> list[str]:
@@ -87,8 +99,14 @@ def to_typed(cfg: DictConfig, schema: type[T]) -> T:
     if extra:
         raise ValueError(f"unknown config key(s): {', '.join(extra)} (not in {schema.__name__})")
     missing = sorted(OmegaConf.missing_keys(cfg))
+    trains = isinstance(schema, type) and issubclass(schema, TrainConfig)
+    if trains and "data.dir" in missing and OmegaConf.select(cfg, "data.mix") is not None:
+        with read_write(cfg):
+            cfg.data.dir = ""  # data.mix takes the place of data.dir (DataConfig refuses both)
+        missing.remove("data.dir")
     if missing:
-        raise ValueError(f"missing required value(s): {', '.join(missing)} (add {missing[0]}=...)")
+        hint = " or data.mix=[...]" if trains and missing[0] == "data.dir" else ""
+        raise ValueError(f"missing required value(s): {', '.join(missing)} (add {missing[0]}=...{hint})")
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, schema), type(obj)
     return obj
@@ -107,8 +125,32 @@ def _precheck(command: str, config_name: str, schema: type, argv: list[str]) -> 
         fail(command, one_line(exc))
     except Exception as exc:  # Hydra's override/composition errors have no common public base
         if type(exc).__module__.startswith(("hydra", "omegaconf")):
-            fail(command, one_line(exc))
+            fail(command, quoting_hint(overrides) or one_line(exc))
         raise
+
+
+def quoting_hint(overrides: list[str]) -> str:
+    """For the first override Hydra's grammar cannot parse (non-ASCII characters, ``;``, ``&``, ...) and that parses
+    once its value is quoted: what to type instead. Empty when there is none."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+
+    def parses(override: str) -> bool:
+        try:
+            parser.parse_overrides([override])
+        except Exception:  # Hydra's parse errors have no common public base
+            return False
+        return True
+
+    bad = next((o for o in overrides if not parses(o)), None)
+    key, sep, value = (bad or "").partition("=")
+    if not sep or value.startswith(("[", "{", '"', "'")):
+        return ""
+    fixed = key + "=" + quote_verbatim(value, quote='"')
+    if not parses(fixed):
+        return ""
+    return f"cannot parse {bad}: quote a value with non-ASCII or special characters: {shlex.quote(fixed)}"
 
 
 def field_docs(schema: type) -> dict[str, str]:
@@ -158,11 +200,37 @@ def usage(command: str, doc: str, config_name: str, schema: type) -> str:
     return "\n".join(lines)
 
 
-def quote_verbatim(value: str) -> str:
+def quote_verbatim(value: str, quote: str = "'") -> str:
     """``value`` as a Hydra quoted string that parses back to exactly ``value`` (no grammar, no interpolation)."""
     value = value.replace("${", "\\${")  # OmegaConf would interpolate ${...}
-    value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)  # Hydra unescapes only these backslashes
-    return "'" + value.replace("'", "\\'") + "'"
+    value = re.sub(rf"(\\+)(?={quote}|$)", lambda m: m.group(1) * 2, value)  # Hydra unescapes only these backslashes
+    return quote + value.replace(quote, "\\" + quote) + quote
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed: Python's MemoryError, torch's OutOfMemoryError (CUDA) or its CPU allocator's
+    RuntimeError (told by its message; torch is not imported here)."""
+    return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in str(exc))
+
+
+def run_task(command: str, task: Callable[[T], Any], typed: T) -> None:
+    """``task(typed)``: a ``UserError`` ends in its one line and exit code, Ctrl-C in exit 130."""
+    try:
+        task(typed)
+    except UserError as exc:
+        fail(command, one_line(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:
+        if out_of_memory(exc):  # a model, batch or layout too big for the memory: the config's doing, one line
+            fail(command, f"out of memory ({one_line(exc)}): the log's 'memory per rank, predicted' line breaks "
+                          "the need down; a smaller model or train.micro_batch_size, or a higher dist.zero_stage, fits")
+        # Hydra reports an unexpected error and exits 1 itself (SystemExit, never seen by ended_process as a
+        # failure): linger first, so that a launcher names a killed peer, not this rank (distributed/exit.py).
+        linger_for_local_peers()
+        raise
 
 
 def hydra_command(command: str, config_name: str, schema: type[T], task: Callable[[T], Any],
@@ -182,18 +250,7 @@ def hydra_command(command: str, config_name: str, schema: type[T], task: Callabl
             typed = to_typed(cfg, schema)
         except (ValueError, OmegaConfBaseException) as exc:
             fail(command, one_line(exc))
-        try:
-            task(typed)
-        except UserError as exc:
-            fail(command, one_line(exc))
-        except KeyboardInterrupt:
-            print(f"{command}: interrupted", file=sys.stderr)
-            sys.exit(130)
-        except Exception:
-            # Hydra reports an unexpected error and exits 1 itself (SystemExit, never seen by ended_process as a
-            # failure): linger first, so that a launcher names a killed peer, not this rank (distributed/exit.py).
-            linger_for_local_peers()
-            raise
+        run_task(command, task, typed)
 
     def main() -> None:
         # The deepspeed launcher appends --local_rank=N (also in LOCAL_RANK); Hydra takes no such flag.

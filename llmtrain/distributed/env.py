@@ -57,6 +57,13 @@ def launcher_vars() -> tuple[int, int, int, int]:
     return rank, local_rank, world, local_world
 
 
+def launcher_rank() -> int:
+    """This process's rank as its launcher gave it (RANK, or an ``srun`` task's), 0 for a single process; reads the
+    environment without changing it (``launcher_vars`` fills it in)."""
+    rank = os.environ.get("RANK") or (task_ranks(os.environ) or {}).get("RANK", "0")
+    return int(rank) if rank.isdigit() else 0
+
+
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
