@@ -31,6 +31,7 @@ from llmtrain.data.reader import (
     to_xy,
     unigram_counts,
 )
+from llmtrain.data.shards import VerifyReport
 from llmtrain.data.tokenizer import Tokenizer, check_same_tokenizer
 from llmtrain.errors import UserError
 
@@ -164,6 +165,20 @@ class MixedData:
 
     def tokenizer(self) -> Tokenizer:
         return self.sources[0].tokenizer()
+
+    def check_sizes(self) -> None:
+        """Every source checked as ``PreparedData.check_sizes`` checks one."""
+        for data in self.sources:
+            data.check_sizes()
+
+    def verify(self, show_progress: bool = False) -> list[VerifyReport]:
+        """Every source checked as ``PreparedData.verify`` checks one."""
+        return [report for data in self.sources for report in data.verify(show_progress)]
+
+    def check_token_ids(self, vocab_size: int) -> None:
+        """Every source checked as ``PreparedData.check_token_ids`` checks one."""
+        for data in self.sources:
+            data.check_token_ids(vocab_size)
 
     def train_reader(self, block_size: int, seed: int, rank: int, world_size: int,
                      subset_tokens: int = 0) -> MixtureReader:

@@ -24,7 +24,17 @@ import numpy as np
 import torch
 
 from llmtrain.data.order import EpochOrder
-from llmtrain.data.shards import META_FILE, TOKENIZER_FILE, TokenSplit, read_meta
+from llmtrain.data.shards import (
+    META_FILE,
+    REPREPARE,
+    TOKENIZER_FILE,
+    TokenSplit,
+    VerifyReport,
+    out_of_vocabulary,
+    read_meta,
+    recorded_max_id,
+    verify_shards,
+)
 from llmtrain.data.tokenizer import Tokenizer, check_same_tokenizer
 from llmtrain.errors import UserError
 
@@ -44,13 +54,24 @@ class WindowIndex:
                             f"block_size+1 = {block_size + 1}; use a smaller block_size or a larger corpus")
 
     def gather(self, windows: np.ndarray) -> np.ndarray:
-        """Token ids of the given windows as an int64 array of shape (len(windows), block_size + 1)."""
+        """Token ids of the given windows as an int64 array of shape (len(windows), block_size + 1); a token id
+        outside the vocabulary (a shard changed after it was prepared) is refused here, naming the shard and the
+        offset, instead of failing in the embedding. The check is one ``max`` over the batch, small beside
+        gathering it."""
         out = np.empty((len(windows), self.block_size + 1), dtype=np.int64)
         shard_of = np.searchsorted(self._first, windows, side="right") - 1
         for row, (w, s) in enumerate(zip(windows, shard_of, strict=True)):
             start = int(w - self._first[s]) * self.block_size
             out[row] = self.split.shards[s][start: start + self.block_size + 1]
+        if self.split.vocab_size and out.size and out.max() >= self.split.vocab_size:
+            raise self._out_of_vocabulary(windows, shard_of, out)
         return out
+
+    def _out_of_vocabulary(self, windows: np.ndarray, shard_of: np.ndarray, out: np.ndarray) -> UserError:
+        row, col = (int(i) for i in np.argwhere(out >= self.split.vocab_size)[0])
+        s = int(shard_of[row])
+        offset = int(windows[row] - self._first[s]) * self.block_size + col
+        return out_of_vocabulary(self.split.files[s], offset, int(out[row, col]), self.split.vocab_size)
 
 
 def windows_for(tokens: int, block_size: int) -> int:
@@ -205,6 +226,26 @@ class PreparedData:
 
     def split(self, name: str) -> TokenSplit:
         return TokenSplit.open(self.folder, self.meta, name)
+
+    def check_sizes(self) -> None:
+        """Refuse a shard that is missing or not at the size meta.json lists (cheap: no shard is read)."""
+        for name in self.meta["splits"]:
+            self.split(name)
+
+    def verify(self, show_progress: bool = False) -> list[VerifyReport]:
+        """Read every shard and check it against meta.json (sizes, token ids, checksums where recorded), and the
+        tokenizer file against its recorded SHA-256; the first problem is raised as a ``UserError``."""
+        self.tokenizer()
+        return [verify_shards(self.folder, self.meta, show_progress)]
+
+    def check_token_ids(self, vocab_size: int) -> None:
+        """Refuse a folder whose meta.json records a token id outside a model vocabulary of ``vocab_size``: a
+        folder prepared before the largest id was recorded passes (its batches are still checked as read)."""
+        largest = recorded_max_id(self.meta)
+        if largest is not None and largest[0] >= vocab_size:
+            raise UserError(f"{self.folder / META_FILE} records token ids up to {largest[0]} (in {largest[1]}), "
+                            f"outside the model's vocabulary of {vocab_size:,}: the folder was changed or prepared "
+                            f"with another tokenizer; {REPREPARE}")
 
     def train_reader(self, block_size: int, seed: int, rank: int, world_size: int,
                      subset_tokens: int = 0) -> TokenWindowReader:

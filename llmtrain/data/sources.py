@@ -2,7 +2,10 @@
 
 Local files are loaded with `datasets`' own builders: plain text (the stdlib's ``.py`` files, ``.txt``, any
 other suffix) through the Generator builder, ``.jsonl``/``.json`` and ``.parquet`` through the ``json`` and
-``parquet`` builders. Bytes that are not valid UTF-8 are replaced by U+FFFD and counted instead of failing.
+``parquet`` builders. Bytes that are not valid UTF-8 are replaced by U+FFFD and counted instead of failing, as
+long as the corpus is mostly text: a corpus more than half of whose bytes are in binary files (files with one
+invalid UTF-8 sequence or more per ``BINARY_EVERY`` bytes; text with stray bad bytes is not binary) is refused
+unless ``data.allow_invalid_utf8=true`` (``check_mostly_text``).
 
 ``stream_corpus`` reads the same sources as IterableDatasets (``streaming=True``) for ``data.streaming=true``:
 the same documents in the same order, nothing materialized.
@@ -45,6 +48,40 @@ class CorpusStats:
     invalid_utf8_files: list[str] = field(default_factory=list)
     invalid_utf8_sequences: int = 0
     """Invalid byte sequences, each replaced by one U+FFFD (Unicode's maximal-subpart rule, as Python decodes)."""
+    binary_files: list[str] = field(default_factory=list)
+    """Files with one invalid sequence or more per ``BINARY_EVERY`` bytes: binary data (or text in another encoding)."""
+    binary_bytes: int = 0
+    """The sizes of the ``binary_files``, summed: what ``check_mostly_text`` weighs."""
+
+    def add_invalid(self, name: str, size: int, invalid: int) -> None:
+        """Count a file of ``size`` bytes that holds ``invalid`` (> 0) invalid UTF-8 sequences."""
+        self.invalid_utf8_files.append(name)
+        self.invalid_utf8_sequences += invalid
+        if invalid * BINARY_EVERY >= size:
+            self.binary_files.append(name)
+            self.binary_bytes += size
+
+
+BINARY_EVERY = 10
+"""A file with one invalid UTF-8 sequence or more per this many bytes is not UTF-8 text: binary data (random bytes
+have about one per two) or text in another encoding; UTF-8 text with a few stray bad bytes has far fewer."""
+
+
+def check_mostly_text(stats: CorpusStats, file_bytes: int, allow: bool) -> None:
+    """Refuse a corpus more than half of whose ``file_bytes`` are in binary files (``BINARY_EVERY``) unless
+    ``allow`` (data.allow_invalid_utf8); else warn about the files that held invalid UTF-8, if any."""
+    if not stats.invalid_utf8_files:
+        return
+    if allow or 2 * stats.binary_bytes <= file_bytes:
+        names = Counter(Path(p).name for p in stats.invalid_utf8_files)
+        log.warning("%d file(s) held invalid UTF-8 (%d sequences replaced by U+FFFD): %s",
+                    len(stats.invalid_utf8_files), stats.invalid_utf8_sequences, ", ".join(sorted(names)[:5]))
+        return
+    raise UserError(f"{len(stats.binary_files)} of {stats.files} files, {stats.binary_bytes / file_bytes:.0%} of the "
+                    f"corpus's {file_bytes:,} bytes (e.g. {stats.binary_files[0]}), are not UTF-8 text (an invalid "
+                    f"sequence per {BINARY_EVERY} bytes or more: binary data, or another encoding), and a corpus more "
+                    "than half such is refused; name UTF-8 text files in data.paths, or pass "
+                    "data.allow_invalid_utf8=true to prepare them anyway (each invalid sequence replaced by U+FFFD)")
 
 
 def stdlib_files() -> list[Path]:
@@ -89,8 +126,7 @@ def sanitize_utf8(files: list[Path], scratch: Path, stats: CorpusStats) -> list[
         if not bad:
             out.append(path)
             continue
-        stats.invalid_utf8_files.append(str(path))
-        stats.invalid_utf8_sequences += bad
+        stats.add_invalid(str(path), size, bad)
         fixed = scratch / f"{i:06d}{path.suffix}"
         fixed.parent.mkdir(parents=True, exist_ok=True)
         with open(fixed, "w", encoding="utf-8") as f:
@@ -163,8 +199,9 @@ def _load_plain_text(files: list[Path], unit: TextUnit, seed: int, cache_dir: st
     )
     bad = np.asarray(ds.data.column("invalid_utf8").to_numpy())
     stats.bytes += int(pc.sum(ds.data.column("bytes")).as_py() or 0)
-    stats.invalid_utf8_sequences += int(bad.sum())
-    stats.invalid_utf8_files += [ds.data.column("file")[int(i)].as_py() for i in np.flatnonzero(bad)]
+    names, sizes = ds.data.column("file"), np.asarray(ds.data.column("bytes").to_numpy())
+    for i in np.flatnonzero(bad):  # a file's size and count are on its first document
+        stats.add_invalid(names[int(i)].as_py(), int(sizes[i]), int(bad[i]))
     return ds.select_columns([TEXT_COLUMN])
 
 
@@ -256,6 +293,7 @@ def load_corpus(cfg: DataConfig, scratch: Path) -> tuple[datasets.Dataset, Corpu
     else:
         files = stdlib_files() if cfg.source == Source.stdlib else expand_paths(cfg.paths)
         ds = _load_files(files, cfg, scratch, stats)
+        check_mostly_text(stats, stats.bytes, cfg.allow_invalid_utf8)  # stats.bytes: the files' sizes, so far
     if cfg.max_documents and len(ds) > cfg.max_documents:
         ds = ds.select(range(cfg.max_documents))
     stats.documents = len(ds)
@@ -265,10 +303,6 @@ def load_corpus(cfg: DataConfig, scratch: Path) -> tuple[datasets.Dataset, Corpu
         raise UserError(f"the corpus is empty ({stats.documents} documents, no text) — check data.paths / data.source")
     if cfg.source == Source.hf or cfg.max_documents:
         stats.bytes = pc.sum(pc.binary_length(text)).as_py()
-    if stats.invalid_utf8_files:
-        names = Counter(Path(p).name for p in stats.invalid_utf8_files)
-        log.warning("%d file(s) held invalid UTF-8 (%d sequences replaced by U+FFFD): %s",
-                    len(stats.invalid_utf8_files), stats.invalid_utf8_sequences, ", ".join(sorted(names)[:5]))
     return ds, stats
 
 
@@ -308,12 +342,16 @@ class DocumentStream:
     max_documents: int = 0
     count_text_bytes: bool = False
     """Report the documents' UTF-8 bytes (hub data, or data.max_documents), not the files'."""
+    file_bytes: int = 0
+    """The sizes of the files read, set by ``batches(count=True)``: what ``check_mostly_text`` weighs."""
 
     def batches(self, count: bool = False) -> Iterator[list[str]]:
         """Lists of document texts in corpus order (at most ``max_documents`` in all); ``count``: add the bytes,
         documents and invalid-UTF-8 counts of what is read to ``stats``."""
         documents = text_bytes = 0
-        files_with_bad: dict[str, None] = {}
+        files_with_bad: dict[str, int] = {}  # invalid sequences per plain-text file, in the order met
+        sizes: dict[str, int] = {}  # of the plain-text files read
+        known_bytes = self.stats.bytes  # the json and parquet files', counted by stream_corpus
         for ds, column, what in self.parts:
             for batch in _read(ds, what):
                 texts = _batch_texts(batch, column, what)
@@ -323,11 +361,13 @@ class DocumentStream:
                     text_bytes += sum(len(t.encode()) for t in texts) if self.count_text_bytes else 0
                     if "bytes" in batch and not self.count_text_bytes:
                         self.stats.bytes += sum(batch["bytes"][: len(texts)])
+                    for name, size in zip(batch.get("file", ()), batch.get("bytes", ())[: len(texts)], strict=False):
+                        if size:
+                            sizes[name] = size
                     for name, bad in zip(batch.get("file", ()), batch.get("invalid_utf8", ())[: len(texts)],
                                          strict=False):
                         if bad:
-                            files_with_bad[name] = None
-                            self.stats.invalid_utf8_sequences += bad
+                            files_with_bad[name] = files_with_bad.get(name, 0) + bad
                 documents += len(texts)
                 if texts:
                     yield texts
@@ -337,7 +377,9 @@ class DocumentStream:
                 break
         if count:
             self.stats.documents = documents
-            self.stats.invalid_utf8_files += list(files_with_bad)
+            self.file_bytes = known_bytes + sum(sizes.values())
+            for name, bad in files_with_bad.items():
+                self.stats.add_invalid(name, sizes.get(name, 0), bad)
             if self.count_text_bytes:
                 self.stats.bytes = text_bytes
 

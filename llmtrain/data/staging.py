@@ -9,6 +9,7 @@ what they all return.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -20,12 +21,13 @@ from typing import Any
 
 import llmtrain
 from llmtrain.config import DataConfig, to_plain
-from llmtrain.data.shards import FORMAT_VERSION, META_FILE, read_meta, token_dtype
+from llmtrain.data.shards import FORMAT_VERSION, MAX_ID, META_FILE, read_meta, recorded_max_id, token_dtype
 from llmtrain.data.sources import CorpusStats
 from llmtrain.data.tokenizer import Tokenizer
 from llmtrain.errors import UserError, os_reason
 
 STAGING_PREFIX = ".partial-"
+log = logging.getLogger("llmtrain")
 
 
 @dataclass
@@ -66,14 +68,19 @@ class Stopwatch:
 
 
 def check_target(target: Path, cfg: DataConfig) -> dict[str, Any] | None:
-    """Return the existing meta if ``target`` is already prepared with this config; refuse conflicts."""
+    """Return the existing meta if ``target`` is already prepared with this config; refuse conflicts.
+
+    ``data.overwrite=true`` prepares the folder again even with the same config: that is how a damaged folder, or
+    one prepared before shard checksums were recorded, is made anew."""
     if target.exists() and not target.is_dir():
         raise UserError(f"data.dir={target} exists and is not a folder")
     meta = read_meta(target) if target.is_dir() else None
     if meta is not None:
         if meta.get("config_fingerprint") == cfg.fingerprint() and _same_tokenizer(meta, cfg):
-            return meta
-        if not cfg.overwrite:
+            if not cfg.overwrite:
+                return meta
+            log.info("%s is prepared with this config; data.overwrite=true: preparing it again", target)
+        elif not cfg.overwrite:
             raise UserError(f"data.dir={target} was prepared with another config or tokenizer "
                             f"({_config_diff(meta.get('config', {}), to_plain(cfg))}); "
                             "pass data.overwrite=true to replace it, or choose another data.dir")
@@ -146,6 +153,8 @@ def build_meta(cfg: DataConfig, tokenizer: Tokenizer, splits: dict[str, Any], st
     """The meta.json of a prepared folder; refuses a training split without tokens."""
     if splits["train"]["tokens"] == 0:
         raise UserError("the training split holds no tokens")
+    largest = recorded_max_id({"splits": splits})
+    assert largest is not None, "ShardWriter records every shard's largest id"
     return {
         "format_version": FORMAT_VERSION,
         "llmtrain_version": llmtrain.__version__,
@@ -153,6 +162,7 @@ def build_meta(cfg: DataConfig, tokenizer: Tokenizer, splits: dict[str, Any], st
         "vocab_size": tokenizer.vocab_size,
         "dtype": token_dtype(tokenizer.vocab_size).name,
         "eod_id": tokenizer.eod_id,
+        MAX_ID: largest[0],
         "tokenizer": {"file": tokenizer.file_name, "sha256": tokenizer.fingerprint},
         "splits": splits,
         "source": {"kind": cfg.source.value, **asdict(stats)},

@@ -13,6 +13,8 @@ written. What differs from the non-streaming prepare, because a stream has no le
 - The tokenizer is trained on the first ``data.tokenizer_sample_documents`` training documents of the stream
   (the non-streaming prepare samples them from the whole corpus): a first, short pass over the stream's head.
 - Documents are encoded a batch at a time by sentencepiece with ``data.num_proc`` threads (not processes).
+- A corpus that is mostly not UTF-8 text (``sources.check_mostly_text``) is refused only at the end of the stream,
+  when every file has been read once.
 
 Memory is bounded by one batch of documents (``sources.STREAM_BATCH``, and a whole plain-text file unless
 ``data.text_unit=line``) plus the tokenizer sample. Streaming runs in one process (``data.num_tasks=1``).
@@ -32,7 +34,7 @@ from llmtrain.config import DataConfig
 from llmtrain.data.order import keyed_uniform
 from llmtrain.data.pipeline import write_documents
 from llmtrain.data.shards import SPLITS, ShardWriter, token_dtype, write_meta
-from llmtrain.data.sources import DocumentStream, stream_corpus
+from llmtrain.data.sources import DocumentStream, check_mostly_text, stream_corpus
 from llmtrain.data.staging import PrepareReport, Stopwatch, build_meta, check_target, publish, staging
 from llmtrain.data.tokenizer import Tokenizer
 from llmtrain.errors import UserError
@@ -113,6 +115,8 @@ def pack_stream(stream: DocumentStream, tokenizer: Tokenizer, folder: Path, cfg:
     bar.close()
     for writer in writers.values():
         writer.close()
+    # only now are the plain-text files' sizes and validity known: a stream reads each file once, while packing
+    check_mostly_text(stream.stats, stream.file_bytes, cfg.allow_invalid_utf8)
     if seen < 2:
         raise UserError(f"the corpus has {seen} document(s); at least 2 are needed for a train/val split")
     for name, writer in writers.items():

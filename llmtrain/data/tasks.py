@@ -21,7 +21,8 @@ fields in meta.json's ``config`` aside: the plan loads, splits and trains the to
 are contiguous, so the tasks' documents in task order are its document order; and the merge re-packs the tasks'
 shards in that order through the same ``ShardWriter``, so even the shard boundaries are its own. That re-pack
 costs one sequential copy of the tokens (small beside tokenizing them), and it matters: training windows never
-cross a shard boundary (``data.reader``), so other boundaries would change the windows a run trains on.
+cross a shard boundary (``data.reader``), so other boundaries would change the windows a run trains on. As it
+copies a task's shard the merge also checks it against the checksum its task.json records.
 """
 
 from __future__ import annotations
@@ -38,7 +39,15 @@ import numpy as np
 
 from llmtrain.config import DataConfig
 from llmtrain.data.pipeline import load_or_train_tokenizer, pack, split_documents, tokenize
-from llmtrain.data.shards import SPLITS, ShardWriter, find_tokenizer, token_dtype, write_meta
+from llmtrain.data.shards import (
+    CHECKSUM,
+    SPLITS,
+    ShardWriter,
+    find_tokenizer,
+    new_checksum,
+    token_dtype,
+    write_meta,
+)
 from llmtrain.data.sources import CorpusStats, load_corpus
 from llmtrain.data.staging import PrepareReport, Stopwatch, build_meta, check_target, publish, staging
 from llmtrain.data.tokenizer import Tokenizer
@@ -208,13 +217,22 @@ def _repack(work: Path, tasks: list[dict[str, Any]], split: str, stage: Path, dt
     writer = ShardWriter(stage, split, dtype, shard_tokens)
     for done in tasks:
         writer.documents += done["splits"][split]["documents"]
+        folder = task_folder(work, done["task"])
         for shard in done["splits"][split]["shards"]:
-            tokens = np.memmap(task_folder(work, done["task"]) / shard["file"], dtype=dtype, mode="r")
+            path = folder / shard["file"]
+            tokens = np.memmap(path, dtype=dtype, mode="r")
+            redo = f"delete {folder} and run data.task={done['task']} again"
             if len(tokens) != shard["tokens"]:
-                raise UserError(f"{task_folder(work, done['task']) / shard['file']} holds {len(tokens)} tokens, "
-                                f"its task.json says {shard['tokens']}; delete that task folder and run it again")
+                raise UserError(f"{path} holds {len(tokens):,} tokens, its task.json says {shard['tokens']:,}; {redo}")
+            # The task's own checksum, checked on the bytes as they are copied: the merged shards are hashed
+            # afresh as they are written, so a task shard changed after its task would pass unseen otherwise.
+            checksum = new_checksum()
             for start in range(0, len(tokens), _COPY_TOKENS):
-                writer.write(np.asarray(tokens[start: start + _COPY_TOKENS]))
+                chunk = np.asarray(tokens[start: start + _COPY_TOKENS])
+                checksum.update(chunk)
+                writer.write(chunk)
             del tokens
+            if shard.get(CHECKSUM, checksum.hexdigest()) != checksum.hexdigest():
+                raise UserError(f"{path} fails its checksum ({CHECKSUM}): it changed after its task wrote it; {redo}")
     writer.close()
     return writer.summary()

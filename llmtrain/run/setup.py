@@ -26,6 +26,7 @@ from llmtrain.run.trained import TrainedModel, load_trained
 
 log = logging.getLogger("llmtrain")
 
+
 @dataclass
 class TrainResult:
     """What a trainer's ``fit`` returns: per-step losses of this invocation and the final validation numbers."""
@@ -54,8 +55,10 @@ class RunSetup:
 
 def set_up_run(cfg: TrainConfig, is_main: bool, wait: Callable[[], None] | None = None) -> RunSetup:
     """The set-up every mode begins with, in this order: the run folder (made and locked by the main process;
-    the same path on every rank), the data (prepared first if missing, see ``open_data``), the model config with its
-    vocabulary check (or the model of ``model.init_from``, with its tokenizer check), and the resolved config."""
+    the same path on every rank), the data (prepared first if missing, see ``open_data``; its shards' sizes checked,
+    and with data.verify=true every byte), the model config with its vocabulary check (or the model of
+    ``model.init_from``, with its tokenizer check), the data's recorded token ids against that vocabulary, and the
+    resolved config."""
     run = RunDir.of(cfg.run.dir)
     check_data_dir(cfg.data)  # before anything is made: a typo in data.dir leaves no run.dir behind
     if is_main:
@@ -65,8 +68,12 @@ def set_up_run(cfg: TrainConfig, is_main: bool, wait: Callable[[], None] | None 
             raise UserError(f"cannot create run.dir={cfg.run.dir}: {os_reason(exc)}") from None
         lock.acquire(run.lock)  # before anything is written: a second run on this folder is refused here
     data = open_data(cfg.data, is_main, wait)
+    data.check_sizes()  # here, before a model is built: the readers open the shards again later
+    if cfg.data.verify:
+        verify_data(data, is_main)
     initial = initial_model(cfg.model, data) if cfg.model.init_from else None
     model_cfg = initial.model_cfg if initial is not None else model_config(cfg, data)
+    data.check_token_ids(model_cfg.vocab_size)
     return RunSetup(run, data, model_cfg, resolved_config(cfg, model_cfg), initial)
 
 
@@ -85,6 +92,15 @@ def open_data(cfg: DataConfig, is_main: bool, wait: Callable[[], None] | None = 
         prepare(cfg)
     (wait or (lambda: _poll_prepared(cfg.dir)))()
     return PreparedData(cfg.dir)
+
+
+def verify_data(data: TrainingData, is_main: bool) -> None:
+    """data.verify=true: read every shard and check it against its meta.json before the first step (the first
+    problem is a ``UserError``). Every rank reads and checks the data it will train on, so every rank stops alike;
+    the main process shows the progress and the result."""
+    for report in data.verify(show_progress=is_main):
+        if is_main:
+            (log.warning if report.unchecked else log.info)("data.verify=true: %s", report.line())
 
 
 def check_data_dir(cfg: DataConfig) -> None:
