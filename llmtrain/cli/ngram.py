@@ -18,6 +18,7 @@ import time
 
 from llmtrain.cli._entry import hydra_command
 from llmtrain.config import NgramConfig
+from llmtrain.errors import UserError
 
 log = logging.getLogger("llmtrain")
 
@@ -30,6 +31,9 @@ def run(cfg: NgramConfig) -> None:
     from llmtrain.data.reader import PreparedData, windows_for
 
     data = PreparedData(cfg.data.dir)
+    if data.vocab_size ** cfg.order >= 2 ** 63:  # the model's int64 n-gram keys (llmtrain/baselines/ngram.py)
+        raise UserError(f"order={cfg.order} is too high for a vocabulary of {data.vocab_size:,}: vocab_size**order "
+                        f"must stay below 2**63 (the highest order for it is {highest_order(data.vocab_size)})")
     train = data.split("train")
     if cfg.train_tokens:
         reader = data.train_reader(cfg.block_size, cfg.seed, rank=0, world_size=1)
@@ -48,6 +52,13 @@ def run(cfg: NgramConfig) -> None:
     row = (f"{cfg.order}-gram (interpolated Kneser-Ney)", f"{fitted_on:,}", f"{cfg.data.dir} (val)",
            f"{windows[:, 1:].size:,}", f"{loss:.4f}", f"{math.exp(loss):.2f}")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n| " + " | ".join(row) + " |")
+
+
+def highest_order(vocab_size: int) -> int:
+    order = 1
+    while vocab_size ** (order + 1) < 2 ** 63:
+        order += 1
+    return order
 
 
 main = hydra_command("llmtrain-ngram", "ngram", NgramConfig, run)
