@@ -26,6 +26,7 @@ from llmtrain.config import (
     DistConfig,
     ModelConfig,
     Precision,
+    Resume,
     RunConfig,
     TrainConfig,
     TrainLoopConfig,
@@ -69,7 +70,7 @@ def main() -> None:
     data_dir, run_dir, stage, model, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
     env = init_distributed()
     baseline = memory.process_rss()
-    cfg = TrainConfig(data=DataConfig(dir=data_dir), run=RunConfig(dir=run_dir, resume=False),
+    cfg = TrainConfig(data=DataConfig(dir=data_dir), run=RunConfig(dir=run_dir, resume=Resume.restart),
                       model=preset(model, block_size=256),
                       dist=DistConfig(zero_stage=stage, activation_checkpointing=True), precision=Precision.fp32,
                       train=TrainLoopConfig(max_steps=steps, global_batch_size=env.world_size, micro_batch_size=1,

@@ -51,7 +51,7 @@ def ours(data: str, work: Path, name: str, ranks: int, threads: int, precision: 
             f"precision={precision}",
             f"dist.zero_stage={stage}", f"train.max_steps={steps}", f"train.micro_batch_size={micro}",
             f"train.global_batch_size={global_batch}", f"train.log_every={max(1, steps // 4)}", "train.eval_every=0",
-            "train.eval_windows=8", "train.checkpoint_every=0", "run.resume=false", *extra]
+            "train.eval_windows=8", "train.checkpoint_every=0", "run.resume=restart", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if ranks == 1:
         cmd = [str(BIN / "llmtrain-train"), *args]

@@ -44,7 +44,7 @@ for spec in "${specs[@]}"; do
         timeout "$limit" "$bin/llmtrain-train" data.dir=/tmp/data/stdlib run.dir="$run" model="$model" precision=bf16 \
             model.block_size="$block" train.micro_batch_size="$micro" train.global_batch_size="$micro" \
             train.max_steps="$steps" train.log_every=$((steps / 3)) train.eval_every=0 train.eval_windows=8 \
-            train.checkpoint_every=0 run.resume=false train.compile="$compiled" >"$OUT/train_${model}_$compiled.log" 2>&1 \
+            train.checkpoint_every=0 run.resume=restart train.compile="$compiled" >"$OUT/train_${model}_$compiled.log" 2>&1 \
             || { log "$model compile=$compiled failed: $(tail -1 "$OUT/train_${model}_$compiled.log")"; continue; }
         $py - "$run" "$model" "$micro x $block" "$compiled" >>"$OUT/results.jsonl" <<'PY'
 import json, sys

@@ -35,13 +35,16 @@ def run(cfg: TrainConfig) -> None:
 
     run_dir = RunDir.of(cfg.run.dir)
     made_here = not run_dir.path.exists()
+    trainer = None
     try:
         trainer = trainer_class(cfg.mode)(cfg)
+        result = trainer.fit()
     except BaseException:
-        if made_here:  # a run refused during set-up leaves no empty run.dir behind
+        # A run refused during set-up, or failed before its first checkpoint, in a run.dir it made leaves no folder
+        # behind that holds only its lock and resolved config (a folder that existed before is never removed).
+        if made_here and (trainer is None or trainer.env.is_main):
             run_dir.remove_if_unused()
         raise
-    result = trainer.fit()
     if trainer.env.is_main and result.stopped_early:
         print(f"stopped at step {result.steps} with a checkpoint in {cfg.run.dir}; re-run to continue", flush=True)
     elif trainer.env.is_main:

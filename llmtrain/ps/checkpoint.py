@@ -53,10 +53,12 @@ class ServerCheckpointIO:
                                state["tokens_seen"])
         save_consolidated(trained, folder)
 
-    def read(self, folder: Path, marker: dict[str, Any]) -> None:
+    def check(self, folder: Path, marker: dict[str, Any]) -> None:
         if (marker["num_servers"], marker["num_workers"]) != (self.num_servers, self.num_workers):
             raise UserError(f"{folder} was saved by {marker['num_servers']} server(s) and {marker['num_workers']}"
                             f" worker(s); resume with the same (this run has {self.num_servers} and "
                             f"{self.num_workers}) or start a new run.dir")
+
+    def read(self, folder: Path, marker: dict[str, Any]) -> None:
         saved = torch.load(shard_file(folder, self.rank), map_location="cpu", weights_only=False)
         calls.server().load_state_dict(saved)

@@ -2,16 +2,23 @@
 
 ``torch.distributed.rpc`` calls module-level functions by reference, so each server process installs its
 ``ParameterServer`` here once (before joining the RPC group); workers and server 0 call these functions on it
-through ``rpc.rpc_async`` / ``rpc.rpc_sync`` (server 0 calls its own directly).
+through ``rpc.rpc_async`` / ``rpc.rpc_sync`` (server 0 calls its own directly). A server answers pulls only once
+it is ``ready`` (its shard resumed, where the run resumes).
+
+Process 0 also hands its decisions to the others here (``publish`` / ``shared``: the mode's ``Peers.share``).
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 
 from llmtrain.ps.server import ParameterServer
 
 _SERVER: ParameterServer | None = None
+_SHARED: list[str] = []
+_PUBLISHED = threading.Condition()
 
 
 def install(server: ParameterServer) -> ParameterServer:
@@ -26,7 +33,22 @@ def server() -> ParameterServer:
     return _SERVER
 
 
+def publish(value: str) -> None:
+    """Process 0: make ``value`` the next decision the others read with ``shared``."""
+    with _PUBLISHED:
+        _SHARED.append(value)
+        _PUBLISHED.notify_all()
+
+
+def shared(index: int) -> str:
+    """The ``index``-th decision process 0 published (waiting for it)."""
+    with _PUBLISHED:
+        _PUBLISHED.wait_for(lambda: len(_SHARED) > index)
+        return _SHARED[index]
+
+
 def pull(worker: int) -> tuple[int, dict[str, torch.Tensor]]:
+    server().ready.wait()
     return server().pull(worker)
 
 
@@ -44,7 +66,13 @@ def read_shard() -> dict[str, torch.Tensor]:
 
 
 def clock(worker: int) -> int:
+    server().ready.wait()
     return server().clock[worker]
+
+
+def diverged() -> tuple[int, int] | None:
+    """The first and last step of the non-finite streak that stopped the run, if one did."""
+    return server().diverged
 
 
 def save_shard(path: str) -> None:
@@ -55,5 +83,7 @@ def stop_at(updates: int) -> None:
     server().stop_at(updates)
 
 
-def release() -> None:
+def release(diverged: tuple[int, int] | None = None) -> None:
+    """Server 0 lets this server leave (telling it whether the run diverged)."""
+    server().diverged = diverged
     server().released.set()

@@ -4,6 +4,10 @@ Every pushed gradient is applied as it arrives (no waiting for other workers). E
 staleness: the server's version when it is applied minus the version the worker computed it on. Calls arrive
 on TensorPipe's RPC threads, so one lock orders them.
 
+A push whose loss or gradient was non-finite is skipped (it counts towards the budget, as a skipped synchronous
+step does, and changes no weight); a step (W updates) with a skipped one is a skipped step, and
+``train.max_nonfinite_steps`` of them in a row stop the run (``diverged``).
+
 Mixed precision: pulls hand out the weights in the workers' compute dtype (``wire_dtype``: bf16 halves the bytes
 of every pull and push), pushed gradients of any dtype are applied to the fp32 masters in fp32 -- as DeepSpeed's
 bf16 optimizer keeps fp32 masters behind bf16 module weights.
@@ -11,6 +15,7 @@ bf16 optimizer keeps fp32 masters behind bf16 module weights.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -20,6 +25,7 @@ from torch import nn
 
 from llmtrain.config import OptimConfig
 from llmtrain.optim import build_optimizer, lr_at, set_lr
+from llmtrain.run.cadence import NonfiniteStreak
 
 
 def shard_names(named_sizes: Sequence[tuple[str, int]], num_servers: int) -> list[list[str]]:
@@ -38,7 +44,7 @@ def shard_names(named_sizes: Sequence[tuple[str, int]], num_servers: int) -> lis
 class ParameterServer:
     def __init__(self, params: dict[str, torch.Tensor], optim: OptimConfig, max_steps: int, num_workers: int,
                  staleness_lr: bool, max_staleness: int = 0, timeout_s: float = 60.0, stop_at_step: int = 0,
-                 wire_dtype: torch.dtype = torch.float32) -> None:
+                 wire_dtype: torch.dtype = torch.float32, max_nonfinite_steps: int = 5) -> None:
         self.params = {n: nn.Parameter(t.detach().clone().float()) for n, t in params.items()}
         self.optimizer = build_optimizer(optim, self.params.values(), offload=False, device=torch.device("cpu"))
         self.wire_dtype = wire_dtype
@@ -58,6 +64,26 @@ class ParameterServer:
         self.finished: set[int] = set()
         self.released = threading.Event()
         """Set by server 0 when the run is over: the other servers may then leave."""
+        self.ready = threading.Event()
+        """Set once the shard is what the run starts from (resumed, where it resumes): pulls wait for it."""
+        self.nonfinite = NonfiniteStreak(max_nonfinite_steps)
+        self.skipped_steps = 0
+        self._step_skipped = False
+        self.diverged: tuple[int, int] | None = None
+        """The first and last step of ``max_nonfinite_steps`` skipped steps in a row, once there were (the budget
+        then ends at once)."""
+
+    def _count_step(self, skipped: bool) -> None:
+        """After each update (lock held): at the end of a step, count it skipped or not; stop the run at once
+        when it makes ``max_nonfinite_steps`` in a row."""
+        self._step_skipped |= skipped
+        if self.version % self.num_workers:
+            return
+        step, step_skipped, self._step_skipped = self.version // self.num_workers, self._step_skipped, False
+        self.skipped_steps += step_skipped
+        if self.nonfinite.add(step, not step_skipped) and self.diverged is None:
+            self.diverged = (self.nonfinite.first, step)
+            self.budget = self.version
 
     def state_dict(self) -> dict:
         """Everything to continue exactly: weights, optimizer state, version and per-worker update counts."""
@@ -126,14 +152,17 @@ class ParameterServer:
             lr = lr_at(self.version // self.num_workers, self.optim_cfg, self.max_steps)
             if self.staleness_lr and staleness > 1:
                 lr /= staleness
-            set_lr(self.optimizer, lr)
-            for name, param in self.params.items():
-                param.grad = grads[name].float()  # applied in fp32, whatever the worker computed in
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            skipped = not (math.isfinite(stats["loss"]) and stats.get("finite_grads", True))
+            if not skipped:
+                set_lr(self.optimizer, lr)
+                for name, param in self.params.items():
+                    param.grad = grads[name].float()  # applied in fp32, whatever the worker computed in
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
             self.version += 1
             self.clock[worker] += 1
-            self.records.append({"worker": worker, "staleness": staleness, "lr": lr, **stats,
+            self.records.append({"worker": worker, "staleness": staleness, "lr": lr, **stats, "skipped": skipped,
                                  "apply_s": time.perf_counter() - start, "time": time.time()})
+            self._count_step(skipped)
             self.lock.notify_all()
             return self.version < self.budget

@@ -17,7 +17,10 @@ trainer's (``llmtrain.run``); this mode supplies its roles, its loop and its ten
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
+import math
 import threading
 import time
 
@@ -37,8 +40,8 @@ from llmtrain.ps.checkpoint import ServerCheckpointIO
 from llmtrain.ps.server import ParameterServer, shard_names
 from llmtrain.run import setup
 from llmtrain.run.cadence import Cadence
-from llmtrain.run.checkpoint import Checkpoints, Peers, client_state
-from llmtrain.run.metrics import MetricsLogger
+from llmtrain.run.checkpoint import Checkpoints, Peers, client_state, diverged
+from llmtrain.run.metrics import MetricsLogger, last_scores
 from llmtrain.run.preemption import StopSignals, clear_preempted, mark_preempted
 from llmtrain.run.setup import TrainResult
 
@@ -58,13 +61,15 @@ def accumulate_fp32(params: dict[str, torch.nn.Parameter], into: dict[str, torch
         param.grad = None
 
 
-def clip_(grads: list[torch.Tensor], max_norm: float) -> None:
+def clip_(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Scale ``grads`` in place to a total 2-norm of at most ``max_norm`` (``clip_grad_norm_``'s arithmetic, on
-    gradient tensors rather than parameters: the fp32 sums of a bf16 model have no parameter of their dtype)."""
+    gradient tensors rather than parameters: the fp32 sums of a bf16 model have no parameter of their dtype); the
+    norm before clipping."""
     total = torch.nn.utils.get_total_norm(grads)
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for g in grads:
         g.mul_(coef)
+    return total
 
 
 class AsyncPSTrainer:
@@ -106,21 +111,36 @@ class AsyncPSTrainer:
         shard_files = ServerCheckpointIO(rank, world, self.num_servers, self.num_workers,
                                          sum(p.numel() for p in self._model.parameters()), self.name,
                                          self.gather_state, self.model_cfg, self.data.tokenizer)
-        self.checkpoints = Checkpoints(self.run, shard_files, Peers(is_main=rank == 0), cfg.train.keep_checkpoints)
-        # 5. Servers hold their shard before anyone can call them; then all join the RPC group.
+        self.checkpoints = Checkpoints(self.run, shard_files, rpc_peers(rank, self.name(0)),
+                                       cfg.train.keep_checkpoints)
+        # 5. Servers hold their shard before anyone can call them (they answer pulls once it is resumed).
         if self.is_server:
             params = dict(self._model.named_parameters())
             calls.install(ParameterServer({n: params[n] for n in self.shards[rank]}, cfg.optim, cfg.train.max_steps,
                                           self.num_workers, cfg.ps.staleness_lr, cfg.ps.max_staleness,
-                                          cfg.ps.timeout_s, cfg.train.stop_at_step, wire_dtype=self.dtype))
-            self._resume_server()
-            self._model.to(self.dtype)  # server 0 evaluates in the workers' precision, as sync mode does
-        elif should_compile(cfg.train.compile, self.env.device, zero_stage=0):
-            self._model.compile()  # in place: the parameter names that pulls, pushes and checkpoints use stay
-        # 6. The resolved config, once the checkpoint (if any) was accepted: a refused resume changes nothing.
-        self.config_yaml = setup.write_run_config(self.run, self.resolved) if rank == 0 else ""
+                                          cfg.ps.timeout_s, cfg.train.stop_at_step, wire_dtype=self.dtype,
+                                          max_nonfinite_steps=cfg.train.max_nonfinite_steps))
+        # 6. What the run starts from, decided by process 0 before it joins the RPC group (it reads the checkpoint's
+        #    files through, which may take longer than an RPC may wait) and then asked for by every other process:
+        #    all resume, or all leave with the same refusal. The resolved config is written once it was accepted.
+        refused = self._agree_on_start() if rank == 0 else None
+        self.config_yaml = setup.write_run_config(self.run, self.resolved) if rank == 0 and not refused else ""
         options = rpc.TensorPipeRpcBackendOptions(init_method="env://", rpc_timeout=cfg.ps.timeout_s)
         rpc.init_rpc(self.name(rank), rank=rank, world_size=world, rpc_backend_options=options)
+        refused = refused if rank == 0 else self._agree_on_start()
+        if refused is not None:
+            with contextlib.suppress(RuntimeError):  # leave together: process 0 answers until all have asked
+                rpc.shutdown(graceful=True)
+            raise refused
+        # 7. Servers load their shard of the agreed checkpoint, then answer; server 0 evaluates in the workers'
+        #    precision, as sync mode does. Workers compile where it pays.
+        if self.is_server:
+            if self._resume_from is not None:
+                self.start_step = self.checkpoints.load(self._resume_from)["step"]
+            self._model.to(self.dtype)
+            calls.server().ready.set()
+        elif should_compile(cfg.train.compile, self.env.device, zero_stage=0):
+            self._model.compile()  # in place: the parameter names that pulls, pushes and checkpoints use stay
 
     def name(self, rank: int) -> str:
         return f"ps{rank}" if rank < self.num_servers else f"worker{rank - self.num_servers}"
@@ -175,26 +195,39 @@ class AsyncPSTrainer:
                 losses.append(loss.item())
                 accumulate_fp32(params, grad)
             if self.cfg.optim.grad_clip > 0:
-                clip_(list(grad.values()), self.cfg.optim.grad_clip)
+                norm = clip_(list(grad.values()), self.cfg.optim.grad_clip)
+            else:
+                norm = torch.nn.utils.get_total_norm(list(grad.values()))
             start = time.perf_counter()
             wire = {n: g.to("cpu", self.dtype) for n, g in grad.items()}  # pushed in the compute dtype
             grads = [{n: wire[n] for n in shard} for shard in self.shards]
             pushed_bytes = sum(g.numel() * g.element_size() for shard in grads for g in shard.values())
-            stats = {"loss": float(np.mean(losses)), "pull_s": pull_s, "push_s": push_s,
-                     "bytes": pulled_bytes + pushed_bytes}
+            stats = {"loss": float(np.mean(losses)), "finite_grads": bool(torch.isfinite(norm)), "pull_s": pull_s,
+                     "push_s": push_s, "bytes": pulled_bytes + pushed_bytes}  # a non-finite one is skipped
             pushed = [rpc.rpc_async(self.name(i), calls.push, args=(self.worker, grads[i], versions[i], stats))
                       for i in servers]
             going = all([self._call(i, fut) for i, fut in zip(servers, pushed, strict=True)])
             push_s = time.perf_counter() - start  # reported with the next push
             result.steps += 1
-        for i in servers:
-            rpc.rpc_sync(self.name(i), calls.finished, args=(self.worker,))
+        stopped = self._call(0, rpc.rpc_async(self.name(0), calls.diverged))  # asked before server 0 may leave
+        # Server 0 last: once every worker has finished with it, it releases the others and may leave at once.
+        for i in reversed(servers):
+            try:
+                rpc.rpc_sync(self.name(i), calls.finished, args=(self.worker,))
+            except RuntimeError:
+                if i:
+                    raise
+                # server 0 may leave before its answer arrives: nothing is lost
+        if stopped is not None:
+            raise diverged(self.run, *stopped, cfg.max_nonfinite_steps)
         return result
 
     def _serve(self) -> TrainResult:
         if self.env.rank == 0:
             return self._serve_and_report()
         calls.server().released.wait()  # server 0 still reads this shard for the final evaluation and model
+        if calls.server().diverged is not None:
+            raise diverged(self.run, *calls.server().diverged, self.cfg.train.max_nonfinite_steps)
         return TrainResult()
 
     def _serve_and_report(self) -> TrainResult:
@@ -228,6 +261,8 @@ class AsyncPSTrainer:
                     continue
                 step += 1
                 metrics.advance()
+                if any(r["skipped"] for r in interval[-self.num_workers:]):
+                    log.warning("step %d skipped (a worker's loss or gradient was non-finite)", step)
                 if cadence.log(step):
                     seconds = record["time"] - interval_start
                     self._log(metrics, step, interval, tokens_per_update, seconds)
@@ -245,19 +280,31 @@ class AsyncPSTrainer:
             log.warning("%d worker(s) were lost (silent for more than ps.timeout_s=%d s); the others finished "
                         "the run", len(server.clock) - len(server.finished), self.cfg.ps.timeout_s)
         result.steps, result.stopped_early = step, step < cfg.max_steps
-        if cadence.evaluate(step) and evaluated != step:
+        result.skipped_steps = server.skipped_steps
+        if server.diverged is not None:  # no evaluation, no save: as a synchronous run, it stops at once
+            metrics.close()
+            self._release_servers(server.diverged)
+            raise diverged(self.run, *server.diverged, cfg.max_nonfinite_steps)
+        if step == self.start_step:  # finished already: nothing was trained, its last scores stand
+            scores = last_scores(self.run, step)
+            result.val_loss, result.val_ppl = scores.get("val_loss", math.nan), scores.get("val_ppl", math.nan)
+        elif cadence.evaluate(step) and evaluated != step:
             self._evaluate_into(result, metrics, step)
         metrics.close()
-        if saved != step:  # a run always ends with a checkpoint, as a synchronous one does
+        if saved != step and step != self.start_step:  # a run always ends with a checkpoint, as a synchronous one
             self._save(step)
         if stopping and result.stopped_early:
             mark_preempted(self.run, step, self._signals.requested)
+        self._release_servers(None)
+        return result
+
+    def _release_servers(self, stopped: tuple[int, int] | None) -> None:
+        """Let the other servers leave, telling them whether the run diverged (``stopped``: its non-finite steps)."""
         for i in range(1, self.num_servers):
             try:
-                rpc.rpc_sync(self.name(i), calls.release)
+                rpc.rpc_sync(self.name(i), calls.release, args=(stopped,))
             except RuntimeError:  # the released server may leave before its answer arrives: nothing is lost
                 pass
-        return result
 
     def _stop_soon(self) -> None:
         """End the run at a step boundary every server can still reach: pushes in flight put another server at
@@ -320,10 +367,27 @@ class AsyncPSTrainer:
                              self.cfg.train.seed)
         self.checkpoints.save(step, state, self.config_yaml)
 
-    def _resume_server(self) -> None:
-        """Continue from the run's newest complete checkpoint: this server's shard, optimizer and counters."""
-        if not self.cfg.run.resume:
-            return
-        state = self.checkpoints.resume(self.data.tokenizer_fingerprint, self.model_cfg)
-        if state is not None:
-            self.start_step = state["step"]
+    def _agree_on_start(self) -> UserError | None:
+        """The checkpoint to continue from (``Checkpoints.verdict``: process 0 decides, the others ask it), kept
+        for the servers to load; or the refusal every process leaves with."""
+        try:
+            self._resume_from = self.checkpoints.verdict(self.cfg.run.resume, self.data.tokenizer_fingerprint,
+                                                         self.model_cfg)
+        except UserError as exc:
+            return exc
+        return None
+
+
+def rpc_peers(rank: int, main_name: str) -> Peers:
+    """The processes of the parameter-server mode as checkpoint peers: process 0 decides and publishes its decision
+    (before or after the RPC group exists); every other process asks it for the same decision over RPC."""
+    asked = itertools.count()
+
+    def share(value: str) -> str:
+        index = next(asked)
+        if rank == 0:
+            calls.publish(value)
+            return value
+        return rpc.rpc_sync(main_name, calls.shared, args=(index,))
+
+    return Peers(is_main=rank == 0, share=share)

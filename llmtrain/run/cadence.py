@@ -1,4 +1,4 @@
-"""When a training loop logs, evaluates and saves: one answer for every mode, the last step included."""
+"""When a training loop logs, evaluates, saves and stops: one answer for every mode, the last step included."""
 
 from __future__ import annotations
 
@@ -39,3 +39,24 @@ class Cadence:
 
     def save(self, step: int, signalled: bool = False) -> bool:
         return self.stops(step, signalled) or (self.checkpoint_every > 0 and step % self.checkpoint_every == 0)
+
+
+@dataclass
+class NonfiniteStreak:
+    """Steps in a row whose loss was non-finite (each one skipped): a run ends at ``limit`` of them, in every mode
+    (``llmtrain.run.checkpoint.diverged`` says how)."""
+
+    limit: int
+    first: int = 0
+    """The first step of the current streak."""
+    count: int = 0
+
+    def add(self, step: int, finite: bool) -> bool:
+        """Count ``step``; True when it is the ``limit``-th non-finite step in a row."""
+        if finite:
+            self.count = 0
+            return False
+        if self.count == 0:
+            self.first = step
+        self.count += 1
+        return self.count >= self.limit

@@ -9,7 +9,10 @@ the asynchronous one, ``llmtrain.ps.checkpoint``). Everything else is done here,
   then the completion marker (``marker_of``: the one schema), written last and atomically;
 - old checkpoints pruned;
 - resume: the newest intact complete checkpoint (``RunDir.newest_intact``), the resume rule
-  (``check_resumable``), the load, and one message when it fails.
+  (``check_resumable``) and the mode's layout check, decided by the main process and shared with every process
+  (``Checkpoints.verdict``: all go on, or all raise the same refusal), then the load, and one message when it fails;
+  or, with run.resume=restart, the folder's earlier history moved aside first;
+- the one line that ends a diverged run (``diverged``), naming the checkpoint to go back to, if there is one.
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from llmtrain.config import Mode, ModelConfig, to_plain
+from llmtrain.config import Mode, ModelConfig, Resume, to_plain
 from llmtrain.data.tokenizer import check_same_tokenizer
-from llmtrain.errors import UserError
+from llmtrain.errors import RunDiverged, UserError, os_reason
 from llmtrain.run.rundir import CONFIG, MARKER, STATE, RunDir, read_marker, read_state
 
 log = logging.getLogger("llmtrain")
@@ -51,16 +54,20 @@ class CheckpointIO(Protocol):
         """Write this mode's tensor files into ``folder`` (called on every process; collective where the mode is);
         ``state`` is llmtrain's own state of the checkpoint."""
 
+    def check(self, folder: Path, marker: dict[str, Any]) -> None:
+        """Refuse in one ``UserError`` a checkpoint whose layout (its marker given) this run cannot take (called on
+        the main process, whose verdict every process shares)."""
+
     def read(self, folder: Path, marker: dict[str, Any]) -> None:
-        """Load this process's tensors from ``folder`` (its marker given); refuse a layout it cannot take in one
-        ``UserError``. Any other error is reported as a checkpoint that could not be loaded."""
+        """Load this process's tensors from ``folder`` (its marker given, its layout checked). Any error is reported
+        as a checkpoint that could not be loaded (a ``UserError`` passes through)."""
 
 
 @dataclass(frozen=True)
 class Peers:
     """The processes that save and resume together. The main one writes llmtrain's own files and decides; with a
-    process group, ``barrier`` waits for all and ``share`` hands the main process's string to every process.
-    Without one (a parameter server saves for all of them), both do nothing."""
+    process group, ``barrier`` waits for all and ``share`` hands the main process's string to every process (the
+    parameter-server mode shares over RPC and has no barrier). Alone, both do nothing."""
 
     is_main: bool = True
     barrier: Callable[[], None] | None = None
@@ -121,15 +128,40 @@ class Checkpoints:
         self.peers.wait()
         return folder
 
-    def resume(self, tokenizer_sha256: str, model_cfg: ModelConfig) -> dict[str, Any] | None:
-        """Load the newest intact complete checkpoint, if any, after the resume rule accepted it; its state."""
-        folder = self.run.newest_intact(self.peers.is_main, self.peers.barrier)
-        if folder is None:
+    def verdict(self, resume: Resume, tokenizer_sha256: str, model_cfg: ModelConfig) -> Path | None:
+        """The checkpoint this run continues from (None: it starts at step 0), decided by the main process and
+        shared with every process: every one of them returns the same folder or raises the same ``UserError``, so
+        that no process is left waiting at a collective for one that refused. With ``Resume.restart`` the main
+        process first moves the folder's earlier history aside."""
+        decided = {"folder": None, "refused": None}
+        if self.peers.is_main:
+            try:
+                folder = self._decide(resume, tokenizer_sha256, model_cfg)
+                decided["folder"] = str(folder) if folder is not None else None
+            except UserError as exc:
+                decided["refused"] = str(exc)
+        decided = json.loads(self.peers.share(json.dumps(decided)))
+        if decided["refused"] is not None:
+            raise UserError(decided["refused"])
+        return Path(decided["folder"]) if decided["folder"] is not None else None
+
+    def _decide(self, resume: Resume, tokenizer_sha256: str, model_cfg: ModelConfig) -> Path | None:
+        if resume == Resume.restart:
+            start_over(self.run)
             return None
-        state = check_resumable(folder, self.io.mode, tokenizer_sha256, model_cfg)
-        saved = read_marker(folder)
+        folder = self.run.newest_intact()
+        if folder is not None:
+            check_resumable(folder, self.io.mode, tokenizer_sha256, model_cfg)
+            self.io.check(folder, read_marker(folder))
+        return folder
+
+    def load(self, folder: Path) -> dict[str, Any]:
+        """Load this process's tensors from ``folder`` (agreed by ``verdict``); llmtrain's state of it."""
+        state, saved = read_state(folder), read_marker(folder)
         try:
             self.io.read(folder, saved)
+        except UserError:
+            raise
         except (OSError, RuntimeError, KeyError, EOFError, ValueError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise UserError(f"checkpoint {folder} could not be loaded ({first}); it may be corrupt: remove it to "
@@ -138,6 +170,42 @@ class Checkpoints:
             log.info("resumed from %s (step %d, saved on %s ranks)", folder, state["step"],
                      saved.get("world_size", "?"))
         return state
+
+    def resume(self, resume: Resume, tokenizer_sha256: str, model_cfg: ModelConfig) -> dict[str, Any] | None:
+        """``verdict``, then ``load``: the state of the checkpoint this run continues from, or None."""
+        folder = self.verdict(resume, tokenizer_sha256, model_cfg)
+        return self.load(folder) if folder is not None else None
+
+
+def start_over(run: RunDir) -> None:
+    """run.resume=restart (the main process, before anything of the run is written): move the folder's earlier
+    history aside and say where it went, in one line."""
+    try:
+        aside = run.move_history_aside()
+    except OSError as exc:
+        raise UserError(f"run.resume=restart could not move the earlier history of {run.path} aside: "
+                        f"{os_reason(exc)}") from None
+    if aside is None:
+        log.info("run.resume=restart: starting at step 0 (%s held no earlier history)", run.path)
+    else:
+        log.info("run.resume=restart: starting at step 0; the earlier history (%s) was moved to %s",
+                 ", ".join(sorted(p.name for p in aside.iterdir())), aside)
+
+
+def diverged(run: RunDir, first: int, last: int, limit: int) -> RunDiverged:
+    """The error that ends a run that skipped ``limit`` steps in a row (``first`` to ``last``) for a non-finite loss
+    or gradient, naming the newest complete checkpoint to go back to, or saying that there is none."""
+    newest = run.complete()
+    if not newest:
+        what = (f"no checkpoint was saved in {run.checkpoints}: lower optim.lr or check the data, then re-run "
+                "(it starts at step 0)")
+    else:
+        step, folder = newest[-1]
+        when = "before these steps" if step < first else "during these steps, whose updates were skipped"
+        what = (f"the newest checkpoint is {folder} (step {step}, saved {when}): lower optim.lr or check the data, "
+                "then re-run to continue from it")
+    return RunDiverged(f"steps {first}-{last} had a non-finite loss or gradient and were skipped "
+                       f"(train.max_nonfinite_steps={limit} in a row): stopping; {what}")
 
 
 def check_resumable(folder: Path, mode: Mode, tokenizer_sha256: str, model_cfg: ModelConfig) -> dict[str, Any]:

@@ -93,6 +93,23 @@ def drop_torn_last_line(path: Path) -> None:
         f.truncate(0)
 
 
+def last_scores(run: RunDir, step: int) -> dict[str, float]:
+    """The last evaluation ``metrics.jsonl`` holds at or before ``step`` (empty when there is none): what a re-run
+    of a finished run reports, as it trains and evaluates nothing."""
+    scores: dict[str, float] = {}
+    if not run.metrics.is_file():
+        return scores
+    with open(run.metrics) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:  # a torn last line
+                continue
+            if "val_loss" in row and row.get("step", 0) <= step:
+                scores = {k: v for k, v in row.items() if k.startswith(("val_loss", "val_ppl"))}
+    return scores
+
+
 def stderr_is_terminal() -> bool:
     return sys.stderr.isatty()
 

@@ -8,6 +8,9 @@ them. Layout of ``<run.dir>``:
     metrics.jsonl               one JSON row per log step / evaluation (rank 0, or parameter server 0)
     wandb_id.txt                the wandb run id, so an auto-resume continues the same wandb run
     PREEMPTED                   left by a run that stopped on a signal with a checkpoint (see preemption.py)
+    DAMAGED.json                left when every checkpoint was found damaged: what was found and when; every later
+                                run with run.resume=auto is refused until run.resume=restart starts over
+    previous/1/, previous/2/    earlier histories, moved aside whole by run.resume=restart (nothing is deleted)
     checkpoints/step_00000100/  one checkpoint: the mode's tensor files (DeepSpeed's files for sync; each
                                 server's shard and the consolidated model for async_ps), the resolved
                                 ``config.yaml``, llmtrain's own state ``llmtrain_state.json`` (step, tokens,
@@ -27,7 +30,6 @@ import logging
 import shutil
 import time
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,9 +40,10 @@ log = logging.getLogger("llmtrain")
 MARKER = "COMPLETE.json"
 STATE = "llmtrain_state.json"
 CONFIG = "config.yaml"
-
-
+DAMAGED = "DAMAGED.json"
 CORRUPT_SUFFIX = ".corrupt"
+RESTART_HINT = "run.resume=restart starts over in this folder (its old files moved aside, none deleted), or use a " \
+               "new run.dir"
 
 
 def tag_of(step: int) -> str:
@@ -111,9 +114,60 @@ class RunDir:
     def lock(self) -> Path:
         return self.path / "LOCK"
 
+    @property
+    def damaged(self) -> Path:
+        return self.path / DAMAGED
+
+    @property
+    def previous(self) -> Path:
+        return self.path / "previous"
+
+    def history(self) -> list[Path]:
+        """What one history of the folder consists of, where it exists: its checkpoints (those set aside as
+        corrupt included), its metrics, its resolved config, the damage mark, the stop mark and the wandb run id
+        (a new history is a new wandb run)."""
+        return [p for p in (self.checkpoints, self.metrics, self.config, self.damaged, self.preempted, self.wandb_id)
+                if p.exists()]
+
+    def move_history_aside(self) -> Path | None:
+        """Move the folder's history (``history``) into ``previous/<n>/``, n the first unused number, so that a
+        new history never mixes with an old one and resume never picks an old checkpoint; nothing is deleted.
+        The folder it went to, or None when there was none."""
+        found = self.history()
+        if not found:
+            return None
+        self.previous.mkdir(exist_ok=True)
+        n = 1 + max((int(p.name) for p in self.previous.iterdir() if p.name.isdigit()), default=0)
+        aside = self.previous / str(n)
+        aside.mkdir()
+        for path in found:
+            path.rename(aside / path.name)
+        return aside
+
+    def mark_damaged(self, found: dict[str, str]) -> None:
+        """Record that every checkpoint is damaged (``found``: each one's folder name, as set aside, and what is
+        wrong with it): every later run with run.resume=auto is refused until run.resume=restart."""
+        mark = {"found": found, "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                "what_to_do": RESTART_HINT}
+        tmp = self.damaged.with_suffix(".tmp")
+        tmp.write_text(json.dumps(mark, indent=1) + "\n")
+        tmp.replace(self.damaged)
+
+    def refuse_if_marked(self) -> None:
+        """Refuse in one line to continue a folder whose checkpoints were all found damaged (``mark_damaged``)."""
+        if not self.damaged.exists():
+            return
+        try:
+            mark = json.loads(self.damaged.read_text())
+            when, names = mark["time"], ", ".join(mark["found"])
+        except (OSError, ValueError, KeyError, TypeError):
+            when, names = "an earlier run", "see the file"
+        raise UserError(f"every checkpoint in {self.checkpoints} was found damaged ({names}; {self.damaged} "
+                        f"written {when}); {RESTART_HINT}")
+
     def remove_if_unused(self) -> None:
         """Remove the folder when it holds nothing a run produced (only its lock or resolved config): called for
-        a folder that a run refused before its first step had made."""
+        a folder that a run made and then failed in before its first checkpoint (or metrics row)."""
         try:
             if {p.name for p in self.path.iterdir()} <= {self.lock.name, self.config.name}:
                 shutil.rmtree(self.path)
@@ -132,43 +186,36 @@ class RunDir:
         found = self.complete()
         return found[-1][1] if found else None
 
-    def newest_intact(self, is_main: bool, barrier: Callable[[], None] | None = None) -> Path | None:
+    def newest_intact(self) -> Path | None:
         """The newest complete checkpoint whose files are all there at their recorded sizes and pass their checksums
         (a truncated file from a full disk or a lost write, flipped bytes, are caught here, before any tensor is
-        read). Each damaged newer one is reported in one line and renamed ``step_N.corrupt`` by the main process,
-        so the run goes on from the next older one on every process alike. Refused in one line when complete
-        checkpoints exist but none is intact.
+        read). Each damaged newer one is reported in one line and renamed ``step_N.corrupt``, so the run goes on
+        from the next older one.
 
-        With a ``barrier`` (a process group), only the main process reads the files through; the others wait for
-        its verdict, which reaches them as the folders it set aside. Without one, every process checks for itself
-        (and reaches the same answer)."""
-        if barrier is None or is_main:
-            found = self._newest_verified(set_aside=is_main, verify_contents=True)
-        if barrier is not None:
-            barrier()
-            if not is_main:
-                found = self._newest_verified(set_aside=False, verify_contents=False)
-        return found
-
-    def _newest_verified(self, set_aside: bool, verify_contents: bool) -> Path | None:
-        complete = self.complete()
+        When checkpoints exist (complete, or set aside) but none is intact, the folder is marked
+        (``mark_damaged``) and the run refused in one line; a marked folder is refused from then on. Called by
+        the main process only: it decides for every process (``llmtrain.run.checkpoint.Checkpoints.verdict``)."""
+        self.refuse_if_marked()
+        complete, problems = self.complete(), {}
         for _, folder in reversed(complete):
             started = time.perf_counter()
-            problem = damage(folder, verify_contents)
+            problem = damage(folder)
             if problem is None:
-                if verify_contents:
-                    log.info("checked %s: every file at its size and checksum (%.1f s)", folder,
-                             time.perf_counter() - started)
+                log.info("checked %s: every file at its size and checksum (%.1f s)", folder,
+                         time.perf_counter() - started)
                 return folder
-            log.warning("checkpoint %s is damaged (%s): %s", folder, problem,
-                        "setting it aside as " + folder.name + CORRUPT_SUFFIX if set_aside else "skipping it")
-            if set_aside:
-                with contextlib.suppress(OSError):  # another process may have done it already
-                    folder.rename(folder.with_name(folder.name + CORRUPT_SUFFIX))
-        if complete:
-            raise UserError(f"every complete checkpoint in {self.checkpoints} is damaged (set aside as "
-                            f"step_*{CORRUPT_SUFFIX}); start a new run.dir, or run.resume=false to start over here")
-        return None
+            log.warning("checkpoint %s is damaged (%s): setting it aside as %s", folder, problem,
+                        folder.name + CORRUPT_SUFFIX)
+            problems[folder.name + CORRUPT_SUFFIX] = problem
+            with contextlib.suppress(OSError):  # renamed already: what counts is that it is out of the way
+                folder.rename(folder.with_name(folder.name + CORRUPT_SUFFIX))
+        set_aside = sorted(p for p in self.checkpoints.glob("step_*" + CORRUPT_SUFFIX) if p.is_dir())
+        if not complete and not set_aside:
+            return None
+        found = {**{p.name: "set aside by an earlier run" for p in set_aside}, **problems}
+        self.mark_damaged(found)
+        raise UserError(f"every checkpoint in {self.checkpoints} is damaged ({', '.join(found)}; each kept, "
+                        f"recorded in {self.damaged}); {RESTART_HINT}")
 
     def prune(self, keep: int, current: Path) -> None:
         """Keep the newest ``keep`` complete checkpoints and ``current``; remove every other step folder (older

@@ -56,10 +56,12 @@ class DeepSpeedCheckpointIO:
     def write(self, folder: Path, state: dict[str, Any]) -> None:
         self.engine.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
 
-    def read(self, folder: Path, marker: dict[str, Any]) -> None:
+    def check(self, folder: Path, marker: dict[str, Any]) -> None:
         if marker["zero_stage"] != self.zero_stage:
             raise UserError(f"{folder} was saved with dist.zero_stage={marker['zero_stage']}, this run has "
                             f"{self.zero_stage}; resume with the same stage (or start a new run.dir)")
+
+    def read(self, folder: Path, marker: dict[str, Any]) -> None:
         if marker["world_size"] == self.world_size or self.zero_stage == 0:
             path, _ = self.engine.load_checkpoint(str(folder.parent), tag=folder.name, load_lr_scheduler_states=False)
         else:

@@ -38,9 +38,9 @@ from llmtrain.evaluate import validation_scores
 from llmtrain.model import build_model
 from llmtrain.optim import build_optimizer, lr_at, set_lr
 from llmtrain.run import setup
-from llmtrain.run.cadence import Cadence
-from llmtrain.run.checkpoint import Checkpoints, client_state
-from llmtrain.run.metrics import MetricsLogger, peak_flops, peak_memory_gb
+from llmtrain.run.cadence import Cadence, NonfiniteStreak
+from llmtrain.run.checkpoint import Checkpoints, client_state, diverged
+from llmtrain.run.metrics import MetricsLogger, last_scores, peak_flops, peak_memory_gb
 from llmtrain.run.preemption import StopSignals, clear_preempted, mark_preempted
 from llmtrain.run.setup import TrainResult
 from llmtrain.train.checkpoint import DeepSpeedCheckpointIO, process_group_peers
@@ -105,14 +105,14 @@ class Trainer:
                                         cfg.train.subset_tokens)
         self.batches = DeviceBatches(reader, cfg.train.micro_batch_size, self.engine.device)
         self.val = self.data.validation(block, cfg.train.eval_windows)
-        # 7. Checkpoints, and auto-resume from the newest complete one.
+        # 7. Checkpoints, and auto-resume from the newest intact one (or, with run.resume=restart, the folder's
+        #    earlier history moved aside): rank 0 decides, every rank takes its verdict.
         tokenizer_copy = {self.data.tokenizer_file.name: self.data.tokenizer_file}  # checkpoints stand on their own
         engine_files = DeepSpeedCheckpointIO(self.engine, self.env.rank, self.env.world_size, cfg.dist.zero_stage)
         self.checkpoints = Checkpoints(self.run, engine_files, process_group_peers(self.env.rank),
                                        cfg.train.keep_checkpoints, tokenizer_copy)
         self.step, self.tokens_seen, self.skipped_steps = 0, 0, 0
-        if cfg.run.resume:
-            self._resume()
+        self._resume()
         resolved = started.resolved
         self.config_yaml = setup.write_run_config(self.run, resolved) if self.env.is_main else ""
         # 8. Metrics (rank 0 writes), with the peak FLOP/s that MFU is measured against.
@@ -130,19 +130,29 @@ class Trainer:
     # -- set-up helpers -------------------------------------------------------------------------------------
     def _predict_memory(self, total_params: int) -> memory.MemoryEstimate:
         """Rank 0 logs the predicted peak per rank and, when it exceeds the memory visible to a rank, one warning
-        naming the single changes that would make it fit."""
+        naming the single changes that would make it fit. Every rank refuses in one line, before allocating, a
+        run whose model states alone (weights, gradients, optimizer: no estimate in them) exceed that memory."""
         on_gpu = self.env.device.type == "cuda"
         baseline = 0.0 if on_gpu else memory.process_rss()  # CUDA's peak counts tensors only
         predicted = memory.estimate(self.cfg, total_params, self.env.world_size, baseline, on_gpu)
+        visible = memory.visible_bytes(self.env.device, self.env.local_world_size)
         if self.env.is_main:
             log.info("memory per rank, predicted: %s", predicted.describe())
-            visible = memory.visible_bytes(self.env.device, self.env.local_world_size)
-            if predicted.total > visible:
-                fits = memory.what_would_fit(self.cfg, total_params, self.env.world_size, baseline, visible, on_gpu)
+        # Any rank that cannot hold its model states makes every rank refuse: none may wait at a collective alone.
+        too_big = torch.tensor([float(predicted.model_states > visible)], device=self.env.device)
+        if dist.is_initialized():
+            dist.all_reduce(too_big, op=dist.ReduceOp.MAX)
+        if predicted.total > visible or too_big.item():
+            fits = memory.what_would_fit(self.cfg, total_params, self.env.world_size, baseline, visible, on_gpu)
+            advice = ("it would fit with: " + "; ".join(fits) if fits else
+                      "no ZeRO stage, offload, activation checkpointing, micro-batch or rank count makes it fit")
+            if too_big.item():
+                raise UserError(f"{total_params:,} parameters need {predicted.model_states / memory.GB:,.1f} GB of "
+                                f"model states per rank, more than the {visible / memory.GB:,.1f} GB visible to "
+                                f"each; {advice}")
+            if self.env.is_main:
                 log.warning("predicted %.1f GB per rank, more than the %.1f GB visible to each; %s",
-                            predicted.total / memory.GB, visible / memory.GB,
-                            "it would fit with: " + "; ".join(fits) if fits else
-                            "no ZeRO stage, offload, activation checkpointing, micro-batch or rank count makes it fit")
+                            predicted.total / memory.GB, visible / memory.GB, advice)
         return predicted
 
     def _check_hardware(self) -> None:
@@ -155,7 +165,7 @@ class Trainer:
                             self.cfg.train.seed, skipped_steps=self.skipped_steps, reader=self.batches.state_dict())
 
     def _resume(self) -> None:
-        client = self.checkpoints.resume(self.data.tokenizer_fingerprint, self.model_cfg)
+        client = self.checkpoints.resume(self.cfg.run.resume, self.data.tokenizer_fingerprint, self.model_cfg)
         if client is None:
             return
         self.step, self.tokens_seen = client["step"], client["tokens_seen"]
@@ -167,9 +177,12 @@ class Trainer:
         cfg, result = self.cfg.train, TrainResult(unigram_entropy=self.data.unigram_entropy())
         cadence = Cadence.of(cfg)
         tokens_per_step = cfg.global_batch_size * self.model_cfg.block_size
-        consecutive_nonfinite, interval_start, interval_steps = 0, time.perf_counter(), 0
+        nonfinite, interval_start, interval_steps = NonfiniteStreak(cfg.max_nonfinite_steps), time.perf_counter(), 0
         if self.env.is_main:
             clear_preempted(self.run)
+            if self.step >= cfg.max_steps:  # finished already: nothing to train or evaluate, its last scores stand
+                scores = last_scores(self.run, self.step)
+                result.val_loss, result.val_ppl = scores.get("val_loss", math.nan), scores.get("val_ppl", math.nan)
         with self.signals, contextlib.closing(self.metrics):
             while self.step < cfg.max_steps:
                 outcome = self.train_step()
@@ -180,14 +193,12 @@ class Trainer:
                 result.losses[self.step] = loss
                 if not outcome.applied:
                     self.skipped_steps += 1
-                    consecutive_nonfinite = consecutive_nonfinite + 1 if not math.isfinite(loss) else 0
                     log.warning("step %d skipped (loss %s, grad norm %s)", self.step, loss, self._grad_norm(outcome))
-                    if consecutive_nonfinite >= cfg.max_nonfinite_steps:
-                        raise UserError(f"{consecutive_nonfinite} steps in a row had a non-finite loss (last at step "
-                                        f"{self.step}); stopping. The last good checkpoint in {self.run_dir} is "
-                                        "intact: lower optim.lr or check the data")
-                else:
-                    consecutive_nonfinite = 0
+                # A skipped step had a non-finite loss or gradient -- except fp16's skips of a finite loss: its loss
+                # scaler skips overflowing steps as it lowers the scale. Every rank counts alike (all-reduced).
+                overflow = self.cfg.precision == Precision.fp16 and math.isfinite(loss)
+                if nonfinite.add(self.step, outcome.applied or overflow):
+                    raise diverged(self.run, nonfinite.first, self.step, nonfinite.limit)
                 self.metrics.advance()
                 if cadence.log(self.step):
                     elapsed = time.perf_counter() - interval_start

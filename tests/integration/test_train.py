@@ -196,7 +196,9 @@ def test_non_finite_steps_are_skipped_then_stop(prepared_small, tmp_path, stage,
     # steps 4 and 5 had a NaN loss: skipped, weights untouched; steps 8.. are all NaN: stop after 3 in a row
     assert report["skipped"] == [4, 5, 8, 9, 10]
     assert report["weights_unchanged_by_skips"] is True
-    assert report["error"].startswith("3 steps in a row had a non-finite loss (last at step 10)")
+    assert report["error"].startswith("steps 8-10 had a non-finite loss or gradient and were skipped "
+                                      "(train.max_nonfinite_steps=3 in a row): stopping; the newest checkpoint is ")
+    assert "step_00000008 (step 8, saved during these steps, whose updates were skipped)" in report["error"]
     assert report["last_checkpoint"] == 8  # saved after the skipped step 8 (weights as after step 7); none at 10
 
 

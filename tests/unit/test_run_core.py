@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from llmtrain.config import Mode, ModelConfig, TrainLoopConfig
+from llmtrain.config import Mode, ModelConfig, Resume, TrainLoopConfig
 from llmtrain.errors import UserError
 from llmtrain.run.cadence import Cadence
 from llmtrain.run.checkpoint import Checkpoints, Peers, client_state
@@ -33,6 +33,9 @@ class FakeIO:
 
     def write(self, folder: Path, state: dict[str, Any]) -> None:
         (folder / "tensors.bin").write_text(f"weights of step {state['step']}")
+
+    def check(self, folder: Path, marker: dict[str, Any]) -> None:
+        pass
 
     def read(self, folder: Path, marker: dict[str, Any]) -> None:
         if self.fail is not None:
@@ -69,20 +72,20 @@ def test_old_checkpoints_are_pruned_and_resume_takes_the_newest(tmp_path):
         saver.save(step, state(step), "")
     assert [s for s, _ in saver.run.complete()] == [4, 6]
     io = FakeIO(Mode.async_ps)
-    resumed = checkpoints(tmp_path, io).resume(SHA, MODEL)
+    resumed = checkpoints(tmp_path, io).resume(Resume.auto, SHA, MODEL)
     assert resumed["step"] == 6 and resumed["tokens_seen"] == 600
     assert io.loaded == ("weights of step 6", 3)
 
 
 def test_nothing_to_resume_and_a_rule_broken_before_any_tensor_is_read(tmp_path):
-    assert checkpoints(tmp_path, FakeIO()).resume(SHA, MODEL) is None
+    assert checkpoints(tmp_path, FakeIO()).resume(Resume.auto, SHA, MODEL) is None
     checkpoints(tmp_path, FakeIO()).save(3, state(3), "")
     io = FakeIO(Mode.async_ps)
     with pytest.raises(UserError, match="was saved by mode=sync and this run has mode=async_ps"):
-        checkpoints(tmp_path, io).resume(SHA, MODEL)
+        checkpoints(tmp_path, io).resume(Resume.auto, SHA, MODEL)
     io = FakeIO()
     with pytest.raises(UserError, match="has another tokenizer than data.dir"):
-        checkpoints(tmp_path, io).resume("cd" * 32, MODEL)
+        checkpoints(tmp_path, io).resume(Resume.auto, "cd" * 32, MODEL)
     assert io.loaded is None
 
 
@@ -91,13 +94,13 @@ def test_a_load_that_fails_is_one_message_whatever_the_mode(tmp_path, error):
     checkpoints(tmp_path, FakeIO()).save(3, state(3), "")
     with pytest.raises(UserError, match=r"checkpoint .*step_00000003 could not be loaded \(.+\); it may be corrupt: "
                                         "remove it to resume from an older one"):
-        checkpoints(tmp_path, FakeIO(fail=error)).resume(SHA, MODEL)
+        checkpoints(tmp_path, FakeIO(fail=error)).resume(Resume.auto, SHA, MODEL)
 
 
 def test_a_refusal_of_the_mode_passes_through_unchanged(tmp_path):
     checkpoints(tmp_path, FakeIO()).save(3, state(3), "")
     with pytest.raises(UserError, match="^saved with another stage$"):
-        checkpoints(tmp_path, FakeIO(fail=UserError("saved with another stage"))).resume(SHA, MODEL)
+        checkpoints(tmp_path, FakeIO(fail=UserError("saved with another stage"))).resume(Resume.auto, SHA, MODEL)
 
 
 def test_a_save_without_room_is_refused_by_every_peer_and_keeps_the_older_ones(tmp_path, monkeypatch):

@@ -114,18 +114,23 @@ def test_a_damaged_newest_checkpoint_is_set_aside_for_the_older_one(tmp_path, ca
     run = RunDir.of(tmp_path / "run")
     older, newer = saved_checkpoint(run, 1, "sync"), saved_checkpoint(run, 2, "sync")
     (newer / STATE).write_text("{")  # truncated
-    assert run.newest_intact(is_main=False) == older and newer.is_dir()  # a non-main process only skips
-    assert run.newest_intact(is_main=True) == older
+    assert run.newest_intact() == older
     assert not newer.exists() and (run.checkpoints / "step_00000002.corrupt" / MARKER).is_file()
     assert "llmtrain_state.json has 1 bytes" in caplog.text
     run.prune(keep=1, current=older)
     assert (run.checkpoints / "step_00000002.corrupt").is_dir()  # pruning never deletes what was set aside
+    assert not run.damaged.exists()
     (older / "config.yaml").unlink()
-    with pytest.raises(UserError, match="every complete checkpoint in .* is damaged"):
-        run.newest_intact(is_main=True)
+    with pytest.raises(UserError, match=r"every checkpoint in .* is damaged \(step_00000001.corrupt, "
+                                        r"step_00000002.corrupt; each kept, recorded in .*DAMAGED.json\); "
+                                        "run.resume=restart starts over"):
+        run.newest_intact()
+    mark = json.loads(run.damaged.read_text())
+    assert mark["found"] == {"step_00000001.corrupt": "config.yaml is missing",
+                             "step_00000002.corrupt": "set aside by an earlier run"}
 
 
-def test_flipped_bytes_in_a_tensor_file_fail_its_checksum_and_the_verdict_of_the_main_process_is_shared(tmp_path):
+def test_flipped_bytes_in_a_tensor_file_fail_their_checksum(tmp_path):
     import torch
 
     run = RunDir.of(tmp_path / "run")
@@ -145,12 +150,7 @@ def test_flipped_bytes_in_a_tensor_file_fail_its_checksum_and_the_verdict_of_the
     assert damage(folders[0]) is None
     with pytest.raises(UserError, match=r"step_00000002 is damaged \(mp_rank_00_model_states.pt fails its checksum"):
         load_trained(run.path)  # generate and export refuse it too, naming the older steps
-    # With a process group only the main process reads the files; the others find what it set aside.
-    order = []
-    assert run.newest_intact(is_main=False, barrier=lambda: order.append("barrier")) == folders[1]  # not yet set aside
-    assert run.newest_intact(is_main=True, barrier=lambda: order.append("barrier")) == folders[0]
-    assert run.newest_intact(is_main=False, barrier=lambda: order.append("barrier")) == folders[0]
-    assert order == ["barrier"] * 3 and (run.checkpoints / "step_00000002.corrupt").is_dir()
+    assert run.newest_intact() == folders[0] and (run.checkpoints / "step_00000002.corrupt").is_dir()
 
 
 def test_a_save_that_cannot_finish_is_one_line_and_leaves_no_partial_folder(tmp_path, monkeypatch):
