@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shlex
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -63,9 +64,13 @@ def _listed_options(lines: list[str]) -> list[str]:
 
 
 def fail(command: str, message: str, code: int = USER_ERROR_EXIT) -> NoReturn:
-    """Print the one line (main process only: every rank of a launch refuses the same config) and exit ``code``."""
-    if _is_main_process():
-        print(f"{command}: error: {message}", file=sys.stderr, flush=True)
+    """Print the one line and exit ``code``. The ranks of a launch mostly refuse alike (the same config, the same
+    folder): the main process says it at once, and the launcher stops the others while they wait for it. A refusal
+    of one rank alone (its batch, its shard) is still said, by that rank, once the wait is over."""
+    if not _is_main_process():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher's stop ends the wait, and this process, quietly
+        linger_for_local_peers()
+    print(f"{command}: error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
 
 

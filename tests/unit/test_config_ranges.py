@@ -165,23 +165,36 @@ def test_no_quoting_hint_where_quoting_would_not_help():
     assert quoting_hint(["run.dir=fine"]) == ""
 
 
-@pytest.mark.parametrize(("env", "printed"), [
+@pytest.mark.parametrize(("env", "main"), [
     ({}, True), ({"RANK": "0"}, True), ({"RANK": "1"}, False),
     ({"SLURM_PROCID": "2", "SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_TASKS_PER_NODE": "4",
       "SLURM_STEP_NODELIST": "n1"}, False),
     ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_TASKS_PER_NODE": "4",
       "SLURM_STEP_NODELIST": "n1"}, True),
 ])
-def test_only_the_main_process_prints_the_error(monkeypatch, capsys, env, printed):
+def test_the_main_process_says_it_first(monkeypatch, capsys, env, main):
+    """The main process prints at once; another waits first (the launcher stops it there when the main one refused
+    alike), and still says a refusal of its own."""
+    import signal
+
+    import llmtrain.cli._entry as entry
+
     for name in ("RANK", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    with pytest.raises(SystemExit) as exit_info:
-        fail("llmtrain-train", "mode=async_ps with ps.num_servers=1 needs at least 2 processes", 2)
+    waited = []
+    monkeypatch.setattr(entry, "linger_for_local_peers", lambda: waited.append(signal.getsignal(signal.SIGTERM)))
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            fail("llmtrain-train", "mode=async_ps with ps.num_servers=1 needs at least 2 processes", 2)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == ("llmtrain-train: error: mode=async_ps with ps.num_servers=1 needs at least 2 "
-                                       "processes\n" if printed else "")
+                                       "processes\n")
+    assert waited == ([] if main else [signal.SIG_DFL])
 
 
 @pytest.mark.parametrize(("error", "code"), [(UserError("bad folder"), 2), (RunDiverged("loss stayed nan"), 3)])
