@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import BIN, REPO, run_cli
 from tests.integration.conftest import COMMON
 
 pytestmark = pytest.mark.slow  # every test here starts processes (the CLI, ranks) or reads a run that did
@@ -73,3 +73,45 @@ def test_export_to_a_read_only_file_system_is_one_line(run, tmp_path):
         assert list(Path(disk).iterdir()) == []
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+# The config values that once ended in a traceback, or trained though they cannot be meant: each command now
+# refuses them in one line that lists every problem of the section.
+CONFIG_CASES = [
+    (["optim.lr=nan", "optim.beta1=1.5", "optim.beta2=-1", "optim.eps=-1", "optim.weight_decay=-1"],
+     ["optim.lr=nan must be > 0 and finite", "optim.beta1=1.5 must be in [0, 1)", "optim.beta2=-1.0 must be in [0, 1)",
+      "optim.eps=-1.0 must be > 0 and finite", "optim.weight_decay=-1.0 must be >= 0 and finite"]),
+    (["optim.lr=inf"], ["optim.lr=inf must be > 0 and finite"]),
+    (["model.n_kv_head=-2", "model.mlp_hidden=-5", "model.init_std=-1", "model.norm_eps=-1", "model.rope_theta=0"],
+     ["model.n_kv_head=-2 must be >= 0", "model.mlp_hidden=-5 must be >= 0", "model.init_std=-1.0 must be > 0",
+      "model.norm_eps=-1.0 must be > 0", "model.rope_theta=0.0 must be > 0"]),
+    (["dist.timeout_s=0"], ["dist.timeout_s=0 must be >= 1"]),
+    (["run.dir="], ["run.dir is empty: give the run folder"]),
+    (["train.subset_tokens=10"], ["train.subset_tokens=10 is less than one window of model.block_size+1"]),
+    (["run.dir=runs/é"], ["""quote a value with non-ASCII or special characters: 'run.dir="runs/é"'"""]),
+]
+
+
+@pytest.mark.parametrize(("overrides", "fragments"), CONFIG_CASES, ids=lambda v: " ".join(v)[:40])
+def test_a_value_out_of_its_range_is_one_line(tmp_path, overrides, fragments):
+    run_dir = f"run.dir={tmp_path}/run"
+    proc = run_cli("llmtrain-train", f"data.dir={tmp_path}/data", *COMMON, run_dir, *overrides)
+    line = refused(proc, "llmtrain-train", fragments[0])
+    assert all(fragment in line for fragment in fragments), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # refused before any folder was made
+
+
+def test_a_mix_needs_no_data_dir(tmp_path):
+    proc = run_cli("llmtrain-train", f"data.mix=[{{dir: {tmp_path}/a}}]", f"run.dir={tmp_path}/run", *COMMON)
+    line = refused(proc, "llmtrain-train", f"data.mix[0]: data.dir={tmp_path}/a is not a prepared dataset")
+    assert "missing required value" not in line  # it reached the mix's own folder: no "add data.dir=..."
+
+
+def test_too_few_processes_for_the_async_mode_is_said_once(prepared_small, tmp_path):
+    proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "llmtrain.cli.train",
+                           f"data.dir={prepared_small}", f"run.dir={tmp_path}/run", *COMMON, "mode=async_ps",
+                           "ps.num_servers=2"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    lines = [line for line in proc.stderr.splitlines() if "llmtrain-train: error:" in line]
+    assert lines == ["llmtrain-train: error: mode=async_ps with ps.num_servers=2 needs at least 3 processes; the "
+                     "launcher started 2"], proc.stderr[-3000:]
+    assert "exitcode  : 2" in proc.stderr and "rank      : 0" in proc.stderr.split("Root Cause")[1]
