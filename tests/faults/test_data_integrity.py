@@ -53,6 +53,7 @@ def test_out_of_vocabulary_ids_stop_training_naming_the_shard_and_offset(copy, t
     refused(proc, "llmtrain-train", rf"{copy}/train_000.bin holds token id 60000 at token [\d,]+, outside the "
                                     rf"vocabulary of 512 in meta.json: the shard changed after it was prepared; "
                                     rf"{REPREPARE}")
+    assert not (tmp_path / "run").exists()  # failed before its first checkpoint: no folder of only a config left
 
 
 def test_a_flipped_byte_fails_verify_in_both_commands(copy, tmp_path):
