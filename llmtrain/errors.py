@@ -5,6 +5,14 @@ class UserError(Exception):
     """A problem in what the user gave us. The CLI prints its message as one line and exits with ``exit_code``."""
 
     exit_code = 2
+    every_process = False  # raised by one process of a launch: that process says it (llmtrain.cli._entry.fail)
+
+
+class AgreedError(UserError):
+    """A refusal every process of a launch reaches alike (the main process decided it and shared it, or the launch
+    itself is wrong): only the main process says it, the others end quietly with the same code."""
+
+    every_process = True
 
 
 class RunDiverged(UserError):

@@ -63,11 +63,14 @@ def _listed_options(lines: list[str]) -> list[str]:
     return options
 
 
-def fail(command: str, message: str, code: int = USER_ERROR_EXIT) -> NoReturn:
-    """Print the one line and exit ``code``. The ranks of a launch mostly refuse alike (the same config, the same
-    folder): the main process says it at once, and the launcher stops the others while they wait for it. A refusal
-    of one rank alone (its batch, its shard) is still said, by that rank, once the wait is over."""
+def fail(command: str, message: str, code: int = USER_ERROR_EXIT, every_process: bool = False) -> NoReturn:
+    """Print the one line and exit ``code``. A refusal ``every_process`` of the launch reaches alike (the config, a
+    verdict the main process shared) is said by the main process only. Any other is said by the process that met it:
+    the main one at once; another after a wait, in which a launcher that saw the main process fail alike stops it
+    quietly, while a refusal of its own (its batch, its shard) is still said."""
     if not _is_main_process():
+        if every_process:
+            sys.exit(code)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher's stop ends the wait, and this process, quietly
         linger_for_local_peers()
     print(f"{command}: error: {message}", file=sys.stderr, flush=True)
@@ -127,10 +130,10 @@ def _precheck(command: str, config_name: str, schema: type, argv: list[str]) -> 
             cfg = compose(config_name=config_name, overrides=overrides)
         to_typed(cfg, schema)
     except (OmegaConfBaseException, ValueError, UserError) as exc:
-        fail(command, one_line(exc))
+        fail(command, one_line(exc), every_process=True)
     except Exception as exc:  # Hydra's override/composition errors have no common public base
         if type(exc).__module__.startswith(("hydra", "omegaconf")):
-            fail(command, quoting_hint(overrides) or one_line(exc))
+            fail(command, quoting_hint(overrides) or one_line(exc), every_process=True)
         raise
 
 
@@ -224,7 +227,7 @@ def run_task(command: str, task: Callable[[T], Any], typed: T) -> None:
     try:
         task(typed)
     except UserError as exc:
-        fail(command, one_line(exc), exc.exit_code)
+        fail(command, one_line(exc), exc.exit_code, exc.every_process)
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)
         sys.exit(130)
@@ -254,7 +257,7 @@ def hydra_command(command: str, config_name: str, schema: type[T], task: Callabl
         try:
             typed = to_typed(cfg, schema)
         except (ValueError, OmegaConfBaseException) as exc:
-            fail(command, one_line(exc))
+            fail(command, one_line(exc), every_process=True)
         run_task(command, task, typed)
 
     def main() -> None:

@@ -13,7 +13,7 @@ import torch
 from llmtrain import workarounds
 from llmtrain.config import ModelConfig, Precision, TrainConfig
 from llmtrain.distributed.env import select_accelerator
-from llmtrain.errors import UserError
+from llmtrain.errors import AgreedError, UserError
 from llmtrain.model import build_model
 from llmtrain.optim import param_groups
 
@@ -22,8 +22,9 @@ def grad_accumulation_steps(global_batch: int, micro_batch: int, dp_world: int) 
     """global batch = micro batch x accumulation x data-parallel ranks; refuse what does not divide."""
     per_step = micro_batch * dp_world
     if global_batch % per_step:
-        raise UserError(f"train.global_batch_size={global_batch} is not divisible by train.micro_batch_size="
-                        f"{micro_batch} x {dp_world} data-parallel ranks = {per_step}; choose a multiple of {per_step}")
+        raise AgreedError(f"train.global_batch_size={global_batch} is not divisible by train.micro_batch_size="
+                          f"{micro_batch} x {dp_world} data-parallel ranks = {per_step}; choose a multiple of "
+                          f"{per_step}")
     return global_batch // per_step
 
 
@@ -116,11 +117,11 @@ def merge_overrides(generated: dict[str, Any], overrides: dict[str, Any]) -> dic
     """``overrides`` merged over ``generated`` key by key (nested dicts merged, other values replaced)."""
     unknown = sorted(set(overrides) - DEEPSPEED_SECTIONS)
     if unknown:
-        raise UserError(f"dist.deepspeed_overrides: unknown DeepSpeed setting(s) {', '.join(unknown)}; see "
-                        "https://www.deepspeed.ai/docs/config-json/ for the top-level sections")
+        raise AgreedError(f"dist.deepspeed_overrides: unknown DeepSpeed setting(s) {', '.join(unknown)}; see "
+                          "https://www.deepspeed.ai/docs/config-json/ for the top-level sections")
     owned = [f"{key} (set {OWNED[key]})" for key in sorted(_dotted(overrides)) if key in OWNED]
     if owned:
-        raise UserError(f"dist.deepspeed_overrides: {', '.join(owned)} is llmtrain's own setting; change it there")
+        raise AgreedError(f"dist.deepspeed_overrides: {', '.join(owned)} is llmtrain's own setting; change it there")
 
     def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         out = dict(base)
@@ -189,8 +190,8 @@ def should_compile(setting: bool | None, device: torch.device, zero_stage: int) 
     if setting is None:
         return device.type == "cuda" and zero_stage < 3
     if setting and zero_stage == 3 and device.type != "cuda":
-        raise UserError("train.compile=true under ZeRO-3 needs DeepSpeed's DeepCompile, which runs on CUDA GPUs "
-                        "only; on CPU use dist.zero_stage=0|1|2 or train.compile=false")
+        raise AgreedError("train.compile=true under ZeRO-3 needs DeepSpeed's DeepCompile, which runs on CUDA GPUs "
+                          "only; on CPU use dist.zero_stage=0|1|2 or train.compile=false")
     return setting
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from llmtrain.distributed.slurm import net_env, task_ranks
-from llmtrain.errors import UserError
+from llmtrain.errors import AgreedError, UserError
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistEnv:
     if backend == "auto":
         backend = "nccl" if has_cuda else "gloo"
     if backend == "nccl" and not has_cuda:
-        raise UserError("dist.backend=nccl needs CUDA; this host has none (use dist.backend=auto or gloo)")
+        raise AgreedError("dist.backend=nccl needs CUDA; this host has none (use dist.backend=auto or gloo)")
     if has_cuda:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)

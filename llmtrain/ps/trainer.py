@@ -32,7 +32,7 @@ from llmtrain.config import TrainConfig
 from llmtrain.distributed.deepspeed import copy_weights, should_compile
 from llmtrain.distributed.env import rpc_env
 from llmtrain.dtypes import torch_dtype
-from llmtrain.errors import UserError
+from llmtrain.errors import AgreedError, UserError
 from llmtrain.evaluate import mean_loss, validation_scores
 from llmtrain.model import build_model
 from llmtrain.ps import rpc as calls
@@ -81,11 +81,11 @@ class AsyncPSTrainer:
         rank, world = self.env.rank, self.env.world_size
         self.num_workers = world - self.num_servers
         if self.num_workers < 1:
-            raise UserError(f"mode=async_ps with ps.num_servers={self.num_servers} needs at least "
-                            f"{self.num_servers + 1} processes; the launcher started {world}")
+            raise AgreedError(f"mode=async_ps with ps.num_servers={self.num_servers} needs at least "
+                              f"{self.num_servers + 1} processes; the launcher started {world}")
         if cfg.train.global_batch_size % (self.num_workers * cfg.train.micro_batch_size):
-            raise UserError(f"train.global_batch_size={cfg.train.global_batch_size} must be a multiple of "
-                            f"{self.num_workers} workers x train.micro_batch_size={cfg.train.micro_batch_size}")
+            raise AgreedError(f"train.global_batch_size={cfg.train.global_batch_size} must be a multiple of "
+                              f"{self.num_workers} workers x train.micro_batch_size={cfg.train.micro_batch_size}")
         self.is_server = rank < self.num_servers
         # A stop signal reaches every process of a Slurm job: server 0 decides when to stop, the others go on.
         self._signals = StopSignals(listen=rank == 0).install()

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 from llmtrain.config import Mode, ModelConfig, Resume, to_plain
 from llmtrain.data.tokenizer import check_same_tokenizer
-from llmtrain.errors import RunDiverged, UserError, os_reason
+from llmtrain.errors import AgreedError, RunDiverged, UserError, os_reason
 from llmtrain.run.rundir import CONFIG, MARKER, STATE, RunDir, read_marker, read_state
 
 log = logging.getLogger("llmtrain")
@@ -142,7 +142,7 @@ class Checkpoints:
                 decided["refused"] = str(exc)
         decided = json.loads(self.peers.share(json.dumps(decided)))
         if decided["refused"] is not None:
-            raise UserError(decided["refused"])
+            raise AgreedError(decided["refused"])
         return Path(decided["folder"]) if decided["folder"] is not None else None
 
     def _decide(self, resume: Resume, tokenizer_sha256: str, model_cfg: ModelConfig) -> Path | None:

@@ -33,7 +33,7 @@ from llmtrain.distributed.deepspeed import (
 )
 from llmtrain.distributed.env import DistEnv, init_distributed
 from llmtrain.dtypes import torch_dtype
-from llmtrain.errors import UserError
+from llmtrain.errors import AgreedError
 from llmtrain.evaluate import validation_scores
 from llmtrain.model import build_model
 from llmtrain.optim import build_optimizer, lr_at, set_lr
@@ -147,9 +147,9 @@ class Trainer:
             advice = ("it would fit with: " + "; ".join(fits) if fits else
                       "no ZeRO stage, offload, activation checkpointing, micro-batch or rank count makes it fit")
             if too_big.item():
-                raise UserError(f"{total_params:,} parameters need {predicted.model_states / memory.GB:,.1f} GB of "
-                                f"model states per rank, more than the {visible / memory.GB:,.1f} GB visible to "
-                                f"each; {advice}")
+                raise AgreedError(f"{total_params:,} parameters need {predicted.model_states / memory.GB:,.1f} GB of "
+                                  f"model states per rank, more than the {visible / memory.GB:,.1f} GB visible to "
+                                  f"each; {advice}")
             if self.env.is_main:
                 log.warning("predicted %.1f GB per rank, more than the %.1f GB visible to each; %s",
                             predicted.total / memory.GB, visible / memory.GB, advice)
@@ -157,7 +157,7 @@ class Trainer:
 
     def _check_hardware(self) -> None:
         if self.cfg.precision == Precision.fp16 and self.env.device.type != "cuda":
-            raise UserError("precision=fp16 needs a CUDA GPU; on CPU use precision=bf16 or precision=fp32")
+            raise AgreedError("precision=fp16 needs a CUDA GPU; on CPU use precision=bf16 or precision=fp32")
 
     def _client_state(self) -> dict[str, Any]:
         """What continues a run exactly besides DeepSpeed's tensors. No RNG state: see train_step."""

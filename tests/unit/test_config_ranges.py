@@ -29,7 +29,7 @@ from llmtrain.config import (
     bounded,
     register_configs,
 )
-from llmtrain.errors import RunDiverged, UserError
+from llmtrain.errors import AgreedError, RunDiverged, UserError
 
 
 def compose(config_name: str, overrides: list[str]):
@@ -195,6 +195,18 @@ def test_the_main_process_says_it_first(monkeypatch, capsys, env, main):
     assert capsys.readouterr().err == ("llmtrain-train: error: mode=async_ps with ps.num_servers=1 needs at least 2 "
                                        "processes\n")
     assert waited == ([] if main else [signal.SIG_DFL])
+
+
+@pytest.mark.parametrize("main", [True, False])
+def test_a_refusal_every_process_reaches_is_said_by_the_main_one_only(monkeypatch, capsys, main):
+    import llmtrain.cli._entry as entry
+
+    monkeypatch.setenv("RANK", "0" if main else "1")
+    monkeypatch.setattr(entry, "linger_for_local_peers", lambda: pytest.fail("a peer of an agreed refusal waited"))
+    with pytest.raises(SystemExit) as exit_info:
+        run_task("llmtrain-train", lambda cfg: (_ for _ in ()).throw(AgreedError("every checkpoint is damaged")), None)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == ("llmtrain-train: error: every checkpoint is damaged\n" if main else "")
 
 
 @pytest.mark.parametrize(("error", "code"), [(UserError("bad folder"), 2), (RunDiverged("loss stayed nan"), 3)])
