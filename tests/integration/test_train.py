@@ -116,7 +116,7 @@ def test_corrupt_checkpoint_is_one_line(prepared_small, tmp_path):
     proc = launch(run_dir, prepared_small, 1, "precision=fp32", check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("llmtrain-train: error: every complete checkpoint in ") and "is damaged" in last, last
+    assert last.startswith("llmtrain-train: error: every checkpoint in ") and "is damaged" in last, last
     assert "mp_rank_00_model_states.pt has 1,000 bytes" in proc.stderr and "Traceback" not in proc.stderr
     assert (run_dir / "checkpoints" / "step_00000002.corrupt" / "COMPLETE.json").is_file()  # set aside, kept
 
