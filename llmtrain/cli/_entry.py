@@ -64,15 +64,15 @@ def _listed_options(lines: list[str]) -> list[str]:
 
 
 def fail(command: str, message: str, code: int = USER_ERROR_EXIT, every_process: bool = False) -> NoReturn:
-    """Print the one line and exit ``code``. A refusal ``every_process`` of the launch reaches alike (the config, a
-    verdict the main process shared) is said by the main process only. Any other is said by the process that met it:
-    the main one at once; another after a wait, in which a launcher that saw the main process fail alike stops it
-    quietly, while a refusal of its own (its batch, its shard) is still said."""
+    """Print the one line and exit ``code``. The main process says it at once. Another process first waits, so that
+    the main one ends first: a launcher names it and stops the others quietly. After the wait, a refusal
+    ``every_process`` of the launch reaches alike (the config, a verdict the main process shared) ends quietly, and
+    any other (this process's own batch or shard) is said by this process."""
     if not _is_main_process():
-        if every_process:
-            sys.exit(code)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher's stop ends the wait, and this process, quietly
         linger_for_local_peers()
+        if every_process:
+            sys.exit(code)
     print(f"{command}: error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
 
