@@ -115,9 +115,28 @@ def to_typed(cfg: DictConfig, schema: type[T]) -> T:
     if missing:
         hint = " or data.mix=[...]" if trains and missing[0] == "data.dir" else ""
         raise ValueError(f"missing required value(s): {', '.join(missing)} (add {missing[0]}=...{hint})")
-    obj = OmegaConf.to_object(cfg)
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except ValueError:
+        problems = section_problems(cfg, schema)
+        if len(problems) > 1:  # each section stops at its own check: say every section's problems at once
+            raise ValueError("; ".join(problems)) from None
+        raise
     assert isinstance(obj, schema), type(obj)
     return obj
+
+
+def section_problems(cfg: DictConfig, schema: type) -> list[str]:
+    """The one-line problem of each section of ``cfg`` that fails its own checks (the root's checks need them all)."""
+    problems = []
+    for f in dataclasses.fields(schema):
+        node = cfg._get_node(f.name)
+        if isinstance(node, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(cfg, f.name)):
+            try:
+                OmegaConf.to_object(node)
+            except ValueError as exc:
+                problems.append(str(exc).strip().splitlines()[0])
+    return problems
 
 
 def _precheck(command: str, config_name: str, schema: type, argv: list[str]) -> None:

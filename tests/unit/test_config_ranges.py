@@ -251,3 +251,16 @@ def test_a_user_error_ends_with_its_own_exit_code(capsys, error, code):
 def test_every_root_checks_its_ranges(build, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         build()
+
+
+def test_the_problems_of_every_section_are_one_line():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["data.dir=x", "run.dir=y", "optim.lr=nan", "optim.eps=-1",
+                                                      "model.n_kv_head=-2", "dist.timeout_s=0"])
+    with pytest.raises(ValueError) as refused:
+        to_typed(cfg, TrainConfig)
+    assert str(refused.value) == ("invalid model config: model.n_kv_head=-2 must be >= 0; invalid optim config: "
+                                  "optim.lr=nan must be > 0 and finite; optim.eps=-1.0 must be > 0 and finite; "
+                                  "invalid dist config: dist.timeout_s=0 must be >= 1")
