@@ -26,8 +26,8 @@ from llmtrain.errors import UserError
 
 LLAMA_TYPES = ("llama", "mistral")
 """``model_type`` values read as the Llama family (Mistral without sliding windows is a Llama)."""
-GPT2_GELU = ("gelu_new", "gelu_pytorch_tanh")
-"""GPT-2 activation names that are the tanh approximation of GELU, which is what our MLP computes."""
+GPT2_GELU = {"gelu_new": MLP.gelu, "gelu_pytorch_tanh": MLP.gelu, "gelu": MLP.gelu_exact}
+"""GPT-2 activation names and our MLP that computes each: GELU's tanh approximation (GPT-2's own) or exact GELU."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ def hf_family(cfg: ModelConfig) -> str:
     """'gpt2' or 'llama', or a UserError saying why the architecture has no transformers equivalent."""
     if cfg.arch != Arch.gpt:
         raise UserError(f"model arch={cfg.arch.value} has no transformers equivalent; use format=safetensors")
-    if cfg.pos == Positions.learned and cfg.norm == Norm.layernorm and cfg.mlp == MLP.gelu:
+    if cfg.pos == Positions.learned and cfg.norm == Norm.layernorm and cfg.mlp in (MLP.gelu, MLP.gelu_exact):
         if cfg.kv_heads != cfg.n_head:
             raise UserError("GPT-2 has no grouped-query attention (model.n_kv_head); use format=safetensors")
         return "gpt2"
@@ -95,7 +95,8 @@ def hf_config(cfg: ModelConfig, family: str, eod: int):
         from transformers import GPT2Config
 
         return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
-                          n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.hidden, activation_function="gelu_new",
+                          n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.hidden,
+                          activation_function="gelu" if cfg.mlp == MLP.gelu_exact else "gelu_new",
                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=cfg.norm_eps,
                           tie_word_embeddings=cfg.tie_embeddings, bos_token_id=eod, eos_token_id=eod)
     from transformers import LlamaConfig
@@ -143,7 +144,8 @@ def model_config_of(hf: Any, folder: Path) -> ModelConfig:
         problems = _gpt2_problems(hf)
         context = hf.n_positions
         fields = dict(n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd, mlp_hidden=hf.n_inner or 0,
-                      norm=Norm.layernorm, norm_eps=hf.layer_norm_epsilon, mlp=MLP.gelu, pos=Positions.learned,
+                      norm=Norm.layernorm, norm_eps=hf.layer_norm_epsilon,
+                      mlp=GPT2_GELU.get(hf.activation_function, MLP.gelu), pos=Positions.learned,
                       bias=True)
     elif hf.model_type in LLAMA_TYPES:
         problems = _llama_problems(hf)
@@ -165,8 +167,8 @@ def model_config_of(hf: Any, folder: Path) -> ModelConfig:
 def _gpt2_problems(hf: Any) -> list[str]:
     problems = []
     if hf.activation_function not in GPT2_GELU:
-        problems.append(f"activation_function={hf.activation_function} is not supported (llmtrain's GELU is the "
-                        f"tanh approximation: {' or '.join(GPT2_GELU)})")
+        problems.append(f"activation_function={hf.activation_function} is not supported (llmtrain computes "
+                        f"{', '.join(GPT2_GELU)})")
     if not hf.scale_attn_weights:
         problems.append("scale_attn_weights=false is not supported (llmtrain scales attention by 1/sqrt(head size))")
     if hf.scale_attn_by_inverse_layer_idx:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-KINDS = ("llama", "gpt2", "gpt2_untied_bin", "mistral")
+KINDS = ("llama", "gpt2", "gpt2_untied_bin", "gpt2_gelu", "mistral")
 """llama: grouped-query attention, untied, rope_theta 500, eps 1e-6. gpt2: tied. gpt2_untied_bin: untied, saved as
-PyTorch weights (pytorch_model.bin). mistral: a Llama-family model_type without sliding windows."""
+PyTorch weights (pytorch_model.bin). gpt2_gelu: tied, exact GELU (activation_function=gelu) instead of GPT-2's tanh
+approximation. mistral: a Llama-family model_type without sliding windows."""
 
 
 def hf_config(kind: str, vocab_size: int, context: int = 128):
@@ -16,7 +17,8 @@ def hf_config(kind: str, vocab_size: int, context: int = 128):
 
     if kind.startswith("gpt2"):
         return transformers.GPT2Config(vocab_size=vocab_size, n_positions=context, n_embd=64, n_layer=2, n_head=4,
-                                       layer_norm_epsilon=1e-5, tie_word_embeddings=kind == "gpt2",
+                                       layer_norm_epsilon=1e-5, tie_word_embeddings=kind in ("gpt2", "gpt2_gelu"),
+                                       activation_function="gelu" if kind == "gpt2_gelu" else "gelu_new",
                                        bos_token_id=1, eos_token_id=1)
     config = transformers.MistralConfig if kind == "mistral" else transformers.LlamaConfig
     return config(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

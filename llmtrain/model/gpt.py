@@ -130,6 +130,7 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.gated = cfg.mlp == MLP.swiglu
+        self.approximate = "none" if cfg.mlp == MLP.gelu_exact else "tanh"
         self.up = nn.Linear(cfg.n_embd, cfg.hidden * (2 if self.gated else 1), bias=cfg.bias)
         self.down = nn.Linear(cfg.hidden, cfg.n_embd, bias=cfg.bias)
         self.down.is_residual_projection = True
@@ -140,7 +141,7 @@ class FeedForward(nn.Module):
             gate, up = self.up(x).chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(self.up(x), approximate="tanh")
+            h = F.gelu(self.up(x), approximate=self.approximate)
         return self.dropout(self.down(h))
 
 

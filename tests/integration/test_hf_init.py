@@ -117,12 +117,12 @@ def test_another_tokenizer_or_an_unsupported_field_is_one_line(hf_folders, prepa
     last = proc.stderr.splitlines()[-1]
     assert proc.returncode == 2 and "has another tokenizer than model.init_from=" in last, last
     config = (hf_folders["gpt2"] / "config.json").read_text()
-    (tmp_path / "gelu").mkdir()
-    (tmp_path / "gelu" / "config.json").write_text(config.replace('"gelu_new"', '"gelu"'))
-    proc = launch(tmp_path / "run2", prepared_small, 1, f"model.init_from={tmp_path / 'gelu'}", common=INIT,
+    (tmp_path / "relu").mkdir()
+    (tmp_path / "relu" / "config.json").write_text(config.replace('"gelu_new"', '"relu"'))
+    proc = launch(tmp_path / "run2", prepared_small, 1, f"model.init_from={tmp_path / 'relu'}", common=INIT,
                   check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "activation_function=gelu is not supported" in proc.stderr.splitlines()[-1]
+    assert "activation_function=relu is not supported" in proc.stderr.splitlines()[-1]
     assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()
 
 

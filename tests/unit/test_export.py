@@ -19,6 +19,7 @@ BASE = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=102
 FAMILIES = {
     "gpt2": BASE,
     "gpt2_bias_untied": dataclasses.replace(BASE, bias=True, tie_embeddings=False),
+    "gpt2_gelu_exact": dataclasses.replace(BASE, mlp=MLP.gelu_exact),
     "llama": dataclasses.replace(BASE, n_kv_head=2, norm=Norm.rmsnorm, mlp=MLP.swiglu, pos=Positions.rope,
                                  tie_embeddings=False, rope_theta=500.0),
     "llama_tied": dataclasses.replace(BASE, norm=Norm.rmsnorm, mlp=MLP.swiglu, pos=Positions.rope),

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llmtrain.config import MLP
 from llmtrain.errors import UserError
 from llmtrain.run.trained import load_trained
 from tests.hf_models import KINDS, hf_config, save_random_hf
@@ -31,7 +32,8 @@ def test_imported_logits_equal_transformers(kind, tokenizer_file, tmp_path):
     theirs = save_random_hf(kind, tmp_path / kind, tokenizer_file, VOCAB)
     trained = load_trained(tmp_path / kind)
     assert trained.step == 0 and trained.model_cfg.block_size == 128 and trained.model_cfg.vocab_size == VOCAB
-    assert trained.model_cfg.tie_embeddings == (kind == "gpt2")
+    assert trained.model_cfg.tie_embeddings == (kind in ("gpt2", "gpt2_gelu"))
+    assert trained.model_cfg.mlp == {"gpt2_gelu": MLP.gelu_exact, "gpt2": MLP.gelu}.get(kind, trained.model_cfg.mlp)
     assert trained.model_cfg.kv_heads == (4 if kind.startswith("gpt2") else 2)
     ids = torch.randint(0, VOCAB, (2, 128), generator=torch.Generator().manual_seed(0))
     gap = logits_gap(theirs, trained.build(), ids)
@@ -40,7 +42,7 @@ def test_imported_logits_equal_transformers(kind, tokenizer_file, tmp_path):
     assert gap <= 1e-4, gap
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "gpt2_gelu"])
 def test_round_trip_returns_the_same_tensors_and_logits(kind, tokenizer_file, tmp_path):
     from llmtrain.export.hf import save_hf
 
@@ -74,7 +76,7 @@ def test_folder_without_tokenizer_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize(("kind", "change", "message"), [
-    ("gpt2", {"activation_function": "gelu"}, "activation_function=gelu is not supported"),
+    ("gpt2", {"activation_function": "relu"}, "activation_function=relu is not supported"),
     ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=true"),
     ("llama", {"hidden_act": "gelu"}, "hidden_act=gelu is not supported"),
     ("llama", {"attention_bias": True}, "attention_bias=true is not supported"),
