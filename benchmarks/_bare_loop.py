@@ -4,8 +4,12 @@ DeepSpeed, no metrics, no checkpoints). Prints one JSON line: tokens/s over the 
 Under torchrun the model is wrapped in torch's DistributedDataParallel (gloo on CPU): plain data parallelism,
 the same global batch.
 
+With --peer it is the simplest peer instead: the GPT-2 block stack of benchmarks/_peer_gpt.py (no llmtrain code)
+of the preset's shape, with torch.optim.AdamW at its defaults (single-tensor on CPU, as a script gets it).
+
     python benchmarks/_bare_loop.py DATA_DIR --threads 2 --micro 8 --accum 2 --steps 24 [--block 128] [--compile]
     torchrun --standalone --nproc_per_node 2 benchmarks/_bare_loop.py DATA_DIR --threads 1 --accum 1
+    python benchmarks/_bare_loop.py DATA_DIR --peer [--mlp gelu_exact]
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _peer_gpt import PeerGPT  # benchmarks/ is on sys.path when a benchmark runs as a script
 from omegaconf import OmegaConf
 
-from llmtrain.config import ModelConfig
+from llmtrain.config import MLP, ModelConfig
 from llmtrain.data.shards import META_FILE
 from llmtrain.model import build_model
 
@@ -37,12 +42,16 @@ def main() -> None:
     parser.add_argument("--accum", type=int, default=2)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--peer", action="store_true", help="the peer's model and optimizer (see above)")
+    parser.add_argument("--mlp", default="", help="model.mlp for both models (the peer: gelu | gelu_exact)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     meta = json.loads((Path(args.data) / META_FILE).read_text())
     preset = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / f"{args.model}.yaml"))
     preset.pop("defaults", None)
     cfg = ModelConfig(**{**preset, "block_size": args.block, "vocab_size": meta["vocab_size"]})
+    if args.mlp:
+        cfg.mlp = MLP(args.mlp)
     shard = np.memmap(Path(args.data) / meta["splits"]["train"]["shards"][0]["file"], dtype=meta["dtype"], mode="r")
 
     def get_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +61,11 @@ def main() -> None:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.manual_seed(1337)
-    model = build_model(cfg)
+    if args.peer:
+        model = PeerGPT(cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd,
+                        "none" if cfg.mlp == MLP.gelu_exact else "tanh")
+    else:
+        model = build_model(cfg)
     if args.compile:
         model.compile()
     if world > 1:
@@ -62,7 +75,7 @@ def main() -> None:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=3e-4, betas=(0.9, 0.95), foreach=True)
+                            lr=3e-4, betas=(0.9, 0.95), foreach=None if args.peer else True)
     warm = max(1, args.steps // 4)
     start = 0.0
     for step in range(args.steps):
@@ -72,7 +85,7 @@ def main() -> None:
             x, y = get_batch()
             _, loss = model(x, y)
             (loss / args.accum).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=None if args.peer else True)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % warm == 0:

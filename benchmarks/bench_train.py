@@ -7,6 +7,11 @@
    accumulation, clipping; benchmarks/_bare_loop.py), `small` at block 128, micro-batch 8 x 2 accumulation, fp32,
    runs interleaved A/B/A/B: 1 process x 2 threads for both, and ZeRO-2 on 2 ranks x 1 thread against the bare
    loop at 2 threads (same global batch); then train.compile=true against false, fp32 and bf16, 1 process.
+   0c: against the simplest peer (benchmarks/_peer_gpt.py: a GPT-2 block stack written for the benchmark, torch
+   AdamW at its defaults, torch DDP on 2 ranks), the same shape: 1 process with GPT-2's tanh GELU and with exact
+   GELU (model.mlp=gelu_exact) on both sides, and ZeRO-2 against DDP on 2 ranks; whole runs interleaved A/B/A/B.
+   0d: the same setups with the two training steps alternated step by step in one process per rank
+   (benchmarks/_alternate.py), which machine-speed drift between runs cannot tilt.
 1. `small` in one process, fp32 and bf16: llmtrain (DeepSpeed engine, ZeRO-0) against a plain PyTorch loop
    over Hugging Face `transformers`' GPT2LMHeadModel of the same shape with torch.optim.AdamW: tokens/s,
    MFU against the matmul peak measured in this run, and the ratio ours/theirs.
@@ -66,11 +71,12 @@ def ours(data: str, work: Path, name: str, ranks: int, threads: int, precision: 
             "mfu": sum(r["mfu"] for r in rows) / len(rows)}
 
 
-def bare(data: str, threads: int, steps: int, micro: int, accum: int, block: int, ranks: int = 1) -> float:
-    """tokens/s of benchmarks/_bare_loop.py (the same GPT module, no framework around it; torch DDP on ranks > 1)."""
+def bare(data: str, threads: int, steps: int, micro: int, accum: int, block: int, ranks: int = 1, *extra: str) -> float:
+    """tokens/s of benchmarks/_bare_loop.py (the same GPT module, no framework around it; torch DDP on ranks > 1;
+    ``--peer``: the simplest peer's model and optimizer instead)."""
     launcher = [sys.executable] if ranks == 1 else [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={ranks}"]
     cmd = [*launcher, str(REPO / "benchmarks" / "_bare_loop.py"), data, "--threads", str(threads), "--micro",
-           str(micro), "--accum", str(accum), "--steps", str(steps), "--block", str(block)]
+           str(micro), "--accum", str(accum), "--steps", str(steps), "--block", str(block), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     if proc.returncode:
@@ -117,6 +123,53 @@ def overhead_table(data: str, work: Path, steps: int, reps: int) -> None:
                                                                              "speed-up per pair", "speed-up"], rows)
 
 
+def peer_table(data: str, work: Path, steps: int, reps: int) -> None:
+    """Table 0c: llmtrain-train / the simplest peer (benchmarks/_peer_gpt.py through _bare_loop.py --peer: a GPT-2
+    block stack written for the benchmark, torch AdamW at its defaults, torch DDP on 2 ranks), the same shape, data
+    and global batch, interleaved A/B/A/B."""
+    micro, accum, block = 8, 2, 128
+    setups = [("1 process x 2 threads, ZeRO-0, mlp=gelu (tanh)", 1, 2, 0, "gelu"),
+              ("1 process x 2 threads, ZeRO-0, mlp=gelu_exact", 1, 2, 0, "gelu_exact"),
+              ("2 ranks x 1 thread: ZeRO-2 vs DDP, mlp=gelu (tanh)", 2, 1, 2, "gelu")]
+    rows = []
+    for label, ranks, threads, stage, mlp in setups:
+        mine, theirs = [], []
+        for rep in range(reps):
+            mine.append(ours(data, work, f"peer-{stage}-{mlp}-{rep}", ranks, threads, "fp32", stage, steps, micro,
+                             micro * accum, f"model.block_size={block}", f"model.mlp={mlp}",
+                             bias=False)["tokens_per_s"])
+            theirs.append(bare(data, threads, steps, micro, accum // ranks, block, ranks, "--peer", "--mlp", mlp))
+        ratios = [a / b for a, b in zip(mine, theirs, strict=True)]
+        rows.append([label, " / ".join(f"{t:,.0f}" for t in mine), " / ".join(f"{t:,.0f}" for t in theirs),
+                     " / ".join(f"{r:.3f}" for r in ratios), f"{statistics.median(ratios):.3f}",
+                     f"{sum(mine) / sum(theirs):.3f}"])
+    table(f"0c. small fp32, block {block}, global batch {micro * accum}: llmtrain-train vs the simplest peer (a GPT-2 "
+          f"block stack + torch AdamW defaults; torch DDP on 2 ranks), {reps} interleaved pairs each, tok/s",
+          ["setup", "llmtrain-train", "peer", "ratio per pair", "median pair", "ratio of sums"], rows)
+    rows = []
+    for label, ranks, threads, stage, mlp in setups:
+        r = alternate(data, ranks, threads, 4 * steps // 3, f"model.block_size={block}", f"model.mlp={mlp}",
+                      f"dist.zero_stage={stage}", f"train.micro_batch_size={micro}",
+                      f"train.global_batch_size={micro * accum}")
+        rows.append([label, f"{r['ours_ms']:,.0f}", f"{r['peer_ms']:,.0f}", f"{r['median_ratio']:.3f}",
+                     f"{r['mean_ratio']:.3f}", f"{r['ratio_of_sums']:.3f}"])
+    table("0d. the same setups, the two training steps alternated step by step in one process per rank "
+          f"(benchmarks/_alternate.py, {4 * steps // 3} pairs, the first 4 left out): ms per step and speed ratios",
+          ["setup", "llmtrain ms", "peer ms", "median pair ratio", "mean pair ratio", "ratio of sums"], rows)
+
+
+def alternate(data: str, ranks: int, threads: int, steps: int, *overrides: str) -> dict:
+    """benchmarks/_alternate.py's JSON line: Trainer.train_step against the peer's step, alternated."""
+    launcher = [sys.executable] if ranks == 1 else [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={ranks}"]
+    cmd = [*launcher, str(REPO / "benchmarks" / "_alternate.py"), "--steps", str(steps), "--", f"data.dir={data}",
+           "model=small", "model.bias=false", "precision=fp32", "train.eval_windows=2", *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if proc.returncode:
+        raise SystemExit(f"alternation failed:\n{proc.stderr[-3000:]}")
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+
+
 def hf_reference(vocab: int, precision: str, steps: int, micro: int, threads: int) -> float:
     """tokens/s of a plain loop over transformers' GPT-2 of the same shape, AdamW, same batch."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -157,7 +210,7 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="a prepared data.dir (llmtrain-prepare data=stdlib ...)")
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--micro", type=int, default=8)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["overhead", "single", "zero", "memory"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["overhead", "peer", "single", "zero", "memory"])
     parser.add_argument("--reps", type=int, default=3, help="table 0's interleaved pairs")
     parser.add_argument("--memory-model", default="350m", help="table 3's model preset (conf/model/)")
     parser.add_argument("--memory-stages", nargs="*", type=int, default=[0, 1, 2, 3], help="table 3's ZeRO stages")
@@ -172,6 +225,8 @@ def main() -> None:
 def run_tables(args: argparse.Namespace, vocab: int, work: Path) -> None:
     if "overhead" not in args.skip:
         overhead_table(args.data, work, args.steps, args.reps)
+    if "peer" not in args.skip:
+        peer_table(args.data, work, args.steps, args.reps)
 
     if "single" not in args.skip:
         rows = []

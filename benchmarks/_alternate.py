@@ -1,0 +1,98 @@
+"""llmtrain's training step against the simplest peer's, alternated step by step in the same process(es), so that a
+drift in machine speed (other work on shared cores) hits both alike. Prints one JSON line: the median times and the
+median and mean of the per-pair speed ratios (ours / peer: above 1 is faster).
+
+Ours is ``Trainer.train_step`` (the DeepSpeed engine, the trainer's clipping, its one read-back per step) built from
+the llmtrain-train overrides given after ``--``; the peer is benchmarks/_peer_gpt.py with torch.optim.AdamW at its
+defaults, clipping and accumulation as a script writes them, wrapped in torch DDP over the same ranks under torchrun.
+
+    python benchmarks/_alternate.py --steps 30 -- data.dir=data/stdlib model=small model.block_size=128 ...
+    torchrun --standalone --nproc_per_node 2 benchmarks/_alternate.py -- ... dist.zero_stage=2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from _peer_gpt import PeerGPT  # benchmarks/ is on sys.path when a benchmark runs as a script
+
+from llmtrain.config import MLP, TrainConfig, register_configs
+from llmtrain.data.shards import META_FILE
+
+
+def compose(overrides: list[str]) -> TrainConfig:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from llmtrain.cli._entry import CONF_DIR, to_typed
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3", job_name="alternate"):
+        return to_typed(hydra_compose(config_name="train", overrides=overrides), TrainConfig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=30, help="pairs of steps; the first 4 are left out")
+    parser.add_argument("overrides", nargs="*", help="llmtrain-train overrides (run.dir defaults to a temporary one)")
+    args = parser.parse_args()
+    from llmtrain.train.trainer import Trainer
+
+    with tempfile.TemporaryDirectory(prefix="alternate-") as tmp:
+        cfg = compose([f"run.dir={tmp}/run", "train.checkpoint_every=0", *args.overrides])
+        cfg.train.max_steps = args.steps + 1  # lr schedule over the steps taken here
+        trainer = Trainer(cfg)
+        world = trainer.env.world_size
+        model_cfg, accum, micro = trainer.model_cfg, trainer.grad_accum, cfg.train.micro_batch_size
+        torch.manual_seed(1337 + trainer.env.rank)
+        peer = PeerGPT(model_cfg.vocab_size, model_cfg.block_size, model_cfg.n_layer, model_cfg.n_head,
+                       model_cfg.n_embd, "none" if model_cfg.mlp == MLP.gelu_exact else "tanh")
+        if world > 1:
+            peer = torch.nn.parallel.DistributedDataParallel(peer)
+        decay = [p for p in peer.parameters() if p.dim() >= 2]
+        no_decay = [p for p in peer.parameters() if p.dim() < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.optim.lr,
+                                betas=(cfg.optim.beta1, cfg.optim.beta2))
+        meta = json.loads((Path(cfg.data.dir) / META_FILE).read_text())
+        shard = np.memmap(Path(cfg.data.dir) / meta["splits"]["train"]["shards"][0]["file"], dtype=meta["dtype"],
+                          mode="r")
+        block = model_cfg.block_size
+
+        def peer_step() -> float:
+            for _ in range(accum):
+                starts = torch.randint(len(shard) - block - 1, (micro,)).tolist()
+                rows = torch.from_numpy(np.stack([shard[s: s + block + 1].astype(np.int64) for s in starts]))
+                _, loss = peer(rows[:, :-1].contiguous(), rows[:, 1:].contiguous())
+                (loss / accum).backward()
+            torch.nn.utils.clip_grad_norm_(peer.parameters(), cfg.optim.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.item()
+
+        mine, theirs = [], []
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            trainer.train_step()
+            trainer.step += 1
+            mine.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            peer_step()
+            theirs.append(time.perf_counter() - start)
+        mine, theirs = mine[4:], theirs[4:]
+        ratios = [b / a for a, b in zip(mine, theirs, strict=True)]
+        if trainer.env.is_main:
+            print(json.dumps({"ours_ms": 1000 * statistics.median(mine), "peer_ms": 1000 * statistics.median(theirs),
+                              "median_ratio": statistics.median(ratios), "mean_ratio": statistics.fmean(ratios),
+                              "ratio_of_sums": sum(theirs) / sum(mine), "world": world}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
