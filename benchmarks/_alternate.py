@@ -54,6 +54,8 @@ def main() -> None:
         torch.manual_seed(1337 + trainer.env.rank)
         peer = PeerGPT(model_cfg.vocab_size, model_cfg.block_size, model_cfg.n_layer, model_cfg.n_head,
                        model_cfg.n_embd, "none" if model_cfg.mlp == MLP.gelu_exact else "tanh")
+        device = trainer.engine.device
+        peer = peer.to(device)
         if world > 1:
             peer = torch.nn.parallel.DistributedDataParallel(peer)
         decay = [p for p in peer.parameters() if p.dim() >= 2]
@@ -70,12 +72,13 @@ def main() -> None:
             for _ in range(accum):
                 starts = torch.randint(len(shard) - block - 1, (micro,)).tolist()
                 rows = torch.from_numpy(np.stack([shard[s: s + block + 1].astype(np.int64) for s in starts]))
+                rows = rows.to(device, non_blocking=True)
                 _, loss = peer(rows[:, :-1].contiguous(), rows[:, 1:].contiguous())
                 (loss / accum).backward()
             torch.nn.utils.clip_grad_norm_(peer.parameters(), cfg.optim.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            return loss.item()
+            return loss.item()  # waits for the device, as the trainer's one read-back per step does
 
         mine, theirs = [], []
         for _ in range(args.steps):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A one-GPU smoke test and benchmark (about 8 minutes on one H200-class GPU): tests/gpu, then tokens/s and MFU
 # (against the data sheet's bf16 peak) of gpt2-124m and 350m in bf16, eager and train.compile=true, as one table.
+# Then llmtrain's fp32 training step against the simplest peer's (benchmarks/_alternate.py), alternated.
 #   bash benchmarks/gpu_check.sh        # results in $OUT (default /tmp/gpu-check): results.jsonl, table.md, logs
 # On a GPU machine without network access and without a .venv, it installs the wheels of .whl/ (built beforehand
 # on a machine with PyPI: bash benchmarks/gpu_wheels.sh) and the checkout itself. Without CUDA (~3 minutes) it uses
@@ -55,6 +56,11 @@ print(json.dumps({"model": sys.argv[2], "batch": sys.argv[3], "compiled": sys.ar
 PY
     done
 done
+model=${specs[0]%% *} micro=${specs[0]##* }
+log "fp32 eager, $model: llmtrain's training step against the simplest peer's, alternated (benchmarks/_alternate.py)"
+timeout "$limit" $py benchmarks/_alternate.py --steps "$steps" -- data.dir=/tmp/data/stdlib model="$model" \
+    precision=fp32 train.compile=false model.block_size="$block" train.micro_batch_size="$micro" \
+    train.global_batch_size="$micro" train.eval_windows=8 2>"$OUT/alternate.log" | grep "^{" | tee "$OUT/alternate.json"
 $py - "$OUT/results.jsonl" <<'PY' | tee "$OUT/table.md"
 import json, sys
 runs = {(r["model"], r["compiled"]): r for r in map(json.loads, open(sys.argv[1]))}
