@@ -17,14 +17,12 @@ import json
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
-from _peer_gpt import PeerGPT  # benchmarks/ is on sys.path when a benchmark runs as a script
+from _bare_loop import adamw, bare_step, random_batch, train_shard  # benchmarks/ is on sys.path as a script
+from _peer_gpt import PeerGPT
 
 from llmtrain.config import MLP, TrainConfig, register_configs
-from llmtrain.data.shards import META_FILE
 
 
 def compose(overrides: list[str]) -> TrainConfig:
@@ -53,32 +51,17 @@ def main() -> None:
         model_cfg, accum, micro = trainer.model_cfg, trainer.grad_accum, cfg.train.micro_batch_size
         torch.manual_seed(1337 + trainer.env.rank)
         peer = PeerGPT(model_cfg.vocab_size, model_cfg.block_size, model_cfg.n_layer, model_cfg.n_head,
-                       model_cfg.n_embd, "none" if model_cfg.mlp == MLP.gelu_exact else "tanh")
+                       model_cfg.n_embd, exact_gelu=model_cfg.mlp == MLP.gelu_exact)
         device = trainer.engine.device
         peer = peer.to(device)
         if world > 1:
             peer = torch.nn.parallel.DistributedDataParallel(peer)
-        decay = [p for p in peer.parameters() if p.dim() >= 2]
-        no_decay = [p for p in peer.parameters() if p.dim() < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.optim.lr,
-                                betas=(cfg.optim.beta1, cfg.optim.beta2))
-        meta = json.loads((Path(cfg.data.dir) / META_FILE).read_text())
-        shard = np.memmap(Path(cfg.data.dir) / meta["splits"]["train"]["shards"][0]["file"], dtype=meta["dtype"],
-                          mode="r")
-        block = model_cfg.block_size
+        opt = adamw(peer, None, cfg.optim.lr, cfg.optim.weight_decay, (cfg.optim.beta1, cfg.optim.beta2))
+        shard = train_shard(cfg.data.dir)
 
-        def peer_step() -> float:
-            for _ in range(accum):
-                starts = torch.randint(len(shard) - block - 1, (micro,)).tolist()
-                rows = torch.from_numpy(np.stack([shard[s: s + block + 1].astype(np.int64) for s in starts]))
-                rows = rows.to(device, non_blocking=True)
-                _, loss = peer(rows[:, :-1].contiguous(), rows[:, 1:].contiguous())
-                (loss / accum).backward()
-            torch.nn.utils.clip_grad_norm_(peer.parameters(), cfg.optim.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss.item()  # waits for the device, as the trainer's one read-back per step does
+        def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+            x, y = random_batch(shard, model_cfg.block_size, micro)
+            return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
         mine, theirs = [], []
         for _ in range(args.steps):
@@ -87,7 +70,8 @@ def main() -> None:
             trainer.step += 1
             mine.append(time.perf_counter() - start)
             start = time.perf_counter()
-            peer_step()
+            # .item() waits for the device, as the trainer's one read-back per step does
+            bare_step(peer, opt, next_batch, accum, cfg.optim.grad_clip, None).item()
             theirs.append(time.perf_counter() - start)
         mine, theirs = mine[4:], theirs[4:]
         ratios = [b / a for a, b in zip(mine, theirs, strict=True)]

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,42 @@ from llmtrain.data.shards import META_FILE
 from llmtrain.model import build_model
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+
+def train_shard(data: str | Path) -> np.memmap:
+    """The first training shard of a prepared folder, memory-mapped."""
+    meta = json.loads((Path(data) / META_FILE).read_text())
+    return np.memmap(Path(data) / meta["splits"]["train"]["shards"][0]["file"], dtype=meta["dtype"], mode="r")
+
+
+def random_batch(shard: np.memmap, block: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``micro`` windows of ``block`` + 1 tokens at random offsets: inputs and next-token targets."""
+    starts = torch.randint(len(shard) - block - 1, (micro,)).tolist()
+    rows = torch.from_numpy(np.stack([shard[s: s + block + 1].astype(np.int64) for s in starts]))
+    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+
+def adamw(model: torch.nn.Module, foreach: bool | None, lr: float = 3e-4, weight_decay: float = 0.1,
+          betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.AdamW:
+    """torch AdamW, weight decay on matrices and embeddings only; ``foreach=None``: torch's default for the device."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, foreach=foreach)
+
+
+def bare_step(model: torch.nn.Module, opt: torch.optim.Optimizer, next_batch: Callable[[], tuple], accum: int,
+              clip: float, foreach: bool | None) -> torch.Tensor:
+    """One optimizer step as a script writes it: accumulate, clip, step, zero. Returns the last micro-batch's loss
+    (on the device: reading it back is the caller's choice)."""
+    for _ in range(accum):
+        _, loss = model(*next_batch())
+        (loss / accum).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=foreach)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
 
 
 def main() -> None:
@@ -52,18 +89,13 @@ def main() -> None:
     cfg = ModelConfig(**{**preset, "block_size": args.block, "vocab_size": meta["vocab_size"]})
     if args.mlp:
         cfg.mlp = MLP(args.mlp)
-    shard = np.memmap(Path(args.data) / meta["splits"]["train"]["shards"][0]["file"], dtype=meta["dtype"], mode="r")
-
-    def get_batch() -> tuple[torch.Tensor, torch.Tensor]:
-        starts = torch.randint(len(shard) - args.block - 1, (args.micro,)).tolist()
-        rows = torch.from_numpy(np.stack([shard[s: s + args.block + 1].astype(np.int64) for s in starts]))
-        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+    shard = train_shard(args.data)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.manual_seed(1337)
     if args.peer:
         model = PeerGPT(cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd,
-                        "none" if cfg.mlp == MLP.gelu_exact else "tanh")
+                        exact_gelu=cfg.mlp == MLP.gelu_exact)
     else:
         model = build_model(cfg)
     if args.compile:
@@ -72,22 +104,14 @@ def main() -> None:
         torch.distributed.init_process_group("gloo")
         torch.manual_seed(1337 + torch.distributed.get_rank())  # each rank its own batches
         model = torch.nn.parallel.DistributedDataParallel(model)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=3e-4, betas=(0.9, 0.95), foreach=None if args.peer else True)
+    foreach = None if args.peer else True
+    opt = adamw(model, foreach)
     warm = max(1, args.steps // 4)
     start = 0.0
     for step in range(args.steps):
         if step == warm:
             start = time.perf_counter()
-        for _ in range(args.accum):
-            x, y = get_batch()
-            _, loss = model(x, y)
-            (loss / args.accum).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=None if args.peer else True)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = bare_step(model, opt, lambda: random_batch(shard, args.block, args.micro), args.accum, 1.0, foreach)
         if step % warm == 0:
             loss.item()  # what a loop prints now and then
     seconds = time.perf_counter() - start

@@ -14,9 +14,9 @@ from torch import nn
 
 
 class PeerBlock(nn.Module):
-    def __init__(self, width: int, heads: int, gelu: str) -> None:
+    def __init__(self, width: int, heads: int, exact_gelu: bool) -> None:
         super().__init__()
-        self.heads, self.gelu = heads, gelu
+        self.heads, self.gelu = heads, "none" if exact_gelu else "tanh"
         self.ln1, self.ln2 = nn.LayerNorm(width, bias=False), nn.LayerNorm(width, bias=False)
         self.qkv, self.out = nn.Linear(width, 3 * width, bias=False), nn.Linear(width, width, bias=False)
         self.fc, self.fc_out = nn.Linear(width, 4 * width, bias=False), nn.Linear(4 * width, width, bias=False)
@@ -31,10 +31,11 @@ class PeerBlock(nn.Module):
 
 
 class PeerGPT(nn.Module):
-    def __init__(self, vocab: int, block: int, layers: int, heads: int, width: int, gelu: str = "tanh") -> None:
+    def __init__(self, vocab: int, block: int, layers: int, heads: int, width: int, exact_gelu: bool = False) -> None:
+        """``exact_gelu``: the exact (erf) GELU instead of GPT-2's tanh approximation."""
         super().__init__()
         self.tok, self.pos = nn.Embedding(vocab, width), nn.Embedding(block, width)
-        self.blocks = nn.ModuleList(PeerBlock(width, heads, gelu) for _ in range(layers))
+        self.blocks = nn.ModuleList(PeerBlock(width, heads, exact_gelu) for _ in range(layers))
         self.ln_f = nn.LayerNorm(width, bias=False)
         self.head = nn.Linear(width, vocab, bias=False)
         self.head.weight = self.tok.weight

@@ -71,11 +71,23 @@ def ours(data: str, work: Path, name: str, ranks: int, threads: int, precision: 
             "mfu": sum(r["mfu"] for r in rows) / len(rows)}
 
 
+def launcher(ranks: int) -> list[str]:
+    """How a benchmark script starts: this Python for one process, torchrun for more."""
+    return [sys.executable] if ranks == 1 else [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={ranks}"]
+
+
+def pair_cells(mine: list[float], theirs: list[float]) -> list[str]:
+    """Interleaved pairs as table cells: each side's runs, the ratio per pair, the median pair, the ratio of sums."""
+    ratios = [a / b for a, b in zip(mine, theirs, strict=True)]
+    return [" / ".join(f"{t:,.0f}" for t in mine), " / ".join(f"{t:,.0f}" for t in theirs),
+            " / ".join(f"{r:.3f}" for r in ratios), f"{statistics.median(ratios):.3f}",
+            f"{sum(mine) / sum(theirs):.3f}"]
+
+
 def bare(data: str, threads: int, steps: int, micro: int, accum: int, block: int, ranks: int = 1, *extra: str) -> float:
     """tokens/s of benchmarks/_bare_loop.py (the same GPT module, no framework around it; torch DDP on ranks > 1;
     ``--peer``: the simplest peer's model and optimizer instead)."""
-    launcher = [sys.executable] if ranks == 1 else [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={ranks}"]
-    cmd = [*launcher, str(REPO / "benchmarks" / "_bare_loop.py"), data, "--threads", str(threads), "--micro",
+    cmd = [*launcher(ranks), str(REPO / "benchmarks" / "_bare_loop.py"), data, "--threads", str(threads), "--micro",
            str(micro), "--accum", str(accum), "--steps", str(steps), "--block", str(block), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
@@ -97,10 +109,7 @@ def overhead_table(data: str, work: Path, steps: int, reps: int) -> None:
             theirs.append(bare(data, 2, steps, micro, accum, block))
             if ranks > 1:  # the same data parallelism without llmtrain or DeepSpeed: torch DDP over gloo
                 ddp.append(bare(data, threads, steps, micro, accum // ranks, block, ranks))
-        ratios = [a / b for a, b in zip(mine, theirs, strict=True)]
-        rows.append([label, " / ".join(f"{t:,.0f}" for t in mine), " / ".join(f"{t:,.0f}" for t in theirs),
-                     " / ".join(f"{r:.3f}" for r in ratios), f"{statistics.median(ratios):.3f}",
-                     f"{sum(mine) / sum(theirs):.3f}",
+        rows.append([label, *pair_cells(mine, theirs),
                      " / ".join(f"{t:,.0f}" for t in ddp) or "-", f"{sum(mine) / sum(ddp):.3f}" if ddp else "-"])
     table(f"0a. small fp32, block {block}, global batch {micro * accum}: llmtrain-train vs the bare loop at 2 threads "
           f"(and vs a bare torch DDP loop on as many ranks; {reps} interleaved runs each, tok/s)",
@@ -139,10 +148,7 @@ def peer_table(data: str, work: Path, steps: int, reps: int) -> None:
                              micro * accum, f"model.block_size={block}", f"model.mlp={mlp}",
                              bias=False)["tokens_per_s"])
             theirs.append(bare(data, threads, steps, micro, accum // ranks, block, ranks, "--peer", "--mlp", mlp))
-        ratios = [a / b for a, b in zip(mine, theirs, strict=True)]
-        rows.append([label, " / ".join(f"{t:,.0f}" for t in mine), " / ".join(f"{t:,.0f}" for t in theirs),
-                     " / ".join(f"{r:.3f}" for r in ratios), f"{statistics.median(ratios):.3f}",
-                     f"{sum(mine) / sum(theirs):.3f}"])
+        rows.append([label, *pair_cells(mine, theirs)])
     table(f"0c. small fp32, block {block}, global batch {micro * accum}: llmtrain-train vs the simplest peer (a GPT-2 "
           f"block stack + torch AdamW defaults; torch DDP on 2 ranks), {reps} interleaved pairs each, tok/s",
           ["setup", "llmtrain-train", "peer", "ratio per pair", "median pair", "ratio of sums"], rows)
@@ -160,9 +166,8 @@ def peer_table(data: str, work: Path, steps: int, reps: int) -> None:
 
 def alternate(data: str, ranks: int, threads: int, steps: int, *overrides: str) -> dict:
     """benchmarks/_alternate.py's JSON line: Trainer.train_step against the peer's step, alternated."""
-    launcher = [sys.executable] if ranks == 1 else [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={ranks}"]
-    cmd = [*launcher, str(REPO / "benchmarks" / "_alternate.py"), "--steps", str(steps), "--", f"data.dir={data}",
-           "model=small", "model.bias=false", "precision=fp32", "train.eval_windows=2", *overrides]
+    cmd = [*launcher(ranks), str(REPO / "benchmarks" / "_alternate.py"), "--steps", str(steps), "--",
+           f"data.dir={data}", "model=small", "model.bias=false", "precision=fp32", "train.eval_windows=2", *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     if proc.returncode:

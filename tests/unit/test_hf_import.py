@@ -33,7 +33,8 @@ def test_imported_logits_equal_transformers(kind, tokenizer_file, tmp_path):
     trained = load_trained(tmp_path / kind)
     assert trained.step == 0 and trained.model_cfg.block_size == 128 and trained.model_cfg.vocab_size == VOCAB
     assert trained.model_cfg.tie_embeddings == (kind in ("gpt2", "gpt2_gelu"))
-    assert trained.model_cfg.mlp == {"gpt2_gelu": MLP.gelu_exact, "gpt2": MLP.gelu}.get(kind, trained.model_cfg.mlp)
+    assert trained.model_cfg.mlp == {"gpt2_gelu": MLP.gelu_exact, "llama": MLP.swiglu, "mistral": MLP.swiglu}.get(
+        kind, MLP.gelu)
     assert trained.model_cfg.kv_heads == (4 if kind.startswith("gpt2") else 2)
     ids = torch.randint(0, VOCAB, (2, 128), generator=torch.Generator().manual_seed(0))
     gap = logits_gap(theirs, trained.build(), ids)
