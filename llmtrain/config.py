@@ -466,6 +466,10 @@ class TrainLoopConfig:
     """Save a checkpoint every N steps (0 = only at the end)."""
     keep_checkpoints: int = 2
     """Keep the newest K complete checkpoints."""
+    checkpoint_async: bool = True
+    """Save without stopping: the loop waits only while each rank copies its state to host memory (kept there for
+    the next save: one more copy of this rank's part of a checkpoint), a background thread writes it, and the
+    checkpoint is marked complete once every rank's files are on the disk. false = the loop waits for the write."""
     log_every: int = 10
     """Log metrics every N steps."""
     max_nonfinite_steps: int = 5

@@ -7,8 +7,10 @@ ZeRO-1/2 clone it even in fp32, ZeRO-3 in fp32 steps the partition itself). Stag
 the data-parallel ranks, stage 2 the gradients too, stage 3 the weights too. Besides them: Adam's temporary, the
 communication buckets (sized from the model width, see ``deepspeed.buckets_for_width``; at stage 0 one all-reduce
 copy of all the gradients), stage 3's gathered working set (two layers and the embedding), the activations of one
-micro-batch (Korthikanti et al. 2022: 34·b·t·h + 5·a·b·t² per layer at 2 bytes), the logits, and the process itself
-(PyTorch and DeepSpeed loaded: measured, not predicted).
+micro-batch (Korthikanti et al. 2022: 34·b·t·h + 5·a·b·t² per layer at 2 bytes), the logits, the host copy of this
+rank's part of a checkpoint that a background save keeps (train.checkpoint_async: rank 0's weights below ZeRO-3, and
+the rank's fp32 master and moments), and the process itself (PyTorch and DeepSpeed loaded: measured, not
+predicted).
 What the prediction cannot know is the allocator's fragmentation (see ``llmtrain.allocator``).
 """
 
@@ -37,6 +39,7 @@ class MemoryEstimate:
     buffers: float
     activations: float
     process: float
+    checkpoint_copy: float = 0.0
 
     @property
     def model_states(self) -> float:
@@ -44,13 +47,14 @@ class MemoryEstimate:
 
     @property
     def total(self) -> float:
-        return self.model_states + self.buffers + self.activations + self.process
+        return self.model_states + self.buffers + self.activations + self.process + self.checkpoint_copy
 
     def describe(self) -> str:
         return (f"{self.total / GB:.2f} GB = model states {self.model_states / GB:.2f} (weights "
                 f"{self.weights / GB:.2f}, gradients {self.gradients / GB:.2f}, optimizer {self.optimizer / GB:.2f})"
-                f" + buffers {self.buffers / GB:.2f} + activations {self.activations / GB:.2f} + process "
-                f"{self.process / GB:.2f}")
+                f" + buffers {self.buffers / GB:.2f} + activations {self.activations / GB:.2f}"
+                + (f" + checkpoint copy {self.checkpoint_copy / GB:.2f}" if self.checkpoint_copy else "")
+                + f" + process {self.process / GB:.2f}")
 
 
 def estimate(cfg: TrainConfig, num_params: int, world: int, process_bytes: float,
@@ -88,7 +92,17 @@ def estimate(cfg: TrainConfig, num_params: int, world: int, process_bytes: float
     else:
         activations = layers * per_layer
     activations += 3 * b * t * m.vocab_size * 4  # logits, their softmax and its gradient, in fp32
-    return MemoryEstimate(weights, gradients, optimizer, buffers, activations, process_bytes)
+    return MemoryEstimate(weights, gradients, optimizer, buffers, activations, process_bytes,
+                          checkpoint_copy(cfg, psi, n) if cfg.train.checkpoint_async else 0.0)
+
+
+def checkpoint_copy(cfg: TrainConfig, psi: float, world: int) -> float:
+    """Bytes of rank 0's part of a checkpoint (what a background save keeps a host copy of): the module's weights
+    below ZeRO-3 (rank 0 writes them), and the optimizer's fp32 master and two moments -- rank 0's partition, or at
+    ZeRO-0 in fp32 the torch optimizer's whole state (its moments; the weights are the module's)."""
+    stage, mixed = cfg.dist.zero_stage, cfg.precision != Precision.fp32
+    module = (2 if mixed else 4) * psi if stage < 3 else 0.0
+    return module + (8 * psi if stage == 0 and not mixed else 12 * psi / world)
 
 
 def process_rss() -> float:
@@ -122,6 +136,9 @@ def what_would_fit(cfg: TrainConfig, num_params: int, world: int, process_bytes:
     if train.micro_batch_size > 1:
         changes.append(("train.micro_batch_size=1",
                         lambda c: _with(c, train=dataclasses.replace(c.train, micro_batch_size=1))))
+    if train.checkpoint_async:
+        changes.append(("train.checkpoint_async=false",
+                        lambda c: _with(c, train=dataclasses.replace(c.train, checkpoint_async=False))))
     if on_gpu and not dist_.offload_optimizer:
         changes.append(("dist.offload_optimizer=true", lambda c: _with(c, dist=dataclasses.replace(
             c.dist, zero_stage=max(1, c.dist.zero_stage), offload_optimizer=True))))

@@ -2,7 +2,9 @@
 
 A checkpoint holds each server's shard state (``ps<i>.pt``: fp32 masters, optimizer state, counters; what resumes
 the run) and the whole model in the consolidated format (``llmtrain.run.trained``), so llmtrain-generate, -export
-and -eval read it like any other. Server 0 writes it, asking the other servers by RPC for their shards.
+and -eval read it like any other. Server 0 writes it: every server first copies its shard state in one piece (the
+updates wait only for that copy), then writes the copy, when server 0 asks it to by RPC, from server 0's
+background writer where the checkpoint is saved in the background.
 """
 
 from __future__ import annotations
@@ -46,12 +48,24 @@ class ServerCheckpointIO:
                 "zero_stage": None}
 
     def write(self, folder: Path, state: dict[str, Any]) -> None:
+        self.stage(folder, state)()
+
+    def stage(self, folder: Path, state: dict[str, Any]) -> Callable[[], None]:
         for i in range(self.num_servers):
-            path = str(shard_file(folder, i))
-            calls.save_shard(path) if i == self.rank else rpc.rpc_sync(self.name(i), calls.save_shard, args=(path,))
+            self._on(i, calls.stage_shard)
         trained = TrainedModel(self.model_cfg, self.gather(), self.tokenizer(), folder, state["step"],
                                state["tokens_seen"])
-        save_consolidated(trained, folder)
+
+        def flush() -> None:
+            for i in range(self.num_servers):
+                self._on(i, calls.write_staged, str(shard_file(folder, i)))
+            save_consolidated(trained, folder)
+
+        return flush
+
+    def _on(self, server: int, call: Callable, *args: Any) -> None:
+        """``call`` on ``server``: this process's directly, another's by RPC."""
+        call(*args) if server == self.rank else rpc.rpc_sync(self.name(server), call, args=args)
 
     def check(self, folder: Path, marker: dict[str, Any]) -> None:
         if (marker["num_servers"], marker["num_workers"]) != (self.num_servers, self.num_workers):

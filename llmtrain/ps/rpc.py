@@ -15,6 +15,7 @@ import threading
 import torch
 
 from llmtrain.ps.server import ParameterServer
+from llmtrain.run.checkpoint import fsync_path
 
 _SERVER: ParameterServer | None = None
 _SHARED: list[str] = []
@@ -75,8 +76,15 @@ def diverged() -> tuple[int, int] | None:
     return server().diverged
 
 
-def save_shard(path: str) -> None:
-    torch.save(server().state_dict(), path)
+def stage_shard() -> None:
+    server().stage()
+
+
+def write_staged(path: str) -> None:
+    """Write the shard state ``stage_shard`` copied, and flush it to the disk."""
+    torch.save(server().staged, path)
+    fsync_path(path)
+    server().staged = None
 
 
 def stop_at(updates: int) -> None:

@@ -25,6 +25,7 @@ from torch import nn
 
 from llmtrain.config import OptimConfig
 from llmtrain.optim import build_optimizer, lr_at, set_lr
+from llmtrain.run.background import HostCopies
 from llmtrain.run.cadence import NonfiniteStreak
 
 
@@ -65,6 +66,9 @@ class ParameterServer:
         self.released = threading.Event()
         """Set by server 0 when the run is over: the other servers may then leave."""
         self.ready = threading.Event()
+        self.copies = HostCopies()
+        self.staged: dict | None = None
+        """This shard's state copied by ``stage`` for a checkpoint, until it is written."""
         """Set once the shard is what the run starts from (resumed, where it resumes): pulls wait for it."""
         self.nonfinite = NonfiniteStreak(max_nonfinite_steps)
         self.skipped_steps = 0
@@ -86,10 +90,17 @@ class ParameterServer:
             self.budget = self.version
 
     def state_dict(self) -> dict:
-        """Everything to continue exactly: weights, optimizer state, version and per-worker update counts."""
+        """Everything to continue exactly: weights, optimizer state, version and per-worker update counts (the
+        live tensors: ``stage`` copies them)."""
+        return {"params": {n: p.detach() for n, p in self.params.items()},
+                "optimizer": self.optimizer.state_dict(), "version": self.version, "clock": dict(self.clock)}
+
+    def stage(self) -> None:
+        """Copy ``state_dict`` for a checkpoint, into host buffers kept for the next one, in one piece (updates wait
+        meanwhile): the weights and the optimizer state of one version, however late the copy is written."""
         with self.lock:
-            return {"params": {n: p.detach().clone() for n, p in self.params.items()},
-                    "optimizer": self.optimizer.state_dict(), "version": self.version, "clock": dict(self.clock)}
+            self.copies.begin()
+            self.staged = self.copies.copy(self.state_dict())
 
     def load_state_dict(self, state: dict) -> None:
         with self.lock, torch.no_grad():

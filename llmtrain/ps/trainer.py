@@ -112,7 +112,7 @@ class AsyncPSTrainer:
                                          sum(p.numel() for p in self._model.parameters()), self.name,
                                          self.gather_state, self.model_cfg, self.data.tokenizer)
         self.checkpoints = Checkpoints(self.run, shard_files, rpc_peers(rank, self.name(0)),
-                                       cfg.train.keep_checkpoints)
+                                       cfg.train.keep_checkpoints, background=cfg.train.checkpoint_async)
         # 5. Servers hold their shard before anyone can call them (they answer pulls once it is resumed).
         if self.is_server:
             params = dict(self._model.named_parameters())
@@ -283,6 +283,7 @@ class AsyncPSTrainer:
         result.skipped_steps = server.skipped_steps
         if server.diverged is not None:  # no evaluation, no save: as a synchronous run, it stops at once
             metrics.close()
+            self.checkpoints.in_flight.wait(raise_error=False)
             self._release_servers(server.diverged)
             raise diverged(self.run, *server.diverged, cfg.max_nonfinite_steps)
         if step == self.start_step:  # finished already: nothing was trained, its last scores stand
@@ -293,9 +294,12 @@ class AsyncPSTrainer:
         metrics.close()
         if saved != step and step != self.start_step:  # a run always ends with a checkpoint, as a synchronous one
             self._save(step)
-        if stopping and result.stopped_early:
-            mark_preempted(self.run, step, self._signals.requested)
-        self._release_servers(None)
+        try:
+            self.checkpoints.in_flight.wait("at the end")  # the other servers write their shards until then
+        finally:
+            if stopping and result.stopped_early:
+                mark_preempted(self.run, step, self._signals.requested)
+            self._release_servers(None)
         return result
 
     def _release_servers(self, stopped: tuple[int, int] | None) -> None:

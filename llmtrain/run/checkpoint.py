@@ -7,6 +7,10 @@ the asynchronous one, ``llmtrain.ps.checkpoint``). Everything else is done here,
 - before a save, room on the disk, checked by the main process and agreed by all (every process stops, or none);
 - after the tensors, llmtrain's own files (state, resolved config, tokenizer copy), every file flushed (fsync),
   then the completion marker (``marker_of``: the one schema), written last and atomically;
+- with train.checkpoint_async=true, the loop stops only while each process copies its state to host memory; a
+  background thread writes and flushes it, the processes agree that every file is durable, and only then is the
+  marker written (``llmtrain.run.background``: one save in flight, the next waits for it; a kill meanwhile leaves
+  the previous checkpoint the newest complete one);
 - old checkpoints pruned;
 - resume: the newest intact complete checkpoint (``RunDir.newest_intact``), the resume rule
   (``check_resumable``) and the mode's layout check, decided by the main process and shared with every process
@@ -31,6 +35,7 @@ from typing import Any, Protocol
 from llmtrain.config import Mode, ModelConfig, Resume, to_plain
 from llmtrain.data.tokenizer import check_same_tokenizer
 from llmtrain.errors import AgreedError, RunDiverged, UserError, os_reason
+from llmtrain.run.background import InFlight
 from llmtrain.run.rundir import CONFIG, MARKER, STATE, RunDir, read_marker, read_state
 
 log = logging.getLogger("llmtrain")
@@ -62,6 +67,11 @@ class CheckpointIO(Protocol):
         """Load this process's tensors from ``folder`` (its marker given, its layout checked). Any error is reported
         as a checkpoint that could not be loaded (a ``UserError`` passes through)."""
 
+    def stage(self, folder: Path, state: dict[str, Any]) -> Callable[[], None]:
+        """Copy this process's tensors for ``folder`` to host memory (collective where the mode is) and return what
+        writes them there and flushes them to the disk, which runs on a background thread: the same files as
+        ``write``, byte for byte."""
+
 
 @dataclass(frozen=True)
 class Peers:
@@ -72,6 +82,9 @@ class Peers:
     is_main: bool = True
     barrier: Callable[[], None] | None = None
     share: Callable[[str], str] = lambda value: value
+    agree: Callable[[bool], bool] = lambda ok: ok
+    """Whether every process says ``ok``; safe to call from the background writer (in the synchronous mode a
+    process group of its own, so that it never meets the loop's collectives)."""
 
     def wait(self) -> None:
         if self.barrier is not None:
@@ -94,14 +107,21 @@ class Checkpoints:
     """A run's checkpoints, saved and resumed through one mode's ``CheckpointIO``."""
 
     def __init__(self, run: RunDir, io: CheckpointIO, peers: Peers, keep: int,
-                 attachments: dict[str, Path] | None = None) -> None:
+                 attachments: dict[str, Path] | None = None, background: bool = False) -> None:
         self.run, self.io, self.peers, self.keep = run, io, peers, keep
         self.attachments = attachments or {}
         """Files copied into every checkpoint by the main process, by their name there (the tokenizer)."""
+        self.background = background
+        """train.checkpoint_async: the loop stops only to copy the state; a background thread writes it."""
+        self.in_flight = InFlight(report=peers.is_main)
+        """The save being written in the background; a loop runs inside ``with checkpoints.in_flight:``, so that
+        it ends only once its last save is complete."""
 
     def save(self, step: int, state: dict[str, Any], config_yaml: str) -> Path:
         """Every process writes its part; the main one then writes llmtrain's own state, marks the folder complete
-        and prunes old ones. A save that cannot finish is one line, with every older checkpoint kept."""
+        and prunes old ones. A save that cannot finish is one line, with every older checkpoint kept. In the
+        background: the previous save is waited for first, and this one is complete once ``in_flight`` is done."""
+        self.in_flight.wait(f"before the save of step {step}")
         folder = self.run.checkpoint(step)
         need = checkpoint_bytes(self.run, self.io.num_params())
         problem = ""
@@ -113,20 +133,59 @@ class Checkpoints:
         if problem:
             raise UserError(f"{problem}; the older checkpoints are kept")
         started = time.perf_counter()
+        if self.background:
+            state = json.loads(json.dumps(state))  # llmtrain's own state as of now, whenever it is written
+            with saving(folder, need):
+                folder.mkdir(parents=True, exist_ok=True)
+                flush = self.io.stage(folder, state)
+            stopped = time.perf_counter() - started
+            self.in_flight.start(lambda: self._finish_in_background(folder, flush, step, state, config_yaml, need,
+                                                                    started, stopped), f"the save of step {step}")
+            return folder
         with saving(folder, need):
             folder.mkdir(parents=True, exist_ok=True)
             self.io.write(folder, state)
             self.peers.wait()
             if self.peers.is_main:
-                finish_checkpoint(folder, config_yaml, state, marker_of(step, self.io.mode, self.io.marker_fields()),
-                                  self.attachments)
+                self._complete(folder, step, state, config_yaml)
         if self.peers.is_main:
-            size = sum(read_marker(folder)["files"].values())
-            log.info("checkpoint of step %d: %.2f GB in %.1f s (%s)", step, size / 2**30,
-                     time.perf_counter() - started, folder)
-            self.run.prune(self.keep, folder)
+            self._report(folder, step, time.perf_counter() - started)
         self.peers.wait()
         return folder
+
+    def _finish_in_background(self, folder: Path, flush: Callable[[], None], step: int, state: dict[str, Any],
+                              config_yaml: str, need: int, started: float, stopped: float) -> None:
+        """On the background thread: write and flush this process's files; once every process has (agreed), the
+        main one writes llmtrain's files and the marker; then every process learns whether that worked too."""
+        def complete() -> None:
+            if self.peers.is_main:
+                self._complete(folder, step, state, config_yaml)
+
+        for part in (flush, complete):  # each part done by every process before the next begins
+            problem = ""
+            try:
+                with saving(folder, need):
+                    part()
+            except UserError as exc:
+                problem = str(exc)
+            if not self.peers.agree(not problem):
+                if self.peers.is_main:
+                    shutil.rmtree(folder, ignore_errors=True)
+                raise UserError(problem or f"{folder} could not be saved (another process could not write its "
+                                "part); the older checkpoints are kept")
+        if self.peers.is_main:
+            self._report(folder, step, time.perf_counter() - started, stopped)
+
+    def _complete(self, folder: Path, step: int, state: dict[str, Any], config_yaml: str) -> None:
+        finish_checkpoint(folder, config_yaml, state, marker_of(step, self.io.mode, self.io.marker_fields()),
+                          self.attachments)
+
+    def _report(self, folder: Path, step: int, seconds: float, stopped: float | None = None) -> None:
+        """The main process, once ``folder`` is complete: one line, then the old checkpoints pruned."""
+        size = sum(read_marker(folder)["files"].values())
+        how = f"; the loop stopped {stopped:.2f} s of it" if stopped is not None else ""
+        log.info("checkpoint of step %d: %.2f GB in %.2f s%s (%s)", step, size / 2**30, seconds, how, folder)
+        self.run.prune(self.keep, folder)
 
     def verdict(self, resume: Resume, tokenizer_sha256: str, model_cfg: ModelConfig) -> Path | None:
         """The checkpoint this run continues from (None: it starts at step 0), decided by the main process and
@@ -238,13 +297,13 @@ def finish_checkpoint(folder: Path, config_yaml: str, state: dict[str, Any], mar
         shutil.copyfile(source, folder / name)
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     for path in [*files, *sorted({p.parent for p in files}, reverse=True), folder]:
-        _fsync(path)
+        fsync_path(path)
     marker = {**marker, "files": {p.relative_to(folder).as_posix(): p.stat().st_size for p in files}}
     tmp = folder / (MARKER + ".tmp")
     tmp.write_text(json.dumps(marker))
-    _fsync(tmp)
+    fsync_path(tmp)
     os.replace(tmp, folder / MARKER)
-    _fsync(folder)
+    fsync_path(folder)
 
 
 def checkpoint_bytes(run: RunDir, num_params: int) -> int:
@@ -281,7 +340,8 @@ def saving(folder: Path, need: int) -> Iterator[None]:
         raise UserError(f"{folder} could not be saved ({cause}); the older checkpoints are kept") from None
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path | str) -> None:
+    """Flush ``path`` (a file or a folder) to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -4,6 +4,13 @@ does the rest of every checkpoint).
 A run resumed on another number of data-parallel ranks: ZeRO 0 loads directly (nothing is sharded); ZeRO 1/2/3
 checkpoints are converted once to DeepSpeed's *universal* format (``deepspeed.checkpoint.ds_to_universal``), which
 any world size can load.
+
+A background save (train.checkpoint_async=true) goes through DeepSpeed's extension point for checkpoint writers:
+``StagingCheckpointEngine`` wraps the engine's writer, copies what the engine hands it to host memory, and on the
+background thread hands each copy to the wrapped writer (the same ``torch.save`` call a synchronous save makes).
+DeepSpeed's background writers do not serve here: the decoupled one hands ZeRO's optimizer state to a spawned
+process through a queue that refuses its non-leaf tensors, the fast one pins memory (CUDA only), and neither
+flushes files to the disk before its own ``latest`` file is written.
 """
 
 from __future__ import annotations
@@ -14,29 +21,65 @@ import logging
 import shutil
 import sys
 from argparse import Namespace
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from llmtrain.config import Mode
 from llmtrain.errors import UserError
-from llmtrain.run.checkpoint import Peers
+from llmtrain.run.background import HostCopies
+from llmtrain.run.checkpoint import Peers, fsync_path
 from llmtrain.run.rundir import MARKER
 
 log = logging.getLogger("llmtrain")
 UNIVERSAL = "universal"
 
 
-def process_group_peers(rank: int) -> Peers:
-    """The ranks of the default process group as checkpoint peers: rank 0 decides, a broadcast tells the rest."""
+def process_group_peers(rank: int, background: bool = False) -> Peers:
+    """The ranks of the default process group as checkpoint peers: rank 0 decides, a broadcast tells the rest.
+    With ``background`` (every rank alike), the background writers agree over a gloo group of their own."""
 
     def share(value: str) -> str:
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    return Peers(is_main=rank == 0, barrier=dist.barrier, share=share)
+    group = dist.new_group(backend="gloo") if background else None
+
+    def agree(ok: bool) -> bool:
+        flag = torch.tensor([int(ok)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+        return bool(flag.item())
+
+    return Peers(is_main=rank == 0, barrier=dist.barrier, share=share, agree=agree)
+
+
+class StagingCheckpointEngine:
+    """A DeepSpeed engine's checkpoint writer (``engine.checkpoint_engine``, whose every other method it passes
+    on), which while ``staged`` is a list copies each state it is handed to host memory (``HostCopies``) and keeps
+    it there with its path, instead of writing it."""
+
+    def __init__(self, writer) -> None:
+        self.writer = writer
+        self.copies = HostCopies()
+        self.staged: list[tuple[str, Any]] | None = None
+
+    def __getattr__(self, name: str):
+        return getattr(self.writer, name)
+
+    def save(self, state_dict, path: str) -> None:
+        if self.staged is None:
+            self.writer.save(state_dict, path)
+        else:
+            self.staged.append((path, self.copies.copy(state_dict)))
+
+    def write(self, path: str, state_dict) -> None:
+        """Write one staged state as ``save`` would have, and flush it to the disk."""
+        self.writer.save(state_dict, path)
+        fsync_path(path)
 
 
 class DeepSpeedCheckpointIO:
@@ -44,8 +87,11 @@ class DeepSpeedCheckpointIO:
 
     mode = Mode.sync
 
-    def __init__(self, engine, rank: int, world_size: int, zero_stage: int) -> None:
+    def __init__(self, engine, rank: int, world_size: int, zero_stage: int, background: bool = False) -> None:
         self.engine, self.rank, self.world_size, self.zero_stage = engine, rank, world_size, zero_stage
+        self.staging: StagingCheckpointEngine | None = None
+        if background:
+            engine.checkpoint_engine = self.staging = StagingCheckpointEngine(engine.checkpoint_engine)
 
     def num_params(self) -> int:
         return sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
@@ -55,6 +101,22 @@ class DeepSpeedCheckpointIO:
 
     def write(self, folder: Path, state: dict[str, Any]) -> None:
         self.engine.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
+
+    def stage(self, folder: Path, state: dict[str, Any]) -> Callable[[], None]:
+        writer = self.staging
+        writer.copies.begin()
+        writer.staged = []
+        try:
+            self.engine.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
+            staged = writer.staged
+        finally:
+            writer.staged = None
+
+        def flush() -> None:
+            for path, copied in staged:
+                writer.write(path, copied)
+
+        return flush
 
     def check(self, folder: Path, marker: dict[str, Any]) -> None:
         if marker["zero_stage"] != self.zero_stage:

@@ -108,9 +108,11 @@ class Trainer:
         # 7. Checkpoints, and auto-resume from the newest intact one (or, with run.resume=restart, the folder's
         #    earlier history moved aside): rank 0 decides, every rank takes its verdict.
         tokenizer_copy = {self.data.tokenizer_file.name: self.data.tokenizer_file}  # checkpoints stand on their own
-        engine_files = DeepSpeedCheckpointIO(self.engine, self.env.rank, self.env.world_size, cfg.dist.zero_stage)
-        self.checkpoints = Checkpoints(self.run, engine_files, process_group_peers(self.env.rank),
-                                       cfg.train.keep_checkpoints, tokenizer_copy)
+        background = cfg.train.checkpoint_async
+        engine_files = DeepSpeedCheckpointIO(self.engine, self.env.rank, self.env.world_size, cfg.dist.zero_stage,
+                                             background)
+        self.checkpoints = Checkpoints(self.run, engine_files, process_group_peers(self.env.rank, background),
+                                       cfg.train.keep_checkpoints, tokenizer_copy, background)
         self.step, self.tokens_seen, self.skipped_steps = 0, 0, 0
         self._resume()
         resolved = started.resolved
@@ -183,7 +185,7 @@ class Trainer:
             if self.step >= cfg.max_steps:  # finished already: nothing to train or evaluate, its last scores stand
                 scores = last_scores(self.run, self.step)
                 result.val_loss, result.val_ppl = scores.get("val_loss", math.nan), scores.get("val_ppl", math.nan)
-        with self.signals, contextlib.closing(self.metrics):
+        with self.signals, contextlib.closing(self.metrics), self.checkpoints.in_flight:
             while self.step < cfg.max_steps:
                 outcome = self.train_step()
                 loss = outcome.loss

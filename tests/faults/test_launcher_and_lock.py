@@ -164,7 +164,8 @@ def test_sigkill_at_random_steps_then_rerun_equals_the_uninterrupted_run(run, pr
     run_dir = tmp_path / "killed"
     kills = sorted(random.Random(2026).sample(range(4, 18), 2))
     for step in kills:
-        job = start(run_dir, prepared_small, 2, "dist.zero_stage=2", "train.checkpoint_every=3")
+        job = start(run_dir, prepared_small, 2, "dist.zero_stage=2", "train.checkpoint_every=3",
+                    "train.checkpoint_async=false")  # synchronous saves here; background ones in the next test
         wait_for_step(run_dir, step, job)
         os.killpg(job.pid, signal.SIGKILL)  # the whole job, launcher and ranks, without warning
         job.wait()
@@ -183,7 +184,9 @@ def test_sigkill_inside_a_save_then_rerun_equals_the_uninterrupted_run(run, prep
     reference = losses(run("z2-2ranks", 2, "precision=fp32", "dist.zero_stage=2"))
     run_dir = tmp_path / "killed-saving"
     for attempt in range(3):  # a save takes tens of ms: poll for one under way, kill the job right then
-        job = start(run_dir, prepared_small, 2, "dist.zero_stage=2", "train.checkpoint_every=1")
+        # a background save: the files being written while the next steps train, its marker not yet there
+        job = start(run_dir, prepared_small, 2, "dist.zero_stage=2", "train.checkpoint_every=1",
+                    "train.checkpoint_async=true")
         wait_for_step(run_dir, 4 + 4 * attempt, job)  # complete checkpoints exist to resume from
         deadline = time.time() + 180
         while not half_written(run_dir) and job.poll() is None and time.time() < deadline:

@@ -12,10 +12,12 @@ from llmtrain.distributed.memory import GB, estimate, what_would_fit
 PSI = 310_000_000  # 350m at vocabulary 8192
 
 
-def config(stage: int, precision: Precision = Precision.fp32, micro: int = 1, **dist) -> TrainConfig:
+def config(stage: int, precision: Precision = Precision.fp32, micro: int = 1, background: bool = False,
+           **dist) -> TrainConfig:
     return TrainConfig(model=ModelConfig(n_layer=24, n_head=16, n_embd=1024, block_size=256, vocab_size=8192),
                        dist=DistConfig(zero_stage=stage, **dist), precision=precision,
-                       train=TrainLoopConfig(global_batch_size=8 * micro, micro_batch_size=micro))
+                       train=TrainLoopConfig(global_batch_size=8 * micro, micro_batch_size=micro,
+                                             checkpoint_async=background))
 
 
 @pytest.mark.parametrize(("stage", "per_param"), [(0, 16), (1, 8 + 12 / 2), (2, 4 + 16 / 2), (3, 16 / 2)])
@@ -36,6 +38,20 @@ def test_activation_checkpointing_and_the_process_are_counted():
     plain, ckpt = estimate(config(3), PSI, 2, 0), estimate(config(3, activation_checkpointing=True), PSI, 2, 0)
     assert ckpt.activations < plain.activations / 5
     assert estimate(config(3), PSI, 2, 0.7 * GB).total - plain.total == pytest.approx(0.7 * GB)
+
+
+@pytest.mark.parametrize(("stage", "precision", "per_param"), [
+    (0, Precision.fp32, 4 + 8), (2, Precision.fp32, 4 + 12 / 2), (2, Precision.bf16, 2 + 12 / 2),
+    (3, Precision.fp32, 12 / 2)])
+def test_a_background_save_holds_a_host_copy_of_rank_0s_part_of_a_checkpoint(stage, precision, per_param):
+    # rank 0 writes the module's weights below ZeRO-3, and every rank its fp32 master and moments (at ZeRO-0 in fp32
+    # the torch optimizer's moments, all of them)
+    sync, background = (estimate(config(stage, precision, background=b), PSI, 2, 0) for b in (False, True))
+    assert background.checkpoint_copy == pytest.approx(per_param * PSI) and sync.checkpoint_copy == 0
+    assert background.total - sync.total == pytest.approx(per_param * PSI)
+    assert "checkpoint copy" in background.describe() and "checkpoint copy" not in sync.describe()
+    fits = what_would_fit(config(stage, precision, background=True), PSI, 2, 0, sync.total * 1.01, on_gpu=False)
+    assert f"train.checkpoint_async=false ({sync.total / GB:.1f} GB)" in fits
 
 
 def test_a_run_that_cannot_fit_is_told_what_would():

@@ -1,0 +1,126 @@
+"""Saving without stopping (train.checkpoint_async): host copies that torch.save writes byte for byte like the
+originals, and the checkpoint procedure around a background writer (marker last, one save in flight, failures said
+once, at the next save)."""
+
+from __future__ import annotations
+
+import io
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from llmtrain.errors import AgreedError
+from llmtrain.run.background import HostCopies
+from llmtrain.run.checkpoint import Checkpoints, Peers
+from llmtrain.run.rundir import MARKER, RunDir, read_marker
+from tests.unit.test_run_core import FakeIO, state
+
+
+def saved(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def nested_state() -> dict[str, Any]:
+    flat = torch.arange(24, dtype=torch.float32)
+    weight = nn.Parameter(torch.randn(3, 4))
+    nonleaf = weight * 2  # a non-leaf tensor that requires grad, as ZeRO's optimizer state holds
+    flat.ds_note = {"group": 0, "size": torch.Size([24])}  # DeepSpeed sets Python attributes on some tensors
+    return {"flat": flat, "views": [flat[:8].view(2, 4), flat[8:]], "param": weight, "nonleaf": nonleaf,
+            "t": flat[4:12].view(4, 2).t(), "bf16": torch.ones(5, dtype=torch.bfloat16), "empty": [torch.empty(0)] * 2,
+            "meta": {"step": 3, "name": "x", "shape": torch.Size([3, 4]), "groups": ({"lr": 0.1, "params": [0]},)}}
+
+
+def test_a_host_copy_is_saved_byte_for_byte_like_the_original_and_shares_what_it_shared():
+    original = nested_state()
+    copies = HostCopies()
+    copies.begin()
+    copied = copies.copy(original)
+    assert saved(copied) == saved(original)
+    assert copied["views"][0].untyped_storage().data_ptr() == copied["flat"].untyped_storage().data_ptr()
+    assert copied["flat"].untyped_storage().data_ptr() != original["flat"].untyped_storage().data_ptr()
+    assert isinstance(copied["param"], nn.Parameter) and copied["nonleaf"].requires_grad
+    original["flat"].add_(1)  # the loop goes on: the copy keeps the values of the save
+    original["meta"]["groups"][0]["lr"] = 0.5
+    assert copied["flat"][0] == 0 and copied["meta"]["groups"][0]["lr"] == 0.1
+
+
+def test_the_next_save_reuses_the_buffers_of_the_last():
+    copies = HostCopies()
+    copies.begin()
+    first = copies.copy(nested_state())
+    pointer, held = first["flat"].untyped_storage().data_ptr(), copies.nbytes
+    copies.begin()
+    second = copies.copy(nested_state())
+    assert second["flat"].untyped_storage().data_ptr() == pointer and copies.nbytes == held
+    copies.begin()
+    grown = copies.copy({"flat": torch.zeros(100)})
+    assert grown["flat"].numel() == 100 and copies.nbytes >= 400
+
+
+class StagingIO(FakeIO):
+    """FakeIO whose background part waits for ``release`` (or fails), so the test sees a save in flight."""
+
+    def __init__(self, fail: OSError | None = None) -> None:
+        super().__init__()
+        self.release, self.write_error = threading.Event(), fail
+
+    def stage(self, folder: Path, state: dict[str, Any]) -> Any:
+        text = f"weights of step {state['step']}"
+
+        def flush() -> None:
+            self.release.wait(10)
+            if self.write_error is not None:
+                raise self.write_error
+            (folder / "tensors.bin").write_text(text)
+
+        return flush
+
+
+def background(tmp_path: Path, io_: StagingIO) -> Checkpoints:
+    run = RunDir.of(tmp_path / "run")
+    run.path.mkdir(exist_ok=True)
+    return Checkpoints(run, io_, Peers(), keep=2, background=True)
+
+
+def test_the_marker_comes_after_the_background_write_and_the_next_save_waits_for_it(tmp_path, caplog):
+    io_ = StagingIO()
+    saver = background(tmp_path, io_)
+    folder = saver.save(2, state(2), "")
+    assert folder.is_dir() and not (folder / MARKER).exists()  # in flight: not complete, not resumable
+    assert saver.run.newest_intact() is None
+    threading.Timer(0.2, io_.release.set).start()
+    with caplog.at_level("INFO", logger="llmtrain"):
+        saver.save(4, state(4), "")  # waits for step 2 first
+        saver.in_flight.wait()
+    assert "waited" in caplog.text and "before the save of step 4" in caplog.text
+    assert [s for s, _ in saver.run.complete()] == [2, 4]
+    assert sorted(read_marker(folder)["files"]) == ["config.yaml", "llmtrain_state.json", "tensors.bin"]
+
+
+def test_a_background_write_that_fails_keeps_the_older_checkpoints_and_is_said_at_the_next_save(tmp_path):
+    io_ = StagingIO()
+    io_.release.set()
+    saver = background(tmp_path, io_)
+    saver.save(2, state(2), "")
+    saver.in_flight.wait()
+    io_.write_error = OSError(28, "No space left on device")
+    saver.save(4, state(4), "")
+    with pytest.raises(AgreedError, match=r"step_00000004 could not be saved .*the older checkpoints are kept"):
+        saver.save(6, state(6), "")
+    assert [s for s, _ in saver.run.complete()] == [2] and not saver.run.checkpoint(4).exists()
+
+
+def test_a_loop_that_fails_still_completes_its_save_in_flight_without_hiding_its_error(tmp_path):
+    io_ = StagingIO()
+    saver = background(tmp_path, io_)
+    threading.Timer(0.2, io_.release.set).start()
+    with pytest.raises(ZeroDivisionError), saver.in_flight:
+        saver.save(2, state(2), "")
+        raise ZeroDivisionError
+    assert [s for s, _ in saver.run.complete()] == [2]
