@@ -70,7 +70,7 @@ class CheckpointIO(Protocol):
     def stage(self, folder: Path, state: dict[str, Any]) -> Callable[[], None]:
         """Copy this process's tensors for ``folder`` to host memory (collective where the mode is) and return what
         writes them there and flushes them to the disk, which runs on a background thread: the same files as
-        ``write``, byte for byte."""
+        ``write``, byte for byte (from a GPU, but for the storages' location tag: host memory)."""
 
 
 @dataclass(frozen=True)

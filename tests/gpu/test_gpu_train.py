@@ -55,3 +55,34 @@ def test_no_cpu_workaround_runs_on_a_gpu_host():
         from deepspeed.runtime.zero import stage_1_and_2
 
         assert not getattr(stage_1_and_2.all_gather_dp_groups, "gathers_by_broadcast", False)
+
+
+
+def test_a_background_save_copies_device_tensors_into_pinned_host_buffers():
+    """On a GPU the loop stops for a device-to-host copy into pinned buffers. Its files hold the same values; their
+    storages are tagged "cpu" where a synchronous save tags them "cuda:0" (DeepSpeed loads both to the CPU first)."""
+    import io
+
+    from llmtrain.run.background import HostCopies
+
+    flat = torch.randn(1000, device="cuda")
+    state = {"flat": flat, "view": flat[10:20], "step": 3}
+    copies = HostCopies()
+    copies.begin()
+    copied = copies.copy(state)
+    assert copied["flat"].device.type == "cpu" and copied["flat"].is_pinned()
+    assert copied["view"].untyped_storage().data_ptr() == copied["flat"].untyped_storage().data_ptr()
+    buffer = io.BytesIO()
+    torch.save(copied, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer)
+    assert torch.equal(loaded["flat"], flat.cpu()) and torch.equal(loaded["view"], flat[10:20].cpu())
+
+
+def test_background_saves_on_a_gpu_resume_the_run(prepared_small, tmp_path):
+    whole = trained(tmp_path / "whole", prepared_small, 1, "precision=bf16", "dist.zero_stage=2")
+    run_dir = tmp_path / "stopped"
+    launch(run_dir, prepared_small, 1, "precision=bf16", "dist.zero_stage=2", "train.stop_at_step=10",
+           "train.checkpoint_async=true")
+    resumed = trained(run_dir, prepared_small, 1, "precision=bf16", "dist.zero_stage=2")
+    assert max(abs(whole[s] - resumed[s]) / abs(whole[s]) for s in range(11, max(whole) + 1)) <= 2e-2
