@@ -8,13 +8,15 @@ of the weights through one table, ``weight_pairs``:
   gate/up projections; both rotate the same channel halves in RoPE, so no permutation is needed.
 
 A transformers config maps onto ``ModelConfig`` (``model_config_of``); a setting llmtrain's GPT cannot represent is
-refused in one line naming the field. Loading a folder is ``llmtrain.run.trained.load_hf``, writing one
+refused in one line naming the field. Loading a folder is ``llmtrain.run.trained.load_hf`` (whole, through
+transformers) or ``open_trained`` (rows read from its safetensors when needed, ``rows_of_pair``), writing one
 ``llmtrain.export.hf.save_hf``. ``transformers`` is an optional extra (``pip install 'llmtrain[hf]'``).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,11 +212,40 @@ def _llama_problems(hf: Any) -> list[str]:
 
 def from_hf_weights(pairs: list[WeightPair], theirs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our weights from transformers ones: the inverse of ``to_hf_weights``."""
-    out = {}
-    for pair in pairs:
-        weight = torch.cat([theirs[name] for name in pair.theirs], dim=0)
-        out[pair.ours] = (weight.t() if pair.transpose else weight).contiguous()
-    return out
+    shapes = {name: tuple(tensor.shape) for name, tensor in theirs.items()}
+
+    def read(name: str, index: tuple[slice, ...]) -> torch.Tensor:
+        return theirs[name][index]
+
+    return {pair.ours: rows_of_pair(pair, shapes, read, 0, our_shape(pair, shapes)[0]) for pair in pairs}
+
+
+def our_shape(pair: WeightPair, shapes: Mapping[str, Sequence[int]]) -> tuple[int, ...]:
+    """The shape of our tensor ``pair.ours``, from the shapes of the transformers tensors it is made of."""
+    if pair.transpose:
+        rows, cols = shapes[pair.theirs[0]]
+        return cols, rows
+    first = tuple(shapes[pair.theirs[0]])
+    return sum(shapes[name][0] for name in pair.theirs), *first[1:]
+
+
+def rows_of_pair(pair: WeightPair, shapes: Mapping[str, Sequence[int]],
+                 read: Callable[[str, tuple[slice, ...]], torch.Tensor], r0: int, r1: int) -> torch.Tensor:
+    """Rows ``r0:r1`` of our tensor ``pair.ours`` as a new contiguous tensor, made of the parts of its transformers
+    tensors that hold them: ``read(name, index)`` is ``their_tensor[index]`` (a tensor, or a slice read from a file).
+    Of GPT-2's transposed Conv1D weight that is columns ``r0:r1``; of a fused weight (Llama's q/k/v, gate/up) the
+    rows of each piece that overlap ``r0:r1``."""
+    if pair.transpose:
+        (name,) = pair.theirs
+        return read(name, (slice(None), slice(r0, r1))).t().contiguous()
+    parts, start = [], 0
+    for name in pair.theirs:
+        height = shapes[name][0]
+        lo, hi = max(r0, start), min(r1, start + height)
+        if lo < hi:
+            parts.append(read(name, (slice(lo - start, hi - start),)))
+        start += height
+    return torch.cat(parts or [read(pair.theirs[0], (slice(0, 0),))], dim=0)  # a copy even of one part
 
 
 def require_transformers(what: str) -> None:

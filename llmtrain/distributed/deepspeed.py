@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from llmtrain.distributed.env import select_accelerator
 from llmtrain.errors import AgreedError, UserError
 from llmtrain.model import build_model
 from llmtrain.optim import param_groups
+from llmtrain.weights import TensorWeights, WeightSource
 
 
 def grad_accumulation_steps(global_batch: int, micro_batch: int, dp_world: int) -> int:
@@ -158,24 +159,52 @@ def build_partitioned(build: Callable[[], torch.nn.Module], ds_config: dict[str,
         return build()
 
 
-def copy_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], zero_stage: int) -> None:
-    """Copy whole ``weights`` (the same on every rank) into a freshly built ``model``, by parameter name (a tied
-    head may be left out). Under ZeRO-3 each parameter is gathered in turn and rank 0's copy is re-partitioned on
-    release, so no rank ever holds more than one whole parameter of the model besides ``weights``."""
-    import contextlib
-
+def copy_weights(model: torch.nn.Module, weights: Mapping[str, torch.Tensor], zero_stage: int) -> None:
+    """Copy ``weights`` (the same on every rank) into a freshly built ``model`` by parameter name (a tied head may be
+    left out), one tensor at a time: a ``WeightSource`` (``llmtrain.weights``) reads each from its files only then,
+    so a rank holds the model and one tensor besides. Under ZeRO-3 each rank reads only the elements of its own
+    partition of each parameter (``partition_range``) and writes them straight into it."""
+    source = weights if isinstance(weights, WeightSource) else TensorWeights(weights)
     params = dict(model.named_parameters())  # a tied weight appears once, under its first name
-    missing = sorted(set(params) - set(weights))
+    missing = sorted(set(params) - set(source))
     if missing:
         raise UserError(f"the initial weights have no {', '.join(missing[:4])}")
+    wrong = [f"{name} {tuple(source.shape(name))} (the model's: {tuple(getattr(param, 'ds_shape', param.shape))})"
+             for name, param in params.items() if source.shape(name) != getattr(param, "ds_shape", param.shape)]
+    if wrong:
+        raise UserError(f"the initial weights do not fit the model: {', '.join(wrong[:3])}")
     for name, param in params.items():
-        gathered = contextlib.nullcontext()
-        if zero_stage == 3:
-            import deepspeed
+        with torch.no_grad():
+            if zero_stage == 3:
+                _copy_partition(param, source, name)
+            else:
+                param.copy_(source[name])
 
-            gathered = deepspeed.zero.GatheredParameters([param], modifier_rank=0)
-        with gathered, torch.no_grad():
-            param.copy_(weights[name])
+
+def partition_range(numel: int, partition_size: int, rank: int) -> tuple[int, int]:
+    """The first element and the number of elements of a parameter of ``numel`` elements that the ``rank``-th
+    ZeRO-3 partition of ``partition_size`` holds (DeepSpeed's ``_partition_param``: the parameter flattened in
+    row-major order, cut into equal partitions; the last one padded, past the end none)."""
+    start = partition_size * rank
+    return start, max(0, min(numel - start, partition_size))
+
+
+def _copy_partition(param: torch.nn.Parameter, source: WeightSource, name: str) -> None:
+    """Write this rank's elements of ``source[name]`` into the ZeRO-3 partition of ``param`` (its padding as it
+    was). Partitions swapped out to NVMe are written as DeepSpeed writes a whole parameter: gathered, changed on
+    rank 0, partitioned again."""
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import OffloadDeviceEnum
+
+    partition = param.ds_tensor
+    if getattr(partition, "final_location", None) == OffloadDeviceEnum.nvme:
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            param.copy_(source[name])
+        return
+    rank = deepspeed.comm.get_rank(group=param.ds_process_group)
+    start, count = partition_range(param.ds_numel, partition.ds_numel, rank)
+    if count:
+        partition.narrow(0, 0, count).copy_(source.flat(name, start, count))
 
 
 def should_compile(setting: bool | None, device: torch.device, zero_stage: int) -> bool:

@@ -158,7 +158,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, initialize: bool = True) -> None:
         super().__init__()
         if cfg.vocab_size < 1:
             raise ValueError("ModelConfig.vocab_size must be set (from the dataset) before building the model")
@@ -177,7 +177,8 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         self.activation_checkpointing = False
         """Set by build_model: recompute each block's activations in backward (memory for compute)."""
-        self.apply(self.init_weights)
+        if initialize:  # else the weights are copied in next (model.init_from)
+            self.apply(self.init_weights)
 
     def init_weights(self, module: nn.Module) -> None:
         """The initial values of ``module``'s own parameters, set only through ``self.apply``: a partitioned build

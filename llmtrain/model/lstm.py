@@ -25,7 +25,7 @@ class LSTMState:
 
 
 class LSTMLM(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, initialize: bool = True) -> None:
         super().__init__()
         if cfg.vocab_size < 1:
             raise ValueError("ModelConfig.vocab_size must be set (from the dataset) before building the model")
@@ -39,7 +39,8 @@ class LSTMLM(nn.Module):
             self.lm_head.weight = self.wte.weight
         self.activation_checkpointing = False
         """Accepted from build_model; the LSTM does not recompute activations."""
-        self.apply(self.init_weights)
+        if initialize:  # else the weights are copied in next (model.init_from)
+            self.apply(self.init_weights)
 
     def init_weights(self, module: nn.Module) -> None:
         """The initial values of ``module``'s own parameters, set only through ``self.apply``: a partitioned build

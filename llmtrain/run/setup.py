@@ -22,7 +22,7 @@ from llmtrain.data.tokenizer import check_same_tokenizer
 from llmtrain.errors import UserError, os_reason
 from llmtrain.run import lock
 from llmtrain.run.rundir import RunDir
-from llmtrain.run.trained import TrainedModel, load_trained
+from llmtrain.run.trained import TrainedModel, open_trained
 
 log = logging.getLogger("llmtrain")
 
@@ -49,8 +49,9 @@ class RunSetup:
     model_cfg: ModelConfig
     resolved: dict[str, Any]
     initial: TrainedModel | None = None
-    """The model of model.init_from (fp32 weights by our names), or None: trainers copy it into the model they
-    build (``llmtrain.distributed.deepspeed.copy_weights``)."""
+    """The model of model.init_from (its weights by our names, read from its files when copied: see
+    ``open_trained``), or None: trainers copy it into the model they build
+    (``llmtrain.distributed.deepspeed.copy_weights``)."""
 
 
 def set_up_run(cfg: TrainConfig, is_main: bool, wait: Callable[[], None] | None = None) -> RunSetup:
@@ -134,7 +135,7 @@ def model_config(cfg: TrainConfig, data: TrainingData) -> ModelConfig:
 def initial_model(model: ModelConfig, data: TrainingData) -> TrainedModel:
     """The model ``model.init_from`` names, at ``model.block_size`` and ``model.dropout``; its tokenizer must be the
     one ``data`` was prepared with, as a resumed checkpoint's must."""
-    initial = load_trained(model.init_from, block_size=model.block_size)
+    initial = open_trained(model.init_from, block_size=model.block_size)
     check_same_tokenizer(data.tokenizer_fingerprint, initial.tokenizer.fingerprint, f"data.dir={data.folder}",
                          f"model.init_from={model.init_from}",
                          "prepare it with data.tokenizer_path=<the model's tokenizer file>")

@@ -3,8 +3,9 @@
 ``load_trained(path)`` accepts a run folder (its newest complete checkpoint, or ``step``), one checkpoint folder
 of any ZeRO stage saved by any number of ranks (DeepSpeed's ``zero_to_fp32`` merges the shards; the original
 world size is not needed), a folder in the consolidated format below, or a ``transformers`` folder of the GPT-2 or
-Llama family (``load_hf``). The consolidated format does not
-depend on how the model was trained, so every training mode exports through it:
+Llama family (``load_hf``). ``open_trained(path)`` is the same model for starting a run from it (``model.init_from``):
+its weights a ``WeightSource`` that reads them from the safetensors file(s) when they are copied into the model. The
+consolidated format does not depend on how the model was trained, so every training mode exports through it:
 
     model.safetensors   weights by llmtrain's parameter names (a tied output head is stored once, as wte.weight)
     config.json         {"format": "llmtrain", "format_version": 1, "model": {ModelConfig}, "step": ...,
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from llmtrain.distributed.deepspeed import fp32_weights
 from llmtrain.dtypes import torch_dtype
 from llmtrain.errors import UserError
 from llmtrain.hf_mapping import (
+    WeightPair,
     from_hf_weights,
     hf_family,
     is_hf_folder,
@@ -41,17 +44,22 @@ from llmtrain.hf_mapping import (
 from llmtrain.model import build_model
 from llmtrain.run.rundir import CONFIG as RUN_CONFIG
 from llmtrain.run.rundir import MARKER, STATE, RunDir, damage, is_checkpoint_folder, read_marker
+from llmtrain.weights import SafetensorsWeights, WeightSource
 
 log = logging.getLogger("llmtrain")
 FORMAT, FORMAT_VERSION = "llmtrain", 1
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+HF_INDEX = "model.safetensors.index.json"
+"""A transformers folder whose weights are split over several safetensors files: which file holds each tensor."""
+PICKLED = "pickled weights (.bin/.pt) cannot be read in slices"
 
 
 @dataclass
 class TrainedModel:
     model_cfg: ModelConfig
-    state_dict: dict[str, torch.Tensor]
-    """fp32 (or the exported dtype) weights by parameter name; a tied head may be left out."""
+    state_dict: Mapping[str, torch.Tensor]
+    """fp32 (or the exported dtype) weights by parameter name; a tied head may be left out. A dict, or from
+    ``open_trained`` a ``WeightSource`` that reads each tensor from the files when it is asked for."""
     tokenizer: Tokenizer
     source: Path
     step: int
@@ -107,21 +115,55 @@ def load_trained(path: str | Path, step: int = 0, tokenizer: str | Path | None =
     ``block_size`` (0 = the model's own) changes the context it is built with: see ``with_block_size``."""
     folder = resolve_checkpoint(path, step)
     if is_hf_folder(folder):
-        return _check_tokenizer(with_block_size(load_hf(folder), block_size or None), tokenizer)
+        trained = load_hf(folder)
+    else:
+        trained = _read_folder(folder, _load_exported if (folder / WEIGHTS).is_file() else _load_checkpoint)
+    return _check_tokenizer(with_block_size(trained, block_size or None), tokenizer)
+
+
+class NotSliceable(Exception):
+    """Weights that cannot be read a slice at a time; the message says why."""
+
+
+def open_trained(path: str | Path, block_size: int = 0) -> TrainedModel:
+    """``load_trained(path, block_size=...)`` for starting a run from it, with its weights left in the files: a
+    ``WeightSource`` that reads each tensor, or the rows of it a rank needs, when it is copied into the model
+    (``copy_weights``). Weights that cannot be read so (pickled .bin/.pt files, or safetensors names that
+    transformers would have to convert first) are loaded whole, as ``load_trained`` does, and the log says why."""
+    folder = resolve_checkpoint(path)
+    try:
+        if not is_hf_folder(folder) and not (folder / WEIGHTS).is_file():
+            raise NotSliceable(PICKLED)  # a checkpoint of DeepSpeed's files
+        trained = _read_folder(folder, _open_hf if is_hf_folder(folder) else _open_exported)
+    except NotSliceable as why:
+        log.info("%s: %s; every rank loads the whole model first", path, why)
+        return load_trained(folder, block_size=block_size)
+    return with_block_size(trained, block_size or None)
+
+
+def stored_names(file: Path) -> list[str]:
+    """The names of the tensors in one safetensors file (read from its header)."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as handle:
+        return list(handle.keys())
+
+
+def _read_folder(folder: Path, read: Callable[[Path], TrainedModel]) -> TrainedModel:
+    """``read(folder)``: a damaged checkpoint is refused naming the complete older ones, and files that do not read
+    are one line."""
+    from safetensors import SafetensorError
+
     problem = damage(folder) if (folder / MARKER).is_file() else None
     if problem:
         older = [str(s) for s, f in RunDir.holding(folder).complete() if f != folder]
         raise UserError(f"{folder} is damaged ({problem})" + (f"; load an older checkpoint with run.dir=<run> "
                         f"run.step=N (complete: steps {', '.join(older)})" if older else ""))
     try:
-        if (folder / WEIGHTS).is_file():
-            trained = _load_exported(folder)
-        else:
-            trained = _load_checkpoint(folder)
-    except (OSError, ValueError, KeyError, RuntimeError, EOFError) as exc:
+        return read(folder)
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError, SafetensorError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise UserError(f"{folder} could not be loaded ({first}); it may be corrupt") from None
-    return _check_tokenizer(with_block_size(trained, block_size or None), tokenizer)
 
 
 def with_block_size(trained: TrainedModel, block_size: int | None) -> TrainedModel:
@@ -130,12 +172,15 @@ def with_block_size(trained: TrainedModel, block_size: int | None) -> TrainedMod
     cfg = trained.model_cfg
     if block_size is None or block_size == cfg.block_size:
         return trained
-    weights = dict(trained.state_dict)
+    weights = trained.state_dict
     if "wpe.weight" in weights:
         if block_size > cfg.block_size:
             raise UserError(f"{trained.source} has learned positions for {cfg.block_size} tokens, fewer than "
                             f"model.block_size={block_size}")
-        weights["wpe.weight"] = weights["wpe.weight"][:block_size].clone()
+        if isinstance(weights, WeightSource):
+            weights = weights.first_rows("wpe.weight", block_size)
+        else:
+            weights = {**weights, "wpe.weight": weights["wpe.weight"][:block_size].clone()}
     return dataclasses.replace(trained, model_cfg=dataclasses.replace(cfg, block_size=block_size),
                                state_dict=weights)
 
@@ -151,13 +196,22 @@ def _check_tokenizer(trained: TrainedModel, tokenizer: str | Path | None) -> Tra
 def _load_exported(folder: Path) -> TrainedModel:
     from safetensors.torch import load_file
 
+    return _exported(folder, lambda file: load_file(str(file)))
+
+
+def _open_exported(folder: Path) -> TrainedModel:
+    return _exported(folder, lambda file: SafetensorsWeights(dict.fromkeys(stored_names(file), file)))
+
+
+def _exported(folder: Path, weights: Callable[[Path], Mapping[str, torch.Tensor]]) -> TrainedModel:
+    """The consolidated folder, its weights ``weights(its model.safetensors)``."""
     meta = json.loads((folder / CONFIG).read_text())
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{folder / CONFIG} is not an llmtrain export (format {meta.get('format')!r}, version "
                         f"{meta.get('format_version')!r}); a Hugging Face folder is loaded with transformers")
     tok = _tokenizer(find_tokenizer(folder), meta["tokenizer_sha256"], folder)
     data_dir = _data_dir(folder) if (folder / RUN_CONFIG).is_file() else None  # a run's own checkpoint
-    return TrainedModel(model_config_from(meta["model"]), load_file(str(folder / WEIGHTS)), tok, folder,
+    return TrainedModel(model_config_from(meta["model"]), weights(folder / WEIGHTS), tok, folder,
                         int(meta["step"]), int(meta["tokens_seen"]), data_dir)
 
 
@@ -208,26 +262,66 @@ def save_consolidated(trained: TrainedModel, out: str | Path, dtype: str = "fp32
 def load_hf(folder: str | Path) -> TrainedModel:
     """A transformers folder of the GPT-2 or Llama family as a TrainedModel in fp32 (step 0), with the folder's
     tokenizer."""
-    require_transformers(f"loading {folder}")
-    from transformers import AutoConfig, AutoModelForCausalLM  # an optional extra: imported when a folder needs it
-
     folder = Path(folder).expanduser()
-    cfg = model_config_of(AutoConfig.from_pretrained(folder), folder)
-    tokenizer_file = find_tokenizer(folder)
-    if tokenizer_file is None:
-        raise UserError(f"{folder} has no tokenizer (tokenizer.model or tokenizer.json); copy the model's "
-                        "tokenizer into it")
-    family = hf_family(cfg)
+    cfg, pairs, tokenizer = _hf_header(folder)
+    from transformers import AutoModelForCausalLM  # an optional extra: imported when a folder needs it
+
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     except (OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"transformers could not load {folder} ({str(exc).strip().splitlines()[0][:200]})") from None
     theirs = model.state_dict()
-    pairs = weight_pairs(cfg, family)
-    mapped = {name for pair in pairs for name in pair.theirs}
-    tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
-    left = sorted(set(theirs) - mapped - tied)
+    left = _unmapped(theirs, pairs, cfg)
     if left:
         raise UserError(f"{folder} holds weights llmtrain has no place for: {', '.join(left[:4])}")
-    tokenizer = Tokenizer.load(tokenizer_file)
     return TrainedModel(cfg, from_hf_weights(pairs, theirs), tokenizer, folder, step=0, tokens_seen=0)
+
+
+def _open_hf(folder: Path) -> TrainedModel:
+    """``load_hf(folder)`` with its weights left in its safetensors file(s); NotSliceable where its stored names are
+    not those of ``weight_pairs`` (older GPT-2 folders name theirs without the ``transformer.`` prefix: transformers
+    renames them on loading) or it has no safetensors."""
+    cfg, pairs, tokenizer = _hf_header(folder)
+    files = _hf_safetensors(folder)
+    odd = _unmapped(files, pairs, cfg) + _unmapped_pieces(files, pairs)
+    if odd:
+        raise NotSliceable(f"its safetensors names are not all the ones llmtrain maps (such as {odd[0]})")
+    return TrainedModel(cfg, SafetensorsWeights(files, pairs), tokenizer, folder, step=0, tokens_seen=0)
+
+
+def _hf_header(folder: Path) -> tuple[ModelConfig, list[WeightPair], Tokenizer]:
+    """The model config of a transformers folder (refused when our GPT cannot compute it), the mapping of its weights
+    and its tokenizer."""
+    require_transformers(f"loading {folder}")
+    from transformers import AutoConfig  # an optional extra: imported when a folder needs it
+
+    cfg = model_config_of(AutoConfig.from_pretrained(folder), folder)
+    tokenizer_file = find_tokenizer(folder)
+    if tokenizer_file is None:
+        raise UserError(f"{folder} has no tokenizer (tokenizer.model or tokenizer.json); copy the model's "
+                        "tokenizer into it")
+    pairs = weight_pairs(cfg, hf_family(cfg))
+    return cfg, pairs, Tokenizer.load(tokenizer_file)
+
+
+def _hf_safetensors(folder: Path) -> dict[str, Path]:
+    """The safetensors file of each tensor of a transformers folder (its model.safetensors, else the files its index
+    names), as transformers picks them; NotSliceable when it has pickled weights only."""
+    if (folder / WEIGHTS).is_file():
+        return dict.fromkeys(stored_names(folder / WEIGHTS), folder / WEIGHTS)
+    if (folder / HF_INDEX).is_file():
+        weight_map = json.loads((folder / HF_INDEX).read_text())["weight_map"]
+        return {name: folder / file for name, file in weight_map.items()}
+    raise NotSliceable(PICKLED)
+
+
+def _unmapped(theirs: Mapping[str, Any], pairs: list[WeightPair], cfg: ModelConfig) -> list[str]:
+    """Names of ``theirs`` that no pair maps (a tied head, stored or not, is our wte)."""
+    mapped = {name for pair in pairs for name in pair.theirs}
+    tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    return sorted(set(theirs) - mapped - tied)
+
+
+def _unmapped_pieces(theirs: Mapping[str, Any], pairs: list[WeightPair]) -> list[str]:
+    """Names the pairs map that ``theirs`` does not hold."""
+    return sorted({name for pair in pairs for name in pair.theirs} - set(theirs))

@@ -91,8 +91,8 @@ class Trainer:
         self.predicted_memory = self._predict_memory(shape.num_params(non_embedding=False))
         self._memory_reported = False  # the measured peak is logged beside it once, at the first logged step
         torch.manual_seed(cfg.train.seed)
-        model = build_partitioned(lambda: build_model(self.model_cfg, cfg.dist.activation_checkpointing),
-                                  self.ds_config)
+        model = build_partitioned(lambda: build_model(self.model_cfg, cfg.dist.activation_checkpointing,
+                                                      initialize=started.initial is None), self.ds_config)
         if started.initial is not None:
             copy_weights(model, started.initial.state_dict, cfg.dist.zero_stage)
             started.initial = None  # its weights are in the model now; a resumed checkpoint replaces them (step 7)

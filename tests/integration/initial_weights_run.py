@@ -3,8 +3,9 @@
     torchrun --nproc_per_node 2 tests/integration/initial_weights_run.py DATA_DIR RUN_DIR ZERO_STAGE OUT.pt [INIT_FROM]
 
 Rank 0 saves {"weights": the gathered initial state, "model": the model config, "held": elements each rank held
-right after construction, "master_is_the_partition": per ZeRO-3 sub-group, whether the fp32 master partition shares
-the parameter partition's storage}.
+right after construction, "read": elements each rank read from INIT_FROM's safetensors files a slice at a time,
+"master_is_the_partition": per ZeRO-3 sub-group, whether the fp32 master partition shares the parameter partition's
+storage}.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tiny_config import tiny_config  # a sibling: a script run by path has its o
 from llmtrain.distributed import deepspeed as ds
 from llmtrain.distributed.exit import ended_process
 from llmtrain.train import trainer as trainer_module
+from llmtrain.weights import SafetensorsWeights
 
 
 def main() -> None:
@@ -32,13 +34,22 @@ def main() -> None:
         return model
 
     trainer_module.build_partitioned = counting
+    read = [0]
+    read_rows = SafetensorsWeights._read_rows
+
+    def counting_reads(self, name, r0, r1):  # what this rank reads from the files of model.init_from
+        rows = read_rows(self, name, r0, r1)
+        read[0] += rows.numel()
+        return rows
+
+    SafetensorsWeights._read_rows = counting_reads
     cfg = tiny_config(data_dir, run_dir, stage, max_steps=1, global_batch_size=4, micro_batch_size=2, eval_every=0)
     if len(sys.argv) > 5:
         cfg.model.init_from = sys.argv[5]
     trainer = trainer_module.Trainer(cfg)
     params = list(trainer.engine.module.parameters())
-    counts = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, torch.tensor([held[0]]))
+    counts = [torch.zeros(2, dtype=torch.long) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([held[0], read[0]]))
     with deepspeed.zero.GatheredParameters(params, enabled=stage == 3):
         weights = {name: p.detach().clone() for name, p in trainer.engine.module.named_parameters()}
     zero = trainer.engine.optimizer  # under ZeRO-3: is each fp32 master partition the parameter partition itself?
@@ -46,7 +57,8 @@ def main() -> None:
                                                           getattr(zero, "fp32_partitioned_groups_flat", []),
                                                           strict=True)]
     if dist.get_rank() == 0:
-        torch.save({"weights": weights, "model": trainer.model_cfg, "held": [int(c) for c in counts],
+        torch.save({"weights": weights, "model": trainer.model_cfg, "held": [int(c[0]) for c in counts],
+                    "read": [int(c[1]) for c in counts],
                     "master_is_the_partition": shared}, out)
     dist.barrier()
 

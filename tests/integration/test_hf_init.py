@@ -59,20 +59,31 @@ def test_llama_continues_alike_under_zero0_and_zero3(init_run):
     assert one[STEPS] < one[1]  # it learns
 
 
-def test_zero3_starts_from_exactly_the_imported_weights(hf_folders, prepared_small, tmp_path):
-    from llmtrain.run.trained import load_trained
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "export"])
+def test_zero3_starts_from_exactly_the_imported_weights(kind, hf_folders, prepared_small, tmp_path):
+    """Each rank reads only its partitions' slices of the safetensors files (Llama's fused q/k/v and gate/up, GPT-2's
+    transposed Conv1D and learned positions cut to the block, an llmtrain export in bf16 with its head tied), and
+    the weights equal a whole load's bitwise."""
+    from llmtrain.run.trained import load_trained, save_consolidated
 
+    folder = hf_folders[kind] if kind != "export" else save_consolidated(
+        load_trained(hf_folders["gpt2"]), tmp_path / "export", dtype="bf16")
     script, out = Path(__file__).with_name("initial_weights_run.py"), tmp_path / "init.pt"
     proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(script),
-                           str(prepared_small), str(tmp_path / "run"), "3", str(out), str(hf_folders["llama"])],
+                           str(prepared_small), str(tmp_path / "run"), "3", str(out), str(folder)],
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = torch.load(out, weights_only=False)
-    imported = load_trained(hf_folders["llama"], block_size=64).state_dict
-    assert saved["model"].n_kv_head == 2 and saved["model"].block_size == 64
+    imported = load_trained(folder, block_size=64).state_dict
+    assert saved["model"].block_size == 64 and saved["model"].kv_heads == (2 if kind == "llama" else 4)
     assert saved["weights"].keys() == imported.keys()
     for name, weight in saved["weights"].items():
-        assert torch.equal(weight, imported[name]), name  # bitwise, gathered from the 2 ranks' partitions
+        assert torch.equal(weight, imported[name].float()), name  # bitwise, gathered from the 2 ranks' partitions
+    total = sum(w.numel() for w in imported.values())
+    split_rows = sum(2 * w[0].numel() for w in imported.values())  # a partition may start and end inside a row
+    assert sum(saved["read"]) >= total, (saved["read"], total)
+    assert all(0 < read <= held + split_rows for read, held in zip(saved["read"], saved["held"], strict=True)), (
+        saved["read"], saved["held"])  # its own partitions, never the whole model
 
 
 def test_zero3_run_resumes_and_exports_back_to_transformers(init_run, hf_folders, prepared_small, tmp_path):
