@@ -66,10 +66,10 @@ class ParameterServer:
         self.released = threading.Event()
         """Set by server 0 when the run is over: the other servers may then leave."""
         self.ready = threading.Event()
+        """Set once the shard is what the run starts from (resumed, where it resumes): pulls wait for it."""
         self.copies = HostCopies()
         self.staged: dict | None = None
         """This shard's state copied by ``stage`` for a checkpoint, until it is written."""
-        """Set once the shard is what the run starts from (resumed, where it resumes): pulls wait for it."""
         self.nonfinite = NonfiniteStreak(max_nonfinite_steps)
         self.skipped_steps = 0
         self._step_skipped = False

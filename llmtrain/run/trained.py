@@ -317,11 +317,15 @@ def _hf_safetensors(folder: Path) -> dict[str, Path]:
 
 def _unmapped(theirs: Mapping[str, Any], pairs: list[WeightPair], cfg: ModelConfig) -> list[str]:
     """Names of ``theirs`` that no pair maps (a tied head, stored or not, is our wte)."""
-    mapped = {name for pair in pairs for name in pair.theirs}
     tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
-    return sorted(set(theirs) - mapped - tied)
+    return sorted(set(theirs) - _mapped(pairs) - tied)
 
 
 def _unmapped_pieces(theirs: Mapping[str, Any], pairs: list[WeightPair]) -> list[str]:
     """Names the pairs map that ``theirs`` does not hold."""
-    return sorted({name for pair in pairs for name in pair.theirs} - set(theirs))
+    return sorted(_mapped(pairs) - set(theirs))
+
+
+def _mapped(pairs: list[WeightPair]) -> set[str]:
+    """Every transformers name the pairs map."""
+    return {name for pair in pairs for name in pair.theirs}
