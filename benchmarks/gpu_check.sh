@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # A one-GPU smoke test and benchmark (about 8 minutes on one H200-class GPU): tests/gpu, then tokens/s and MFU
 # (against the data sheet's bf16 peak) of gpt2-124m and 350m in bf16, eager and train.compile=true, as one table.
-# Then llmtrain's fp32 training step against the simplest peer's (benchmarks/_alternate.py), alternated.
+# Then a long-context run on one device (predicted and measured peak), the tensor- and sequence-parallel layouts
+# where there are 2 devices (or on 2 CPU ranks), and llmtrain's fp32 training step against the simplest peer's
+# (benchmarks/_alternate.py), alternated.
 #   bash benchmarks/gpu_check.sh        # results in $OUT (default /tmp/gpu-check): results.jsonl, table.md, logs
 # On a GPU machine without network access and without a .venv, it installs the wheels of .whl/ (built beforehand
 # on a machine with PyPI: bash benchmarks/gpu_wheels.sh) and the checkout itself. Without CUDA (~3 minutes) it uses
@@ -24,10 +26,10 @@ else  # a GPU machine without network: the checkout and its .whl/ wheels
 fi
 bin=$(dirname "$($py -c 'import sys; print(sys.executable)')")
 if $py -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
-    block=1024 steps=30 limit=110 specs=("gpt2-124m 16" "350m 8")
+    block=1024 steps=30 limit=110 specs=("gpt2-124m 16" "350m 8") long=16384 prec=bf16
 else
     log "no CUDA: a CPU smoke run of the same steps"
-    block=128 steps=12 limit=240 specs=("tiny 8")
+    block=128 steps=12 limit=240 specs=("tiny 8") long=1024 prec=fp32
 fi
 $py -c "import torch, deepspeed, datasets, hydra; print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))" || exit 1
 
@@ -56,6 +58,25 @@ print(json.dumps({"model": sys.argv[2], "batch": sys.argv[3], "compiled": sys.ar
 PY
     done
 done
+log "long context on one device: small, RoPE, activation checkpointing, block $long; predicted against measured peak"
+timeout "$limit" "$bin/llmtrain-train" data.dir=/tmp/data/stdlib run.dir=/tmp/runs/long-context model=small \
+    model.pos=rope model.block_size="$long" precision="$prec" dist.activation_checkpointing=true \
+    train.micro_batch_size=1 train.global_batch_size=1 train.max_steps=3 train.log_every=1 train.eval_every=0 \
+    train.eval_windows=2 train.checkpoint_every=0 run.resume=restart >"$OUT/long_context.log" 2>&1 \
+    && grep -o "memory per rank: predicted.*" "$OUT/long_context.log" | tee "$OUT/long_context.txt" \
+    || log "long context failed: $(tail -1 "$OUT/long_context.log")"
+devices=$($py -c "import torch; print(torch.cuda.device_count())")
+if [ "$devices" -ge 2 ] || [ "$devices" = 0 ]; then  # the tensor- and sequence-parallel layouts need 2 devices
+    for axis in tensor_parallel sequence_parallel; do
+        log "dist.$axis=2 on 2 ranks: losses beside the 1-rank run's (tests/integration/test_parallel.py on a CPU)"
+        timeout "$limit" "$bin/torchrun" --standalone --nproc_per_node 2 -m llmtrain.cli.train \
+            data.dir=/tmp/data/stdlib run.dir=/tmp/runs/$axis model="${specs[0]%% *}" precision="$prec" \
+            dist.$axis=2 dist.zero_stage=1 model.block_size="$block" train.micro_batch_size=4 \
+            train.global_batch_size=4 train.max_steps=10 train.log_every=5 train.eval_every=0 train.eval_windows=8 \
+            train.checkpoint_every=0 run.resume=restart >"$OUT/layout_$axis.log" 2>&1 \
+            && grep -E "tensor x|step 10/" "$OUT/layout_$axis.log" | tail -2 || log "$axis failed: $(tail -1 "$OUT/layout_$axis.log")"
+    done
+fi
 model=${specs[0]%% *} micro=${specs[0]##* }
 log "fp32 eager, $model: llmtrain's training step against the simplest peer's, alternated (benchmarks/_alternate.py)"
 timeout "$limit" $py benchmarks/_alternate.py --steps "$steps" -- data.dir=/tmp/data/stdlib model="$model" \

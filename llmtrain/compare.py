@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmtrain.config import CompareConfig
+from llmtrain.config import CompareConfig, Mode, parallel_problems
 from llmtrain.errors import UserError
 from llmtrain.run.rundir import RunDir
 from llmtrain.run.setup import check_data_dir
@@ -129,6 +129,9 @@ def plot(runs: list[ModeRun], out: Path) -> list[Path]:
 
 def compare(cfg: CompareConfig, user_overrides: list[str]) -> str:
     check_data_dir(cfg.data)  # the runs would each refuse it, after compare.dir was made
+    refused = parallel_problems(cfg.model, cfg.dist, Mode.async_ps)  # the async runs would, after the sync one
+    if refused:
+        raise UserError(refused[0])
     out = Path(cfg.compare.dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = plan(cfg)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import shutil
 import sys
+from argparse import Namespace
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,7 @@ import torch
 from llmtrain import workarounds
 from llmtrain.config import ModelConfig, Precision, TrainConfig
 from llmtrain.distributed.env import select_accelerator
+from llmtrain.distributed.parallel import tensor_parallel_section
 from llmtrain.errors import AgreedError, UserError
 from llmtrain.model import build_model
 from llmtrain.optim import param_groups
@@ -44,7 +48,8 @@ DEEPSPEED_SECTIONS = frozenset({
 # Settings llmtrain derives from its own config (the data reader, the loop and checkpoints rely on them).
 OWNED = {"train_batch_size": "train.global_batch_size", "train_micro_batch_size_per_gpu": "train.micro_batch_size",
          "gradient_accumulation_steps": "train.global_batch_size", "zero_optimization.stage": "dist.zero_stage",
-         "bf16.enabled": "precision", "fp16.enabled": "precision", "gradient_clipping": "optim.grad_clip"}
+         "bf16.enabled": "precision", "fp16.enabled": "precision", "gradient_clipping": "optim.grad_clip",
+         "tensor_parallel.autotp_size": "dist.tensor_parallel"}
 
 
 MIN_BUCKET = 1 << 22  # elements: 16 MB in fp32
@@ -81,10 +86,25 @@ def trainer_clips(cfg: TrainConfig) -> bool:
     return cfg.dist.zero_stage == 0 and cfg.precision == Precision.fp32
 
 
-def build_ds_config(cfg: TrainConfig, dp_world: int, compile_model: bool = False) -> dict[str, Any]:
+def clip_whole_gradients(engine, max_norm: float) -> torch.Tensor:
+    """Clip the whole gradients of ``engine``'s module (``trainer_clips``) to ``max_norm``; the norm before
+    clipping, left on the device. Under tensor parallel the norm is DeepSpeed's model-parallel one: the split
+    weights' squares summed over the group, the whole ones counted once."""
+    params = [p for p in engine.module.parameters() if p.grad is not None]
+    if engine.autotp_size() > 1:
+        from deepspeed.runtime.utils import clip_grad_norm_
+
+        return clip_grad_norm_(params, max_norm, mpu=engine.mpu)
+    return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+
+
+def build_ds_config(cfg: TrainConfig, dp_world: int, compile_model: bool = False,
+                    model: ModelConfig | None = None) -> dict[str, Any]:
     """The whole DeepSpeed config. Nothing else in llmtrain writes DeepSpeed settings: generated from the typed
     config, then ``dist.deepspeed_overrides`` merged over it (unknown sections and llmtrain's own settings refused).
-    ``compile_model`` under ZeRO-3 selects DeepSpeed's DeepCompile (see ``should_compile``)."""
+    ``dp_world``: the data-parallel ranks. ``compile_model`` under ZeRO-3 selects DeepSpeed's DeepCompile (see
+    ``should_compile``). ``model``: the model config as it runs (``cfg.model`` unless model.init_from set it), which
+    a tensor-parallel partition follows."""
     accum = grad_accumulation_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size, dp_world)
     zero: dict[str, Any] = {"stage": cfg.dist.zero_stage}
     if cfg.dist.zero_stage >= 1:
@@ -111,6 +131,13 @@ def build_ds_config(cfg: TrainConfig, dp_world: int, compile_model: bool = False
     }
     if compile_model and cfg.dist.zero_stage == 3:
         generated["compile"] = {"deepcompile": True}
+    if cfg.dist.tensor_parallel > 1:
+        generated["tensor_parallel"] = tensor_parallel_section(model or cfg.model, cfg.dist.tensor_parallel)
+    if cfg.dist.tensor_parallel * cfg.dist.sequence_parallel > 1:
+        # DeepSpeed checks train_batch_size against every rank of the job where it does not know the layout yet
+        # (zero.Init, and initialize before the tensor-parallel groups exist); given the micro-batch and the
+        # accumulation only, it derives it. The gradients are averaged over the data-parallel ranks either way.
+        del generated["train_batch_size"]
     return merge_overrides(generated, cfg.dist.deepspeed_overrides)
 
 
@@ -225,9 +252,10 @@ def should_compile(setting: bool | None, device: torch.device, zero_stage: int) 
 
 
 def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any],
-               compile_model: bool = False):
+               compile_model: bool = False, mpu: Any = None):
     """Wrap model and optimizer in a DeepSpeed engine (the only call of deepspeed.initialize, with the workarounds
-    of ``llmtrain.workarounds`` that apply to this accelerator and ZeRO stage); with
+    of ``llmtrain.workarounds`` that apply to this accelerator and ZeRO stage; ``mpu``: the sequence-parallel
+    groups of ``llmtrain.distributed.parallel``, or None); with
     ``compile_model``, torch.compile the module in place through the engine (its parameter names, and so every
     checkpoint, stay those of the eager module: a run saved compiled resumes eager and back)."""
     import deepspeed  # imported on use: after select_accelerator, and not for --help
@@ -236,7 +264,7 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_conf
     zero_stage = ds_config["zero_optimization"]["stage"]
     try:
         with workarounds.around_initialize(zero_stage):  # the patches of DeepSpeed that apply here, if any
-            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
     except ValidationError as exc:  # a nested key of dist.deepspeed_overrides that DeepSpeed does not know
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise UserError(f"dist.deepspeed_overrides: DeepSpeed refused the config ({problems})") from None
@@ -246,9 +274,43 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_conf
     return engine
 
 
-def fp32_weights(folder: Path, zero_stage: int, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
+UNIVERSAL = "universal"
+"""The sub-folder of a checkpoint that holds its universal form."""
+CONVERTED = "converted.json"
+
+
+def universal_checkpoint(folder: Path, note: dict[str, Any]) -> Path:
+    """DeepSpeed's universal form of the ZeRO 1-3 checkpoint ``folder`` (``ds_to_universal``: each parameter's fp32
+    weights and optimizer moments whole, tensor-parallel slices joined), which any world size and layout can
+    load. Made once, in ``folder/universal``, and marked done by ``note`` (what it was converted from) written
+    last. One process converts; the others wait for it."""
+    universal = folder / UNIVERSAL
+    if not (universal / CONVERTED).is_file():
+        select_accelerator()
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        shutil.rmtree(universal, ignore_errors=True)
+        with contextlib.redirect_stdout(sys.stderr):  # it prints progress; our stdout is for results
+            ds_to_universal(Namespace(input_folder=str(folder), output_folder=str(universal), num_extract_workers=1,
+                                      num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                      inject_missing_state=True))
+        (universal / CONVERTED).write_text(json.dumps(note))
+    return universal
+
+
+def fp32_weights(folder: Path, zero_stage: int, model_cfg: ModelConfig,
+                 tensor_parallel: int = 1) -> dict[str, torch.Tensor]:
     """fp32 weights from DeepSpeed's files: ZeRO >= 1 merges the fp32 partitions of every rank (DeepSpeed's
-    zero_to_fp32); ZeRO-0 keeps whole weights, and under bf16 their fp32 masters in the optimizer state."""
+    zero_to_fp32, or with tensor-parallel slices its universal conversion); ZeRO-0 keeps whole weights, and under
+    bf16 their fp32 masters in the optimizer state."""
+    if tensor_parallel > 1:
+        if zero_stage == 0:
+            raise UserError(f"{folder} was saved at ZeRO-0 with dist.tensor_parallel={tensor_parallel}, whose "
+                            "slices DeepSpeed joins only from ZeRO 1-3 checkpoints; resume it with "
+                            f"dist.tensor_parallel={tensor_parallel} and dist.zero_stage=1 to save one that exports")
+        zero = universal_checkpoint(folder, {"tensor_parallel": tensor_parallel}) / "zero"
+        return {path.name: torch.load(path / "fp32.pt", map_location="cpu", weights_only=False)["param"].float()
+                for path in sorted(zero.iterdir()) if (path / "fp32.pt").is_file()}
     if zero_stage > 0:
         select_accelerator()  # before deepspeed is imported: no CUDA -> its CPU accelerator, without a warning
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # after select_accelerator

@@ -45,7 +45,7 @@ def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor,
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (first half, second half) of each head's channels; x is (B, nh, T, hs)."""
+    """Rotate pairs (first half, second half) of each head's channels; x is (B, T, nh, hs)."""
     x1, x2 = x.float().chunk(2, dim=-1)
     rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return rotated.to(x.dtype)
@@ -60,7 +60,7 @@ class KVCache:
     """
 
     def __init__(self, cfg: ModelConfig, pad: torch.Tensor, dtype: torch.dtype) -> None:
-        shape = (cfg.n_layer, len(pad), cfg.kv_heads, cfg.block_size, cfg.head_dim)
+        shape = (cfg.n_layer, len(pad), cfg.block_size, cfg.kv_heads, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=pad.device)
         self.v = torch.zeros(shape, dtype=dtype, device=pad.device)
         self.pad = pad
@@ -71,8 +71,8 @@ class KVCache:
     def begin(self, T: int) -> torch.Tensor:
         """Prepare to take T new positions: returns their (B, T) position ids and sets the attention mask."""
         end = self.length + T
-        if end > self.k.shape[3]:
-            raise ValueError(f"the KV cache holds {self.k.shape[3]} positions (block_size); {end} requested")
+        if end > self.k.shape[2]:
+            raise ValueError(f"the KV cache holds {self.k.shape[2]} positions (block_size); {end} requested")
         query = torch.arange(self.length, end, device=self.pad.device)
         key = torch.arange(end, device=self.pad.device)
         allowed = (key[None, :] <= query[:, None])[None] & (key[None, None, :] >= self.pad[:, None, None])
@@ -82,48 +82,68 @@ class KVCache:
         return (query[None, :] - self.pad[:, None]).clamp(min=0)
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this layer's new (B, nkv, T, hs) keys/values; return all of them so far."""
-        end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        """Write this layer's new (B, T, nkv, hs) keys/values; return all of them so far."""
+        end = self.length + k.shape[1]
+        self.k[layer, :, self.length:end] = k
+        self.v[layer, :, self.length:end] = v
+        return self.k[layer, :, :end], self.v[layer, :, :end]
 
     def end(self, T: int) -> None:
         self.length += T
+
+
+class ScaledDotProductAttention(nn.Module):
+    """softmax(q k^T / sqrt(hs)) v over (B, T, heads, hs) inputs, causal unless a mask is given; grouped-query
+    attention repeats each kv head for its queries. A module of its own so that a sequence-parallel layout can put
+    its all-to-all exchanges around it (``llmtrain.distributed.parallel``): it sees whole sequences of some heads."""
+
+    def __init__(self, dropout: float) -> None:
+        super().__init__()
+        self.dropout = dropout
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs), (B, nkv, T, hs)
+        if k.shape[1] != q.shape[1]:  # grouped-query attention: each kv head serves nh / nkv queries
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        return y.transpose(1, 2)  # (B, T, nh, hs)
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
-        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.head_dim = cfg.head_dim
+        self.queries_per_kv = cfg.n_head // cfg.kv_heads
         self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias)
+        self.core = ScaledDotProductAttention(cfg.dropout)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.proj.is_residual_projection = True
-        self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: KVCache | None = None) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(
-            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        B, T, _ = x.shape
+        qkv = self.qkv(x)
+        # The head counts come from the projection's width: a tensor-parallel layout gives this rank a column
+        # slice of the q, k and v heads (llmtrain.distributed.parallel), in the same proportions.
+        n_kv_head = qkv.shape[-1] // (self.head_dim * (self.queries_per_kv + 2))
+        n_head = n_kv_head * self.queries_per_kv
+        q, k, v = qkv.split([n_head * self.head_dim, n_kv_head * self.head_dim, n_kv_head * self.head_dim], dim=-1)
+        q = q.view(B, T, n_head, self.head_dim)  # (B, T, nh, hs)
+        k = k.view(B, T, n_kv_head, self.head_dim)  # (B, T, nkv, hs)
+        v = v.view(B, T, n_kv_head, self.head_dim)  # (B, T, nkv, hs)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        mask = None
         if cache is not None:
             k, v = cache.store(self.layer, k, v)
-            mask = cache.attn_mask
-        if self.n_kv_head != self.n_head:  # grouped-query attention: each kv head serves n_head / n_kv_head queries
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.proj(y))
+            y = self.core(q, k, v, cache.attn_mask)
+        else:
+            y = self.core(q, k, v)  # (B, T, nh, hs)
+        return self.resid_dropout(self.proj(y.reshape(B, T, n_head * self.head_dim)))
 
 
 class FeedForward(nn.Module):
@@ -193,17 +213,18 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                start: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, vocab); with targets, also the mean cross-entropy.
 
-        With a ``cache`` (generation), idx continues the positions already in it, and it is extended.
+        With a ``cache`` (generation), idx continues the positions already in it, and it is extended. ``start``:
+        the position of idx's first token, when idx is a slice of longer sequences (a sequence-parallel shard).
         """
         B, T = idx.shape
         if cache is None:
-            if T > self.cfg.block_size:
-                raise ValueError(f"sequence of {T} tokens is longer than block_size={self.cfg.block_size}")
-            pos = torch.arange(T, device=idx.device)  # (T,)
+            if start + T > self.cfg.block_size:
+                raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.cfg.block_size}")
+            pos = torch.arange(start, start + T, device=idx.device)  # (T,)
         else:
             pos = cache.begin(T)  # (B, T)
         x = self.wte(idx)  # (B, T, C)
@@ -213,7 +234,7 @@ class GPT(nn.Module):
         rope = None
         if self.cfg.pos == Positions.rope:
             cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (T, hs/2) or (B, T, hs/2)
-            rope = (cos, sin) if pos.dim() == 1 else (cos[:, None], sin[:, None])  # broadcast over heads
+            rope = (cos[..., None, :], sin[..., None, :])  # (T, 1, hs/2) or (B, T, 1, hs/2): over the heads
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, use_reentrant=False)

@@ -1,9 +1,11 @@
 """The synchronous mode's tensor files: a DeepSpeed engine's collective save and load (``llmtrain.run.checkpoint``
 does the rest of every checkpoint).
 
-A run resumed on another number of data-parallel ranks: ZeRO 0 loads directly (nothing is sharded); ZeRO 1/2/3
-checkpoints are converted once to DeepSpeed's *universal* format (``deepspeed.checkpoint.ds_to_universal``), which
-any world size can load.
+A run resumed on another number of ranks or another layout (dist.tensor_parallel, dist.sequence_parallel): ZeRO 0
+without tensor parallel loads directly (nothing is sharded); ZeRO 1/2/3 checkpoints are converted once to
+DeepSpeed's *universal* format (``deepspeed.checkpoint.ds_to_universal``, which also joins tensor-parallel
+slices), which any world size and layout can load. A ZeRO-0 tensor-parallel checkpoint has no such conversion:
+it resumes in its own tensor-parallel degree.
 
 A background save (train.checkpoint_async=true) goes through DeepSpeed's extension point for checkpoint writers:
 ``StagingCheckpointEngine`` wraps the engine's writer, copies what the engine hands it to host memory, and on the
@@ -15,12 +17,7 @@ flushes files to the disk before its own ``latest`` file is written.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import shutil
-import sys
-from argparse import Namespace
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,13 +26,13 @@ import torch
 import torch.distributed as dist
 
 from llmtrain.config import Mode
+from llmtrain.distributed.deepspeed import UNIVERSAL, universal_checkpoint
+from llmtrain.distributed.parallel import Topology
 from llmtrain.errors import UserError
 from llmtrain.run.background import HostCopies
 from llmtrain.run.checkpoint import Peers, fsync_path
-from llmtrain.run.rundir import MARKER
 
 log = logging.getLogger("llmtrain")
-UNIVERSAL = "universal"
 
 
 def process_group_peers(rank: int, background: bool = False) -> Peers:
@@ -87,8 +84,10 @@ class DeepSpeedCheckpointIO:
 
     mode = Mode.sync
 
-    def __init__(self, engine, rank: int, world_size: int, zero_stage: int, background: bool = False) -> None:
-        self.engine, self.rank, self.world_size, self.zero_stage = engine, rank, world_size, zero_stage
+    def __init__(self, engine, topology: Topology, zero_stage: int, background: bool = False) -> None:
+        self.engine, self.zero_stage = engine, zero_stage
+        self.rank, self.world_size = topology.rank, topology.world_size
+        self.layout = {"tensor_parallel": topology.tp, "sequence_parallel": topology.sp}
         self.staging: StagingCheckpointEngine | None = None
         if background:
             engine.checkpoint_engine = self.staging = StagingCheckpointEngine(engine.checkpoint_engine)
@@ -97,7 +96,7 @@ class DeepSpeedCheckpointIO:
         return sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
 
     def marker_fields(self) -> dict[str, Any]:
-        return {"world_size": self.world_size, "zero_stage": self.zero_stage}
+        return {"world_size": self.world_size, "zero_stage": self.zero_stage, **self.layout}
 
     def write(self, folder: Path, state: dict[str, Any]) -> None:
         self.engine.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
@@ -122,9 +121,15 @@ class DeepSpeedCheckpointIO:
         if marker["zero_stage"] != self.zero_stage:
             raise UserError(f"{folder} was saved with dist.zero_stage={marker['zero_stage']}, this run has "
                             f"{self.zero_stage}; resume with the same stage (or start a new run.dir)")
+        saved_tp = marker.get("tensor_parallel", 1)
+        if self.zero_stage == 0 and saved_tp != self.layout["tensor_parallel"]:
+            raise UserError(f"{folder} was saved at ZeRO-0 with dist.tensor_parallel={saved_tp}; DeepSpeed converts "
+                            "only ZeRO 1-3 checkpoints between layouts: resume with "
+                            f"dist.tensor_parallel={saved_tp}")
 
     def read(self, folder: Path, marker: dict[str, Any]) -> None:
-        if marker["world_size"] == self.world_size or self.zero_stage == 0:
+        same_layout = all(marker.get(axis, 1) == degree for axis, degree in self.layout.items())
+        if (marker["world_size"] == self.world_size and same_layout) or self.zero_stage == 0:
             path, _ = self.engine.load_checkpoint(str(folder.parent), tag=folder.name, load_lr_scheduler_states=False)
         else:
             path, _ = self._load_universal(folder, marker)
@@ -132,19 +137,13 @@ class DeepSpeedCheckpointIO:
             raise RuntimeError("DeepSpeed found nothing to load")
 
     def _load_universal(self, folder: Path, saved: dict[str, Any]):
-        """ZeRO-sharded checkpoint on a new world size: convert once to the universal format, then load that."""
-        universal = folder / UNIVERSAL
-        if self.rank == 0 and not (universal / MARKER).is_file():
-            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
-            shutil.rmtree(universal, ignore_errors=True)
-            log.info("converting %s (%s) to DeepSpeed's universal format for a new world size", folder.name,
-                     f"{saved['world_size']} -> {self.world_size} ranks")
-            with contextlib.redirect_stdout(sys.stderr):  # it prints progress; our stdout is for results
-                ds_to_universal(Namespace(input_folder=str(folder), output_folder=str(universal), num_extract_workers=1,
-                                          num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                          inject_missing_state=True))
-            (universal / MARKER).write_text(json.dumps(saved))
+        """A ZeRO-sharded checkpoint on a new world size or layout: convert once to the universal format (rank 0,
+        the others wait), then load that."""
+        if self.rank == 0:
+            now = {"world_size": self.world_size, **self.layout}
+            log.info("loading %s (%s) through DeepSpeed's universal format for a new layout (%s)", folder.name,
+                     describe_layout(saved), describe_layout(now))
+            universal_checkpoint(folder, saved)
         dist.barrier()
         engine = self.engine
         engine._config.load_universal_checkpoint = True  # DeepSpeed reads it from its config at load time
@@ -152,3 +151,11 @@ class DeepSpeedCheckpointIO:
             return engine.load_checkpoint(str(folder), tag=UNIVERSAL, load_lr_scheduler_states=False)
         finally:
             engine._config.load_universal_checkpoint = False
+
+
+def describe_layout(marker: dict[str, Any]) -> str:
+    """A layout in words from a checkpoint's marker fields: "2 rank(s), tensor parallel 2"."""
+    parts = [f"{marker['world_size']} rank(s)"]
+    parts += [f"{axis.replace('_', ' ')} {marker[axis]}" for axis in ("tensor_parallel", "sequence_parallel")
+              if marker.get(axis, 1) > 1]
+    return ", ".join(parts)

@@ -20,18 +20,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from llmtrain.config import Precision, TrainConfig
+from llmtrain.config import Precision, TrainConfig, parallel_problems
 from llmtrain.data.reader import DeviceBatches, ValidationWindows
 from llmtrain.distributed import memory
 from llmtrain.distributed.deepspeed import (
     build_ds_config,
     build_partitioned,
+    clip_whole_gradients,
     copy_weights,
     initialize,
     should_compile,
     trainer_clips,
 )
 from llmtrain.distributed.env import DistEnv, init_distributed
+from llmtrain.distributed.parallel import Topology, parallelize, sequence_loss_scale
 from llmtrain.dtypes import torch_dtype
 from llmtrain.errors import AgreedError
 from llmtrain.evaluate import validation_scores
@@ -67,6 +69,7 @@ class Trainer:
         self.cfg = cfg
         # 1. Distributed environment: every component below takes rank / world size from it.
         self.env: DistEnv = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
+        self.topology = Topology.of(cfg.dist, self.env.rank, self.env.world_size)  # world = dp x tp x sp
         self.signals = StopSignals().install()  # a stop request during set-up is kept for the first step
         self._check_hardware()
         self.compiled = should_compile(cfg.train.compile, self.env.device, cfg.dist.zero_stage)
@@ -81,7 +84,10 @@ class Trainer:
         #    ZeRO-3 built partitioned. Its size is counted on a meta-device copy (a partitioned model counts only
         #    its shard).
         #    The memory it will take is predicted first (and warned about when it cannot fit).
-        self.ds_config = build_ds_config(cfg, self.env.world_size, self.compiled)
+        problems = parallel_problems(self.model_cfg, cfg.dist)  # a model.init_from model's own sizes
+        if problems:
+            raise AgreedError("; ".join(problems))
+        self.ds_config = build_ds_config(cfg, self.topology.dp, self.compiled, self.model_cfg)
         self.grad_accum = self.ds_config["gradient_accumulation_steps"]
         self.trainer_clips = trainer_clips(cfg)
         with torch.device("meta"):
@@ -96,12 +102,18 @@ class Trainer:
         if started.initial is not None:
             copy_weights(model, started.initial.state_dict, cfg.dist.zero_stage)
             started.initial = None  # its weights are in the model now; a resumed checkpoint replaces them (step 7)
-        # 5. Optimizer and the DeepSpeed engine.
+        # 5. The layout's parallel pieces (sequence parallel here; tensor parallel inside initialize, from the
+        #    config), the optimizer and the DeepSpeed engine.
+        mpu = parallelize(model, self.topology)
         optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.dist.offload_optimizer, self.env.device)
-        self.engine = initialize(model, optimizer, self.ds_config, self.compiled)
-        # 6. Data readers: this rank's training windows; the fixed validation set.
+        self.engine = initialize(model, optimizer, self.ds_config, self.compiled, mpu)
+        # 6. Data readers: this data-parallel rank's training windows (the same on every rank of a tensor- or
+        #    sequence-parallel group; each sequence-parallel rank computes its positions of them); the fixed
+        #    validation set.
         block = self.model_cfg.block_size
-        reader = self.data.train_reader(block, cfg.train.seed, self.env.rank, self.env.world_size,
+        self.positions = self.topology.positions(block)
+        self.loss_scale = sequence_loss_scale(self.topology, cfg.dist.zero_stage)  # of each shard's mean loss
+        reader = self.data.train_reader(block, cfg.train.seed, self.topology.dp_rank, self.topology.dp,
                                         cfg.train.subset_tokens)
         self.batches = DeviceBatches(reader, cfg.train.micro_batch_size, self.engine.device)
         self.val = self.data.validation(block, cfg.train.eval_windows)
@@ -109,8 +121,7 @@ class Trainer:
         #    earlier history moved aside): rank 0 decides, every rank takes its verdict.
         tokenizer_copy = {self.data.tokenizer_file.name: self.data.tokenizer_file}  # checkpoints stand on their own
         background = cfg.train.checkpoint_async
-        engine_files = DeepSpeedCheckpointIO(self.engine, self.env.rank, self.env.world_size, cfg.dist.zero_stage,
-                                             background)
+        engine_files = DeepSpeedCheckpointIO(self.engine, self.topology, cfg.dist.zero_stage, background)
         self.checkpoints = Checkpoints(self.run, engine_files, process_group_peers(self.env.rank, background),
                                        cfg.train.keep_checkpoints, tokenizer_copy, background)
         self.step, self.tokens_seen, self.skipped_steps = 0, 0, 0
@@ -122,12 +133,12 @@ class Trainer:
         self.metrics = MetricsLogger(self.run, self.env.is_main, cfg.wandb, resolved, cfg.train.max_steps,
                                      self.step)
         if self.env.is_main:
-            log.info("model %s: %.2fM parameters (non-embedding), %.3g FLOPs/token; ZeRO-%d, %s, %s, %d rank(s) on "
-                     "%s, global batch %d = %d micro x %d accumulation x %d ranks; peak %.3g FLOP/s (%s)",
+            log.info("model %s: %.2fM parameters (non-embedding), %.3g FLOPs/token; ZeRO-%d, %s, %s, %s on %s, "
+                     "global batch %d = %d micro x %d accumulation x %d data-parallel ranks; peak %.3g FLOP/s (%s)",
                      self.model_cfg.name, self.num_params / 1e6, self.flops_per_token, cfg.dist.zero_stage,
-                     cfg.precision.value, "compiled" if self.compiled else "eager", self.env.world_size,
+                     cfg.precision.value, "compiled" if self.compiled else "eager", self.topology.describe(),
                      self.env.device.type, cfg.train.global_batch_size, cfg.train.micro_batch_size, self.grad_accum,
-                     self.env.world_size, self.peak_flops, peak_source)
+                     self.topology.dp, self.peak_flops, peak_source)
 
     # -- set-up helpers -------------------------------------------------------------------------------------
     def _predict_memory(self, total_params: int) -> memory.MemoryEstimate:
@@ -233,11 +244,12 @@ class Trainer:
         set_lr(engine.optimizer, lr_at(self.step, cfg.optim, cfg.train.max_steps))
         loss_sum = torch.zeros((), device=engine.device)
         for micro in range(self.grad_accum):
-            # Dropout masks depend only on (seed, step, micro-step, rank): resuming needs no RNG state.
-            torch.manual_seed(hash((cfg.train.seed, self.step, micro, self.env.rank)) % (1 << 62))
+            # Dropout masks depend only on (seed, step, micro-step, rank): resuming needs no RNG state. The ranks of
+            # a tensor-parallel group draw the same masks (see Topology.dropout_rank).
+            torch.manual_seed(hash((cfg.train.seed, self.step, micro, self.topology.dropout_rank)) % (1 << 62))
             x, y = self.batches.next()
-            _, loss = engine(x, y)
-            engine.backward(loss)
+            loss = self._forward(x, y)
+            engine.backward(loss * self.loss_scale if self.loss_scale != 1 else loss)
             loss_sum += loss.detach().float()
             discard = False
             if micro == self.grad_accum - 1:  # gradients are whole now (ZeRO-0) or reduced into partitions
@@ -250,11 +262,18 @@ class Trainer:
         outcome.applied = math.isfinite(outcome.loss) and not discard and engine.was_step_applied()
         return outcome
 
+    def _forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The mean loss of this rank's positions of the batch: all of them, or under sequence parallel its slice,
+        whose positions start where the slice does."""
+        if self.topology.sp == 1:
+            return self.engine(x, y)[1]
+        start, stop = self.positions
+        return self.engine(x[:, start:stop], y[:, start:stop], start=start)[1]
+
     def _clip(self) -> torch.Tensor:
         """Clip whole gradients (ZeRO-0 in fp32, which DeepSpeed hands straight to the torch optimizer) in one
         norm pass, left on the device: the norm before clipping."""
-        params = [p for p in self.engine.module.parameters() if p.grad is not None]
-        return torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip or math.inf, foreach=True)
+        return clip_whole_gradients(self.engine, self.cfg.optim.grad_clip or math.inf)
 
     def _exchange(self, loss: torch.Tensor, norm: torch.Tensor | None) -> StepOutcome:
         """All-reduce [loss, one slot per signal number], read it back with the norm: the step's one sync."""
@@ -297,15 +316,17 @@ class Trainer:
     def _score(self, val: ValidationWindows, total: torch.Tensor) -> None:
         """Add this rank's share of ``val``: [summed loss, target count] into ``total``, on the device."""
         bs = self.cfg.train.micro_batch_size
-        batches = list(val.batches(bs, self.env.rank, self.env.world_size))
+        dp_rank, dp = self.topology.dp_rank, self.topology.dp
+        batches = list(val.batches(bs, dp_rank, dp))
         # ZeRO-3 gathers parameters inside forward, so every rank must run the same number of forwards.
-        num_batches = math.ceil(math.ceil(len(val) / self.env.world_size) / bs)
+        num_batches = math.ceil(math.ceil(len(val) / dp) / bs)
         for i in range(num_batches):
             x, y = batches[min(i, len(batches) - 1)] if batches else next(val.batches(bs, 0, 1))
-            _, loss = self.engine(x.to(self.engine.device), y.to(self.engine.device))
-            if i < len(batches):
-                total[0] += loss.double() * y.numel()
-                total[1] += y.numel()
+            loss = self._forward(x.to(self.engine.device), y.to(self.engine.device))
+            if i < len(batches):  # every rank of a tensor- or sequence-parallel group adds its share alike
+                targets = y.numel() // self.topology.sp
+                total[0] += loss.double() * targets
+                total[1] += targets
 
     def _log_step(self, loss: float, grad_norm: float, tokens_per_s: float, step_time: float) -> None:
         optimizer = self.engine.optimizer

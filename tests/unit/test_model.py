@@ -91,11 +91,12 @@ def test_rope_preserves_norm_and_is_relative():
     cos, sin = rope_tables(8, 32, 10000.0)
     q = torch.randn(1, 1, 1, 8)
     k = torch.randn(1, 1, 1, 8)
-    qs = apply_rope(q.expand(1, 1, 32, 8), cos, sin)
-    ks = apply_rope(k.expand(1, 1, 32, 8), cos, sin)
-    assert torch.allclose(qs.norm(dim=-1), q.norm().expand(1, 1, 32), atol=1e-5)
+    cos, sin = cos[:, None], sin[:, None]  # (T, 1, hs/2): over the heads of (B, T, nh, hs)
+    qs = apply_rope(q.expand(1, 32, 1, 8), cos, sin)[0, :, 0]
+    ks = apply_rope(k.expand(1, 32, 1, 8), cos, sin)[0, :, 0]
+    assert torch.allclose(qs.norm(dim=-1), q.norm().expand(32), atol=1e-5)
     # the score depends only on the distance between positions
-    assert torch.allclose((qs[0, 0, 5] * ks[0, 0, 3]).sum(), (qs[0, 0, 12] * ks[0, 0, 10]).sum(), atol=1e-5)
+    assert torch.allclose((qs[5] * ks[3]).sum(), (qs[12] * ks[10]).sum(), atol=1e-5)
 
 
 @pytest.mark.slow  # 150 optimizer steps: seconds on an idle core, far more on a busy one
