@@ -4,13 +4,17 @@ Model states per rank follow the ZeRO paper's accounting (Rajbhandari et al. 202
 DeepSpeed really keeps per parameter: the weights (4 bytes fp32, 2 bf16/fp16), their gradients, and the optimizer's
 fp32 state -- Adam's two moments (8 bytes) plus, with mixed precision or at ZeRO-1/2, an fp32 master copy (4 bytes;
 ZeRO-1/2 clone it even in fp32, ZeRO-3 in fp32 steps the partition itself). Stage 1 splits the optimizer state over
-the data-parallel ranks, stage 2 the gradients too, stage 3 the weights too. Besides them: Adam's temporary, the
-communication buckets (sized from the model width, see ``deepspeed.buckets_for_width``; at stage 0 one all-reduce
-copy of all the gradients), stage 3's gathered working set (two layers and the embedding), the activations of one
-micro-batch (Korthikanti et al. 2022: 34·b·t·h + 5·a·b·t² per layer at 2 bytes), the logits, the host copy of this
-rank's part of a checkpoint that a background save keeps (train.checkpoint_async: rank 0's weights below ZeRO-3, and
-the rank's fp32 master and moments), and the process itself (PyTorch and DeepSpeed loaded: measured, not
-predicted).
+the data-parallel ranks, stage 2 the gradients too, stage 3 the weights too. Tensor parallel (``dist.tensor_parallel``)
+splits each block's attention and MLP matrices over its ranks first; ZeRO then splits over the data-parallel ranks
+(world / tp). Under sequence parallel (``dist.sequence_parallel``) every rank holds the whole model and ZeRO splits
+over all the ranks. Besides them: Adam's temporary, the communication buckets (sized from the model width, see
+``deepspeed.buckets_for_width``; at stage 0 one all-reduce copy of all the gradients), stage 3's gathered working set
+(two layers and the embedding), the activations of one micro-batch (Korthikanti et al. 2022, per layer at 2 bytes:
+34·b·t·h + 5·a·b·t², with tensor parallel 10·b·t·h + 24·b·t·h/tp + 5·a·b·t²/tp; sequence parallel holds t/sp positions
+everywhere but attention, which sees all t positions of a/sp heads; the attention scores only where a kernel keeps
+them, see ``attention_score_bytes``), the logits, the host copy of this rank's part of a checkpoint that a background
+save keeps (train.checkpoint_async: rank 0's weights below ZeRO-3, and the rank's fp32 master and moments), and the
+process itself (PyTorch and DeepSpeed loaded: measured, not predicted).
 What the prediction cannot know is the allocator's fragmentation (see ``llmtrain.allocator``).
 """
 
@@ -19,10 +23,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from llmtrain.config import Precision, TrainConfig
+from llmtrain.config import MLP, ModelConfig, Precision, TrainConfig, parallel_problems
 from llmtrain.distributed.deepspeed import buckets_for_width
 from llmtrain.optim import ChunkedAdamW
 
@@ -60,8 +65,11 @@ class MemoryEstimate:
 def estimate(cfg: TrainConfig, num_params: int, world: int, process_bytes: float,
              on_gpu: bool = False) -> MemoryEstimate:
     """The peak bytes per rank of ``cfg`` with ``num_params`` parameters (all of them, embeddings included) on
-    ``world`` data-parallel ranks; ``process_bytes`` is what the process holds before the model (its baseline)."""
-    stage, n, psi, m = cfg.dist.zero_stage, world, float(num_params), cfg.model
+    ``world`` ranks, laid out as ``cfg.dist`` says (world = dp x tp x sp); ``process_bytes`` is what the process holds
+    before the model (its baseline)."""
+    stage, m = cfg.dist.zero_stage, cfg.model
+    n = max(1, world // cfg.dist.tensor_parallel)  # the ranks ZeRO partitions over: dp, or dp x sp
+    psi = rank_params(m, float(num_params), cfg.dist.tensor_parallel)
     mixed = cfg.precision != Precision.fp32
     weight_bytes = 2 if mixed else 4
     grad_bytes = 4 if (mixed and stage == 0) else weight_bytes  # bf16 ZeRO-0 accumulates in fp32
@@ -73,7 +81,7 @@ def estimate(cfg: TrainConfig, num_params: int, world: int, process_bytes: float
         optimizer = 0.0
     if on_gpu and cfg.dist.offload_params:
         weights = 0.0
-    h, layer_params = m.n_embd, 12 * m.n_embd**2
+    h = m.n_embd
     # Adam's update: PyTorch's fused AdamW (GPU) makes no temporary, ChunkedAdamW (CPU) one chunk's worth.
     buffers = 0.0 if on_gpu else 4.0 * ChunkedAdamW.CHUNK
     if stage == 0:  # DeepSpeed flattens all gradients into one all-reduce bucket (up to 5e8 elements) -- even on 1 rank
@@ -83,23 +91,71 @@ def estimate(cfg: TrainConfig, num_params: int, world: int, process_bytes: float
         buffers += (buckets["reduce_bucket_size"] + buckets["allgather_bucket_size"]) * 4
     elif stage == 3:  # buckets, and two layers plus the embedding table gathered whole while they compute
         buffers += (buckets["reduce_bucket_size"] + buckets["stage3_prefetch_bucket_size"]) * 4
-        buffers += (2 * layer_params + m.vocab_size * h) * weight_bytes
-    b, t, a, layers = cfg.train.micro_batch_size, m.block_size, m.n_head, m.n_layer
-    act_bytes = 2 if mixed else 4
-    per_layer = (34 * b * t * h + 5 * a * b * t * t) * act_bytes / 2
+        buffers += (2 * block_matrix_params(m) + m.vocab_size * h) * weight_bytes
+    return MemoryEstimate(weights, gradients, optimizer, buffers, activation_bytes(cfg, on_gpu), process_bytes,
+                          checkpoint_copy(cfg, psi, n) if cfg.train.checkpoint_async else 0.0)
+
+
+def block_matrix_params(model: ModelConfig) -> int:
+    """Parameters of one block's matrices that tensor parallel splits: the fused q/k/v (grouped-query shapes
+    included), the attention output, the MLP's input (twice as wide with swiglu) and output, and the biases of
+    the column-split ones (the row-split ones' biases stay whole, see ``parallel.tensor_parallel_section``)."""
+    h, hidden = model.n_embd, model.hidden
+    qkv = (model.n_head + 2 * model.kv_heads) * model.head_dim
+    up = hidden * (2 if model.mlp == MLP.swiglu else 1)
+    return qkv * h + h * h + up * h + hidden * h + ((qkv + up) if model.bias else 0)
+
+
+def rank_params(model: ModelConfig, num_params: float, tp: int) -> float:
+    """Parameters one rank holds before ZeRO partitions them: all ``num_params``, except the split matrices of
+    every block (``block_matrix_params``), of which a tensor-parallel rank holds 1/tp."""
+    if tp == 1:
+        return num_params
+    split = min(num_params, float(model.n_layer * block_matrix_params(model)))
+    return num_params - split + split / tp
+
+
+def activation_bytes(cfg: TrainConfig, on_gpu: bool) -> float:
+    """One micro-batch's activations on one rank at their peak, with the logits. Korthikanti et al. 2022 count
+    per layer, at 2 bytes, 34·b·t·h + 5·a·b·t² (the attention scores); with tensor parallel the norms' and dropouts'
+    part (10·b·t·h) stays whole on every rank and the rest (24·b·t·h and the scores) is split. A sequence-parallel
+    rank holds t/sp positions everywhere but inside attention, where it has all t positions of a/sp heads. With
+    activation checkpointing only each block's input stays (whole under tensor parallel), plus one block recomputed."""
+    m, tp, sp = cfg.model, cfg.dist.tensor_parallel, cfg.dist.sequence_parallel
+    b, t, h, layers = cfg.train.micro_batch_size, m.block_size, m.n_embd, m.n_layer
+    act_bytes = 2 if cfg.precision != Precision.fp32 else 4
+    positions = t / sp  # this rank's positions outside attention
+    per_layer = (10 + 24 / tp) * b * positions * h * act_bytes / 2
+    per_layer += attention_score_bytes(cfg, m.n_head / (tp * sp), on_gpu)
     if cfg.dist.activation_checkpointing:
-        activations = layers * b * t * h * act_bytes + per_layer
+        activations = layers * b * positions * h * act_bytes + per_layer
     else:
         activations = layers * per_layer
-    activations += 3 * b * t * m.vocab_size * 4  # logits, their softmax and its gradient, in fp32
-    return MemoryEstimate(weights, gradients, optimizer, buffers, activations, process_bytes,
-                          checkpoint_copy(cfg, psi, n) if cfg.train.checkpoint_async else 0.0)
+    # The LM head is whole on every tensor-parallel rank: the logits of all this rank's positions, their softmax and
+    # its gradient, in fp32.
+    return activations + 3 * b * positions * m.vocab_size * 4
+
+
+def attention_score_bytes(cfg: TrainConfig, heads: float, on_gpu: bool) -> float:
+    """The t x t attention scores of ``heads`` heads that one layer keeps, where a kernel keeps them.
+
+    On a CPU, PyTorch 2.13's ``scaled_dot_product_attention`` takes its flash kernel for causal attention without
+    dropout and never holds the scores: measured for 6 heads of 64 at t=4096 in fp32, forward and backward raise the
+    peak by 37 MiB, where one score matrix is 384 MiB (t=8192: 67 MiB against 1.5 GiB), so the term is 0. With
+    dropout it takes the math kernel, which works in fp32 even for bf16 inputs: measured 16.5 bytes per score at
+    its peak in backward, fp32 and bf16 alike (13-15 in forward). On a GPU the term stays Korthikanti's
+    5·a·b·t² at 2 bytes (not measured here: PyTorch's fused CUDA kernels, where they apply, would keep less)."""
+    m, b, t = cfg.model, cfg.train.micro_batch_size, cfg.model.block_size
+    if on_gpu:
+        return 5 * heads * b * t * t * (2 if cfg.precision != Precision.fp32 else 4) / 2
+    return 16.5 * heads * b * t * t if m.dropout > 0 else 0.0
 
 
 def checkpoint_copy(cfg: TrainConfig, psi: float, world: int) -> float:
     """Bytes of rank 0's part of a checkpoint (what a background save keeps a host copy of): the module's weights
     below ZeRO-3 (rank 0 writes them), and the optimizer's fp32 master and two moments -- rank 0's partition, or at
-    ZeRO-0 in fp32 the torch optimizer's whole state (its moments; the weights are the module's)."""
+    ZeRO-0 in fp32 the torch optimizer's whole state (its moments; the weights are the module's). ``psi``: the
+    parameters this rank holds before ZeRO (``rank_params``); ``world``: the ranks ZeRO partitions over."""
     stage, mixed = cfg.dist.zero_stage, cfg.precision != Precision.fp32
     module = (2 if mixed else 4) * psi if stage < 3 else 0.0
     return module + (8 * psi if stage == 0 and not mixed else 12 * psi / world)
@@ -113,22 +169,62 @@ def process_rss() -> float:
 
 
 def visible_bytes(device: torch.device, local_world: int) -> float:
-    """Memory one rank may use: its GPU's, or on a CPU host its share of what is available plus what it already
-    holds (all local ranks are about to grow alike)."""
+    """Memory one rank may use: its GPU's, or on a CPU host its share of what is available (to its memory cgroup,
+    where that limits it) plus what it already holds (all local ranks are about to grow alike)."""
     if device.type == "cuda":
         return float(torch.cuda.get_device_properties(device).total_memory)
     with open("/proc/meminfo") as meminfo:
         available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
-    return available / max(1, local_world) + process_rss()
+    room = cgroup_room(Path("/proc/self/cgroup").read_text(), Path("/sys/fs/cgroup"))
+    return min(available, room if room is not None else available) / max(1, local_world) + process_rss()
+
+
+def cgroup_room(membership: str, root: Path) -> float | None:
+    """Bytes the memory cgroup of this process (``membership``: /proc/self/cgroup's text) and every cgroup above it
+    can still take before its limit -- the least of them, its inactive page cache counted as free -- or None where
+    none is limited. A scheduler or container limits a job's memory this way (Slurm's task/cgroup plugin, Docker,
+    Kubernetes) while /proc/meminfo shows the whole machine's. cgroup v2 (``0::/path``, files memory.max /
+    memory.current) and v1 (the ``memory`` hierarchy: memory.limit_in_bytes / memory.usage_in_bytes) under ``root``."""
+    rooms = []
+    for line in membership.splitlines():
+        hierarchy, controllers, path = line.split(":", 2)
+        if hierarchy == "0" and not controllers:
+            base, names = root, ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):
+            base, names = root / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        folder = base / path.lstrip("/")
+        while True:
+            rooms.append(_cgroup_room(folder, *names))
+            if folder == base or base not in folder.parents:
+                break
+            folder = folder.parent
+    limited = [room for room in rooms if room is not None]
+    return min(limited) if limited else None
+
+
+def _cgroup_room(folder: Path, limit_file: str, usage_file: str, inactive_key: str) -> float | None:
+    try:
+        limit = (folder / limit_file).read_text().strip()
+        usage = float((folder / usage_file).read_text())
+        stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines())
+    except (OSError, ValueError):  # no such cgroup or controller here
+        return None
+    if limit == "max" or float(limit) >= 2**62:  # v1 writes "no limit" as the largest page-aligned int64
+        return None
+    return max(0.0, float(limit) - usage + float(stat.get(inactive_key, 0)))
 
 
 def what_would_fit(cfg: TrainConfig, num_params: int, world: int, process_bytes: float, visible: float,
                    on_gpu: bool) -> list[str]:
     """The single changes of the settings that bring the prediction under ``visible``, each with its prediction;
-    when none does alone, the shortest run of them, taken in this order, that does (more ranks last)."""
+    when none does alone, the shortest run of them, taken in this order, that does, then with a sequence- or
+    tensor-parallel degree added, then on more ranks. A degree always divides the ranks it is proposed for and
+    passes ``parallel_problems``."""
     dist_, train = cfg.dist, cfg.train
     changes: list[tuple[str, Callable[[TrainConfig], TrainConfig]]] = []
-    if dist_.zero_stage < 3:
+    if dist_.zero_stage < 3 and dist_.tensor_parallel == 1:  # tensor parallel stops at ZeRO-2
         changes.append(("dist.zero_stage=3", lambda c: _with(c, dist=dataclasses.replace(c.dist, zero_stage=3))))
     if not dist_.activation_checkpointing:
         changes.append(("dist.activation_checkpointing=true",
@@ -143,27 +239,60 @@ def what_would_fit(cfg: TrainConfig, num_params: int, world: int, process_bytes:
         changes.append(("dist.offload_optimizer=true", lambda c: _with(c, dist=dataclasses.replace(
             c.dist, zero_stage=max(1, c.dist.zero_stage), offload_optimizer=True))))
 
-    def predicted(changed: TrainConfig, ranks: int) -> float:
-        return estimate(changed, num_params, ranks, process_bytes, on_gpu).total
+    def first_fit(options: list[tuple[str, TrainConfig]], ranks: int) -> tuple[str, float] | None:
+        for name, changed in options:
+            need = estimate(changed, num_params, ranks, process_bytes, on_gpu).total
+            if need <= visible:
+                return name, need
+        return None
 
-    singles = [(name, predicted(change(cfg), world)) for name, change in changes]
+    singles = [first_fit([(name, change(cfg))], world) for name, change in changes]
     if cfg.dist.zero_stage >= 1:
-        singles.append((f"{2 * world} ranks", predicted(cfg, 2 * world)))
-    found = [f"{name} ({need / GB:.1f} GB)" for name, need in singles if need <= visible]
+        singles.append(first_fit([(f"{2 * world} ranks", cfg)], 2 * world))
+    for axis in PARALLEL_AXES:  # the smallest degree that fits this job's ranks; where they take none, twice as many
+        layouts = _layouts(cfg, world, axis)
+        if layouts:
+            singles.append(first_fit(layouts, world))
+        else:
+            singles.append(first_fit([(f"{name} on {2 * world} ranks", changed)
+                                      for name, changed in _layouts(cfg, 2 * world, axis)], 2 * world))
+    found = [f"{name} ({need / GB:.1f} GB)" for name, need in filter(None, singles)]
     if found:
         return found
     names, changed = [], cfg
     for name, change in changes:
         names.append(name)
         changed = change(changed)
-        if predicted(changed, world) <= visible:
-            return [f"{' '.join(names)} ({predicted(changed, world) / GB:.1f} GB)"]
+        if fit := first_fit([(" ".join(names), changed)], world):
+            return [f"{fit[0]} ({fit[1] / GB:.1f} GB)"]
     ranks = world
-    while ranks < 1 << 16 and changed.dist.zero_stage >= 1:
+    while ranks <= 1 << 16:  # this job's ranks, then twice as many, and so on: as they are (ZeRO), or split further
+        more = [("", changed)] if ranks > world and changed.dist.zero_stage >= 1 else []
+        layouts = more + [option for axis in PARALLEL_AXES for option in _layouts(changed, ranks, axis)]
+        if fit := first_fit(layouts, ranks):
+            where = f" on {ranks} ranks" if ranks > world else ""
+            return [f"{' '.join([*names, fit[0]]).strip()}{where} ({fit[1] / GB:.1f} GB)"]
         ranks *= 2
-        if predicted(changed, ranks) <= visible:
-            return [f"{' '.join(names)} on {ranks} ranks ({predicted(changed, ranks) / GB:.1f} GB)"]
     return []
+
+
+PARALLEL_AXES = ("sequence_parallel", "tensor_parallel")
+
+
+def _layouts(cfg: TrainConfig, ranks: int, axis: str) -> list[tuple[str, TrainConfig]]:
+    """``cfg`` with each degree of ``axis`` above its present one that ``ranks`` ranks can take, smallest first: a
+    divisor of ``ranks`` that passes ``parallel_problems``. None where the other axis is in use (they do not combine)
+    or, for tensor parallel, at ZeRO-3."""
+    dist_ = cfg.dist
+    other = dist_.tensor_parallel if axis == "sequence_parallel" else dist_.sequence_parallel
+    if other > 1 or (axis == "tensor_parallel" and dist_.zero_stage == 3):
+        return []
+    options = []
+    for degree in range(getattr(dist_, axis) + 1, min(ranks, cfg.model.n_head) + 1):  # a degree divides n_head
+        changed = dataclasses.replace(dist_, **{axis: degree})
+        if ranks % degree == 0 and not parallel_problems(cfg.model, changed, cfg.mode):
+            options.append((f"dist.{axis}={degree}", _with(cfg, dist=changed)))
+    return options
 
 
 def _with(cfg: TrainConfig, **sections) -> TrainConfig:
