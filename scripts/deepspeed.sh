@@ -15,8 +15,11 @@ if [ -n "${SLURM_JOB_NODELIST:-}" ]; then
   "$PY" -m llmtrain.distributed.slurm hostfile "$HOSTFILE"
   LAUNCHER=${DS_LAUNCHER:-slurm}
   NO_SSH=(); [ "$LAUNCHER" = slurm ] && NO_SSH=(--no_ssh_check)  # srun reaches the nodes; ssh is not needed
+  # The console script, not --module llmtrain.cli.train: DeepSpeed's slurm launcher (SlurmRunner.get_cmd, 0.19.8)
+  # drops --module and runs `python -u llmtrain.cli.train`, a file that is not there (a one-node allocation takes
+  # DeepSpeed's local launcher, which keeps --module).
   exec "$BIN/deepspeed" --hostfile "$HOSTFILE" --launcher "$LAUNCHER" "${NO_SSH[@]}" \
-    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --module llmtrain.cli.train "$@"
+    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$BIN/llmtrain-train" "$@"
 fi
 NPROC_PER_NODE=${NPROC_PER_NODE:-$("$PY" -c 'import torch; print(torch.cuda.device_count() or 1)')}
 exec "$BIN/deepspeed" --num_gpus "$NPROC_PER_NODE" --master_port "${MASTER_PORT:-29500}" \

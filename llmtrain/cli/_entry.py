@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from llmtrain.config import TrainConfig, register_configs
-from llmtrain.distributed.exit import linger_for_local_peers
+from llmtrain.distributed.exit import linger_for_local_peers, lost_peer
 from llmtrain.errors import UserError
 
 T = TypeVar("T")
@@ -254,6 +254,9 @@ def run_task(command: str, task: Callable[[T], Any], typed: T) -> None:
         if out_of_memory(exc):  # a model, batch or layout too big for the memory: the config's doing, one line
             fail(command, f"out of memory ({one_line(exc)}): the log's 'memory per rank, predicted' line breaks "
                           "the need down; a smaller model or train.micro_batch_size, or a higher dist.zero_stage, fits")
+        if (lost := lost_peer(exc)) is not None:  # a node or a rank gone: name it, as fail() does, but exit 1
+            linger_for_local_peers()  # a local peer killed first is the launcher's root cause
+            fail(command, lost, code=1)
         # Hydra reports an unexpected error and exits 1 itself (SystemExit, never seen by ended_process as a
         # failure): linger first, so that a launcher names a killed peer, not this rank (distributed/exit.py).
         linger_for_local_peers()

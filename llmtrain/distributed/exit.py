@@ -10,6 +10,9 @@ output and ends with ``os._exit`` (:data:`NO_FINALIZATION`). Every file a run wr
 before that. All of this was seen over gloo only: a rank whose group is NCCL, or one on a CUDA host that holds no
 gloo group, ends normally through ``sys.exit`` (:func:`ends_without_finalization`).
 
+A rank whose collective broke because a peer's connection closed says so in one line naming the peer's node
+(:func:`lost_peer`) instead of a traceback: the peer's own node, not this rank, is where to look.
+
 A rank that fails unexpectedly beside local peers first lingers (``linger_for_local_peers``, :data:`LINGER`), so
 that its launcher names the rank that failed first. That is about the launcher, not the backend: it runs everywhere.
 
@@ -23,6 +26,7 @@ import contextlib
 import faulthandler
 import functools
 import os
+import re
 import sys
 import time
 import traceback
@@ -30,6 +34,7 @@ from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import NoReturn
 
+from llmtrain.distributed.slurm import node_at
 from llmtrain.workarounds import Upstream, Workaround, usable
 
 NO_FINALIZATION = Workaround(
@@ -95,6 +100,29 @@ def linger_for_local_peers() -> None:
 
 
 _lingered = False
+
+
+# gloo's TCP transport names the peer whose connection it lost (gloo/transport/tcp/pair.cc): "Connection closed by
+# peer [10.0.0.2]:41234" when the peer's process is gone, "Read error [10.0.0.2]:41234: Connection reset by peer".
+_LOST_PEER = re.compile(r"(Connection closed by peer|Read error|Write error) \[([^\]]+)\]:\d+(?:: ([^.\n]+))?")
+
+
+def lost_peer(exc: BaseException, environ: Mapping[str, str] = os.environ) -> str | None:
+    """One line naming the node (or address) whose ranks this rank lost in a collective, when ``exc`` or an error it
+    was raised from is the backend's report of a closed connection; None for any other error. A Slurm job's node is
+    named as in its node list."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        found = _LOST_PEER.search(str(exc))
+        if found:
+            what, address, reason = found.groups()
+            node = node_at(address, environ)
+            peer = f"node {node} ({address})" if node else address
+            return (f"lost {peer}: {(reason or what).lower()}; a rank there died or its node failed; a run with the "
+                    "same run.dir resumes from its last complete checkpoint")
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _exit_code(code: object) -> int:

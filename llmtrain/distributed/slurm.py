@@ -138,6 +138,20 @@ def task_ranks(environ: Mapping[str, str]) -> dict[str, str] | None:
     }
 
 
+def node_at(address: str, environ: Mapping[str, str]) -> str | None:
+    """The node of this job (``SLURM_JOB_NODELIST``) whose name resolves to ``address``; None outside a Slurm job or
+    when no node's does. The names are looked up as the launchers look up the rendezvous host."""
+    if "SLURM_JOB_NODELIST" not in environ:
+        return None
+    for node in expand_nodelist(environ["SLURM_JOB_NODELIST"]):
+        try:
+            if node == address or any(info[4][0] == address for info in socket.getaddrinfo(node, None)):
+                return node
+        except OSError:  # a name that does not resolve here is not the one
+            continue
+    return None
+
+
 def route_to(host: str) -> tuple[str, str | None]:
     """This machine's address on the path to ``host``, and the name of the interface holding it.
 

@@ -12,30 +12,23 @@ from pathlib import Path
 import pytest
 
 from tests.cluster.conftest import (
+    DONE,
     ONE_NODE_CPU,
     SYNC,
+    assert_same_prepared,
     checkpoint_steps,
+    job_processes,
     logged_losses,
+    phase_logs,
+    preempt_and_requeue,
     sbatch,
+    submit_prepare,
     wait_for,
     wait_for_step,
 )
 from tests.conftest import BIN, REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
-DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(slurm, prepared_small, tmp_path_factory) -> Path:
-    """slurm/train.sbatch: 2 ranks (one torchrun on the node), ZeRO-2, 120 steps, through to the end."""
-    run_dir = tmp_path_factory.mktemp("slurm") / "sync"
-    job = sbatch(*ONE_NODE_CPU, f"--output={run_dir}.out", "slurm/train.sbatch", f"data.dir={prepared_small}",
-                 f"run.dir={run_dir}", *SYNC)
-    info = wait_for(job, DONE, timeout=600)
-    log = Path(f"{run_dir}.out").read_text(errors="replace")  # several srun tasks may split a character
-    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
-    return run_dir
 
 
 def test_sync_zero2_job_finishes_with_a_checkpoint(uninterrupted):
@@ -46,25 +39,6 @@ def test_sync_zero2_job_finishes_with_a_checkpoint(uninterrupted):
     log = Path(f"{uninterrupted}.out").read_text(errors="replace")
     assert "step 120: val_loss" in log and "2 rank(s)" in log
     assert not (uninterrupted / "PREEMPTED").exists()
-
-
-def preempt_and_requeue(job: str, run_dir: Path, after_step: int, max_steps: int) -> tuple[dict, int, str]:
-    """Send the pre-emption signal once ``after_step`` is logged, check the stop and the requeue, let the requeued
-    job start and wait for its end: (final job info, the step it stopped at, the job's log)."""
-    out = Path(f"{run_dir}.out")
-    wait_for_step(run_dir, after_step, job)
-    subprocess.run(["scancel", "--signal=USR1", job], check=True)  # what --signal=USR1@120 sends at the limit
-    info = wait_for(job, {"PENDING"} | DONE, timeout=120)
-    assert info["JobState"] == "PENDING" and info["Restarts"] == "1", (info, out.read_text(errors="replace")[-3000:])
-    stopped_at = checkpoint_steps(run_dir)
-    assert len(stopped_at) == 1 and after_step <= stopped_at[0] < max_steps
-    # Slurm holds a requeued job back for the credential lifetime (scripts/slurm_local.sh: cred_expire=10 s)
-    info = wait_for(job, DONE, timeout=600)
-    log = out.read_text(errors="replace")
-    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-3000:]
-    assert "requeueing job" in log and f"resumed from {run_dir}/checkpoints/step_{stopped_at[0]:08d}" in log
-    assert not (run_dir / "PREEMPTED").exists()
-    return info, stopped_at[0], log
 
 
 def test_preempted_job_checkpoints_requeues_and_ends_as_if_uninterrupted(uninterrupted, prepared_small, tmp_path):
@@ -92,18 +66,10 @@ def test_parameter_server_job_is_preempted_requeued_and_finishes(slurm, prepared
 
 
 def _pid_of_rank(job: str, rank: int) -> int:
-    """The trainer process of ``rank`` in ``job`` (found by its environment, as an operator would with ps)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = dict(kv.split("=", 1) for kv in (entry / "environ").read_text().split("\0") if "=" in kv)
-            cmdline = (entry / "cmdline").read_text()
-        except OSError:
-            continue
-        if (environ.get("SLURM_JOB_ID") == job and environ.get("RANK") == str(rank)
-                and "llmtrain.cli.train" in cmdline and "torch.distributed.run" not in cmdline):
-            return int(entry.name)
+    """The trainer process of ``rank`` in ``job`` (not its launcher)."""
+    for pid, environ, cmdline in job_processes(job):
+        if environ.get("RANK") == str(rank) and "torch.distributed.run" not in cmdline:
+            return pid
     raise AssertionError(f"no process of rank {rank} in job {job}")
 
 
@@ -166,42 +132,10 @@ def test_hydra_submitit_sweep_submits_one_job_per_setting(uninterrupted, prepare
     assert [losses["0.003"][s] for s in range(1, 6)] == [logged_losses(uninterrupted)[s] for s in range(1, 6)]
 
 
-# The settings of tests/conftest.py's small_data_config, as overrides: the same prepare as `prepared_small`.
-SMALL_PREPARE = ["data=stdlib", "data.max_documents=150", "data.vocab_size=1024", "data.tokenizer_sample_documents=100",
-                 "data.shard_tokens=50000", "data.num_proc=1", "data.val_fraction=0.05"]
-
-
-def submit_prepare(num_tasks: int, out: Path, logs: Path, python: Path) -> dict[str, str]:
-    """bash slurm/prepare.sh: the job ids it printed (plan, tasks = the array, merge)."""
-    env = {**os.environ, "LLMTRAIN_PYTHON": str(python),
-           "SBATCH_OPTS": f"--cpus-per-task=1 --time=10 --output={logs}/%x-%j.out"}
-    proc = subprocess.run(["bash", "slurm/prepare.sh", str(num_tasks), *SMALL_PREPARE, f"data.dir={out}"],
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    found = re.fullmatch(r"plan (\d+), tasks (\d+)_\[0-\d+\], merge (\d+)\n", proc.stdout)
-    assert found, proc.stdout
-    return dict(zip(("plan", "tasks", "merge"), found.groups(), strict=True))
-
-
-def phase_logs(logs: Path, since_job: int) -> dict[str, str]:
-    """The logs of the prepare jobs numbered ``since_job`` or later, by their data.task (slurm/prepare.sbatch's
-    first line names it)."""
-    found = {}
-    for path in logs.glob("llmtrain-prepare-*.out"):
-        text = path.read_text(errors="replace")
-        task = re.search(r"^llmtrain-prepare: job (\d+) on .*: data.task=(\S+)$", text, re.M)
-        if task and int(task.group(1)) >= since_job:
-            found[task.group(2)] = text
-    return found
-
-
 def test_prepare_array_with_a_failed_task_then_resubmitted_equals_one_process(slurm, prepared_small, tmp_path):
     """slurm/prepare.sh with K=2: task 1 fails the first time (its python exits 1), which cancels the merge and
     leaves no meta.json; the same command again redoes only task 1 and merges token for token what one process
     writes."""
-    import numpy as np
-
-    from llmtrain.data.reader import PreparedData
     from llmtrain.data.tasks import work_folder
     from tests.conftest import small_data_config
 
@@ -232,9 +166,4 @@ def test_prepare_array_with_a_failed_task_then_resubmitted_equals_one_process(sl
     assert "data.task=0 has nothing to do" in redone["0"]
     assert "has nothing to do" not in redone["1"] and "task 1: documents [75, 150)" in redone["1"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "logs", "python"]  # the work folder is gone
-    merged, one = PreparedData(out), PreparedData(prepared_small)
-    assert merged.tokenizer_fingerprint == one.tokenizer_fingerprint
-    for split in ("train", "val"):
-        tokens = [np.concatenate([np.asarray(s) for s in d.split(split).shards]) for d in (merged, one)]
-        assert np.array_equal(*tokens)
-        assert merged.meta["splits"][split]["documents"] == one.meta["splits"][split]["documents"]
+    assert_same_prepared(out, prepared_small)

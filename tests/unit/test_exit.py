@@ -98,3 +98,19 @@ def test_a_failure_lingers_once_beside_local_peers(monkeypatch, env, lingers):
     ending.linger_for_local_peers()
     ending.linger_for_local_peers()  # the Hydra wrapper and ended_process may both see the failure
     assert slept == ([ending.LINGER_S] if lingers else [])
+
+
+def test_a_closed_connection_names_the_lost_node():
+    # gloo's TCP pair, wrapped as the collective re-raises it
+    cause = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:41234: "
+                         "Connection reset by peer")
+    try:
+        raise RuntimeError("all_reduce failed") from cause
+    except RuntimeError as exc:
+        wrapped = exc
+    # in a Slurm job, the node whose name resolves to the address; outside one, the address
+    assert ending.lost_peer(wrapped, {"SLURM_JOB_NODELIST": "localhost"}).startswith(
+        "lost node localhost (127.0.0.1): connection reset by peer; a rank there died")
+    closed = RuntimeError("Connection closed by peer [10.0.0.9]:5555")
+    assert ending.lost_peer(closed, {}).startswith("lost 10.0.0.9: connection closed by peer; ")
+    assert ending.lost_peer(ValueError("shape mismatch"), {}) is None
