@@ -32,9 +32,11 @@ DIR2=/etc/slurm/llmtrain-2nodes
 NET2=${SLURM_LOCAL_SUBNET:-10.78.0}        # controller .1 on the bridge, node<i> .1<i>
 BRIDGE=llmtrain-br
 
-running() {  # pid file: whether its process is alive
-  local pid
-  pid=$(cat "$1" 2>/dev/null) && [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null
+running() {  # pid file: whether its process is alive (a killed daemon not yet reaped is not)
+  local pid state
+  pid=$(cat "$1" 2>/dev/null) && [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+  state=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | cut -c1)
+  [ -n "$state" ] && [ "$state" != Z ]
 }
 stop_pidfile() {
   if running "$1"; then
@@ -58,6 +60,7 @@ stop_two_nodes() {
       while [ -n "$(ip netns pids "$ns")" ]; do sleep 0.2; done
     fi
     ip netns del "$ns"
+    rm -f "/run/slurmd-$node.pid"
   done
   if ip link show "$BRIDGE" >/dev/null 2>&1; then ip link del "$BRIDGE"; fi
 }
