@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from llmtrain.config import MLP, ModelConfig, Precision, TrainConfig, parallel_problems
+from llmtrain.config import MLP, ModelConfig, Precision, TrainConfig
 from llmtrain.distributed.deepspeed import buckets_for_width
 from llmtrain.optim import ChunkedAdamW
 
@@ -221,7 +221,7 @@ def what_would_fit(cfg: TrainConfig, num_params: int, world: int, process_bytes:
     """The single changes of the settings that bring the prediction under ``visible``, each with its prediction;
     when none does alone, the shortest run of them, taken in this order, that does, then with a sequence- or
     tensor-parallel degree added, then on more ranks. A degree always divides the ranks it is proposed for and
-    passes ``parallel_problems``."""
+    the config accepts."""
     dist_, train = cfg.dist, cfg.train
     changes: list[tuple[str, Callable[[TrainConfig], TrainConfig]]] = []
     if dist_.zero_stage < 3 and dist_.tensor_parallel == 1:  # tensor parallel stops at ZeRO-2
@@ -281,17 +281,16 @@ PARALLEL_AXES = ("sequence_parallel", "tensor_parallel")
 
 def _layouts(cfg: TrainConfig, ranks: int, axis: str) -> list[tuple[str, TrainConfig]]:
     """``cfg`` with each degree of ``axis`` above its present one that ``ranks`` ranks can take, smallest first: a
-    divisor of ``ranks`` that passes ``parallel_problems``. None where the other axis is in use (they do not combine)
-    or, for tensor parallel, at ZeRO-3."""
-    dist_ = cfg.dist
-    other = dist_.tensor_parallel if axis == "sequence_parallel" else dist_.sequence_parallel
-    if other > 1 or (axis == "tensor_parallel" and dist_.zero_stage == 3):
-        return []
+    divisor of ``ranks`` that the config itself accepts (its checks refuse a degree that does not divide the heads
+    or the block, the two axes at once, tensor parallel at ZeRO-3 or at ZeRO-0 in mixed precision)."""
     options = []
-    for degree in range(getattr(dist_, axis) + 1, min(ranks, cfg.model.n_head) + 1):  # a degree divides n_head
-        changed = dataclasses.replace(dist_, **{axis: degree})
-        if ranks % degree == 0 and not parallel_problems(cfg.model, changed, cfg.mode):
-            options.append((f"dist.{axis}={degree}", _with(cfg, dist=changed)))
+    for degree in range(getattr(cfg.dist, axis) + 1, min(ranks, cfg.model.n_head) + 1):  # a degree divides n_head
+        if ranks % degree:
+            continue
+        try:
+            options.append((f"dist.{axis}={degree}", _with(cfg, dist=dataclasses.replace(cfg.dist, **{axis: degree}))))
+        except ValueError:  # refused by the config: not a layout to propose
+            continue
     return options
 
 

@@ -183,3 +183,11 @@ def test_a_memory_cgroup_limits_what_a_rank_sees(tmp_path):
     # no limit anywhere, or no memory controller mounted
     assert cgroup_room("4:memory:/slurm\n", tmp_path) is None
     assert cgroup_room("0::/elsewhere\n", tmp_path / "absent") is None
+
+
+def test_a_layout_the_config_refuses_is_never_proposed():
+    # bf16 at ZeRO-0: tensor parallel is refused there (DeepSpeed's ZeRO-0 bf16 optimizer), so it is not proposed,
+    # and proposing the rest does not fail
+    cfg = dataclasses.replace(config(0, micro=4), precision=Precision.bf16)
+    fits = what_would_fit(cfg, PSI, 2, 0.5 * GB, visible=1 * GB, on_gpu=False)
+    assert fits and not any("tensor_parallel" in f for f in fits)
