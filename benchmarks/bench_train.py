@@ -1,7 +1,7 @@
 """Training throughput, MFU and ZeRO memory, side by side in one run (CPU here; the same script runs on GPUs).
 
     .venv/bin/pip install transformers        # the reference loop only; not a dependency of llmtrain
-    .venv/bin/python benchmarks/bench_train.py --data data/stdlib   # ~10 minutes on 2 cores, table 4 ~45 more
+    .venv/bin/python benchmarks/bench_train.py --data data/stdlib   # ~10 minutes on 2 cores, table 4 ~10 more
 
 0. What the framework costs: `llmtrain-train` against a bare loop over the same GPT module (torch.optim.AdamW,
    accumulation, clipping; benchmarks/_bare_loop.py), `small` at block 128, micro-batch 8 x 2 accumulation, fp32,
@@ -20,12 +20,12 @@
    ZeRO stage on 2 ranks, `350m` fp32: beside the ZeRO formula for fp32 Adam (16Ψ, 8Ψ + 8Ψ/N, 4Ψ + 12Ψ/N, 16Ψ/N),
    the bytes of the state tensors, the process baseline (PyTorch + DeepSpeed loaded, no model) and the prediction
    llmtrain logs at start-up.
-4. Long context (`--skip long` leaves it out; ~45 minutes on 2 cores): `small` with RoPE, fp32, ZeRO-1
-   (`--long-zero-stage`; from ZeRO-1 on glibc is tuned to hand freed blocks of 4 MiB or more back, see
-   llmtrain/allocator.py: with glibc's defaults, at ZeRO-0, its heaps keep freed activations), activation checkpointing,
-   micro-batch 1, 2 steps, at block 256 and each of `--long-lengths`: 1 rank x 2 threads against 2 ranks x 1 thread
-   with `dist.sequence_parallel=2`. Per rank (rank 0's log and metrics): the predicted and the measured peak resident
-   memory, and the activation part: the peak less the same layout's peak at block 256. Then the longest length on
+4. Long context (`--skip long` leaves it out; ~10 minutes on 2 cores, ~45 with `--long-lengths 4096 16384
+   --long-budget-gb 2.2`): `small` with RoPE, fp32, ZeRO-1 (`--long-zero-stage`; from ZeRO-1 on glibc is tuned to hand
+   freed blocks of 4 MiB or more back, see llmtrain/allocator.py), activation checkpointing, micro-batch 1, 2 steps, at
+   each of `--long-lengths`: 1 rank x 2 threads against 2 ranks x 1 thread with `dist.sequence_parallel=2`, each run
+   under benchmarks/_step_memory.py. Per rank (rank 0's log and steps): the predicted and the measured peak resident
+   memory, and the activation part: step 2's peak above what the rank held as step 2 began. Then the longest length on
    ranks of `--long-budget-gb` each: where this process may create a memory cgroup (root; cgroup v1 or v2), the
    2-rank run trains inside a cgroup of twice the budget and the 1-rank run is started inside one of the budget, where
    the kernel ends it when it outgrows the budget instead of taking memory from the rest of the machine.
@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 from _table import table  # benchmarks/ is on sys.path when a benchmark runs as a script
 
+from llmtrain.distributed.memory import memory_cgroups
 from llmtrain.run.metrics import probe_peak
 from llmtrain.run.rundir import RunDir
 
@@ -226,9 +227,10 @@ TOO_BIG = re.compile(r"WARNING\] (predicted [\d.]+ GB per rank, more than .*)")
 
 
 def long_run(data: str, work: Path, vocab: int, stage: int, length: int, sp: int, cgroup: Path | None = None) -> dict:
-    """One long-context run: rank 0's predicted peak and activations (its start-up log line), its measured peak
-    (the largest ``peak_mem_gb`` of metrics.jsonl: after step 2 the Adam state allocated in step 1 is in it),
-    tokens/s of the second step, and the process's exit status. Inside ``cgroup`` when given."""
+    """One long-context run of 2 steps under benchmarks/_step_memory.py: rank 0's predicted peak and activations (its
+    start-up log line); its measured peak (the largest of the steps') and step 2's peak above what it held as the
+    step began (step 1's also holds the Adam state it creates); tokens/s of step 2, and the exit status. Inside
+    ``cgroup`` when given."""
     run_dir = work / f"long-{length}-sp{sp}{'-limited' if cgroup else ''}"
     # model.vocab_size given: the start-up prediction reads cfg.model, whose vocabulary is 0 (taken from the data).
     args = [f"data.dir={data}", f"run.dir={run_dir}", "model=small", "model.pos=rope", f"model.vocab_size={vocab}",
@@ -236,7 +238,7 @@ def long_run(data: str, work: Path, vocab: int, stage: int, length: int, sp: int
             "train.micro_batch_size=1", "train.global_batch_size=1", "train.max_steps=2", "train.log_every=1",
             "train.eval_every=0", "train.eval_windows=1", "train.checkpoint_every=0", "train.checkpoint_async=false",
             "optim.warmup_steps=1", "run.resume=restart", f"dist.zero_stage={stage}", f"dist.sequence_parallel={sp}"]
-    cmd = [*launcher(sp), "-m", "llmtrain.cli.train", *args]
+    cmd = [*launcher(sp), str(REPO / "benchmarks" / "_step_memory.py"), *args]
     enter = (lambda: (cgroup / "cgroup.procs").write_text(str(os.getpid()))) if cgroup else None
     start = time.perf_counter()
     # DeepSpeed compiles its CPU communication extension at start-up where its cache does not match: in a folder of
@@ -246,14 +248,16 @@ def long_run(data: str, work: Path, vocab: int, stage: int, length: int, sp: int
     predicted = PREDICTED.search(proc.stderr)
     if predicted is None:
         raise SystemExit(f"long context {length} sp={sp} logged no prediction:\n{proc.stderr[-3000:]}")
+    steps = [json.loads(line.split(" ", 1)[1]) for line in proc.stderr.splitlines() if line.startswith("STEP_MEMORY ")]
     metrics = RunDir(run_dir).metrics
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
-    rows = [r for r in rows if "peak_mem_gb" in r]
-    if not cgroup and (proc.returncode or not rows):
+    rows = [r for r in rows if "tokens_per_s" in r]
+    if not cgroup and (proc.returncode or len(steps) < 2):
         raise SystemExit(f"long context {length} sp={sp} failed:\n{proc.stderr[-3000:]}")
     warning = TOO_BIG.search(proc.stderr)
     return {"predicted": float(predicted[1]), "activations": float(predicted[2]), "code": proc.returncode,
-            "peak": max((r["peak_mem_gb"] for r in rows), default=None), "steps": len(rows),
+            "peak": max((s["peak_gb"] for s in steps), default=None), "steps": len(steps),
+            "above_start": steps[-1]["above_start_gb"] if steps else None,
             "tokens_per_s": rows[-1]["tokens_per_s"] if rows else None, "warning": warning[1] if warning else "",
             "seconds": time.perf_counter() - start, "stderr": proc.stderr[-3000:]}
 
@@ -262,23 +266,15 @@ def long_run(data: str, work: Path, vocab: int, stage: int, length: int, sp: int
 def memory_cgroup(limit: int):
     """A memory cgroup below this process's own, limited to ``limit`` bytes (no swap), that commands can be started
     in (``long_run``); None where this process may not make one. Removed on exit (its processes have ended)."""
-    membership = Path("/proc/self/cgroup").read_text()
     folder = None
-    for line in membership.splitlines():
-        hierarchy, controllers, path = line.split(":", 2)
-        if hierarchy == "0" and not controllers:  # v2: the child needs the memory controller delegated to it
-            parent, files = Path("/sys/fs/cgroup") / path.lstrip("/"), {"memory.max": limit, "memory.swap.max": 0}
-        elif "memory" in controllers.split(","):
-            parent, files = Path("/sys/fs/cgroup/memory") / path.lstrip("/"), {"memory.limit_in_bytes": limit,
-                                                                                "memory.memsw.limit_in_bytes": limit}
-        else:
-            continue
-        candidate = parent / f"llmtrain-bench-{os.getpid()}"
+    for cgroup in memory_cgroups(Path("/proc/self/cgroup").read_text(), Path("/sys/fs/cgroup")):
+        # v2: the child needs the memory controller delegated to it; the swap limits exist where swap is accounted
+        candidate = cgroup.folder / f"llmtrain-bench-{os.getpid()}"
         try:
             candidate.mkdir()
-            for name, value in files.items():  # the swap limits exist only where swap is accounted
-                if name == next(iter(files)) or (candidate / name).exists():
-                    (candidate / name).write_text(str(value))
+            (candidate / cgroup.limit_file).write_text(str(limit))
+            if (candidate / cgroup.swap_limit_file).exists():
+                (candidate / cgroup.swap_limit_file).write_text(str(limit if not cgroup.v2 else 0))
             folder = candidate
             break
         except OSError:
@@ -305,7 +301,7 @@ def long_context_table(data: str, work: Path, vocab: int, stage: int, lengths: l
     """Table 4: peak memory per rank of 1 rank against sequence parallel 2, by length; then the longest length on
     ranks of ``budget_gb`` each."""
     gb, longest = 2**30, max(lengths)
-    runs = {(length, sp): long_run(data, work, vocab, stage, length, sp) for length in [256, *lengths] for sp in (1, 2)
+    runs = {(length, sp): long_run(data, work, vocab, stage, length, sp) for length in lengths for sp in (1, 2)
             if (length, sp) != (longest, 2)}
     with memory_cgroup(int(2 * budget_gb * gb)) as pair:  # the 2-rank run at the longest length, inside 2 x budget
         runs[longest, 2] = long_run(data, work, vocab, stage, longest, 2, pair)
@@ -314,15 +310,14 @@ def long_context_table(data: str, work: Path, vocab: int, stage: int, lengths: l
                              f"{oom_kills(pair)}); try a larger --long-budget-gb:\n{runs[longest, 2]['stderr']}")
     rows = []
     for length in lengths:
-        part = {sp: runs[length, sp]["peak"] - runs[256, sp]["peak"] for sp in (1, 2)}
+        part = {sp: runs[length, sp]["above_start"] for sp in (1, 2)}
         for sp in (1, 2):
             r = runs[length, sp]
             rows.append([length, "1 rank" if sp == 1 else "2 ranks, sp=2", f"{r['predicted']:.2f}", f"{r['peak']:.2f}",
                          f"{r['activations']:.2f}", f"{part[sp]:.2f}",
                          f"{part[2] / part[1]:.2f}" if sp == 2 else "", f"{r['tokens_per_s']:,.0f}"])
     table(f"4. small (RoPE) fp32, ZeRO-{stage}, activation checkpointing, micro-batch 1: peak resident memory per rank "
-          f"(rank 0, GiB) by length; activation part = peak - the same layout's peak at block 256 (sp=1: "
-          f"{runs[256, 1]['peak']:.2f}, sp=2: {runs[256, 2]['peak']:.2f})",
+          f"(rank 0, GiB) by length; activation part = step 2's peak above what the rank held as step 2 began",
           ["length", "layout", "predicted", "measured", "predicted activations", "activation part",
            "sp=2 / sp=1", "tok/s"], rows)
     one, two = runs[longest, 1], runs[longest, 2]
@@ -353,9 +348,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="table 0's interleaved pairs")
     parser.add_argument("--memory-model", default="350m", help="table 3's model preset (conf/model/)")
     parser.add_argument("--memory-stages", nargs="*", type=int, default=[0, 1, 2, 3], help="table 3's ZeRO stages")
-    parser.add_argument("--long-lengths", nargs="*", type=int, default=[4096, 16384], help="table 4's lengths")
+    parser.add_argument("--long-lengths", nargs="*", type=int, default=[4096, 8192], help="table 4's lengths")
     parser.add_argument("--long-zero-stage", type=int, default=1, choices=[0, 1, 2, 3], help="table 4's ZeRO stage")
-    parser.add_argument("--long-budget-gb", type=float, default=2.2,
+    parser.add_argument("--long-budget-gb", type=float, default=1.3,
                         help="table 4: the memory per rank the longest length is tried on")
     parser.add_argument("--precisions", nargs="*", default=["fp32", "bf16"], choices=["fp32", "bf16"],
                         help="table 1's precisions; bf16 runs --steps/6 steps (slow on CPUs without native bf16)")

@@ -12,6 +12,12 @@ after step, to 1.95-2.1x the ZeRO formula. Two glibc tunables end that:
 - ``glibc.malloc.hugetlb=1`` (glibc 2.35 and later): those mappings ask for transparent huge pages, 512 times fewer
   faults. Together: 11.6-11.7 s per step against 11.1-12.3 s with glibc's defaults, and the same losses.
 
+Under sequence parallel (``dist.sequence_parallel``) a rank frees smaller blocks: Ulysses' all-to-all moves each
+layer's q, k and v in pieces of t/sp positions x heads/sp (1.5 MiB each at t=4096, sp=2, ``small`` in fp32), below
+4 MiB, and glibc's heaps kept 0.45 GiB of them between steps; the pair's peak was 1.13 GiB per rank where 0.80 was
+predicted. So those runs take a 1 MiB threshold (:func:`tunables`): peak 0.77 GiB, the same tokens/s within the
+noise of 4 steps (``benchmarks/bench_train.py``, table 4).
+
 At ZeRO-1 they help as much (350m: peak 6.43 -> 5.14 GiB, 14.0 -> 11.4 s per step; without them ZeRO-1 held more
 than ZeRO-0), at ZeRO-2 they change little (5.30 -> 5.14 GiB, same s/step), but at ZeRO-0 they measured ~10%
 slower (12.2 against 11.0 s per step). So they are used from ZeRO-1 on (:data:`MIN_ZERO_STAGE`).
@@ -48,6 +54,7 @@ TUNED_MALLOC = Workaround(
 GPU_FILES = ("/proc/driver/nvidia/gpus", "/dev/nvidia0", "/dev/kfd")  # NVIDIA's driver; ROCm's (torch's "cuda")
 
 TUNABLES = "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=4194304"
+SEQUENCE_PARALLEL_TUNABLES = "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=1048576"
 MIN_ZERO_STAGE = 1  # ZeRO-0 keeps glibc's defaults (see above)
 MIN_GLIBC = (2, 35)  # the first with glibc.malloc.hugetlb; without it the threshold alone would slow ZeRO-3 down
 
@@ -87,12 +94,18 @@ def wanted(environ: dict[str, str] | os._Environ, gpu: bool | None = None) -> bo
     return version is not None and version >= MIN_GLIBC and usable(TUNED_MALLOC)
 
 
-def use_tuned_malloc(zero_stage: int) -> None:
-    """For a run at ``zero_stage``: re-execute this process with :data:`TUNABLES` when :func:`wanted` from
-    :data:`MIN_ZERO_STAGE` on (:data:`TUNED_MALLOC`); return when it is already set up or keeps glibc's defaults."""
+def tunables(sequence_parallel: int) -> str:
+    """The GLIBC_TUNABLES of a run: :data:`TUNABLES`, or under sequence parallel the 1 MiB threshold (see above)."""
+    return SEQUENCE_PARALLEL_TUNABLES if sequence_parallel > 1 else TUNABLES
+
+
+def use_tuned_malloc(zero_stage: int, sequence_parallel: int = 1) -> None:
+    """For a run at ``zero_stage`` (and ``sequence_parallel``): re-execute this process with :func:`tunables` when
+    :func:`wanted` from :data:`MIN_ZERO_STAGE` on (:data:`TUNED_MALLOC`); return when it is already set up or keeps
+    glibc's defaults."""
     if zero_stage < MIN_ZERO_STAGE or not wanted(os.environ):
         return
-    os.environ["GLIBC_TUNABLES"] = TUNABLES
+    os.environ["GLIBC_TUNABLES"] = tunables(sequence_parallel)
     try:
         os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
     except OSError:  # cannot re-execute (no executable path): run on with glibc's defaults

@@ -30,7 +30,7 @@ def trainer_class(mode: Mode) -> type:
 
 
 def run(cfg: TrainConfig) -> None:
-    use_tuned_malloc(cfg.dist.zero_stage)  # without a GPU, from ZeRO-1 on: re-executes once with glibc tuned
+    use_tuned_malloc(cfg.dist.zero_stage, cfg.dist.sequence_parallel)  # without a GPU, from ZeRO-1 on: re-executes once
     from llmtrain.run.rundir import RunDir  # after the re-execution: nothing heavy is imported twice
 
     run_dir = RunDir.of(cfg.run.dir)

@@ -179,6 +179,43 @@ def visible_bytes(device: torch.device, local_world: int) -> float:
     return min(available, room if room is not None else available) / max(1, local_world) + process_rss()
 
 
+@dataclass(frozen=True)
+class MemoryCgroup:
+    """The memory cgroup a process is in, in one hierarchy: cgroup v2 (``0::/path``) or v1's ``memory`` one."""
+
+    base: Path  # the hierarchy's root folder
+    folder: Path  # the process's own cgroup in it
+    v2: bool
+
+    @property
+    def limit_file(self) -> str:
+        return "memory.max" if self.v2 else "memory.limit_in_bytes"
+
+    @property
+    def swap_limit_file(self) -> str:
+        return "memory.swap.max" if self.v2 else "memory.memsw.limit_in_bytes"
+
+    def lineage(self) -> list[Path]:
+        """Its folder and every cgroup folder above it, up to the hierarchy's root."""
+        folders = [self.folder]
+        while folders[-1] != self.base and self.base in folders[-1].parents:
+            folders.append(folders[-1].parent)
+        return folders
+
+
+def memory_cgroups(membership: str, root: Path) -> list[MemoryCgroup]:
+    """The memory cgroups of a process whose /proc/<pid>/cgroup reads ``membership``, under ``root``
+    (/sys/fs/cgroup): the v2 one and v1's ``memory`` hierarchy's, where they are."""
+    found = []
+    for line in membership.splitlines():
+        hierarchy, controllers, path = line.split(":", 2)
+        if hierarchy == "0" and not controllers:
+            found.append(MemoryCgroup(root, root / path.lstrip("/"), v2=True))
+        elif "memory" in controllers.split(","):
+            found.append(MemoryCgroup(root / "memory", root / "memory" / path.lstrip("/"), v2=False))
+    return found
+
+
 def cgroup_room(membership: str, root: Path) -> float | None:
     """Bytes the memory cgroup of this process (``membership``: /proc/self/cgroup's text) and every cgroup above it
     can still take before its limit -- the least of them, its inactive page cache counted as free -- or None where
@@ -186,20 +223,10 @@ def cgroup_room(membership: str, root: Path) -> float | None:
     Kubernetes) while /proc/meminfo shows the whole machine's. cgroup v2 (``0::/path``, files memory.max /
     memory.current) and v1 (the ``memory`` hierarchy: memory.limit_in_bytes / memory.usage_in_bytes) under ``root``."""
     rooms = []
-    for line in membership.splitlines():
-        hierarchy, controllers, path = line.split(":", 2)
-        if hierarchy == "0" and not controllers:
-            base, names = root, ("memory.max", "memory.current", "inactive_file")
-        elif "memory" in controllers.split(","):
-            base, names = root / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
-        else:
-            continue
-        folder = base / path.lstrip("/")
-        while True:
-            rooms.append(_cgroup_room(folder, *names))
-            if folder == base or base not in folder.parents:
-                break
-            folder = folder.parent
+    for cgroup in memory_cgroups(membership, root):
+        names = (cgroup.limit_file, *(("memory.current", "inactive_file") if cgroup.v2
+                                      else ("memory.usage_in_bytes", "total_inactive_file")))
+        rooms += [_cgroup_room(folder, *names) for folder in cgroup.lineage()]
     limited = [room for room in rooms if room is not None]
     return min(limited) if limited else None
 

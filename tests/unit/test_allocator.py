@@ -53,3 +53,14 @@ def test_a_zero0_run_or_one_on_a_gpu_host_does_not_re_execute(monkeypatch):
     monkeypatch.setattr(allocator, "host_has_gpu", lambda environ: True)
     allocator.use_tuned_malloc(3)
     assert "GLIBC_TUNABLES" not in allocator.os.environ
+
+
+def test_a_sequence_parallel_run_re_executes_with_the_1_mib_threshold(monkeypatch):
+    calls = []
+    monkeypatch.setattr(allocator.os, "execv", lambda *args: calls.append(allocator.os.environ["GLIBC_TUNABLES"]))
+    monkeypatch.setattr(allocator, "wanted", lambda environ: True)
+    for sp in (1, 2):
+        monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+        allocator.use_tuned_malloc(1, sp)
+    assert calls == ["glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=4194304",
+                     "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=1048576"]
