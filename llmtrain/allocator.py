@@ -16,7 +16,9 @@ Under sequence parallel (``dist.sequence_parallel``) a rank frees smaller blocks
 layer's q, k and v in pieces of t/sp positions x heads/sp (1.5 MiB each at t=4096, sp=2, ``small`` in fp32), below
 4 MiB, and glibc's heaps kept 0.45 GiB of them between steps; the pair's peak was 1.13 GiB per rank where 0.80 was
 predicted. So those runs take a 1 MiB threshold (:func:`tunables`): peak 0.77 GiB, the same tokens/s within the
-noise of 4 steps (``benchmarks/bench_train.py``, table 4).
+noise of 4 steps (``benchmarks/bench_train.py``, table 4). They take it at ZeRO-0 too, where glibc's defaults let
+the pair's peak creep up step after step (0.84, 0.98, 1.01, 1.04 GiB at t=4096; tuned: 0.64, then 0.75-0.76 GiB
+flat; 503-537 against 526-587 tokens/s).
 
 At ZeRO-1 they help as much (350m: peak 6.43 -> 5.14 GiB, 14.0 -> 11.4 s per step; without them ZeRO-1 held more
 than ZeRO-0), at ZeRO-2 they change little (5.30 -> 5.14 GiB, same s/step), but at ZeRO-0 they measured ~10%
@@ -49,7 +51,8 @@ TUNED_MALLOC = Workaround(
                  "gathers and frees stay in fragmenting heaps: a rank grew to 1.95-2.1x the ZeRO formula (350m fp32, "
                  "ZeRO-3, 2 CPU ranks)",
     checked_with="glibc 2.36 (Debian 12), CPython 3.11, torch 2.13.0, deepspeed 0.19.8",
-    runs_where="ZeRO >= 1 on a host without a GPU, glibc >= 2.35, no GLIBC_TUNABLES or malloc LD_PRELOAD of the user's",
+    runs_where="ZeRO >= 1 or sequence parallel on a host without a GPU, glibc >= 2.35, no GLIBC_TUNABLES or "
+               "malloc LD_PRELOAD of the user's",
     upstream=(Upstream("sys:orig_argv"),))  # the re-exec repeats the interpreter's own arguments (Python 3.10+)
 GPU_FILES = ("/proc/driver/nvidia/gpus", "/dev/nvidia0", "/dev/kfd")  # NVIDIA's driver; ROCm's (torch's "cuda")
 
@@ -101,9 +104,9 @@ def tunables(sequence_parallel: int) -> str:
 
 def use_tuned_malloc(zero_stage: int, sequence_parallel: int = 1) -> None:
     """For a run at ``zero_stage`` (and ``sequence_parallel``): re-execute this process with :func:`tunables` when
-    :func:`wanted` from :data:`MIN_ZERO_STAGE` on (:data:`TUNED_MALLOC`); return when it is already set up or keeps
-    glibc's defaults."""
-    if zero_stage < MIN_ZERO_STAGE or not wanted(os.environ):
+    :func:`wanted` from :data:`MIN_ZERO_STAGE` on, or under sequence parallel (:data:`TUNED_MALLOC`); return when it
+    is already set up or keeps glibc's defaults."""
+    if zero_stage < MIN_ZERO_STAGE and sequence_parallel == 1 or not wanted(os.environ):
         return
     os.environ["GLIBC_TUNABLES"] = tunables(sequence_parallel)
     try:

@@ -59,8 +59,9 @@ def test_a_sequence_parallel_run_re_executes_with_the_1_mib_threshold(monkeypatc
     calls = []
     monkeypatch.setattr(allocator.os, "execv", lambda *args: calls.append(allocator.os.environ["GLIBC_TUNABLES"]))
     monkeypatch.setattr(allocator, "wanted", lambda environ: True)
-    for sp in (1, 2):
+    for stage, sp in ((1, 1), (1, 2), (0, 2), (0, 1)):  # ZeRO-0 keeps glibc's defaults, but not under sequence parallel
         monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-        allocator.use_tuned_malloc(1, sp)
+        allocator.use_tuned_malloc(stage, sp)
     assert calls == ["glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=4194304",
+                     "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=1048576",
                      "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=1048576"]
