@@ -8,6 +8,17 @@
    parameter in the run's precision: 4 bytes each in fp32, 2 in bf16).
 2. validation loss at equal tokens: sync, async, and async with the staleness-aware learning rate
    (llmtrain-compare's runs, the demo's model and batch, fp32).
+3. Downpour's intervals and overlap (`--skip intervals` leaves it out; ~15 minutes): 2 workers (+1 server) in
+   `--interval-precision` (bf16: pulls and pushes move bf16), push and fetch every K = 1, 2, 4 local steps
+   (`ps.push_every=K ps.fetch_every=K`), without and with `ps.overlap=true`, against sync ZeRO-2 on 2 ranks at the
+   same global batch and precision: tokens/s, its ratio to sync, mean staleness, and the validation loss after the
+   same tokens.
+4. Stragglers (`--skip stragglers` leaves it out; ~10 minutes): `llmtrain-compare compare.slow_rank_factor=F`
+   (`--slow-factor`, 2 by default) on `--model`, fp32, 2 compute ranks: sync and async without and with one compute
+   rank F times slower per micro-batch. Per run: tokens/s, the validation loss after the same tokens (the last
+   evaluation), and at equal time (the last evaluation each run had made when the quickest of the four ended;
+   time counts from each run's first logged step).
+   `--straggler-dir` keeps the comparison's folder (plots, table, runs).
 """
 
 from __future__ import annotations
@@ -31,10 +42,12 @@ BYTES = {"fp32": 4, "bf16": 2}
 
 
 def train(data: str, run_dir: Path, procs: int, steps: int, *overrides: str) -> list[dict]:
+    given = {o.split("=", 1)[0] for o in overrides}
+    defaults = [d for d in ("train.log_every=5", "train.eval_every=0", "train.eval_windows=100",
+                            "train.checkpoint_every=0") if d.split("=", 1)[0] not in given]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", "-m",
            "llmtrain.cli.train", f"data.dir={data}", f"run.dir={run_dir}", *BATCH, f"train.max_steps={steps}",
-           "train.log_every=5", "train.eval_every=0", "train.eval_windows=100", "train.checkpoint_every=0",
-           *overrides]
+           *defaults, *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if proc.returncode:
         raise SystemExit(f"{run_dir.name} failed:\n{proc.stderr[-3000:]}")
@@ -92,6 +105,61 @@ def loss_at_equal_tokens(data: str, work: Path, steps: int) -> None:
           ["mode", "tokens", "val loss", "val ppl", "wall s", "mean staleness"], rows)
 
 
+def intervals(data: str, work: Path, steps: int, model: str, precision: str) -> None:
+    common = [f"model={model}", f"precision={precision}", f"train.eval_every={steps}"]
+
+    def measured(rows: list[dict]) -> tuple[float, float, float]:
+        logged = [r for r in rows if "tokens_per_s" in r][1:]  # the first interval holds the start-up
+        stale = np.mean([r["staleness_mean"] for r in logged]) if "staleness_mean" in logged[-1] else 0.0
+        return float(np.mean([r["tokens_per_s"] for r in logged])), float(stale), rows[-1]["val_loss"]
+
+    sync_tps, _, sync_val = measured(train(data, work / "i-sync", 2, steps, *common, "dist.zero_stage=2"))
+    out = [["sync ZeRO-2", "", "", f"{sync_tps:,.0f}", "1.00", "0", f"{sync_val:.4f}"]]
+    for k in (1, 2, 4):
+        for overlap in (False, True):
+            name = f"i-ps-k{k}-{'overlap' if overlap else 'blocking'}"
+            rows = train(data, work / name, 3, steps, *common, "mode=async_ps", f"ps.push_every={k}",
+                         f"ps.fetch_every={k}", f"ps.overlap={str(overlap).lower()}")
+            tps, stale, val = measured(rows)
+            out.append(["async, 2 workers", k, "yes" if overlap else "no", f"{tps:,.0f}", f"{tps / sync_tps:.2f}",
+                        f"{stale:.2f}", f"{val:.4f}"])
+    table(f"3. {model} {precision} (block 128, global batch 16), {steps} steps: push and fetch every K local steps, "
+          "with and without overlap, against sync ZeRO-2 on the same 2 compute ranks; val loss after the same tokens",
+          ["mode", "K", "overlap", "tokens/s", "x sync", "mean staleness", "val loss"], out)
+
+
+def stragglers(data: str, work: Path, steps: int, model: str, factor: float, out: Path | None) -> None:
+    out = out or work / "stragglers"
+    cmd = [sys.executable, "-m", "llmtrain.cli.compare", f"data.dir={data}", f"compare.dir={out}",
+           "compare.staleness_lr=false", f"compare.slow_rank_factor={factor}", f"model={model}", "precision=fp32",
+           *BATCH, f"train.max_steps={steps}", "train.log_every=5", f"train.eval_every={max(1, steps // 6)}",
+           "train.eval_windows=100", "train.checkpoint_every=0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode:
+        raise SystemExit(f"llmtrain-compare failed:\n{proc.stderr[-3000:]}")
+    runs = {}
+    for name, folder in (("sync", "sync"), ("async", "async"), ("sync", f"slow-{factor:g}/sync"),
+                         ("async", f"slow-{factor:g}/async")):
+        rows = [json.loads(line) for line in RunDir(out / folder).metrics.read_text().splitlines()]
+        logged = [r for r in rows if "tokens_per_s" in r]
+        start = logged[0]["time"]  # time counts from the first logged step: start-ups differ between the modes
+        evals = [(r["time"] - start, r["val_loss"]) for r in rows if "val_loss" in r]
+        logged = logged[1:]
+        runs[folder] = (name, 1.0 if folder in ("sync", "async") else factor,
+                        float(np.mean([r["tokens_per_s"] for r in logged])), evals)
+    quickest = min(evals[-1][0] for _, _, _, evals in runs.values())
+    out_rows = []
+    for name, slow, tps, evals in runs.values():
+        at_time = [loss for t, loss in evals if t <= quickest + 1e-6]
+        out_rows.append([name, f"x{slow:g}", f"{tps:,.0f}", f"{evals[-1][1]:.4f}", f"{evals[-1][0]:.0f}",
+                         f"{at_time[-1]:.4f}" if at_time else "-"])
+    table(f"4. stragglers: {model} fp32 (block 128, global batch 16), {steps} steps, 2 compute ranks, one of them "
+          f"x{factor:g} slower per micro-batch or not; equal time = {quickest:.0f} s of training (the quickest run)",
+          ["mode", "slow rank", "tokens/s", "val loss (equal tokens)", "s to the end", "val loss (equal time)"],
+          out_rows)
+    print((out / "table.md").read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="a prepared data.dir (llmtrain-prepare data=stdlib ...)")
@@ -100,7 +168,12 @@ def main() -> None:
     parser.add_argument("--model", default="small", help="the model preset of the throughput runs")
     parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=sorted(BYTES),
                         help="precisions of the throughput runs (bf16 is slow on CPUs without native bf16)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["throughput", "loss"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["throughput", "loss", "intervals", "stragglers"])
+    parser.add_argument("--slow-factor", type=float, default=2.0, help="table 4's straggler factor")
+    parser.add_argument("--straggler-steps", type=int, default=60, help="steps of table 4's runs")
+    parser.add_argument("--straggler-dir", type=Path, default=None, help="keep table 4's comparison folder here")
+    parser.add_argument("--interval-steps", type=int, default=60, help="steps of table 3's runs")
+    parser.add_argument("--interval-precision", default="bf16", choices=sorted(BYTES), help="table 3's precision")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-async-") as tmp:  # run folders, each with its last checkpoint
         work = Path(tmp)
@@ -108,6 +181,10 @@ def main() -> None:
             throughput(args.data, work, args.steps, args.model, args.precisions)
         if "loss" not in args.skip:
             loss_at_equal_tokens(args.data, work, args.loss_steps)
+        if "intervals" not in args.skip:
+            intervals(args.data, work, args.interval_steps, args.model, args.interval_precision)
+        if "stragglers" not in args.skip:
+            stragglers(args.data, work, args.straggler_steps, args.model, args.slow_factor, args.straggler_dir)
 
 
 if __name__ == "__main__":

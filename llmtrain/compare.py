@@ -2,7 +2,10 @@
 
 Runs ``llmtrain-train`` once per mode (sync: N data-parallel ranks; async: N workers + 1 server; optionally
 async with the staleness-aware learning rate), each in its own run folder under ``compare.dir`` and in one
-wandb group, then writes loss-vs-tokens and loss-vs-wall-clock plots, the staleness histogram and a table.
+wandb group, then writes loss-vs-tokens and loss-vs-wall-clock plots, the staleness histogram and a table. With
+``compare.slow_rank_factor`` above 1 every mode runs again with a straggler (``train.slow_rank_factor``: the last
+compute rank sleeps factor - 1 times its measured compute time after each micro-batch), in ``compare.dir/slow-<f>``,
+and the plots put the two scenarios side by side.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class ModeRun:
     overrides: list[str]
     """The mode's settings (run.dir is added from ``run``)."""
     ranks: int
+    slow_rank_factor: float = 1.0
     started: float = 0.0
     wall_s: float = 0.0
     rows: list[dict] = field(default_factory=list)
@@ -43,14 +47,21 @@ class ModeRun:
 def plan(cfg: CompareConfig) -> list[ModeRun]:
     n, out = cfg.compare.compute_ranks, Path(cfg.compare.dir)
     group = cfg.wandb.group or out.name
-    # Both modes run at the config's precision (bf16 by default; experiment=demo sets fp32).
-    common = [f"wandb.group={group}"]
-    runs = [ModeRun("sync", RunDir(out / "sync"), [*common, "mode=sync"], n),
-            ModeRun("async", RunDir(out / "async"), [*common, "mode=async_ps", "ps.num_servers=1",
-                                                     "ps.staleness_lr=false"], n + 1)]
-    if cfg.compare.staleness_lr:
-        runs.append(ModeRun("async+staleness-lr", RunDir(out / "async-slr"),
-                            [*common, "mode=async_ps", "ps.num_servers=1", "ps.staleness_lr=true"], n + 1))
+    runs = []
+    for factor in sorted({1.0, cfg.compare.slow_rank_factor}):
+        # Both modes run at the config's precision (bf16 by default; experiment=demo sets fp32).
+        common = [f"wandb.group={group}"]
+        folder = out
+        if factor != 1.0:
+            common.append(f"train.slow_rank_factor={factor}")
+            folder = out / f"slow-{factor:g}"
+        modes = [("sync", "sync", ["mode=sync"], n),
+                 ("async", "async", ["mode=async_ps", "ps.num_servers=1", "ps.staleness_lr=false"], n + 1)]
+        if cfg.compare.staleness_lr:
+            modes.append(("async+staleness-lr", "async-slr", ["mode=async_ps", "ps.num_servers=1",
+                                                                "ps.staleness_lr=true"], n + 1))
+        runs += [ModeRun(name, RunDir(folder / sub), [*common, *mode], ranks, factor)
+                 for name, sub, mode, ranks in modes]
     return runs
 
 
@@ -69,8 +80,8 @@ def launch(run: ModeRun, user_overrides: list[str]) -> None:
 
 
 def table(runs: list[ModeRun]) -> str:
-    header = ("mode", "compute ranks", "tokens", "wall s (with start-up)", "tokens/s", "val loss", "val ppl",
-              "staleness mean / p95 / max")
+    header = ("mode", "compute ranks", "slow rank", "tokens", "wall s (with start-up)", "tokens/s", "val loss",
+              "val ppl", "staleness mean / p95 / max")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
         steps, final = run.steps(), run.evals()[-1]
@@ -80,7 +91,8 @@ def table(runs: list[ModeRun]) -> str:
                      f"{max(r['staleness_p95'] for r in steps):.1f} / {max(r['staleness_max'] for r in steps)}")
         tokens_per_s = np.mean([r["tokens_per_s"] for r in steps[1:] or steps])
         lines.append(f"| {run.name} | {run.ranks if run.name == 'sync' else run.ranks - 1} | "
-                     f"{steps[-1]['tokens_seen']:,} | {run.wall_s:.0f} | {tokens_per_s:,.0f} | "
+                     f"x{run.slow_rank_factor:g} | {steps[-1]['tokens_seen']:,} | {run.wall_s:.0f} | "
+                     f"{tokens_per_s:,.0f} | "
                      f"{final['val_loss']:.4f} | {final['val_ppl']:.2f} | {stale} |")
     return "\n".join(lines)
 
@@ -92,20 +104,23 @@ def plot(runs: list[ModeRun], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
+    factors = sorted({run.slow_rank_factor for run in runs})
     for x_key, label, name in (("tokens_seen", "tokens", "loss_vs_tokens.png"),
                                ("time", "wall-clock seconds since launch", "loss_vs_time.png")):
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for i, run in enumerate(runs):
-            xs = [r[x_key] - (run.started if x_key == "time" else 0) for r in run.steps()]
-            ax.plot(xs, [r["loss"] for r in run.steps()], color=f"C{i}", label=f"{run.name} (train)", alpha=0.7)
-            evals = run.evals()
-            ex = [(e["time"] - run.started) if x_key == "time" else
-                  next(r["tokens_seen"] for r in run.steps() if r["step"] >= e["step"]) for e in evals]
-            ax.plot(ex, [e["val_loss"] for e in evals], "o--", color=f"C{i}", label=f"{run.name} (val)")
-        ax.set_xlabel(label)
-        ax.set_ylabel("loss (nats/token)")
-        ax.legend()
-        ax.grid(alpha=0.3)
+        fig, axes = plt.subplots(1, len(factors), figsize=(6.4 * len(factors), 4.2), sharey=True, squeeze=False)
+        for ax, factor in zip(axes[0], factors, strict=True):  # one panel per scenario, side by side
+            for i, run in enumerate(r for r in runs if r.slow_rank_factor == factor):
+                xs = [r[x_key] - (run.started if x_key == "time" else 0) for r in run.steps()]
+                ax.plot(xs, [r["loss"] for r in run.steps()], color=f"C{i}", label=f"{run.name} (train)", alpha=0.7)
+                evals = run.evals()
+                ex = [(e["time"] - run.started) if x_key == "time" else
+                      next(r["tokens_seen"] for r in run.steps() if r["step"] >= e["step"]) for e in evals]
+                ax.plot(ex, [e["val_loss"] for e in evals], "o--", color=f"C{i}", label=f"{run.name} (val)")
+            ax.set_title("no straggler" if factor == 1.0 else f"one compute rank x{factor:g} slower")
+            ax.set_xlabel(label)
+            ax.set_ylabel("loss (nats/token)")
+            ax.legend()
+            ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
@@ -117,7 +132,9 @@ def plot(runs: list[ModeRun], out: Path) -> list[Path]:
             total = np.zeros(max(len(h) for h in hists))
             for h in hists:
                 total[: len(h)] += h
-            ax.bar(np.arange(len(total)) + 0.4 * (i - 1), total, width=0.4, color=f"C{i}", label=run.name)
+            width = 0.8 / len(runs)
+            ax.bar(np.arange(len(total)) + width * i, total, width=width, color=f"C{i}",
+                   label=run.name if run.slow_rank_factor == 1.0 else f"{run.name}, x{run.slow_rank_factor:g}")
     ax.set_xlabel("staleness (server updates between pull and apply)")
     ax.set_ylabel("updates")
     ax.legend()

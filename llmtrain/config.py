@@ -479,9 +479,15 @@ class TrainLoopConfig:
     compile: bool | None = None
     """torch.compile the model (through DeepSpeed's ``engine.compile``); null = on with CUDA, off on CPU, where fp32
     gains nothing and bf16 gains less than the first compile costs a short run (docs/benchmarks.md, torch.compile)."""
+    slow_rank_factor: float = 1.0
+    """A simulated straggler (llmtrain-compare's scenarios): the last compute rank (sync: the last rank; async: the
+    last worker) takes this many times longer per micro-batch, sleeping factor - 1 times its measured compute time
+    after each. 1 = no straggler."""
 
     def __post_init__(self) -> None:
         problems = []
+        if not 1.0 <= self.slow_rank_factor <= 1000.0:  # also refuses nan
+            problems.append(f"train.slow_rank_factor={self.slow_rank_factor} must be between 1 and 1000")
         problems += bounded_each("train.", self, {
             "max_steps": (1, MAX_COUNT), "global_batch_size": (1, 1 << 24), "micro_batch_size": (1, 1 << 16),
             "log_every": (1, MAX_COUNT), "keep_checkpoints": (1, MAX_COUNT), "max_nonfinite_steps": (1, MAX_COUNT),
@@ -567,11 +573,21 @@ class PSConfig:
     """Divide the learning rate of each update by its staleness (Zhang et al. 2016)."""
     timeout_s: int = 60
     """A pull or push that takes longer fails the worker (a lost server ends the job within this time)."""
+    push_every: int = 1
+    """Downpour's n_push: a worker sums the gradients of this many local steps (each global_batch_size / workers
+    sequences) and pushes them as one update of that larger batch."""
+    fetch_every: int = 1
+    """Downpour's n_fetch: a worker pulls fresh weights every this many local steps and computes on the ones it
+    holds in between."""
+    overlap: bool = False
+    """Pull the next weights and push the last gradient in the background while the next local step computes (at
+    most one pull and one push in flight): every update is then at least one version stale."""
 
     def __post_init__(self) -> None:
         problems = []
         problems += bounded_each("ps.", self, {
-            "num_servers": (1, 1 << 16), "max_staleness": (0, MAX_COUNT), "timeout_s": (1, MAX_TIMEOUT_S)})
+            "num_servers": (1, 1 << 16), "max_staleness": (0, MAX_COUNT), "timeout_s": (1, MAX_TIMEOUT_S),
+            "push_every": (1, 1 << 20), "fetch_every": (1, 1 << 20)})
         raise_problems(problems, "ps")
 
 
@@ -679,10 +695,15 @@ class CompareSection:
     """Ranks that compute gradients in each mode: sync data-parallel ranks = async workers."""
     staleness_lr: bool = True
     """Also run async with ps.staleness_lr=true."""
+    slow_rank_factor: float = 1.0
+    """A straggler scenario: above 1, every mode runs a second time with one compute rank this many times slower per
+    micro-batch (train.slow_rank_factor), and the plots show both scenarios side by side."""
 
     def __post_init__(self) -> None:
         problems = nonempty("compare.dir", self.dir, "give the output folder, compare.dir=runs/<name>")
         problems += bounded("compare.compute_ranks", self.compute_ranks, 1, 1 << 16)
+        if not 1.0 <= self.slow_rank_factor <= 1000.0:  # also refuses nan
+            problems.append(f"compare.slow_rank_factor={self.slow_rank_factor} must be between 1 and 1000")
         raise_problems(problems, "compare")
 
 

@@ -53,8 +53,9 @@ def pull(worker: int) -> tuple[int, dict[str, torch.Tensor]]:
     return server().pull(worker)
 
 
-def push(worker: int, grads: dict[str, torch.Tensor], computed_on: int, stats: dict) -> bool:
-    return server().push(worker, grads, computed_on, stats)
+def push(worker: int, grads: dict[str, torch.Tensor], computed_on: int, stats: dict, wanted: int) -> int:
+    """Apply a worker's update; the local steps it is granted next (asked of server 0 only: ``wanted`` 0 elsewhere)."""
+    return server().push(worker, grads, computed_on, stats, wanted)
 
 
 def finished(worker: int) -> None:
@@ -66,9 +67,10 @@ def read_shard() -> dict[str, torch.Tensor]:
     return server().master_weights()
 
 
-def clock(worker: int) -> int:
+def clock(worker: int, wanted: int) -> tuple[int, int]:
+    """The local steps of ``worker`` applied so far (where a resumed worker's data continues), and its first grant."""
     server().ready.wait()
-    return server().clock[worker]
+    return server().clock[worker], server().grant(worker, wanted)
 
 
 def diverged() -> tuple[int, int] | None:
@@ -87,8 +89,8 @@ def write_staged(path: str) -> None:
     server().staged = None
 
 
-def stop_at(updates: int) -> None:
-    server().stop_at(updates)
+def stop_at(updates: int) -> int:
+    return server().stop_at(updates)
 
 
 def release(diverged: tuple[int, int] | None = None) -> None:

@@ -1,8 +1,13 @@
 """A parameter server: the fp32 master copy of its shard of the model and the optimizer state for it.
 
-Every pushed gradient is applied as it arrives (no waiting for other workers). Each update records its
-staleness: the server's version when it is applied minus the version the worker computed it on. Calls arrive
-on TensorPipe's RPC threads, so one lock orders them.
+Every pushed gradient is applied as it arrives (no waiting for other workers). The version counts local steps
+applied: a push of ``units`` local steps (``ps.push_every``) is one optimizer step on their summed gradient and
+moves the version by ``units``. Each update records its staleness: the server's version when it is applied minus
+the version the worker computed it on. Calls arrive on TensorPipe's RPC threads, so one lock orders them.
+
+The budget (max_steps x workers local steps) is spent exactly: a worker computes only the local steps it was
+granted (``grant``: at most what the budget holds beyond what is applied and granted to the other live workers),
+asking for the next grant with each push. A lost worker's grant returns to the others.
 
 A push whose loss or gradient was non-finite is skipped (it counts towards the budget, as a skipped synchronous
 step does, and changes no weight); a step (W updates) with a skipped one is a skipped step, and
@@ -60,7 +65,9 @@ class ParameterServer:
         self.records: list[dict] = []
         """One per applied update: worker, staleness, loss, timings (read by the metrics of server 0)."""
         self.clock = {w: 0 for w in range(num_workers)}
-        """Updates applied per worker."""
+        """Local steps applied per worker."""
+        self.granted = {w: 0 for w in range(num_workers)}
+        """Local steps granted to each worker and not pushed yet."""
         self.last_seen = {w: time.monotonic() for w in range(num_workers)}
         self.finished: set[int] = set()
         self.released = threading.Event()
@@ -77,17 +84,18 @@ class ParameterServer:
         """The first and last step of ``max_nonfinite_steps`` skipped steps in a row, once there were (the budget
         then ends at once)."""
 
-    def _count_step(self, skipped: bool) -> None:
-        """After each update (lock held): at the end of a step, count it skipped or not; stop the run at once
-        when it makes ``max_nonfinite_steps`` in a row."""
+    def _count_steps(self, before: int, skipped: bool) -> None:
+        """After each update (lock held; the version moved from ``before``): at the end of each step it completes,
+        count it skipped or not; stop the run at once when that makes ``max_nonfinite_steps`` in a row."""
         self._step_skipped |= skipped
-        if self.version % self.num_workers:
-            return
-        step, step_skipped, self._step_skipped = self.version // self.num_workers, self._step_skipped, False
-        self.skipped_steps += step_skipped
-        if self.nonfinite.add(step, not step_skipped) and self.diverged is None:
-            self.diverged = (self.nonfinite.first, step)
-            self.budget = self.version
+        ends = self.version // self.num_workers
+        for step in range(before // self.num_workers + 1, ends + 1):
+            step_skipped = self._step_skipped  # this update's flag carries into a step it began and did not end
+            self._step_skipped = skipped and bool(step < ends or self.version % self.num_workers)
+            self.skipped_steps += step_skipped
+            if self.nonfinite.add(step, not step_skipped) and self.diverged is None:
+                self.diverged = (self.nonfinite.first, step)
+                self.budget = self.version
 
     def state_dict(self) -> dict:
         """Everything to continue exactly: weights, optimizer state, version and per-worker update counts (the
@@ -109,11 +117,15 @@ class ParameterServer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.version, self.clock = int(state["version"]), {int(w): int(c) for w, c in state["clock"].items()}
 
-    def stop_at(self, updates: int) -> None:
-        """Spend no more than ``updates`` in this run (a stop request; never below what is already applied)."""
+    def stop_at(self, updates: int) -> int:
+        """Spend no more than ``updates`` local steps in this run (a stop request): never below what is applied and
+        granted already, rounded up to a whole step. The budget now."""
         with self.lock:
-            self.budget = min(self.budget, max(updates, self.version))
+            promised = self.version + sum(self.granted[w] for w in self.live_workers())
+            whole = -(-max(updates, promised) // self.num_workers) * self.num_workers
+            self.budget = min(self.budget, whole)
             self.lock.notify_all()
+            return self.budget
 
     def live_workers(self) -> list[int]:
         """Workers neither finished nor silent for longer than the timeout (killed, or their host lost)."""
@@ -152,12 +164,27 @@ class ParameterServer:
                     return False
                 self.lock.wait(timeout=0.2)
 
-    def push(self, worker: int, grads: dict[str, torch.Tensor], computed_on: int, stats: dict) -> bool:
-        """Apply one worker's gradient now; False once the token budget is spent (the worker then stops)."""
+    def grant(self, worker: int, wanted: int) -> int:
+        """Local steps ``worker`` may compute next, beyond those already granted to it: at most ``wanted``, and no
+        more than the budget holds beyond what is applied and granted to every live worker. 0: the budget is
+        spent (or promised), the worker stops."""
         with self.lock:
             self.last_seen[worker] = time.monotonic()
-            if self.version >= self.budget:
-                return False
+            live = set(self.live_workers()) | {worker}
+            promised = self.version + sum(self.granted[w] for w in live)
+            given = max(0, min(wanted, self.budget - promised))
+            self.granted[worker] += given
+            return given
+
+    def push(self, worker: int, grads: dict[str, torch.Tensor], computed_on: int, stats: dict, wanted: int = 1) -> int:
+        """Apply one worker's gradient (the sum over ``stats["units"]`` local steps, default 1) now; then grant it
+        up to ``wanted`` more local steps (0 once the budget is spent: the worker then stops)."""
+        units = int(stats.get("units", 1))
+        with self.lock:
+            self.last_seen[worker] = time.monotonic()
+            if self.version + units > self.budget:  # a stop request lowered the budget below what was granted
+                self.granted[worker] = 0
+                return 0
             start = time.perf_counter()
             staleness = self.version - computed_on
             lr = lr_at(self.version // self.num_workers, self.optim_cfg, self.max_steps)
@@ -170,10 +197,11 @@ class ParameterServer:
                     param.grad = grads[name].float()  # applied in fp32, whatever the worker computed in
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            self.version += 1
-            self.clock[worker] += 1
-            self.records.append({"worker": worker, "staleness": staleness, "lr": lr, **stats, "skipped": skipped,
-                                 "apply_s": time.perf_counter() - start, "time": time.time()})
-            self._count_step(skipped)
+            before, self.version = self.version, self.version + units
+            self.clock[worker] += units
+            self.granted[worker] = max(0, self.granted[worker] - units)
+            self.records.append({"worker": worker, "staleness": staleness, "lr": lr, **stats, "units": units,
+                                 "skipped": skipped, "apply_s": time.perf_counter() - start, "time": time.time()})
+            self._count_steps(before, skipped)
             self.lock.notify_all()
-            return self.version < self.budget
+        return self.grant(worker, wanted) if wanted else 0

@@ -44,6 +44,7 @@ from llmtrain.run.checkpoint import Checkpoints, Peers, client_state, diverged
 from llmtrain.run.metrics import MetricsLogger, last_scores
 from llmtrain.run.preemption import StopSignals, clear_preempted, mark_preempted
 from llmtrain.run.setup import TrainResult
+from llmtrain.run.straggler import Straggler
 
 log = logging.getLogger("llmtrain")
 
@@ -164,54 +165,59 @@ class AsyncPSTrainer:
                             f"ps.timeout_s={self.cfg.ps.timeout_s} s ({first}); stopping") from None
 
     def _work(self) -> TrainResult:
-        cfg, model = self.cfg.train, self._model.to(self.env.device, self.dtype)
+        """Local steps of global_batch_size / W sequences, as many as server 0 grants: every ``ps.fetch_every``
+        steps the weights are pulled, every ``ps.push_every`` the summed gradient is pushed (asking for the next
+        grant). With ``ps.overlap`` the pull and the push run while the next steps compute (``_Transfers``)."""
+        cfg, ps = self.cfg.train, self.cfg.ps
+        model = self._model.to(self.env.device, self.dtype)
         reader = self.data.train_reader(self.model_cfg.block_size, cfg.seed, self.worker, self.num_workers,
                                         cfg.subset_tokens)
         micro_steps = cfg.global_batch_size // self.num_workers // cfg.micro_batch_size
+        ahead = 2 if ps.overlap else 1  # accumulations granted ahead: one more while a push is in flight
         # A resumed run continues this worker's data where its last applied update left it.
-        done = self._call(0, rpc.rpc_async(self.name(0), calls.clock, args=(self.worker,)))
+        first = rpc.rpc_async(self.name(0), calls.clock, args=(self.worker, ahead * ps.push_every))
+        done, granted = self._call(0, first)
         reader.consumed_samples = done * micro_steps * self.num_workers * cfg.micro_batch_size
         params = dict(model.named_parameters())
-        servers = range(self.num_servers)
-        result, going, push_s = TrainResult(), True, 0.0
-        while going:
-            start = time.perf_counter()
-            pulled = [rpc.rpc_async(self.name(i), calls.pull, args=(self.worker,)) for i in servers]
-            versions, pulled_bytes = [], 0
-            with torch.no_grad():
-                for i, fut in zip(servers, pulled, strict=True):
-                    version, tensors = self._call(i, fut)
-                    versions.append(version)
-                    for name, tensor in tensors.items():
-                        params[name].copy_(tensor)
-                        pulled_bytes += tensor.numel() * tensor.element_size()
-            pull_s = time.perf_counter() - start
-            model.zero_grad(set_to_none=True)
-            losses, grad = [], {}
-            for _ in range(micro_steps):
-                x, y = reader.next_batch(cfg.micro_batch_size)
-                _, loss = model(x.to(self.env.device), y.to(self.env.device))
-                (loss / micro_steps).backward()
-                losses.append(loss.item())
-                accumulate_fp32(params, grad)
+        transfers = _Transfers(self, params)
+        straggler = Straggler(cfg.slow_rank_factor, self.worker == self.num_workers - 1, self.env.device)
+        result, local, version = TrainResult(), 0, 0
+        while granted or transfers.pushing:
+            if not granted:  # the grant for more comes with the push in flight
+                granted += transfers.wait_push()
+                continue
+            units, losses, grad, compute_s = min(ps.push_every, granted), [], {}, 0.0
+            granted -= units
+            for i in range(units):
+                if local % ps.fetch_every == 0:
+                    fetched = transfers.fetch(prefetch=ps.overlap)
+                    version = fetched if i == 0 else version  # an update counts from its first step's weights
+                model.zero_grad(set_to_none=True)
+                start = time.perf_counter()
+                for _ in range(micro_steps):
+                    x, y = reader.next_batch(cfg.micro_batch_size)
+                    with straggler.micro_batch():
+                        _, loss = model(x.to(self.env.device), y.to(self.env.device))
+                        (loss / micro_steps).backward()
+                    losses.append(loss.item())
+                    accumulate_fp32(params, grad)
+                compute_s += time.perf_counter() - start
+                local += 1
+            if units > 1:
+                for g in grad.values():
+                    g.div_(units)  # the mean over the local steps: one update of a units-times larger batch
             if self.cfg.optim.grad_clip > 0:
                 norm = clip_(list(grad.values()), self.cfg.optim.grad_clip)
             else:
                 norm = torch.nn.utils.get_total_norm(list(grad.values()))
-            start = time.perf_counter()
-            wire = {n: g.to("cpu", self.dtype) for n, g in grad.items()}  # pushed in the compute dtype
-            grads = [{n: wire[n] for n in shard} for shard in self.shards]
-            pushed_bytes = sum(g.numel() * g.element_size() for shard in grads for g in shard.values())
-            stats = {"loss": float(np.mean(losses)), "finite_grads": bool(torch.isfinite(norm)), "pull_s": pull_s,
-                     "push_s": push_s, "bytes": pulled_bytes + pushed_bytes}  # a non-finite one is skipped
-            pushed = [rpc.rpc_async(self.name(i), calls.push, args=(self.worker, grads[i], versions[i], stats))
-                      for i in servers]
-            going = all([self._call(i, fut) for i, fut in zip(servers, pushed, strict=True)])
-            push_s = time.perf_counter() - start  # reported with the next push
-            result.steps += 1
+            stats = {"loss": float(np.mean(losses)), "finite_grads": bool(torch.isfinite(norm)), "units": units,
+                     "compute_s": compute_s / units}  # per local step
+            granted += transfers.push(grad, version, stats, wanted=ps.push_every, background=ps.overlap)
+            result.steps += units
+        transfers.close()
         stopped = self._call(0, rpc.rpc_async(self.name(0), calls.diverged))  # asked before server 0 may leave
         # Server 0 last: once every worker has finished with it, it releases the others and may leave at once.
-        for i in reversed(servers):
+        for i in reversed(range(self.num_servers)):
             try:
                 rpc.rpc_sync(self.name(i), calls.finished, args=(self.worker,))
             except RuntimeError:
@@ -239,10 +245,10 @@ class AsyncPSTrainer:
         result = TrainResult(unigram_entropy=self.data.unigram_entropy())
         self._lost: list[bool] = []
         cadence = Cadence.of(cfg)
-        seen, step, interval_start = 0, self.start_step, time.time()
+        seen, units, step, interval_start, logged = 0, 0, self.start_step, time.time(), self.start_step
         evaluated = saved = -1
-        tokens_per_update = cfg.global_batch_size // self.num_workers * self.model_cfg.block_size
         interval: list[dict] = []
+        this_step: list[dict] = []  # the updates of the step in progress
         done = threading.Thread(target=lambda: self._lost.append(not server.wait_until_done()), daemon=True)
         done.start()
         running, stopping = True, False
@@ -254,28 +260,30 @@ class AsyncPSTrainer:
                 stopping = True
             with server.lock:
                 new = server.records[seen:]
-            for record in new:  # W updates make one step (as many tokens as one synchronous step)
+            for record in new:  # W local steps make one step (as many tokens as one synchronous step)
                 seen += 1
+                units += record["units"]
                 interval.append(record)
-                if seen % self.num_workers:
-                    continue
-                step += 1
-                metrics.advance()
-                if any(r["skipped"] for r in interval[-self.num_workers:]):
-                    log.warning("step %d skipped (a worker's loss or gradient was non-finite)", step)
-                if cadence.log(step):
-                    seconds = record["time"] - interval_start
-                    self._log(metrics, step, interval, tokens_per_update, seconds)
-                    result.losses[step] = float(np.mean([r["loss"] for r in interval[-self.num_workers:]]))
-                    interval, interval_start = [], record["time"]
-                if cadence.stops(step):  # the last step's evaluation and save wait for every update (below)
-                    continue
-                if cadence.evaluate(step):  # on the weights of now: the workers go on meanwhile
-                    self._evaluate_into(result, metrics, step)
-                    evaluated = step
-                if cadence.save(step):
-                    self._save(step)
-                    saved = step
+                this_step.append(record)
+                while step < self.start_step + units // self.num_workers:  # an update of K local steps may end several
+                    step += 1
+                    metrics.advance()
+                    if any(r["skipped"] for r in this_step):
+                        log.warning("step %d skipped (a worker's loss or gradient was non-finite)", step)
+                    if cadence.log(step):
+                        seconds = record["time"] - interval_start
+                        self._log(metrics, step, interval or this_step, this_step, step - logged, seconds)
+                        result.losses[step] = float(np.mean([r["loss"] for r in this_step]))
+                        interval, interval_start, logged = [], record["time"], step
+                    this_step = [record] if units > (step - self.start_step) * self.num_workers else []
+                    if cadence.stops(step):  # the last step's evaluation and save wait for every update (below)
+                        continue
+                    if cadence.evaluate(step):  # on the weights of now: the workers go on meanwhile
+                        self._evaluate_into(result, metrics, step)
+                        evaluated = step
+                    if cadence.save(step):
+                        self._save(step)
+                        saved = step
         if self._lost[0]:
             log.warning("%d worker(s) were lost (silent for more than ps.timeout_s=%d s); the others finished "
                         "the run", len(server.clock) - len(server.finished), self.cfg.ps.timeout_s)
@@ -312,19 +320,22 @@ class AsyncPSTrainer:
 
     def _stop_soon(self) -> None:
         """End the run at a step boundary every server can still reach: pushes in flight put another server at
-        most one update per worker ahead of this one, so two steps from here is safe."""
+        most one update per worker ahead of this one, so two steps from here is safe (or later, where server 0
+        granted local steps beyond it: they are applied first). The other servers take server 0's budget."""
         steps_done = calls.server().version // self.num_workers
-        updates = (steps_done + 2) * self.num_workers
-        log.info("stopping at step %d (a stop signal arrived); then a checkpoint", steps_done + 2)
-        for i in range(self.num_servers):
-            calls.stop_at(updates) if i == 0 else rpc.rpc_sync(self.name(i), calls.stop_at, args=(updates,))
+        budget = calls.stop_at((steps_done + 2) * self.num_workers)
+        log.info("stopping at step %d (a stop signal arrived); then a checkpoint", budget // self.num_workers)
+        for i in range(1, self.num_servers):
+            rpc.rpc_sync(self.name(i), calls.stop_at, args=(budget,))
 
-    def _log(self, metrics: MetricsLogger, step: int, records: list[dict], tokens_per_update: int,
+    def _log(self, metrics: MetricsLogger, step: int, records: list[dict], last_step: list[dict], steps: int,
              seconds: float) -> None:
+        """A metrics row of the ``steps`` steps and the updates since the last one (``records``; an update of several
+        local steps may end more than one logged step); the loss is the last step's."""
         staleness = np.array([r["staleness"] for r in records])
-        tokens = len(records) * tokens_per_update
+        tokens = self._tokens_seen(steps)
         metrics.log(step, {
-            "loss": float(np.mean([r["loss"] for r in records[-self.num_workers:]])), "lr": records[-1]["lr"],
+            "loss": float(np.mean([r["loss"] for r in last_step])), "lr": records[-1]["lr"],
             "tokens_seen": self._tokens_seen(step), "tokens_per_s": tokens / max(seconds, 1e-9),
             "updates_per_s": len(records) / max(seconds, 1e-9),
             "staleness_mean": float(staleness.mean()), "staleness_p50": float(np.percentile(staleness, 50)),
@@ -334,7 +345,10 @@ class AsyncPSTrainer:
             "push_s": float(np.mean([r["push_s"] for r in records if r["push_s"]] or [0.0])),
             "bytes_per_update": float(np.mean([r["bytes"] for r in records])),
             "staleness_hist": np.bincount(staleness).tolist(),
+            "compute_s": float(np.mean([r["compute_s"] for r in records])),
             **{f"loss_worker{w}": float(np.mean([r["loss"] for r in records if r["worker"] == w]))
+               for w in sorted({r["worker"] for r in records})},
+            **{f"compute_s_worker{w}": float(np.mean([r["compute_s"] for r in records if r["worker"] == w]))
                for w in sorted({r["worker"] for r in records})},
         })
 
@@ -380,6 +394,92 @@ class AsyncPSTrainer:
         except UserError as exc:
             return exc
         return None
+
+
+class _Transfers:
+    """A worker's pulls and pushes, to every server: in the foreground, or (``ps.overlap``) double-buffered in the
+    background, at most one pull and one push in flight. Times spent waiting and bytes moved travel with the next
+    push's stats (``pull_s``, ``push_s``, ``bytes``)."""
+
+    def __init__(self, trainer: AsyncPSTrainer, params: dict[str, torch.nn.Parameter]) -> None:
+        self.trainer, self.params = trainer, params
+        self.servers = range(trainer.num_servers)
+        self._pull = None  # futures of the pull in flight
+        self._push = None
+        self.pull_s = self.push_s = 0.0
+        self.pulled_bytes = 0
+
+    @property
+    def pushing(self) -> bool:
+        return self._push is not None
+
+    def _start_pull(self) -> list:
+        t = self.trainer
+        return [rpc.rpc_async(t.name(i), calls.pull, args=(t.worker,)) for i in self.servers]
+
+    def _prefetch(self) -> torch.futures.Future:
+        """The next pull, started once the push in flight is answered (so its weights lack at most this worker's
+        next update: a lone worker's updates are at most one version stale), or now when none is in flight."""
+        if self._push is None:
+            started: torch.futures.Future = torch.futures.Future()
+            started.set_result(self._start_pull())
+            return started
+        return torch.futures.collect_all(self._push).then(lambda _: self._start_pull())
+
+    def fetch(self, prefetch: bool) -> int:
+        """Copy fresh weights into the model (the pull in flight, or one made now); with ``prefetch`` start the
+        next pull (``_prefetch``). The version of the weights copied."""
+        start = time.perf_counter()
+        if self._pull is None:
+            pulled = self._start_pull()
+        else:
+            pulled = self.trainer._call(0, self._pull)  # the pull futures (a failed push surfaces at its own wait)
+        self._pull = None
+        versions = []
+        with torch.no_grad():
+            for i, fut in zip(self.servers, pulled, strict=True):
+                version, tensors = self.trainer._call(i, fut)
+                versions.append(version)
+                for name, tensor in tensors.items():
+                    self.params[name].copy_(tensor)
+                    self.pulled_bytes += tensor.numel() * tensor.element_size()
+        if prefetch:
+            self._pull = self._prefetch()
+        self.pull_s += time.perf_counter() - start
+        return versions[0]  # every server has applied the same updates when it answers a pull
+
+    def push(self, grad: dict[str, torch.Tensor], version: int, stats: dict, wanted: int, background: bool) -> int:
+        """Push ``grad`` (computed on ``version``) to every server, in the compute dtype; the local steps server 0
+        grants next (0 while the push is in flight, then from ``wait_push``)."""
+        t = self.trainer
+        granted = self.wait_push() if self._push is not None else 0
+        start = time.perf_counter()
+        wire = {n: g.to("cpu", t.dtype) for n, g in grad.items()}  # pushed in the compute dtype
+        grads = [{n: wire[n] for n in shard} for shard in t.shards]
+        pushed_bytes = sum(g.numel() * g.element_size() for shard in grads for g in shard.values())
+        stats = {**stats, "pull_s": self.pull_s, "push_s": self.push_s, "bytes": self.pulled_bytes + pushed_bytes}
+        self.pull_s = self.pulled_bytes = 0  # reported once, with this push (push_s: the last push's)
+        self._push = [rpc.rpc_async(t.name(i), calls.push, args=(t.worker, grads[i], version, stats,
+                                                                  wanted if i == 0 else 0)) for i in self.servers]
+        self.push_s = time.perf_counter() - start
+        return granted if background else granted + self.wait_push()
+
+    def wait_push(self) -> int:
+        """Wait for the push in flight; the local steps server 0 granted with it."""
+        start = time.perf_counter()
+        answers = [self.trainer._call(i, fut) for i, fut in zip(self.servers, self._push, strict=True)]
+        self._push = None
+        self.push_s += time.perf_counter() - start
+        return int(answers[0])
+
+    def close(self) -> None:
+        """Wait for what is still in flight (a prefetched pull is not used)."""
+        if self._push is not None:
+            self.wait_push()
+        if self._pull is not None:
+            for i, fut in zip(self.servers, self.trainer._call(0, self._pull), strict=True):
+                self.trainer._call(i, fut)
+            self._pull = None
 
 
 def rpc_peers(rank: int, main_name: str) -> Peers:

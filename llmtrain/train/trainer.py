@@ -45,6 +45,7 @@ from llmtrain.run.checkpoint import Checkpoints, client_state, diverged
 from llmtrain.run.metrics import MetricsLogger, last_scores, peak_flops, peak_memory_gb
 from llmtrain.run.preemption import StopSignals, clear_preempted, mark_preempted
 from llmtrain.run.setup import TrainResult
+from llmtrain.run.straggler import Straggler
 from llmtrain.train.checkpoint import DeepSpeedCheckpointIO, process_group_peers
 
 log = logging.getLogger("llmtrain")
@@ -113,6 +114,8 @@ class Trainer:
         block = self.model_cfg.block_size
         self.positions = self.topology.positions(block)
         self.loss_scale = sequence_loss_scale(self.topology, cfg.dist.zero_stage)  # of each shard's mean loss
+        last = self.env.rank == self.env.world_size - 1
+        self.straggler = Straggler(cfg.train.slow_rank_factor, last, self.env.device)  # a simulated slow rank
         reader = self.data.train_reader(block, cfg.train.seed, self.topology.dp_rank, self.topology.dp,
                                         cfg.train.subset_tokens)
         self.batches = DeviceBatches(reader, cfg.train.micro_batch_size, self.engine.device)
@@ -248,8 +251,9 @@ class Trainer:
             # a tensor-parallel group draw the same masks (see Topology.dropout_rank).
             torch.manual_seed(hash((cfg.train.seed, self.step, micro, self.topology.dropout_rank)) % (1 << 62))
             x, y = self.batches.next()
-            loss = self._forward(x, y)
-            engine.backward(loss * self.loss_scale if self.loss_scale != 1 else loss)
+            with self.straggler.micro_batch():
+                loss = self._forward(x, y)
+                engine.backward(loss * self.loss_scale if self.loss_scale != 1 else loss)
             loss_sum += loss.detach().float()
             discard = False
             if micro == self.grad_accum - 1:  # gradients are whole now (ZeRO-0) or reduced into partitions

@@ -21,8 +21,9 @@ def server(**kwargs) -> ParameterServer:
     return ParameterServer({"w": torch.zeros(2, 2)}, **args)
 
 
-def push(ps: ParameterServer, worker: int, version: int) -> bool:
-    return ps.push(worker, {"w": torch.ones(2, 2)}, version, {"loss": 1.0, "pull_s": 0.0, "push_s": 0.0, "bytes": 0})
+def push(ps: ParameterServer, worker: int, version: int, units: int = 1, wanted: int = 1, loss: float = 1.0) -> int:
+    stats = {"loss": loss, "pull_s": 0.0, "push_s": 0.0, "bytes": 0, "units": units}
+    return ps.push(worker, {"w": torch.ones(2, 2)}, version, stats, wanted)
 
 
 def test_each_push_is_applied_with_its_staleness():
@@ -43,9 +44,27 @@ def test_staleness_aware_lr_divides_by_staleness():
 
 def test_budget_of_max_steps_times_workers():
     ps = server(max_steps=2)
-    results = [push(ps, i % 2, i) for i in range(5)]
-    assert results == [True, True, True, False, False] and ps.version == 4
+    results = [push(ps, i % 2, i) for i in range(5)]  # each push asks for one more local step
+    assert results == [1, 1, 0, 0, 0] and ps.version == 4  # the fifth was never granted: not applied
     assert ps.clock == {0: 2, 1: 2}
+
+
+def test_grants_spend_the_budget_exactly_and_a_lost_workers_grant_returns():
+    ps = server(max_steps=3, timeout_s=0.5)  # 6 local steps for 2 workers
+    assert ps.grant(0, 4) == 4 and ps.grant(1, 4) == 2  # at most what is left beyond the other's grant
+    assert push(ps, 0, 0, units=4, wanted=4) == 0  # one update of 4 local steps; the rest is promised to worker 1
+    assert ps.version == 4 and ps.clock == {0: 4, 1: 0}
+    assert torch.equal(ps.pull(0)[1]["w"], torch.full((2, 2), -0.5))  # one SGD step, whatever its size
+    time.sleep(0.6)  # worker 1 falls silent for longer than the timeout: its grant returns
+    assert ps.grant(0, 4) == 2 and ps.version + ps.granted[0] == ps.budget
+
+
+def test_an_update_of_several_local_steps_ends_the_steps_it_covers():
+    ps = server(max_steps=4, max_nonfinite_steps=2)
+    push(ps, 0, 0, units=3)  # steps 1 (ended) and half of 2
+    assert ps.version == 3 and ps.skipped_steps == 0
+    push(ps, 1, 0, units=3, loss=float("nan"))  # ends step 2 (skipped) and step 3 (skipped): two in a row
+    assert ps.skipped_steps == 2 and ps.diverged == (2, 3) and ps.budget == 6
 
 
 def test_a_worker_too_far_ahead_waits_for_the_slowest():
