@@ -181,7 +181,7 @@ class AsyncPSTrainer:
         params = dict(model.named_parameters())
         transfers = _Transfers(self, params)
         straggler = Straggler(cfg.slow_rank_factor, self.worker == self.num_workers - 1, self.env.device)
-        result, local, version = TrainResult(), 0, 0
+        result, local, versions = TrainResult(), 0, []
         while granted or transfers.pushing:
             if not granted:  # the grant for more comes with the push in flight
                 granted += transfers.wait_push()
@@ -191,7 +191,7 @@ class AsyncPSTrainer:
             for i in range(units):
                 if local % ps.fetch_every == 0:
                     fetched = transfers.fetch(prefetch=ps.overlap)
-                    version = fetched if i == 0 else version  # an update counts from its first step's weights
+                    versions = fetched if i == 0 else versions  # an update counts from its first step's weights
                 model.zero_grad(set_to_none=True)
                 start = time.perf_counter()
                 for _ in range(micro_steps):
@@ -212,7 +212,7 @@ class AsyncPSTrainer:
                 norm = torch.nn.utils.get_total_norm(list(grad.values()))
             stats = {"loss": float(np.mean(losses)), "finite_grads": bool(torch.isfinite(norm)), "units": units,
                      "compute_s": compute_s / units}  # per local step
-            granted += transfers.push(grad, version, stats, wanted=ps.push_every, background=ps.overlap)
+            granted += transfers.push(grad, versions, stats, wanted=ps.push_every, background=ps.overlap)
             result.steps += units
         transfers.close()
         stopped = self._call(0, rpc.rpc_async(self.name(0), calls.diverged))  # asked before server 0 may leave
@@ -426,9 +426,9 @@ class _Transfers:
             return started
         return torch.futures.collect_all(self._push).then(lambda _: self._start_pull())
 
-    def fetch(self, prefetch: bool) -> int:
+    def fetch(self, prefetch: bool) -> list[int]:
         """Copy fresh weights into the model (the pull in flight, or one made now); with ``prefetch`` start the
-        next pull (``_prefetch``). The version of the weights copied."""
+        next pull (``_prefetch``). Each server's version of the shard it handed out."""
         start = time.perf_counter()
         if self._pull is None:
             pulled = self._start_pull()
@@ -446,11 +446,12 @@ class _Transfers:
         if prefetch:
             self._pull = self._prefetch()
         self.pull_s += time.perf_counter() - start
-        return versions[0]  # every server has applied the same updates when it answers a pull
+        return versions  # each server's own: servers apply the same pushes, not at the same moments
 
-    def push(self, grad: dict[str, torch.Tensor], version: int, stats: dict, wanted: int, background: bool) -> int:
-        """Push ``grad`` (computed on ``version``) to every server, in the compute dtype; the local steps server 0
-        grants next (0 while the push is in flight, then from ``wait_push``)."""
+    def push(self, grad: dict[str, torch.Tensor], versions: list[int], stats: dict, wanted: int,
+             background: bool) -> int:
+        """Push ``grad`` (computed on each server's ``versions``) to every server, in the compute dtype; the local
+        steps server 0 grants next (0 while the push is in flight, then from ``wait_push``)."""
         t = self.trainer
         granted = self.wait_push() if self._push is not None else 0
         start = time.perf_counter()
@@ -459,7 +460,7 @@ class _Transfers:
         pushed_bytes = sum(g.numel() * g.element_size() for shard in grads for g in shard.values())
         stats = {**stats, "pull_s": self.pull_s, "push_s": self.push_s, "bytes": self.pulled_bytes + pushed_bytes}
         self.pull_s = self.pulled_bytes = 0  # reported once, with this push (push_s: the last push's)
-        self._push = [rpc.rpc_async(t.name(i), calls.push, args=(t.worker, grads[i], version, stats,
+        self._push = [rpc.rpc_async(t.name(i), calls.push, args=(t.worker, grads[i], versions[i], stats,
                                                                   wanted if i == 0 else 0)) for i in self.servers]
         self.push_s = time.perf_counter() - start
         return granted if background else granted + self.wait_push()
