@@ -73,6 +73,10 @@ def clock(worker: int, wanted: int) -> tuple[int, int]:
     return server().clock[worker], server().grant(worker, wanted)
 
 
+def wait_grant(worker: int, wanted: int, seconds: float) -> int | None:
+    return server().wait_grant(worker, wanted, seconds)
+
+
 def diverged() -> tuple[int, int] | None:
     """The first and last step of the non-finite streak that stopped the run, if one did."""
     return server().diverged

@@ -176,6 +176,20 @@ class ParameterServer:
             self.granted[worker] += given
             return given
 
+    def wait_grant(self, worker: int, wanted: int, seconds: float) -> int | None:
+        """A worker with nothing granted asks again (``grant``) until it is given steps, or the budget is applied
+        (0: it stops). Meanwhile the rest of the budget is granted to other live workers: they push it, or one is
+        lost and its grant returns. None after ``seconds`` (shorter than the RPC timeout): ask again."""
+        deadline = time.monotonic() + seconds
+        with self.lock:
+            while True:
+                given = self.grant(worker, wanted)
+                if given or self.version >= self.budget:
+                    return given
+                if time.monotonic() >= deadline:
+                    return None
+                self.lock.wait(timeout=0.1)
+
     def push(self, worker: int, grads: dict[str, torch.Tensor], computed_on: int, stats: dict, wanted: int = 1) -> int:
         """Apply one worker's gradient (the sum over ``stats["units"]`` local steps, default 1) now; then grant it
         up to ``wanted`` more local steps (0 once the budget is spent: the worker then stops)."""

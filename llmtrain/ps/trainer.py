@@ -182,7 +182,9 @@ class AsyncPSTrainer:
         transfers = _Transfers(self, params)
         straggler = Straggler(cfg.slow_rank_factor, self.worker == self.num_workers - 1, self.env.device)
         result, local, versions = TrainResult(), 0, []
-        while granted or transfers.pushing:
+        # Out of grants with nothing in flight, a worker waits for more until the budget is applied: what other
+        # workers hold may come back to it (a lost worker's grant), so no step of the budget is left undone.
+        while granted or transfers.pushing or (granted := self._wait_grant(ahead * ps.push_every)):
             if not granted:  # the grant for more comes with the push in flight
                 granted += transfers.wait_push()
                 continue
@@ -227,6 +229,15 @@ class AsyncPSTrainer:
         if stopped is not None:
             raise diverged(self.run, *stopped, cfg.max_nonfinite_steps)
         return result
+
+    def _wait_grant(self, wanted: int) -> int:
+        """Local steps server 0 grants this worker once it has none, waiting while the rest of the budget is granted
+        to others; 0 once the budget is applied."""
+        while True:
+            given = self._call(0, rpc.rpc_async(self.name(0), calls.wait_grant,
+                                                args=(self.worker, wanted, self.cfg.ps.timeout_s / 4)))
+            if given is not None:
+                return given
 
     def _serve(self) -> TrainResult:
         if self.env.rank == 0:

@@ -59,6 +59,24 @@ def test_grants_spend_the_budget_exactly_and_a_lost_workers_grant_returns():
     assert ps.grant(0, 4) == 2 and ps.version + ps.granted[0] == ps.budget
 
 
+def test_a_worker_out_of_grants_waits_for_the_budget_another_holds():
+    ps = server(max_steps=2, timeout_s=5)  # 4 local steps for 2 workers
+    assert ps.grant(0, 2) == 2 and ps.grant(1, 2) == 2
+    assert push(ps, 0, 0, units=2, wanted=2) == 0  # the rest is worker 1's
+    assert ps.wait_grant(0, 2, seconds=0.2) is None  # worker 1 is live: ask again
+    pushed = threading.Timer(0.1, push, args=(ps, 1, 0, 2, 0))
+    pushed.start()
+    assert ps.wait_grant(0, 2, seconds=5) == 0 and ps.version == ps.budget  # applied: worker 0 stops
+    pushed.join()
+
+    ps = server(max_steps=2, timeout_s=0.5)
+    assert ps.grant(0, 2) == 2 and ps.grant(1, 2) == 2
+    push(ps, 0, 0, units=2, wanted=0)
+    start = time.monotonic()
+    assert ps.wait_grant(0, 2, seconds=5) == 2  # worker 1 is lost (silent past the timeout): its grant returns
+    assert 0.3 < time.monotonic() - start < 2
+
+
 def test_an_update_of_several_local_steps_ends_the_steps_it_covers():
     ps = server(max_steps=4, max_nonfinite_steps=2)
     push(ps, 0, 0, units=3)  # steps 1 (ended) and half of 2
