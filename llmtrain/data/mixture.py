@@ -110,6 +110,10 @@ class MixtureReader:
         """This rank's next ``batch_size`` windows as (x, y) of shape (batch_size, block_size)."""
         first = self.consumed_samples + self.rank * batch_size
         self.consumed_samples += self.world_size * batch_size
+        return self.batch_at(first, batch_size)
+
+    def batch_at(self, first: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The windows of global sample positions ``[first, first + batch_size)`` of the blend as (x, y)."""
         source, position = self.schedule.locate(np.arange(first, first + batch_size))
         tokens = np.empty((batch_size, self.block_size + 1), dtype=np.int64)
         for k in np.unique(source):

@@ -125,6 +125,11 @@ class TokenWindowReader:
         """This rank's next ``batch_size`` windows as (x, y) of shape (batch_size, block_size)."""
         return to_xy(self.index.gather(self.next_windows(batch_size)))
 
+    def batch_at(self, first: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The windows of global sample positions ``[first, first + batch_size)`` as (x, y), whatever this rank's
+        share (the async mode's leases name positions)."""
+        return to_xy(self.index.gather(self.windows_at(np.arange(first, first + batch_size))))
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Endless single windows: (x, y) each of shape (block_size,)."""
         while True:
@@ -274,6 +279,10 @@ class TrainReader(Protocol):
 
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's next ``batch_size`` windows as (x, y) of shape (batch_size, block_size)."""
+        ...
+
+    def batch_at(self, first: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The windows of global sample positions ``[first, first + batch_size)`` as (x, y)."""
         ...
 
     def samples_by_source(self, consumed_samples: int) -> dict[str, int]:

@@ -53,8 +53,9 @@ def pull(worker: int) -> tuple[int, dict[str, torch.Tensor]]:
     return server().pull(worker)
 
 
-def push(worker: int, grads: dict[str, torch.Tensor], computed_on: int, stats: dict, wanted: int) -> int:
-    """Apply a worker's update; the local steps it is granted next (asked of server 0 only: ``wanted`` 0 elsewhere)."""
+def push(worker: int, grads: dict[str, torch.Tensor], computed_on: int, stats: dict, wanted: int) -> list[int]:
+    """Apply a worker's update; the units of data it is leased next (asked of server 0 only: ``wanted`` 0
+    elsewhere)."""
     return server().push(worker, grads, computed_on, stats, wanted)
 
 
@@ -67,13 +68,17 @@ def read_shard() -> dict[str, torch.Tensor]:
     return server().master_weights()
 
 
-def clock(worker: int, wanted: int) -> tuple[int, int]:
-    """The local steps of ``worker`` applied so far (where a resumed worker's data continues), and its first grant."""
+def first_grant(worker: int, wanted: int) -> list[int]:
+    """The first units of data ``worker`` is leased, once the servers hold what the run starts from."""
     server().ready.wait()
-    return server().clock[worker], server().grant(worker, wanted)
+    return server().grant(worker, wanted)
 
 
-def wait_grant(worker: int, wanted: int, seconds: float) -> int | None:
+def revoke(worker: int, units: list[int]) -> None:
+    server().revoke(worker, units)
+
+
+def wait_grant(worker: int, wanted: int, seconds: float) -> list[int] | None:
     return server().wait_grant(worker, wanted, seconds)
 
 

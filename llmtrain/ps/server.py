@@ -5,9 +5,12 @@ applied: a push of ``units`` local steps (``ps.push_every``) is one optimizer st
 moves the version by ``units``. Each update records its staleness: the server's version when it is applied minus
 the version the worker computed it on. Calls arrive on TensorPipe's RPC threads, so one lock orders them.
 
-The budget (max_steps x workers local steps) is spent exactly: a worker computes only the local steps it was
-granted (``grant``: at most what the budget holds beyond what is applied and granted to the other live workers),
-asking for the next grant with each push. A lost worker's grant returns to the others.
+The budget (max_steps x workers local steps) is spent exactly, on data applied exactly once: server 0 owns the
+data order and grants a worker local steps as leases of units of data (``leases.py``): at most what the budget
+holds beyond what is applied and leased to the other live workers, asked for with each push. A lost worker's
+leases return to the others; a worker out of leases waits for more until the budget is applied (``wait_grant``).
+A push of units the worker no longer holds is refused, by server 0 (its ledger) and by the others (told of every
+returned lease before it is leased again).
 
 A push whose loss or gradient was non-finite is skipped (it counts towards the budget, as a skipped synchronous
 step does, and changes no weight); a step (W updates) with a skipped one is a skipped step, and
@@ -20,18 +23,22 @@ bf16 optimizer keeps fp32 masters behind bf16 module weights.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from llmtrain.config import OptimConfig
 from llmtrain.optim import build_optimizer, lr_at, set_lr
+from llmtrain.ps.leases import Leases
 from llmtrain.run.background import HostCopies
 from llmtrain.run.cadence import NonfiniteStreak
+
+log = logging.getLogger(__name__)
 
 
 def shard_names(named_sizes: Sequence[tuple[str, int]], num_servers: int) -> list[list[str]]:
@@ -50,7 +57,8 @@ def shard_names(named_sizes: Sequence[tuple[str, int]], num_servers: int) -> lis
 class ParameterServer:
     def __init__(self, params: dict[str, torch.Tensor], optim: OptimConfig, max_steps: int, num_workers: int,
                  staleness_lr: bool, max_staleness: int = 0, timeout_s: float = 60.0, stop_at_step: int = 0,
-                 wire_dtype: torch.dtype = torch.float32, max_nonfinite_steps: int = 5) -> None:
+                 wire_dtype: torch.dtype = torch.float32, max_nonfinite_steps: int = 5,
+                 owns_data_order: bool = True) -> None:
         self.params = {n: nn.Parameter(t.detach().clone().float()) for n, t in params.items()}
         self.optimizer = build_optimizer(optim, self.params.values(), offload=False, device=torch.device("cpu"))
         self.wire_dtype = wire_dtype
@@ -66,8 +74,13 @@ class ParameterServer:
         """One per applied update: worker, staleness, loss, timings (read by the metrics of server 0)."""
         self.clock = {w: 0 for w in range(num_workers)}
         """Local steps applied per worker."""
-        self.granted = {w: 0 for w in range(num_workers)}
-        """Local steps granted to each worker and not pushed yet."""
+        self.owns_data_order = owns_data_order
+        """Server 0: it leases the data (``leases``); the others refuse pushes of units it returned (``revoked``)."""
+        self.leases = Leases(num_workers)
+        self.revoked: set[tuple[int, int]] = set()
+        """(worker, unit) pairs server 0 took back from a lost worker (servers other than 0)."""
+        self.on_give_back: Callable[[int, list[int]], None] | None = None
+        """Server 0: tells the other servers of leases it takes back, before it leases them again."""
         self.last_seen = {w: time.monotonic() for w in range(num_workers)}
         self.finished: set[int] = set()
         self.released = threading.Event()
@@ -101,7 +114,8 @@ class ParameterServer:
         """Everything to continue exactly: weights, optimizer state, version and per-worker update counts (the
         live tensors: ``stage`` copies them)."""
         return {"params": {n: p.detach() for n, p in self.params.items()},
-                "optimizer": self.optimizer.state_dict(), "version": self.version, "clock": dict(self.clock)}
+                "optimizer": self.optimizer.state_dict(), "version": self.version, "clock": dict(self.clock),
+                "leases": self.leases.state_dict()}
 
     def stage(self) -> None:
         """Copy ``state_dict`` for a checkpoint, into host buffers kept for the next one, in one piece (updates wait
@@ -116,12 +130,14 @@ class ParameterServer:
                 param.copy_(state["params"][name])
             self.optimizer.load_state_dict(state["optimizer"])
             self.version, self.clock = int(state["version"]), {int(w): int(c) for w, c in state["clock"].items()}
+            # a checkpoint from before leases: the data continues after the units its version counts
+            self.leases.load_state_dict(state.get("leases", {"next_unit": self.version, "returned": []}))
 
     def stop_at(self, updates: int) -> int:
         """Spend no more than ``updates`` local steps in this run (a stop request): never below what is applied and
         granted already, rounded up to a whole step. The budget now."""
         with self.lock:
-            promised = self.version + sum(self.granted[w] for w in self.live_workers())
+            promised = self.version + self.leases.outstanding(self.live_workers())
             whole = -(-max(updates, promised) // self.num_workers) * self.num_workers
             self.budget = min(self.budget, whole)
             self.lock.notify_all()
@@ -164,22 +180,40 @@ class ParameterServer:
                     return False
                 self.lock.wait(timeout=0.2)
 
-    def grant(self, worker: int, wanted: int) -> int:
-        """Local steps ``worker`` may compute next, beyond those already granted to it: at most ``wanted``, and no
-        more than the budget holds beyond what is applied and granted to every live worker. 0: the budget is
-        spent (or promised), the worker stops."""
+    def grant(self, worker: int, wanted: int) -> list[int]:
+        """The units (local steps of data) ``worker`` may compute next, beyond those it holds: at most ``wanted``,
+        and no more than the budget holds beyond what is applied and leased to every live worker (a lost worker's
+        leases are taken back first). Empty: the budget is spent or promised."""
         with self.lock:
             self.last_seen[worker] = time.monotonic()
             live = set(self.live_workers()) | {worker}
-            promised = self.version + sum(self.granted[w] for w in live)
-            given = max(0, min(wanted, self.budget - promised))
-            self.granted[worker] += given
-            return given
+            for lost in sorted(w for w in self.clock if w not in live and self.leases.held[w]):
+                units = self.leases.give_back(lost)
+                log.warning("worker %d was lost (silent for more than ps.timeout_s=%g s): its %d local step(s) of "
+                            "data go to the others", lost, self.timeout_s, len(units))
+                if self.on_give_back is not None:
+                    self.on_give_back(lost, units)
+            promised = self.version + self.leases.outstanding(live)
+            return self.leases.lease(worker, max(0, min(wanted, self.budget - promised)))
 
-    def wait_grant(self, worker: int, wanted: int, seconds: float) -> int | None:
-        """A worker with nothing granted asks again (``grant``) until it is given steps, or the budget is applied
-        (0: it stops). Meanwhile the rest of the budget is granted to other live workers: they push it, or one is
-        lost and its grant returns. None after ``seconds`` (shorter than the RPC timeout): ask again."""
+    def revoke(self, worker: int, units: list[int]) -> None:
+        """Server 0 took ``units`` back from ``worker``: refuse its push of them (servers other than 0)."""
+        with self.lock:
+            self.revoked.update((worker, u) for u in units)
+
+    def _take(self, worker: int, units: list[int]) -> bool:
+        """Whether ``worker`` may apply its push of ``units`` here (settling them on server 0)."""
+        if self.owns_data_order:
+            return self.leases.settle(worker, units)
+        if any((worker, u) in self.revoked for u in units):
+            self.revoked.difference_update((worker, u) for u in units)
+            return False
+        return True
+
+    def wait_grant(self, worker: int, wanted: int, seconds: float) -> list[int] | None:
+        """A worker holding no lease asks again (``grant``) until it is leased units, or the budget is applied
+        (empty: it stops). Meanwhile the rest of the budget is leased to other live workers: they push it, or one is
+        lost and its leases return. None after ``seconds`` (shorter than the RPC timeout): ask again."""
         deadline = time.monotonic() + seconds
         with self.lock:
             while True:
@@ -190,15 +224,23 @@ class ParameterServer:
                     return None
                 self.lock.wait(timeout=0.1)
 
-    def push(self, worker: int, grads: dict[str, torch.Tensor], computed_on: int, stats: dict, wanted: int = 1) -> int:
-        """Apply one worker's gradient (the sum over ``stats["units"]`` local steps, default 1) now; then grant it
-        up to ``wanted`` more local steps (0 once the budget is spent: the worker then stops)."""
-        units = int(stats.get("units", 1))
+    def push(self, worker: int, grads: dict[str, torch.Tensor], computed_on: int, stats: dict,
+             wanted: int = 1) -> list[int]:
+        """Apply one worker's gradient (the mean over the local steps of the units ``stats["leases"]``) now; then
+        lease it up to ``wanted`` more units (none once the budget is spent or promised). A push of units the
+        worker no longer holds (taken back when it was lost) is refused, as is one past a lowered budget."""
+        leased = [int(u) for u in stats["leases"]]
+        units = len(leased)
         with self.lock:
             self.last_seen[worker] = time.monotonic()
-            if self.version + units > self.budget:  # a stop request lowered the budget below what was granted
-                self.granted[worker] = 0
-                return 0
+            if self.version + units > self.budget:  # a stop request lowered the budget below what was leased
+                if self.owns_data_order:
+                    self.leases.give_back(worker)
+                return []
+            if not self._take(worker, leased):
+                log.warning("worker %d pushed %d local step(s) of data it no longer held (taken back when it was "
+                            "lost): not applied", worker, units)
+                return []
             start = time.perf_counter()
             staleness = self.version - computed_on
             lr = lr_at(self.version // self.num_workers, self.optim_cfg, self.max_steps)
@@ -213,9 +255,9 @@ class ParameterServer:
                 self.optimizer.zero_grad(set_to_none=True)
             before, self.version = self.version, self.version + units
             self.clock[worker] += units
-            self.granted[worker] = max(0, self.granted[worker] - units)
-            self.records.append({"worker": worker, "staleness": staleness, "lr": lr, **stats, "units": units,
+            self.records.append({"worker": worker, "version": self.version, "staleness": staleness, "lr": lr, **stats,
+                                 "units": units,
                                  "skipped": skipped, "apply_s": time.perf_counter() - start, "time": time.time()})
             self._count_steps(before, skipped)
             self.lock.notify_all()
-        return self.grant(worker, wanted) if wanted else 0
+        return self.grant(worker, wanted) if wanted else []

@@ -17,6 +17,7 @@ trainer's (``llmtrain.run``); this mode supplies its roles, its loop and its ten
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import logging
@@ -37,6 +38,7 @@ from llmtrain.evaluate import mean_loss, validation_scores
 from llmtrain.model import build_model
 from llmtrain.ps import rpc as calls
 from llmtrain.ps.checkpoint import ServerCheckpointIO
+from llmtrain.ps.leases import UpdateLog
 from llmtrain.ps.server import ParameterServer, shard_names
 from llmtrain.run import setup
 from llmtrain.run.cadence import Cadence
@@ -117,10 +119,12 @@ class AsyncPSTrainer:
         # 5. Servers hold their shard before anyone can call them (they answer pulls once it is resumed).
         if self.is_server:
             params = dict(self._model.named_parameters())
-            calls.install(ParameterServer({n: params[n] for n in self.shards[rank]}, cfg.optim, cfg.train.max_steps,
-                                          self.num_workers, cfg.ps.staleness_lr, cfg.ps.max_staleness,
-                                          cfg.ps.timeout_s, cfg.train.stop_at_step, wire_dtype=self.dtype,
-                                          max_nonfinite_steps=cfg.train.max_nonfinite_steps))
+            server = calls.install(ParameterServer(
+                {n: params[n] for n in self.shards[rank]}, cfg.optim, cfg.train.max_steps, self.num_workers,
+                cfg.ps.staleness_lr, cfg.ps.max_staleness, cfg.ps.timeout_s, cfg.train.stop_at_step,
+                wire_dtype=self.dtype, max_nonfinite_steps=cfg.train.max_nonfinite_steps, owns_data_order=rank == 0))
+            if rank == 0:
+                server.on_give_back = self._revoke_elsewhere
         # 6. What the run starts from, decided by process 0 before it joins the RPC group (it reads the checkpoint's
         #    files through, which may take longer than an RPC may wait) and then asked for by every other process:
         #    all resume, or all leave with the same refusal. The resolved config is written once it was accepted.
@@ -165,39 +169,42 @@ class AsyncPSTrainer:
                             f"ps.timeout_s={self.cfg.ps.timeout_s} s ({first}); stopping") from None
 
     def _work(self) -> TrainResult:
-        """Local steps of global_batch_size / W sequences, as many as server 0 grants: every ``ps.fetch_every``
-        steps the weights are pulled, every ``ps.push_every`` the summed gradient is pushed (asking for the next
-        grant). With ``ps.overlap`` the pull and the push run while the next steps compute (``_Transfers``)."""
+        """Local steps of global_batch_size / W sequences, on the units of data server 0 leases (unit u: sample
+        positions [u * S, (u + 1) * S) of the reader's order, S = global_batch_size / W): every ``ps.fetch_every``
+        steps the weights are pulled, every ``ps.push_every`` the mean gradient is pushed (asking for the next
+        lease). With ``ps.overlap`` the pull and the push run while the next steps compute (``_Transfers``)."""
         cfg, ps = self.cfg.train, self.cfg.ps
         model = self._model.to(self.env.device, self.dtype)
-        reader = self.data.train_reader(self.model_cfg.block_size, cfg.seed, self.worker, self.num_workers,
-                                        cfg.subset_tokens)
-        micro_steps = cfg.global_batch_size // self.num_workers // cfg.micro_batch_size
-        ahead = 2 if ps.overlap else 1  # accumulations granted ahead: one more while a push is in flight
-        # A resumed run continues this worker's data where its last applied update left it.
-        first = rpc.rpc_async(self.name(0), calls.clock, args=(self.worker, ahead * ps.push_every))
-        done, granted = self._call(0, first)
-        reader.consumed_samples = done * micro_steps * self.num_workers * cfg.micro_batch_size
+        reader = self.data.train_reader(self.model_cfg.block_size, cfg.seed, 0, 1, cfg.subset_tokens)
+        per_step = cfg.global_batch_size // self.num_workers
+        micro_steps = per_step // cfg.micro_batch_size
+        wanted = (2 if ps.overlap else 1) * ps.push_every  # one push's units ahead while a push is in flight
+        held = collections.deque(self._call(0, rpc.rpc_async(self.name(0), calls.first_grant,
+                                                             args=(self.worker, wanted))))
         params = dict(model.named_parameters())
         transfers = _Transfers(self, params)
         straggler = Straggler(cfg.slow_rank_factor, self.worker == self.num_workers - 1, self.env.device)
         result, local, versions = TrainResult(), 0, []
-        # Out of grants with nothing in flight, a worker waits for more until the budget is applied: what other
-        # workers hold may come back to it (a lost worker's grant), so no step of the budget is left undone.
-        while granted or transfers.pushing or (granted := self._wait_grant(ahead * ps.push_every)):
-            if not granted:  # the grant for more comes with the push in flight
-                granted += transfers.wait_push()
+        while True:
+            if not held and not transfers.pushing:
+                # Out of leases with nothing in flight, a worker waits for more until the budget is applied: what
+                # other workers hold may come back to it (a lost worker's), so no step of the budget is left undone.
+                held.extend(self._wait_grant(wanted))
+                if not held:
+                    break
+            if not held:  # the lease for more comes with the push in flight
+                held.extend(transfers.wait_push())
                 continue
-            units, losses, grad, compute_s = min(ps.push_every, granted), [], {}, 0.0
-            granted -= units
-            for i in range(units):
+            units = [held.popleft() for _ in range(min(ps.push_every, len(held)))]
+            losses, grad, compute_s = [], {}, 0.0
+            for i, unit in enumerate(units):
                 if local % ps.fetch_every == 0:
                     fetched = transfers.fetch(prefetch=ps.overlap)
                     versions = fetched if i == 0 else versions  # an update counts from its first step's weights
                 model.zero_grad(set_to_none=True)
                 start = time.perf_counter()
-                for _ in range(micro_steps):
-                    x, y = reader.next_batch(cfg.micro_batch_size)
+                for m in range(micro_steps):
+                    x, y = reader.batch_at(unit * per_step + m * cfg.micro_batch_size, cfg.micro_batch_size)
                     with straggler.micro_batch():
                         _, loss = model(x.to(self.env.device), y.to(self.env.device))
                         (loss / micro_steps).backward()
@@ -205,17 +212,17 @@ class AsyncPSTrainer:
                     accumulate_fp32(params, grad)
                 compute_s += time.perf_counter() - start
                 local += 1
-            if units > 1:
+            if len(units) > 1:
                 for g in grad.values():
-                    g.div_(units)  # the mean over the local steps: one update of a units-times larger batch
+                    g.div_(len(units))  # the mean over the local steps: one update of a units-times larger batch
             if self.cfg.optim.grad_clip > 0:
                 norm = clip_(list(grad.values()), self.cfg.optim.grad_clip)
             else:
                 norm = torch.nn.utils.get_total_norm(list(grad.values()))
-            stats = {"loss": float(np.mean(losses)), "finite_grads": bool(torch.isfinite(norm)), "units": units,
-                     "compute_s": compute_s / units}  # per local step
-            granted += transfers.push(grad, versions, stats, wanted=ps.push_every, background=ps.overlap)
-            result.steps += units
+            stats = {"loss": float(np.mean(losses)), "finite_grads": bool(torch.isfinite(norm)), "units": len(units),
+                     "leases": units, "compute_s": compute_s / len(units)}  # per local step
+            held.extend(transfers.push(grad, versions, stats, wanted=ps.push_every, background=ps.overlap))
+            result.steps += len(units)
         transfers.close()
         stopped = self._call(0, rpc.rpc_async(self.name(0), calls.diverged))  # asked before server 0 may leave
         # Server 0 last: once every worker has finished with it, it releases the others and may leave at once.
@@ -230,14 +237,20 @@ class AsyncPSTrainer:
             raise diverged(self.run, *stopped, cfg.max_nonfinite_steps)
         return result
 
-    def _wait_grant(self, wanted: int) -> int:
-        """Local steps server 0 grants this worker once it has none, waiting while the rest of the budget is granted
-        to others; 0 once the budget is applied."""
+    def _wait_grant(self, wanted: int) -> list[int]:
+        """Units server 0 leases this worker once it holds none, waiting while the rest of the budget is leased to
+        others; none once the budget is applied."""
         while True:
             given = self._call(0, rpc.rpc_async(self.name(0), calls.wait_grant,
                                                 args=(self.worker, wanted, self.cfg.ps.timeout_s / 4)))
             if given is not None:
                 return given
+
+    def _revoke_elsewhere(self, worker: int, units: list[int]) -> None:
+        """Server 0 took ``units`` back from a lost ``worker``: the other servers refuse its push of them from now
+        on (told before the units are leased again)."""
+        for i in range(1, self.num_servers):
+            rpc.rpc_sync(self.name(i), calls.revoke, args=(worker, units))
 
     def _serve(self) -> TrainResult:
         if self.env.rank == 0:
@@ -253,6 +266,7 @@ class AsyncPSTrainer:
         server = calls.server()
         metrics = MetricsLogger(self.run, True, self.cfg.wandb, self.resolved, cfg.max_steps, self.start_step)
         clear_preempted(self.run)
+        updates = UpdateLog(self.run.updates, server.version)
         result = TrainResult(unigram_entropy=self.data.unigram_entropy())
         self._lost: list[bool] = []
         cadence = Cadence.of(cfg)
@@ -272,6 +286,7 @@ class AsyncPSTrainer:
             with server.lock:
                 new = server.records[seen:]
             for record in new:  # W local steps make one step (as many tokens as one synchronous step)
+                updates.write(record)
                 seen += 1
                 units += record["units"]
                 interval.append(record)
@@ -295,6 +310,7 @@ class AsyncPSTrainer:
                     if cadence.save(step):
                         self._save(step)
                         saved = step
+        updates.close()
         if self._lost[0]:
             log.warning("%d worker(s) were lost (silent for more than ps.timeout_s=%d s); the others finished "
                         "the run", len(server.clock) - len(server.finished), self.cfg.ps.timeout_s)
@@ -460,11 +476,11 @@ class _Transfers:
         return versions  # each server's own: servers apply the same pushes, not at the same moments
 
     def push(self, grad: dict[str, torch.Tensor], versions: list[int], stats: dict, wanted: int,
-             background: bool) -> int:
-        """Push ``grad`` (computed on each server's ``versions``) to every server, in the compute dtype; the local
-        steps server 0 grants next (0 while the push is in flight, then from ``wait_push``)."""
+             background: bool) -> list[int]:
+        """Push ``grad`` (computed on each server's ``versions``) to every server, in the compute dtype; the units
+        server 0 leases next (none while the push is in flight, then from ``wait_push``)."""
         t = self.trainer
-        granted = self.wait_push() if self._push is not None else 0
+        granted = self.wait_push() if self._push is not None else []
         start = time.perf_counter()
         wire = {n: g.to("cpu", t.dtype) for n, g in grad.items()}  # pushed in the compute dtype
         grads = [{n: wire[n] for n in shard} for shard in t.shards]
@@ -476,13 +492,13 @@ class _Transfers:
         self.push_s = time.perf_counter() - start
         return granted if background else granted + self.wait_push()
 
-    def wait_push(self) -> int:
-        """Wait for the push in flight; the local steps server 0 granted with it."""
+    def wait_push(self) -> list[int]:
+        """Wait for the push in flight; the units server 0 leased with it."""
         start = time.perf_counter()
         answers = [self.trainer._call(i, fut) for i, fut in zip(self.servers, self._push, strict=True)]
         self._push = None
         self.push_s += time.perf_counter() - start
-        return int(answers[0])
+        return list(answers[0])
 
     def close(self) -> None:
         """Wait for what is still in flight (a prefetched pull is not used)."""

@@ -6,6 +6,8 @@ them. Layout of ``<run.dir>``:
     LOCK                        held by the run that uses the folder now (see lock.py)
     config.yaml                 the resolved config of the latest start
     metrics.jsonl               one JSON row per log step / evaluation (rank 0, or parameter server 0)
+    updates.jsonl               async mode: one JSON row per applied update (its worker, version, staleness and
+                                units of data; parameter server 0)
     wandb_id.txt                the wandb run id, so an auto-resume continues the same wandb run
     PREEMPTED                   left by a run that stopped on a signal with a checkpoint (see preemption.py)
     DAMAGED.json                left when every checkpoint was found damaged: what was found and when; every later
@@ -101,6 +103,10 @@ class RunDir:
     @property
     def metrics(self) -> Path:
         return self.path / "metrics.jsonl"
+
+    @property
+    def updates(self) -> Path:
+        return self.path / "updates.jsonl"
 
     @property
     def wandb_id(self) -> Path:

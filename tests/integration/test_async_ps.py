@@ -110,6 +110,12 @@ def start_processes(run_dir, data_dir, world: int, *overrides: str):
     return procs
 
 
+def applied_units(run_dir) -> list[int]:
+    """The units of data of every applied update, from server 0's updates.jsonl."""
+    rows = [json.loads(line) for line in (run_dir / "updates.jsonl").read_text().splitlines()]
+    return [unit for row in rows for unit in row["units"]]
+
+
 def wait_for_step(run_dir, step: int, timeout: float = 120) -> None:
     import time
 
@@ -135,6 +141,11 @@ def test_killed_worker_leaves_the_others_to_finish(prepared_small, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in rows if "loss" in r) == 150  # the whole token budget, by the survivor
     assert "1 worker(s) were lost" in err and "step 150: val_loss" in out
+    # every unit of data (a local step's sequences) of the budget applied once: the victim's lease went to the
+    # survivor, and nothing the victim computed twice over or skipped
+    applied = applied_units(tmp_path / "run")
+    assert sorted(applied) == list(range(150 * 2)), (len(applied), len(set(applied)))
+    assert "local step(s) of data go to the others" in err
 
 
 def test_lost_server_stops_every_worker_with_one_line(prepared_small, tmp_path):
@@ -162,6 +173,7 @@ def test_stop_and_rerun_continues_exactly_with_one_worker(run, prepared_small, t
     launch(run_dir, prepared_small, 2, *SGD, "mode=async_ps")
     resumed = losses(run_dir)
     assert sorted(resumed) == list(range(1, STEPS + 1))
+    assert sorted(applied_units(run_dir)) == list(range(STEPS))  # across the resume: each unit once
     assert max(abs(resumed[s] - reference[s]) / reference[s] for s in range(11, STEPS + 1)) <= 1e-6
     # a checkpoint of another layout is refused with one line
     proc = launch(run_dir, prepared_small, 3, *SGD, "mode=async_ps", "train.global_batch_size=16", check=False)

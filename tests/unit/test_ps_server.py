@@ -22,8 +22,13 @@ def server(**kwargs) -> ParameterServer:
 
 
 def push(ps: ParameterServer, worker: int, version: int, units: int = 1, wanted: int = 1, loss: float = 1.0) -> int:
-    stats = {"loss": loss, "pull_s": 0.0, "push_s": 0.0, "bytes": 0, "units": units}
-    return ps.push(worker, {"w": torch.ones(2, 2)}, version, stats, wanted)
+    """Push ``units`` local steps of the units ``worker`` holds (leased first where it holds fewer, past the budget
+    check: as a worker that was granted them); how many units it is leased next."""
+    held = list(ps.leases.held[worker])
+    if len(held) < units:
+        held += ps.leases.lease(worker, units - len(held))
+    stats = {"loss": loss, "pull_s": 0.0, "push_s": 0.0, "bytes": 0, "units": units, "leases": held[:units]}
+    return len(ps.push(worker, {"w": torch.ones(2, 2)}, version, stats, wanted))
 
 
 def test_each_push_is_applied_with_its_staleness():
@@ -51,29 +56,32 @@ def test_budget_of_max_steps_times_workers():
 
 def test_grants_spend_the_budget_exactly_and_a_lost_workers_grant_returns():
     ps = server(max_steps=3, timeout_s=0.5)  # 6 local steps for 2 workers
-    assert ps.grant(0, 4) == 4 and ps.grant(1, 4) == 2  # at most what is left beyond the other's grant
+    assert ps.grant(0, 4) == [0, 1, 2, 3] and ps.grant(1, 4) == [4, 5]  # what is left beyond the other's lease
     assert push(ps, 0, 0, units=4, wanted=4) == 0  # one update of 4 local steps; the rest is promised to worker 1
     assert ps.version == 4 and ps.clock == {0: 4, 1: 0}
     assert torch.equal(ps.pull(0)[1]["w"], torch.full((2, 2), -0.5))  # one SGD step, whatever its size
-    time.sleep(0.6)  # worker 1 falls silent for longer than the timeout: its grant returns
-    assert ps.grant(0, 4) == 2 and ps.version + ps.granted[0] == ps.budget
+    time.sleep(0.6)  # worker 1 falls silent for longer than the timeout: its lease returns
+    assert ps.grant(0, 4) == [4, 5] and ps.version + len(ps.leases.held[0]) == ps.budget
+    stats = {"loss": 1.0, "pull_s": 0.0, "push_s": 0.0, "bytes": 0, "leases": [4, 5]}
+    assert ps.push(1, {"w": torch.ones(2, 2)}, 4, stats) == [] and ps.version == 4  # worker 1 comes back: refused
+    assert push(ps, 0, 4, units=2) == 0 and ps.version == ps.budget
 
 
 def test_a_worker_out_of_grants_waits_for_the_budget_another_holds():
     ps = server(max_steps=2, timeout_s=5)  # 4 local steps for 2 workers
-    assert ps.grant(0, 2) == 2 and ps.grant(1, 2) == 2
+    assert len(ps.grant(0, 2)) == 2 and len(ps.grant(1, 2)) == 2
     assert push(ps, 0, 0, units=2, wanted=2) == 0  # the rest is worker 1's
     assert ps.wait_grant(0, 2, seconds=0.2) is None  # worker 1 is live: ask again
     pushed = threading.Timer(0.1, push, args=(ps, 1, 0, 2, 0))
     pushed.start()
-    assert ps.wait_grant(0, 2, seconds=5) == 0 and ps.version == ps.budget  # applied: worker 0 stops
+    assert ps.wait_grant(0, 2, seconds=5) == [] and ps.version == ps.budget  # applied: worker 0 stops
     pushed.join()
 
     ps = server(max_steps=2, timeout_s=0.5)
-    assert ps.grant(0, 2) == 2 and ps.grant(1, 2) == 2
+    assert ps.grant(0, 2) == [0, 1] and ps.grant(1, 2) == [2, 3]
     push(ps, 0, 0, units=2, wanted=0)
     start = time.monotonic()
-    assert ps.wait_grant(0, 2, seconds=5) == 2  # worker 1 is lost (silent past the timeout): its grant returns
+    assert ps.wait_grant(0, 2, seconds=5) == [2, 3]  # worker 1 is lost (silent past the timeout): its lease returns
     assert 0.3 < time.monotonic() - start < 2
 
 
@@ -109,8 +117,8 @@ def test_bf16_pulls_and_pushes_move_half_the_bytes_and_masters_stay_fp32():
     assert size(half) * 2 == size(full) and all(t.dtype == torch.bfloat16 for t in half.values())
     grads = {n: torch.randn_like(t) for n, t in weights.items()}
     stats = {"loss": 1.0, "pull_s": 0.0, "push_s": 0.0, "bytes": 0}
-    fp32.push(0, {n: g.bfloat16().float() for n, g in grads.items()}, 0, stats)
-    bf16.push(0, {n: g.bfloat16() for n, g in grads.items()}, 0, stats)
+    fp32.push(0, {n: g.bfloat16().float() for n, g in grads.items()}, 0, {**stats, "leases": fp32.grant(0, 1)})
+    bf16.push(0, {n: g.bfloat16() for n, g in grads.items()}, 0, {**stats, "leases": bf16.grant(0, 1)})
     # the bf16 gradient is applied to fp32 masters in fp32: exactly the fp32 server fed the same values
     assert all(p.dtype == torch.float32 for p in bf16.params.values())
     assert all(torch.equal(bf16.params[n], fp32.params[n]) for n in weights)
@@ -141,3 +149,15 @@ def test_worker_sums_micro_batches_in_fp32_and_clips_like_torch():
         (half(x.bfloat16()).float().pow(2).mean() / 3).backward()
         accumulate_fp32(dict(half.named_parameters()), half_sums)
     assert all(s.dtype == torch.float32 for s in half_sums.values())
+
+
+def test_other_servers_refuse_what_server_0_took_back_and_server_0_tells_them_first():
+    first, other = server(timeout_s=0.3), server(owns_data_order=False)
+    told = []
+    first.on_give_back = lambda worker, units: (told.append((worker, units)), other.revoke(worker, units))
+    assert first.grant(1, 2) == [0, 1]
+    time.sleep(0.4)  # worker 1 is lost
+    assert first.grant(0, 2) == [0, 1] and told == [(1, [0, 1])]  # told before leasing the units again
+    stats = {"loss": 1.0, "pull_s": 0.0, "push_s": 0.0, "bytes": 0, "leases": [0, 1]}
+    assert other.push(1, {"w": torch.ones(2, 2)}, 0, stats, wanted=0) == [] and other.version == 0  # refused
+    assert other.push(0, {"w": torch.ones(2, 2)}, 0, stats, wanted=0) == [] and other.version == 2  # applied

@@ -168,7 +168,8 @@ def test_a_parameter_server_skips_non_finite_updates_and_stops_after_enough_skip
                          num_workers=2, staleness_lr=False, max_nonfinite_steps=2)
 
     def push(worker: int, loss: float, finite_grads: bool = True) -> bool:
-        stats = {"loss": loss, "finite_grads": finite_grads, "pull_s": 0.0, "push_s": 0.0, "bytes": 0}
+        stats = {"loss": loss, "finite_grads": finite_grads, "pull_s": 0.0, "push_s": 0.0, "bytes": 0,
+                 "leases": list(ps.leases.held[worker])[:1] or ps.grant(worker, 1)}  # as a worker holds them
         return ps.push(worker, {"w": torch.full((2, 2), math.nan if not finite_grads else 1.0)}, ps.version, stats)
 
     assert push(0, 1.0) and push(1, 1.0)  # step 1: applied
