@@ -8,11 +8,13 @@
    parameter in the run's precision: 4 bytes each in fp32, 2 in bf16).
 2. validation loss at equal tokens: sync, async, and async with the staleness-aware learning rate
    (llmtrain-compare's runs, the demo's model and batch, fp32).
-3. Downpour's intervals and overlap (`--skip intervals` leaves it out; ~15 minutes): 2 workers (+1 server) in
-   `--interval-precision` (bf16: pulls and pushes move bf16), push and fetch every K = 1, 2, 4 local steps
-   (`ps.push_every=K ps.fetch_every=K`), without and with `ps.overlap=true`, against sync ZeRO-2 on 2 ranks at the
-   same global batch and precision: tokens/s, its ratio to sync, mean staleness, and the validation loss after the
-   same tokens.
+3. Downpour's intervals, overlap and transports (`--skip intervals` leaves it out; ~35 minutes): 2 workers (+1
+   server) in `--interval-precision` (bf16: pulls and pushes move bf16), push and fetch every K = 1, 2, 4 local
+   steps (`ps.push_every=K ps.fetch_every=K`), without and with `ps.overlap=true`, over TensorPipe's TCP transport
+   (`ps.transport=tcp`) and, at two of the settings, its own pick (`auto`: shared memory between processes of one
+   host), against sync ZeRO-2 on 2 ranks at the same global batch and precision: tokens/s, its ratio to sync, mean
+   staleness, the time a worker waits on its pull and push per update, the bytes moved per update, and the
+   validation loss after the same tokens.
 4. Stragglers (`--skip stragglers` leaves it out; ~10 minutes): `llmtrain-compare compare.slow_rank_factor=F`
    (`--slow-factor`, 2 by default) on `--model`, fp32, 2 compute ranks: sync and async without and with one compute
    rank F times slower per micro-batch. Per run: tokens/s, the validation loss after the same tokens (the last
@@ -108,24 +110,28 @@ def loss_at_equal_tokens(data: str, work: Path, steps: int) -> None:
 def intervals(data: str, work: Path, steps: int, model: str, precision: str) -> None:
     common = [f"model={model}", f"precision={precision}", f"train.eval_every={steps}"]
 
-    def measured(rows: list[dict]) -> tuple[float, float, float]:
+    def measured(rows: list[dict]) -> dict[str, float]:
         logged = [r for r in rows if "tokens_per_s" in r][1:]  # the first interval holds the start-up
-        stale = np.mean([r["staleness_mean"] for r in logged]) if "staleness_mean" in logged[-1] else 0.0
-        return float(np.mean([r["tokens_per_s"] for r in logged])), float(stale), rows[-1]["val_loss"]
+        mean = lambda key: float(np.mean([r[key] for r in logged])) if key in logged[-1] else 0.0  # noqa: E731
+        return {"tps": mean("tokens_per_s"), "stale": mean("staleness_mean"), "val": rows[-1]["val_loss"],
+                "pull": mean("pull_s") * 1e3, "push": mean("push_s") * 1e3, "bytes": mean("bytes_per_update")}
 
-    sync_tps, _, sync_val = measured(train(data, work / "i-sync", 2, steps, *common, "dist.zero_stage=2"))
-    out = [["sync ZeRO-2", "", "", f"{sync_tps:,.0f}", "1.00", "0", f"{sync_val:.4f}"]]
-    for k in (1, 2, 4):
-        for overlap in (False, True):
-            name = f"i-ps-k{k}-{'overlap' if overlap else 'blocking'}"
-            rows = train(data, work / name, 3, steps, *common, "mode=async_ps", f"ps.push_every={k}",
-                         f"ps.fetch_every={k}", f"ps.overlap={str(overlap).lower()}")
-            tps, stale, val = measured(rows)
-            out.append(["async, 2 workers", k, "yes" if overlap else "no", f"{tps:,.0f}", f"{tps / sync_tps:.2f}",
-                        f"{stale:.2f}", f"{val:.4f}"])
+    sync = measured(train(data, work / "i-sync", 2, steps, *common, "dist.zero_stage=2"))
+    out = [["sync ZeRO-2", "", "", "", f"{sync['tps']:,.0f}", "1.00", "0", "", "", "", f"{sync['val']:.4f}"]]
+    runs = [("auto", 1, False), ("auto", 4, True)] + [("tcp", k, o) for k in (1, 2, 4) for o in (False, True)]
+    for transport, k, overlap in runs:
+        name = f"i-ps-{transport}-k{k}-{'overlap' if overlap else 'blocking'}"
+        got = measured(train(data, work / name, 3, steps, *common, "mode=async_ps", f"ps.transport={transport}",
+                             f"ps.push_every={k}", f"ps.fetch_every={k}", f"ps.overlap={str(overlap).lower()}"))
+        out.append(["async, 2 workers", transport, k, "yes" if overlap else "no", f"{got['tps']:,.0f}",
+                    f"{got['tps'] / sync['tps']:.2f}", f"{got['stale']:.2f}", f"{got['pull']:.0f}",
+                    f"{got['push']:.0f}", f"{got['bytes'] / 2**20:.1f}", f"{got['val']:.4f}"])
     table(f"3. {model} {precision} (block 128, global batch 16), {steps} steps: push and fetch every K local steps, "
-          "with and without overlap, against sync ZeRO-2 on the same 2 compute ranks; val loss after the same tokens",
-          ["mode", "K", "overlap", "tokens/s", "x sync", "mean staleness", "val loss"], out)
+          "with and without overlap, over TensorPipe's TCP transport (ps.transport=tcp) and its own pick (auto: shared "
+          "memory on one host), against sync ZeRO-2 on the same 2 compute ranks; pull and push: ms a worker waits "
+          "per update; MiB moved per update; val loss after the same tokens",
+          ["mode", "transport", "K", "overlap", "tokens/s", "x sync", "mean staleness", "pull ms", "push ms",
+           "MiB/update", "val loss"], out)
 
 
 def stragglers(data: str, work: Path, steps: int, model: str, factor: float, out: Path | None) -> None:

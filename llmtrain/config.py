@@ -85,6 +85,11 @@ class Decay(str, Enum):
     constant = "constant"
 
 
+class Transport(str, Enum):
+    tcp = "tcp"
+    auto = "auto"
+
+
 class WandbMode(str, Enum):
     online = "online"
     offline = "offline"
@@ -582,6 +587,10 @@ class PSConfig:
     overlap: bool = False
     """Pull the next weights and push the last gradient in the background while the next local step computes (at
     most one pull and one push in flight): every update is then at least one version stale."""
+    transport: Transport = Transport.tcp
+    """How TensorPipe moves pulls and pushes. tcp: its libuv TCP transport only (event-driven: a waiting process
+    sleeps) | auto: TensorPipe's own pick (shared memory within a host, InfiniBand where there is one, else TCP);
+    its shared-memory reactor thread busy-polls, taking a core from every process."""
 
     def __post_init__(self) -> None:
         problems = []

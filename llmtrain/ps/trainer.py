@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed.rpc as rpc
 
-from llmtrain.config import TrainConfig
+from llmtrain.config import TrainConfig, Transport
 from llmtrain.distributed.deepspeed import copy_weights, should_compile
 from llmtrain.distributed.env import rpc_env
 from llmtrain.dtypes import torch_dtype
@@ -49,6 +49,9 @@ from llmtrain.run.setup import TrainResult
 from llmtrain.run.straggler import Straggler
 
 log = logging.getLogger("llmtrain")
+
+TRANSPORTS = {Transport.tcp: ["uv"], Transport.auto: None}
+"""TensorPipe's transports for each ``ps.transport`` (None: its default list)."""
 
 
 def accumulate_fp32(params: dict[str, torch.nn.Parameter], into: dict[str, torch.Tensor]) -> None:
@@ -130,7 +133,8 @@ class AsyncPSTrainer:
         #    all resume, or all leave with the same refusal. The resolved config is written once it was accepted.
         refused = self._agree_on_start() if rank == 0 else None
         self.config_yaml = setup.write_run_config(self.run, self.resolved) if rank == 0 and not refused else ""
-        options = rpc.TensorPipeRpcBackendOptions(init_method="env://", rpc_timeout=cfg.ps.timeout_s)
+        options = rpc.TensorPipeRpcBackendOptions(init_method="env://", rpc_timeout=cfg.ps.timeout_s,
+                                                  _transports=TRANSPORTS[cfg.ps.transport])
         rpc.init_rpc(self.name(rank), rank=rank, world_size=world, rpc_backend_options=options)
         refused = refused if rank == 0 else self._agree_on_start()
         if refused is not None:
