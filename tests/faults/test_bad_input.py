@@ -54,6 +54,8 @@ def test_a_run_dir_that_is_a_file_is_one_line(prepared_small, tmp_path):
 def test_wandb_online_without_a_login_is_one_line(prepared_small, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(HOME=str(tmp_path / "home"), WANDB_DIR=str(tmp_path / "wandb"))  # no ~/.netrc holding a key
+    # ... but the compiled extensions of the real home's cache (DeepSpeed's comm op would be built again: a minute)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
     proc = run_cli("llmtrain-train", f"data.dir={prepared_small}", f"run.dir={tmp_path}/run", *COMMON,
                    "wandb.mode=online", env=env)
     refused(proc, "llmtrain-train", "wandb.mode=online could not start the W&B run (")
