@@ -82,6 +82,8 @@ class ParameterServer:
         self.on_give_back: Callable[[int, list[int]], None] | None = None
         """Server 0: tells the other servers of leases it takes back, before it leases them again."""
         self.last_seen = {w: time.monotonic() for w in range(num_workers)}
+        self.idle: set[int] = set()
+        """Workers waiting for a lease (``wait_grant``): nothing to compute, so no bound on staleness waits for them."""
         self.finished: set[int] = set()
         self.released = threading.Event()
         """Set by server 0 when the run is over: the other servers may then leave."""
@@ -153,7 +155,7 @@ class ParameterServer:
         with self.lock:
             self.last_seen[worker] = time.monotonic()
             while self.max_staleness and self.version < self.budget:
-                live = self.live_workers() or [worker]
+                live = [w for w in self.live_workers() if w not in self.idle] or [worker]
                 if self.clock[worker] - min(self.clock[w] for w in live) <= self.max_staleness:
                     break
                 self.lock.wait(timeout=0.1)
@@ -216,13 +218,18 @@ class ParameterServer:
         lost and its leases return. None after ``seconds`` (shorter than the RPC timeout): ask again."""
         deadline = time.monotonic() + seconds
         with self.lock:
-            while True:
-                given = self.grant(worker, wanted)
-                if given or self.version >= self.budget:
-                    return given
-                if time.monotonic() >= deadline:
-                    return None
-                self.lock.wait(timeout=0.1)
+            self.idle.add(worker)
+            try:
+                while True:
+                    given = self.grant(worker, wanted)
+                    if given or self.version >= self.budget:
+                        return given
+                    if time.monotonic() >= deadline:
+                        return None
+                    self.lock.notify_all()  # a worker waiting at its pull for this one waits no longer
+                    self.lock.wait(timeout=0.1)
+            finally:
+                self.idle.discard(worker)
 
     def push(self, worker: int, grads: dict[str, torch.Tensor], computed_on: int, stats: dict,
              wanted: int = 1) -> list[int]:

@@ -105,6 +105,22 @@ def test_a_worker_too_far_ahead_waits_for_the_slowest():
     assert pulled.wait(timeout=5)  # released once the slowest caught up to within the bound
 
 
+def test_a_worker_waiting_for_a_lease_holds_no_one_back():
+    """At the end of the budget the slower worker waits for a lease while the faster holds the last ones: the
+    faster one's pull must not wait for it (max_staleness), or both would wait for ever."""
+    ps = server(max_steps=3, max_staleness=1, timeout_s=30)  # 6 local steps
+    assert ps.grant(0, 5) == [0, 1, 2, 3, 4] and ps.grant(1, 1) == [5]
+    push(ps, 1, 0, wanted=0)  # worker 1 is done with its lease; the rest is worker 0's
+    waiting = threading.Thread(target=ps.wait_grant, args=(1, 1, 10.0), daemon=True)
+    waiting.start()
+    for version in range(1, 5):
+        push(ps, 0, version, wanted=0)  # worker 0 runs 4 updates ahead of worker 1
+        assert ps.pull(0)[0] == version + 1  # not held back by the idle worker 1
+    push(ps, 0, 5, wanted=0)
+    waiting.join(timeout=5)
+    assert not waiting.is_alive() and ps.version == ps.budget
+
+
 def test_bf16_pulls_and_pushes_move_half_the_bytes_and_masters_stay_fp32():
     adam = OptimConfig(lr=1e-2, warmup_steps=0, decay=Decay.constant, weight_decay=0.0)
     weights = {"w": torch.randn(4, 8), "b": torch.randn(8)}
