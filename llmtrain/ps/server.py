@@ -263,8 +263,8 @@ class ParameterServer:
             before, self.version = self.version, self.version + units
             self.clock[worker] += units
             self.records.append({"worker": worker, "version": self.version, "staleness": staleness, "lr": lr, **stats,
-                                 "units": units,
-                                 "skipped": skipped, "apply_s": time.perf_counter() - start, "time": time.time()})
+                                 "units": units, "skipped": skipped, "apply_s": time.perf_counter() - start,
+                                 "time": time.time()})
             self._count_steps(before, skipped)
             self.lock.notify_all()
         return self.grant(worker, wanted) if wanted else []

@@ -223,8 +223,8 @@ class AsyncPSTrainer:
                 norm = clip_(list(grad.values()), self.cfg.optim.grad_clip)
             else:
                 norm = torch.nn.utils.get_total_norm(list(grad.values()))
-            stats = {"loss": float(np.mean(losses)), "finite_grads": bool(torch.isfinite(norm)), "units": len(units),
-                     "leases": units, "compute_s": compute_s / len(units)}  # per local step
+            stats = {"loss": float(np.mean(losses)), "finite_grads": bool(torch.isfinite(norm)), "leases": units,
+                     "compute_s": compute_s / len(units)}  # per local step
             held.extend(transfers.push(grad, versions, stats, wanted=ps.push_every, background=ps.overlap))
             result.steps += len(units)
         transfers.close()

@@ -27,7 +27,7 @@ def push(ps: ParameterServer, worker: int, version: int, units: int = 1, wanted:
     held = list(ps.leases.held[worker])
     if len(held) < units:
         held += ps.leases.lease(worker, units - len(held))
-    stats = {"loss": loss, "pull_s": 0.0, "push_s": 0.0, "bytes": 0, "units": units, "leases": held[:units]}
+    stats = {"loss": loss, "pull_s": 0.0, "push_s": 0.0, "bytes": 0, "leases": held[:units]}
     return len(ps.push(worker, {"w": torch.ones(2, 2)}, version, stats, wanted))
 
 
