@@ -322,9 +322,9 @@ class AsyncPSTrainer:
         result.skipped_steps = server.skipped_steps
         if server.diverged is not None:  # no evaluation, no save: as a synchronous run, it stops at once
             metrics.close()
-            self.checkpoints.in_flight.wait(raise_error=False)
+            error = self.checkpoints.diverged(*server.diverged, cfg.max_nonfinite_steps)
             self._release_servers(server.diverged)
-            raise diverged(self.run, *server.diverged, cfg.max_nonfinite_steps)
+            raise error
         if step == self.start_step:  # finished already: nothing was trained, its last scores stand
             scores = last_scores(self.run, step)
             result.val_loss, result.val_ppl = scores.get("val_loss", math.nan), scores.get("val_ppl", math.nan)

@@ -153,6 +153,12 @@ class Checkpoints:
         self.peers.wait()
         return folder
 
+    def diverged(self, first: int, last: int, limit: int) -> RunDiverged:
+        """``diverged`` once the save in flight (if any) is complete, so that the line names the newest checkpoint
+        there is, not the newest one finished so far."""
+        self.in_flight.wait("before stopping", raise_error=False)
+        return diverged(self.run, first, last, limit)
+
     def _finish_in_background(self, folder: Path, flush: Callable[[], None], step: int, state: dict[str, Any],
                               config_yaml: str, need: int, started: float, stopped: float) -> None:
         """On the background thread: write and flush this process's files; once every process has (agreed), the

@@ -41,7 +41,7 @@ from llmtrain.model import build_model
 from llmtrain.optim import build_optimizer, lr_at, set_lr
 from llmtrain.run import setup
 from llmtrain.run.cadence import Cadence, NonfiniteStreak
-from llmtrain.run.checkpoint import Checkpoints, client_state, diverged
+from llmtrain.run.checkpoint import Checkpoints, client_state
 from llmtrain.run.metrics import MetricsLogger, last_scores, peak_flops, peak_memory_gb
 from llmtrain.run.preemption import StopSignals, clear_preempted, mark_preempted
 from llmtrain.run.setup import TrainResult
@@ -214,7 +214,7 @@ class Trainer:
                 # scaler skips overflowing steps as it lowers the scale. Every rank counts alike (all-reduced).
                 overflow = self.cfg.precision == Precision.fp16 and math.isfinite(loss)
                 if nonfinite.add(self.step, outcome.applied or overflow):
-                    raise diverged(self.run, nonfinite.first, self.step, nonfinite.limit)
+                    raise self.checkpoints.diverged(nonfinite.first, self.step, nonfinite.limit)
                 self.metrics.advance()
                 if cadence.log(self.step):
                     elapsed = time.perf_counter() - interval_start
