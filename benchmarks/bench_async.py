@@ -8,12 +8,13 @@
    parameter in the run's precision: 4 bytes each in fp32, 2 in bf16).
 2. validation loss at equal tokens: sync, async, and async with the staleness-aware learning rate
    (llmtrain-compare's runs, the demo's model and batch, fp32).
-3. Downpour's intervals, overlap and transports (`--skip intervals` leaves it out; ~35 minutes): 2 workers (+1
+3. Downpour's intervals, overlap and transports (`--skip intervals` leaves it out; ~50 minutes): 2 workers (+1
    server) in `--interval-precision` (bf16: pulls and pushes move bf16), push and fetch every K = 1, 2, 4 local
-   steps (`ps.push_every=K ps.fetch_every=K`), without and with `ps.overlap=true`, over TensorPipe's TCP transport
-   (`ps.transport=tcp`) and, at K = 1 without overlap, its own pick (`auto`: shared memory between processes of one
-   host), against sync ZeRO-2 on 2 ranks at the same global batch and precision: tokens/s, its ratio to sync, mean
-   staleness, the time a worker waits on its pull and push per update, the bytes moved per update, and the
+   steps (`--interval-k`; `ps.push_every=K ps.fetch_every=K`), without and with `ps.overlap=true`, over
+   TensorPipe's TCP transport (`ps.transport=tcp`) and gRPC (`grpc`, the transport workers can join), and, at K = 1
+   without overlap, TensorPipe's own pick (`auto`: shared memory between processes of one host); `--transports`
+   picks among them. Against sync ZeRO-2 on 2 ranks at the same global batch and precision: tokens/s, its ratio to
+   sync, mean staleness, the time a worker waits on its pull and push per update, the bytes moved per update, and the
    validation loss after the same tokens.
 4. Stragglers (`--skip stragglers` leaves it out; ~10 minutes): `llmtrain-compare compare.slow_rank_factor=F`
    (`--slow-factor`, 2 by default) on `--model`, fp32, 2 compute ranks: sync and async without and with one compute
@@ -107,7 +108,8 @@ def loss_at_equal_tokens(data: str, work: Path, steps: int) -> None:
           ["mode", "tokens", "val loss", "val ppl", "wall s", "mean staleness"], rows)
 
 
-def intervals(data: str, work: Path, steps: int, model: str, precision: str) -> None:
+def intervals(data: str, work: Path, steps: int, model: str, precision: str, transports: list[str],
+              ks: list[int]) -> None:
     common = [f"model={model}", f"precision={precision}", f"train.eval_every={steps}"]
 
     def measured(rows: list[dict]) -> dict[str, float]:
@@ -118,7 +120,8 @@ def intervals(data: str, work: Path, steps: int, model: str, precision: str) -> 
 
     sync = measured(train(data, work / "i-sync", 2, steps, *common, "dist.zero_stage=2"))
     out = [["sync ZeRO-2", "", "", "", f"{sync['tps']:,.0f}", "1.00", "0", "", "", "", f"{sync['val']:.4f}"]]
-    runs = [("auto", 1, False)] + [("tcp", k, o) for k in (1, 2, 4) for o in (False, True)]
+    runs = [("auto", 1, False)] * ("auto" in transports and 1 in ks)
+    runs += [(t, k, o) for t in ("tcp", "grpc") if t in transports for k in ks for o in (False, True)]
     for transport, k, overlap in runs:
         name = f"i-ps-{transport}-k{k}-{'overlap' if overlap else 'blocking'}"
         got = measured(train(data, work / name, 3, steps, *common, "mode=async_ps", f"ps.transport={transport}",
@@ -127,9 +130,9 @@ def intervals(data: str, work: Path, steps: int, model: str, precision: str) -> 
                     f"{got['tps'] / sync['tps']:.2f}", f"{got['stale']:.2f}", f"{got['pull']:.0f}",
                     f"{got['push']:.0f}", f"{got['bytes'] / 2**20:.1f}", f"{got['val']:.4f}"])
     table(f"3. {model} {precision} (block 128, global batch 16), {steps} steps: push and fetch every K local steps, "
-          "with and without overlap, over TensorPipe's TCP transport (ps.transport=tcp) and its own pick (auto: shared "
-          "memory on one host), against sync ZeRO-2 on the same 2 compute ranks; pull and push: ms a worker waits "
-          "per update; MiB moved per update; val loss after the same tokens",
+          "with and without overlap, over TensorPipe's TCP transport (ps.transport=tcp), gRPC (grpc) and TensorPipe's "
+          "own pick (auto: shared memory on one host), against sync ZeRO-2 on the same 2 compute ranks; pull and push: "
+          "ms a worker waits per update; MiB moved per update; val loss after the same tokens",
           ["mode", "transport", "K", "overlap", "tokens/s", "x sync", "mean staleness", "pull ms", "push ms",
            "MiB/update", "val loss"], out)
 
@@ -180,6 +183,9 @@ def main() -> None:
     parser.add_argument("--straggler-dir", type=Path, default=None, help="keep table 4's comparison folder here")
     parser.add_argument("--interval-steps", type=int, default=60, help="steps of table 3's runs")
     parser.add_argument("--interval-precision", default="bf16", choices=sorted(BYTES), help="table 3's precision")
+    parser.add_argument("--transports", nargs="+", default=["auto", "tcp", "grpc"], choices=["auto", "tcp", "grpc"],
+                        help="table 3's transports")
+    parser.add_argument("--interval-k", nargs="+", type=int, default=[1, 2, 4], help="table 3's intervals K")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-async-") as tmp:  # run folders, each with its last checkpoint
         work = Path(tmp)
@@ -188,7 +194,8 @@ def main() -> None:
         if "loss" not in args.skip:
             loss_at_equal_tokens(args.data, work, args.loss_steps)
         if "intervals" not in args.skip:
-            intervals(args.data, work, args.interval_steps, args.model, args.interval_precision)
+            intervals(args.data, work, args.interval_steps, args.model, args.interval_precision, args.transports,
+                      args.interval_k)
         if "stragglers" not in args.skip:
             stragglers(args.data, work, args.straggler_steps, args.model, args.slow_factor, args.straggler_dir)
 

@@ -88,6 +88,7 @@ class Decay(str, Enum):
 class Transport(str, Enum):
     tcp = "tcp"
     auto = "auto"
+    grpc = "grpc"
 
 
 class WandbMode(str, Enum):
@@ -588,15 +589,22 @@ class PSConfig:
     """Pull the next weights and push the last gradient in the background while the next local step computes (at
     most one pull and one push in flight): every update is then at least one version stale."""
     transport: Transport = Transport.tcp
-    """How TensorPipe moves pulls and pushes. tcp: its libuv TCP transport only (event-driven: a waiting process
-    sleeps) | auto: TensorPipe's own pick (shared memory within a host, InfiniBand where there is one, else TCP);
-    its shared-memory reactor thread busy-polls, taking a core from every process."""
+    """How pulls and pushes travel. tcp: torch.distributed.rpc over TensorPipe's libuv TCP transport (event-driven:
+    a waiting process sleeps) | auto: TensorPipe's own pick (shared memory within a host, InfiniBand where there is
+    one, else TCP); its shared-memory reactor thread busy-polls, taking a core from every process | grpc: gRPC, with
+    no group membership to break: workers may be lost and others join (ps.join) while the job runs."""
+    join: bool = False
+    """Start this process as one more worker of a job that is running (ps.transport=grpc) in the same run.dir,
+    whatever its launcher rank; it is leased work like the job's own workers, and a stop signal makes it leave."""
 
     def __post_init__(self) -> None:
         problems = []
         problems += bounded_each("ps.", self, {
             "num_servers": (1, 1 << 16), "max_staleness": (0, MAX_COUNT), "timeout_s": (1, MAX_TIMEOUT_S),
             "push_every": (1, 1 << 20), "fetch_every": (1, 1 << 20)})
+        if self.join and self.transport != Transport.grpc:
+            problems.append(f"ps.join=true needs ps.transport=grpc (the job's too): TensorPipe's group takes no "
+                            f"process after it started (ps.transport={self.transport.value})")
         raise_problems(problems, "ps")
 
 
@@ -645,6 +653,8 @@ class TrainConfig:
         if self.mode == Mode.async_ps and self.precision == Precision.fp16:
             problems.append("mode=async_ps runs in fp32 or bf16 (fp16 would need loss scaling across workers, "
                             "which it does not have): use precision=bf16")
+        if self.mode != Mode.async_ps and self.ps.join:
+            problems.append("ps.join=true adds a worker to a parameter-server job: it needs mode=async_ps")
         if self.dist.offload_optimizer and self.optim.name == OptimizerName.sgd:
             problems.append("dist.offload_optimizer=true works with optim.name=adamw only (DeepSpeed's CPU Adam)")
         if self.model.vocab_size and self.model.vocab_size < 260:

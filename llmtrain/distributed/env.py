@@ -57,6 +57,11 @@ def launcher_vars() -> tuple[int, int, int, int]:
     return rank, local_rank, world, local_world
 
 
+def rendezvous_host() -> str:
+    """The host of the launcher's rendezvous (MASTER_ADDR, where process 0 runs), once ``launcher_vars`` ran."""
+    return os.environ.get("MASTER_ADDR", "127.0.0.1")
+
+
 def launcher_rank() -> int:
     """This process's rank as its launcher gave it (RANK, or an ``srun`` task's), 0 for a single process; reads the
     environment without changing it (``launcher_vars`` fills it in)."""

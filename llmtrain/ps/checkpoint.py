@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.rpc as rpc
 
 from llmtrain.config import Mode, ModelConfig
 from llmtrain.data.tokenizer import Tokenizer
@@ -34,10 +33,10 @@ class ServerCheckpointIO:
     mode = Mode.async_ps
 
     def __init__(self, rank: int, world_size: int, num_servers: int, num_workers: int, num_params: int,
-                 name: Callable[[int], str], gather: Callable[[], dict[str, torch.Tensor]], model_cfg: ModelConfig,
+                 call_sync: Callable[..., Any], gather: Callable[[], dict[str, torch.Tensor]], model_cfg: ModelConfig,
                  tokenizer: Callable[[], Tokenizer]) -> None:
         self.rank, self.world_size, self.num_servers, self.num_workers = rank, world_size, num_servers, num_workers
-        self._num_params, self.name, self.gather = num_params, name, gather
+        self._num_params, self._on, self.gather = num_params, call_sync, gather
         self.model_cfg, self.tokenizer = model_cfg, tokenizer
 
     def num_params(self) -> int:
@@ -62,10 +61,6 @@ class ServerCheckpointIO:
             save_consolidated(trained, folder)
 
         return flush
-
-    def _on(self, server: int, call: Callable, *args: Any) -> None:
-        """``call`` on ``server``: this process's directly, another's by RPC."""
-        call(*args) if server == self.rank else rpc.rpc_sync(self.name(server), call, args=args)
 
     def check(self, folder: Path, marker: dict[str, Any]) -> None:
         if (marker["num_servers"], marker["num_workers"]) != (self.num_servers, self.num_workers):

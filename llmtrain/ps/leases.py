@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import heapq
 import json
-from collections import deque
+from collections import defaultdict, deque
 from pathlib import Path
 
 
@@ -25,8 +25,9 @@ class Leases:
         """The first unit never leased."""
         self.returned: list[int] = []
         """A heap of units to lease again (their worker was lost, or the run resumed before their push)."""
-        self.held: dict[int, deque[int]] = {w: deque() for w in range(num_workers)}
-        """Each worker's leased units, in the order it computes them."""
+        self.held: dict[int, deque[int]] = defaultdict(deque, {w: deque() for w in range(num_workers)})
+        """Each worker's leased units, in the order it computes them (a worker that joined later is added when it
+        is first leased some)."""
 
     def outstanding(self, workers) -> int:
         """Units held by ``workers``: leased and not settled."""

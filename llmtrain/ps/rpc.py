@@ -19,6 +19,8 @@ from llmtrain.run.checkpoint import fsync_path
 
 _SERVER: ParameterServer | None = None
 _SHARED: list[str] = []
+_READS: list[int] = []
+"""How many processes read each decision (``shared``)."""
 _PUBLISHED = threading.Condition()
 
 
@@ -38,6 +40,7 @@ def publish(value: str) -> None:
     """Process 0: make ``value`` the next decision the others read with ``shared``."""
     with _PUBLISHED:
         _SHARED.append(value)
+        _READS.append(0)
         _PUBLISHED.notify_all()
 
 
@@ -45,7 +48,16 @@ def shared(index: int) -> str:
     """The ``index``-th decision process 0 published (waiting for it)."""
     with _PUBLISHED:
         _PUBLISHED.wait_for(lambda: len(_SHARED) > index)
+        _READS[index] += 1
+        _PUBLISHED.notify_all()
         return _SHARED[index]
+
+
+def wait_read(readers: int, seconds: float) -> bool:
+    """Process 0, leaving after a refusal: wait until ``readers`` processes have read its last decision (or
+    ``seconds`` passed); whether they did."""
+    with _PUBLISHED:
+        return _PUBLISHED.wait_for(lambda: not _READS or _READS[-1] >= readers, timeout=seconds)
 
 
 def pull(worker: int) -> tuple[int, dict[str, torch.Tensor]]:
@@ -82,6 +94,16 @@ def wait_grant(worker: int, wanted: int, seconds: float) -> list[int] | None:
     return server().wait_grant(worker, wanted, seconds)
 
 
+def join() -> int:
+    """A worker started later (ps.join=true) takes the next free worker id (asked of server 0)."""
+    return server().join()
+
+
+def leave(worker: int) -> None:
+    """A worker stops taking work (a stop signal): its leases go to the others at once (asked of server 0)."""
+    server().leave(worker)
+
+
 def diverged() -> tuple[int, int] | None:
     """The first and last step of the non-finite streak that stopped the run, if one did."""
     return server().diverged
@@ -106,3 +128,8 @@ def release(diverged: tuple[int, int] | None = None) -> None:
     """Server 0 lets this server leave (telling it whether the run diverged)."""
     server().diverged = diverged
     server().released.set()
+
+
+ENTRY_POINTS = {fn.__name__: fn for fn in (shared, pull, push, finished, read_shard, first_grant, revoke, wait_grant,
+                                           join, leave, diverged, stage_shard, write_staged, stop_at, release)}
+"""What a caller may run on a server, by name (the gRPC transport sends names, never code)."""

@@ -131,7 +131,9 @@ class ParameterServer:
             for name, param in self.params.items():
                 param.copy_(state["params"][name])
             self.optimizer.load_state_dict(state["optimizer"])
-            self.version, self.clock = int(state["version"]), {int(w): int(c) for w, c in state["clock"].items()}
+            # the launched workers' counts (a worker that had joined the saved run is gone with it)
+            saved = {int(w): int(c) for w, c in state["clock"].items()}
+            self.version, self.clock = int(state["version"]), {w: saved.get(w, 0) for w in range(self.num_workers)}
             # a checkpoint from before leases: the data continues after the units its version counts
             self.leases.load_state_dict(state.get("leases", {"next_unit": self.version, "returned": []}))
 
@@ -145,6 +147,30 @@ class ParameterServer:
             self.lock.notify_all()
             return self.budget
 
+    def _seen(self, worker: int) -> None:
+        """``worker`` called now (lock held); one that joined later is known from its first call on."""
+        if worker not in self.clock:
+            self.clock[worker] = 0
+        self.last_seen[worker] = time.monotonic()
+
+    def join(self) -> int:
+        """Server 0: the id of a worker that joins the running job (after every id given so far)."""
+        with self.lock:
+            worker = max(self.clock) + 1
+            self._seen(worker)
+            log.info("worker %d joined the job", worker)
+            return worker
+
+    def leave(self, worker: int) -> None:
+        """Server 0: ``worker`` stops (a stop signal): its leases go to the others now, not after ps.timeout_s."""
+        with self.lock:
+            units = self.leases.give_back(worker)
+            if units and self.on_give_back is not None:
+                self.on_give_back(worker, units)
+            log.info("worker %d left the job; its %d local step(s) of data go to the others", worker, len(units))
+            self.finished.add(worker)
+            self.lock.notify_all()
+
     def live_workers(self) -> list[int]:
         """Workers neither finished nor silent for longer than the timeout (killed, or their host lost)."""
         now = time.monotonic()
@@ -153,7 +179,7 @@ class ParameterServer:
     def pull(self, worker: int) -> tuple[int, dict[str, torch.Tensor]]:
         """The shard and its version; with max_staleness, first wait while this worker is too far ahead."""
         with self.lock:
-            self.last_seen[worker] = time.monotonic()
+            self._seen(worker)
             while self.max_staleness and self.version < self.budget:
                 live = [w for w in self.live_workers() if w not in self.idle] or [worker]
                 if self.clock[worker] - min(self.clock[w] for w in live) <= self.max_staleness:
@@ -187,7 +213,7 @@ class ParameterServer:
         and no more than the budget holds beyond what is applied and leased to every live worker (a lost worker's
         leases are taken back first). Empty: the budget is spent or promised."""
         with self.lock:
-            self.last_seen[worker] = time.monotonic()
+            self._seen(worker)
             live = set(self.live_workers()) | {worker}
             for lost in sorted(w for w in self.clock if w not in live and self.leases.held[w]):
                 units = self.leases.give_back(lost)
@@ -239,7 +265,7 @@ class ParameterServer:
         leased = [int(u) for u in stats["leases"]]
         units = len(leased)
         with self.lock:
-            self.last_seen[worker] = time.monotonic()
+            self._seen(worker)
             if self.version + units > self.budget:  # a stop request lowered the budget below what was leased
                 if self.owns_data_order:
                     self.leases.give_back(worker)

@@ -6,8 +6,9 @@ Workers loop without waiting for each other: pull every shard (concurrently) -> 
 slice of the data (the same resumable reader, worker index as rank) -> push each shard's gradient -> repeat.
 Servers apply each gradient on arrival. The budget is the sync run's: W pushes of global_batch_size / W
 sequences each make one "step", so train.max_steps means the same number of tokens in both modes.
-Transport: torch.distributed.rpc over TensorPipe, joined through the launcher's MASTER_ADDR/MASTER_PORT
-rendezvous (the same environment as sync mode). Server 0 (rank 0) writes the metrics and the final model.
+Transport (``ps.transport``, ``llmtrain.ps.transport``): torch.distributed.rpc over TensorPipe, or gRPC, joined
+through the launcher's MASTER_ADDR/MASTER_PORT rendezvous (the same environment as sync mode); over gRPC a worker
+started later with ps.join=true joins the running job. Server 0 (rank 0) writes the metrics and the final model.
 Precision: workers compute in ``precision`` (bf16 by default), pulls and pushes carry tensors of that dtype,
 servers keep fp32 masters and optimizer state and apply in fp32.
 
@@ -18,7 +19,6 @@ trainer's (``llmtrain.run``); this mode supplies its roles, its loop and its ten
 from __future__ import annotations
 
 import collections
-import contextlib
 import itertools
 import logging
 import math
@@ -27,11 +27,10 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed.rpc as rpc
 
 from llmtrain.config import TrainConfig, Transport
 from llmtrain.distributed.deepspeed import copy_weights, should_compile
-from llmtrain.distributed.env import rpc_env
+from llmtrain.distributed.env import rendezvous_host, rpc_env
 from llmtrain.dtypes import torch_dtype
 from llmtrain.errors import AgreedError, UserError
 from llmtrain.evaluate import mean_loss, validation_scores
@@ -40,18 +39,17 @@ from llmtrain.ps import rpc as calls
 from llmtrain.ps.checkpoint import ServerCheckpointIO
 from llmtrain.ps.leases import UpdateLog
 from llmtrain.ps.server import ParameterServer, shard_names
+from llmtrain.ps.transport import MAX_MESSAGE, Grpc, PSTransport, TensorPipe, reachable_host, read_layout, write_layout
 from llmtrain.run import setup
 from llmtrain.run.cadence import Cadence
 from llmtrain.run.checkpoint import Checkpoints, Peers, client_state, diverged
 from llmtrain.run.metrics import MetricsLogger, last_scores
 from llmtrain.run.preemption import StopSignals, clear_preempted, mark_preempted
+from llmtrain.run.rundir import RunDir
 from llmtrain.run.setup import TrainResult
 from llmtrain.run.straggler import Straggler
 
 log = logging.getLogger("llmtrain")
-
-TRANSPORTS = {Transport.tcp: ["uv"], Transport.auto: None}
-"""TensorPipe's transports for each ``ps.transport`` (None: its default list)."""
 
 
 def accumulate_fp32(params: dict[str, torch.nn.Parameter], into: dict[str, torch.Tensor]) -> None:
@@ -81,11 +79,19 @@ def clip_(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
 class AsyncPSTrainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
-        # 1. Roles from the launcher's environment: servers first, then workers.
-        self.num_servers = cfg.ps.num_servers
-        self.env = rpc_env(cpu_ranks=self.num_servers)  # servers on the CPU; workers on their GPU where there is one
-        rank, world = self.env.rank, self.env.world_size
-        self.num_workers = world - self.num_servers
+        # 1. Roles from the launcher's environment: servers first, then workers. A worker that joins a running job
+        #    (ps.join) takes the job's layout from its run folder instead, whatever its launcher rank.
+        self.joined = cfg.ps.join
+        layout = read_layout(RunDir.of(cfg.run.dir).servers, cfg.ps.timeout_s) if self.joined else None
+        self.num_servers = layout["num_servers"] if layout else cfg.ps.num_servers
+        if layout and layout["num_servers"] != cfg.ps.num_servers:
+            raise UserError(f"ps.join=true: the job in {cfg.run.dir} runs {layout['num_servers']} server(s) and this "
+                            f"worker has ps.num_servers={cfg.ps.num_servers}; join with the job's config")
+        self.env = rpc_env(cpu_ranks=0 if layout else self.num_servers)  # servers on the CPU; workers on their GPU
+        world = self.env.world_size
+        self.num_workers = layout["num_workers"] if layout else world - self.num_servers
+        # a joined worker's place comes from server 0 once it is connected (``join``): any rank past the launched ones
+        self.rank = rank = self.num_servers + self.num_workers if layout else self.env.rank
         if self.num_workers < 1:
             raise AgreedError(f"mode=async_ps with ps.num_servers={self.num_servers} needs at least "
                               f"{self.num_servers + 1} processes; the launcher started {world}")
@@ -94,7 +100,8 @@ class AsyncPSTrainer:
                               f"{self.num_workers} workers x train.micro_batch_size={cfg.train.micro_batch_size}")
         self.is_server = rank < self.num_servers
         # A stop signal reaches every process of a Slurm job: server 0 decides when to stop, the others go on.
-        self._signals = StopSignals(listen=rank == 0).install()
+        # A joined worker listens too: its own job's signal (scancel of the second sbatch) makes it leave.
+        self._signals = StopSignals(listen=rank == 0 or self.joined).install()
         self.worker = rank - self.num_servers
         self.dtype = torch_dtype(cfg.precision)
         """Workers compute, and pulls and pushes travel, in this dtype; servers keep fp32 masters."""
@@ -115,9 +122,9 @@ class AsyncPSTrainer:
         self.shards = shard_names(sizes, self.num_servers)
         # 4. Checkpoints: server 0 writes them (the shards of the others by RPC); each server resumes its own shard.
         shard_files = ServerCheckpointIO(rank, world, self.num_servers, self.num_workers,
-                                         sum(p.numel() for p in self._model.parameters()), self.name,
+                                         sum(p.numel() for p in self._model.parameters()), self._call_sync,
                                          self.gather_state, self.model_cfg, self.data.tokenizer)
-        self.checkpoints = Checkpoints(self.run, shard_files, rpc_peers(rank, self.name(0)),
+        self.checkpoints = Checkpoints(self.run, shard_files, rpc_peers(rank, self._call_sync),
                                        cfg.train.keep_checkpoints, background=cfg.train.checkpoint_async)
         # 5. Servers hold their shard before anyone can call them (they answer pulls once it is resumed).
         if self.is_server:
@@ -133,13 +140,10 @@ class AsyncPSTrainer:
         #    all resume, or all leave with the same refusal. The resolved config is written once it was accepted.
         refused = self._agree_on_start() if rank == 0 else None
         self.config_yaml = setup.write_run_config(self.run, self.resolved) if rank == 0 and not refused else ""
-        options = rpc.TensorPipeRpcBackendOptions(init_method="env://", rpc_timeout=cfg.ps.timeout_s,
-                                                  _transports=TRANSPORTS[cfg.ps.transport])
-        rpc.init_rpc(self.name(rank), rank=rank, world_size=world, rpc_backend_options=options)
+        self.transport = self._connect(layout)
         refused = refused if rank == 0 else self._agree_on_start()
         if refused is not None:
-            with contextlib.suppress(RuntimeError):  # leave together: process 0 answers until all have asked
-                rpc.shutdown(graceful=True)
+            self.transport.leave_together()  # process 0 answers until all have asked
             raise refused
         # 7. Servers load their shard of the agreed checkpoint, then answer; server 0 evaluates in the workers'
         #    precision, as sync mode does. Workers compile where it pays.
@@ -154,6 +158,43 @@ class AsyncPSTrainer:
     def name(self, rank: int) -> str:
         return f"ps{rank}" if rank < self.num_servers else f"worker{rank - self.num_servers}"
 
+    def _connect(self, layout: dict | None) -> PSTransport:
+        """The transport to the servers (a server answers on it from here on). Over gRPC, server 0 records where
+        the servers answer in the run folder, and a joining worker reads it there and asks server 0 for its id."""
+        ps = self.cfg.ps
+        if ps.transport != Transport.grpc:
+            return TensorPipe(self.rank, self.env.world_size, self.name, ps.timeout_s, ps.transport.value)
+        transport = Grpc(ps.timeout_s)
+        if layout is not None:
+            transport.join(layout["servers"])
+            self.worker = transport.call_sync(0, calls.join)
+            self.rank = self.num_servers + self.worker
+            return transport
+        if self.is_server:
+            self._check_message_size()
+            # every call may block (a pull under max_staleness, a worker waiting for a lease): a thread for each
+            address = transport.serve(reachable_host(rendezvous_host()), threads=16 + 4 * self.num_workers)
+        else:
+            address = None
+        transport.rendezvous(self.rank, self.env.world_size, self.num_servers, address)
+        if self.rank == 0:
+            write_layout(self.run.servers, transport.addresses, self.num_servers, self.num_workers)
+        return transport
+
+    def _check_message_size(self) -> None:
+        """gRPC carries a pull or push of a server's shard in one message, of at most 2 GiB."""
+        params = dict(self._model.named_parameters())
+        size = sum(params[n].numel() for n in self.shards[self.rank]) * self.dtype.itemsize
+        if size >= MAX_MESSAGE - (1 << 20):
+            raise AgreedError(f"ps.transport=grpc carries each server's shard in one message of at most 2 GiB; "
+                              f"server {self.rank}'s is {size / 2**30:.1f} GiB: raise ps.num_servers")
+
+    def _call_sync(self, server: int, fn, *args):
+        """``fn(*args)`` on ``server``: this process's own directly, another's through the transport."""
+        if server == self.rank and self.is_server:
+            return fn(*args)
+        return self.transport.call_sync(server, fn, *args)
+
     # -- roles ---------------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         # Shutdown is not graceful (that would wait for every process, a lost one included): each role leaves
@@ -162,7 +203,9 @@ class AsyncPSTrainer:
             with self._signals:
                 return self._serve() if self.is_server else self._work()
         finally:
-            rpc.shutdown(graceful=False)
+            if self.rank == 0:  # the job is over: no worker may join it any more
+                self.run.servers.unlink(missing_ok=True)
+            self.transport.close()
 
     def _call(self, server: int, fut):
         try:
@@ -183,13 +226,14 @@ class AsyncPSTrainer:
         per_step = cfg.global_batch_size // self.num_workers
         micro_steps = per_step // cfg.micro_batch_size
         wanted = (2 if ps.overlap else 1) * ps.push_every  # one push's units ahead while a push is in flight
-        held = collections.deque(self._call(0, rpc.rpc_async(self.name(0), calls.first_grant,
-                                                             args=(self.worker, wanted))))
+        held = collections.deque(self._call(0, self.transport.call(0, calls.first_grant, self.worker, wanted)))
         params = dict(model.named_parameters())
         transfers = _Transfers(self, params)
         straggler = Straggler(cfg.slow_rank_factor, self.worker == self.num_workers - 1, self.env.device)
         result, local, versions = TrainResult(), 0, []
         while True:
+            if self.joined and self._signals.requested:  # a joined worker's own job was stopped: it leaves
+                break
             if not held and not transfers.pushing:
                 # Out of leases with nothing in flight, a worker waits for more until the budget is applied: what
                 # other workers hold may come back to it (a lost worker's), so no step of the budget is left undone.
@@ -228,11 +272,14 @@ class AsyncPSTrainer:
             held.extend(transfers.push(grad, versions, stats, wanted=ps.push_every, background=ps.overlap))
             result.steps += len(units)
         transfers.close()
-        stopped = self._call(0, rpc.rpc_async(self.name(0), calls.diverged))  # asked before server 0 may leave
+        if self.joined and self._signals.requested:
+            self.transport.call_sync(0, calls.leave, self.worker)  # what it holds goes to the others now
+            log.info("worker %d left the job (a stop signal) after %d local step(s)", self.worker, result.steps)
+        stopped = self._call(0, self.transport.call(0, calls.diverged))  # asked before server 0 may leave
         # Server 0 last: once every worker has finished with it, it releases the others and may leave at once.
         for i in reversed(range(self.num_servers)):
             try:
-                rpc.rpc_sync(self.name(i), calls.finished, args=(self.worker,))
+                self.transport.call_sync(i, calls.finished, self.worker)
             except RuntimeError:
                 if i:
                     raise
@@ -245,8 +292,8 @@ class AsyncPSTrainer:
         """Units server 0 leases this worker once it holds none, waiting while the rest of the budget is leased to
         others; none once the budget is applied."""
         while True:
-            given = self._call(0, rpc.rpc_async(self.name(0), calls.wait_grant,
-                                                args=(self.worker, wanted, self.cfg.ps.timeout_s / 4)))
+            given = self._call(0, self.transport.call(0, calls.wait_grant, self.worker, wanted,
+                                                      self.cfg.ps.timeout_s / 4))
             if given is not None:
                 return given
 
@@ -254,10 +301,10 @@ class AsyncPSTrainer:
         """Server 0 took ``units`` back from a lost ``worker``: the other servers refuse its push of them from now
         on (told before the units are leased again)."""
         for i in range(1, self.num_servers):
-            rpc.rpc_sync(self.name(i), calls.revoke, args=(worker, units))
+            self.transport.call_sync(i, calls.revoke, worker, units)
 
     def _serve(self) -> TrainResult:
-        if self.env.rank == 0:
+        if self.rank == 0:
             return self._serve_and_report()
         calls.server().released.wait()  # server 0 still reads this shard for the final evaluation and model
         if calls.server().diverged is not None:
@@ -345,7 +392,7 @@ class AsyncPSTrainer:
         """Let the other servers leave, telling them whether the run diverged (``stopped``: its non-finite steps)."""
         for i in range(1, self.num_servers):
             try:
-                rpc.rpc_sync(self.name(i), calls.release, args=(stopped,))
+                self.transport.call_sync(i, calls.release, stopped)
             except RuntimeError:  # the released server may leave before its answer arrives: nothing is lost
                 pass
 
@@ -357,7 +404,7 @@ class AsyncPSTrainer:
         budget = calls.stop_at((steps_done + 2) * self.num_workers)
         log.info("stopping at step %d (a stop signal arrived); then a checkpoint", budget // self.num_workers)
         for i in range(1, self.num_servers):
-            rpc.rpc_sync(self.name(i), calls.stop_at, args=(budget,))
+            self.transport.call_sync(i, calls.stop_at, budget)
 
     def _log(self, metrics: MetricsLogger, step: int, records: list[dict], last_step: list[dict], steps: int,
              seconds: float) -> None:
@@ -388,7 +435,7 @@ class AsyncPSTrainer:
         """Every shard's fp32 master weights (this server's directly, the others' by RPC)."""
         state = {}
         for i in range(self.num_servers):
-            state.update(calls.read_shard() if i == 0 else rpc.rpc_sync(self.name(i), calls.read_shard))
+            state.update(self._call_sync(i, calls.read_shard))
         return state
 
     def evaluate(self) -> dict[str, float]:
@@ -446,7 +493,7 @@ class _Transfers:
 
     def _start_pull(self) -> list:
         t = self.trainer
-        return [rpc.rpc_async(t.name(i), calls.pull, args=(t.worker,)) for i in self.servers]
+        return [t.transport.call(i, calls.pull, t.worker) for i in self.servers]
 
     def _prefetch(self) -> torch.futures.Future:
         """The next pull, started once the push in flight is answered (so its weights lack at most this worker's
@@ -491,8 +538,8 @@ class _Transfers:
         pushed_bytes = sum(g.numel() * g.element_size() for shard in grads for g in shard.values())
         stats = {**stats, "pull_s": self.pull_s, "push_s": self.push_s, "bytes": self.pulled_bytes + pushed_bytes}
         self.pull_s = self.pulled_bytes = 0  # reported once, with this push (push_s: the last push's)
-        self._push = [rpc.rpc_async(t.name(i), calls.push, args=(t.worker, grads[i], versions[i], stats,
-                                                                  wanted if i == 0 else 0)) for i in self.servers]
+        self._push = [t.transport.call(i, calls.push, t.worker, grads[i], versions[i], stats, wanted if i == 0 else 0)
+                      for i in self.servers]
         self.push_s = time.perf_counter() - start
         return granted if background else granted + self.wait_push()
 
@@ -514,9 +561,9 @@ class _Transfers:
             self._pull = None
 
 
-def rpc_peers(rank: int, main_name: str) -> Peers:
+def rpc_peers(rank: int, call_sync) -> Peers:
     """The processes of the parameter-server mode as checkpoint peers: process 0 decides and publishes its decision
-    (before or after the RPC group exists); every other process asks it for the same decision over RPC."""
+    (before or after the transport is up); every other process asks it for the same decision (``call_sync``)."""
     asked = itertools.count()
 
     def share(value: str) -> str:
@@ -524,6 +571,6 @@ def rpc_peers(rank: int, main_name: str) -> Peers:
         if rank == 0:
             calls.publish(value)
             return value
-        return rpc.rpc_sync(main_name, calls.shared, args=(index,))
+        return call_sync(0, calls.shared, index)
 
     return Peers(is_main=rank == 0, share=share)

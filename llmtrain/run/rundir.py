@@ -8,6 +8,8 @@ them. Layout of ``<run.dir>``:
     metrics.jsonl               one JSON row per log step / evaluation (rank 0, or parameter server 0)
     updates.jsonl               async mode: one JSON row per applied update (its worker, version, staleness and
                                 units of data; parameter server 0)
+    servers.json                async mode over gRPC, while the job runs: where its servers answer (read by a
+                                worker that joins, ps.join=true)
     wandb_id.txt                the wandb run id, so an auto-resume continues the same wandb run
     PREEMPTED                   left by a run that stopped on a signal with a checkpoint (see preemption.py)
     DAMAGED.json                left when every checkpoint was found damaged: what was found and when; every later
@@ -107,6 +109,10 @@ class RunDir:
     @property
     def updates(self) -> Path:
         return self.path / "updates.jsonl"
+
+    @property
+    def servers(self) -> Path:
+        return self.path / "servers.json"
 
     @property
     def wandb_id(self) -> Path:

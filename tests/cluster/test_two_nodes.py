@@ -244,3 +244,32 @@ def test_a_lost_node_ends_the_job_and_a_resubmitted_job_resumes(uninterrupted, t
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
     assert f"resumed from {run_dir}/checkpoints/step_{last:08d}" in log
     assert logged_losses(run_dir) == logged_losses(uninterrupted)
+
+
+def test_a_second_job_on_another_node_adds_a_worker_to_the_parameter_servers(two_nodes, prepared_small, tmp_path):
+    """slurm/ps.sbatch over gRPC: the job (server 0 and worker 0) on node1; a second sbatch with ps.join=true on node2
+    reads the servers' address from the shared run folder and adds a worker. Both jobs complete, and the budget's
+    units of data are applied once each, by both workers."""
+    run_dir = tmp_path / "ps"
+    # worker 0 computes 4x slower, so that the budget is still far from spent when the second job has started
+    args = [f"data.dir={prepared_small}", f"run.dir={run_dir}", "ps.num_servers=1", "ps.transport=grpc",
+            "ps.timeout_s=30", *[a for a in SYNC if not a.startswith(("dist.", "train.max_steps"))],
+            "train.max_steps=200", "train.slow_rank_factor=4"]
+    options = ["--nodes=1", "--cpus-per-task=1", "--export=ALL,OMP_NUM_THREADS=1"]
+    job = sbatch(*options, "--ntasks=2", "--nodelist=node1", f"--output={run_dir}.out", "slurm/ps.sbatch", *args,
+                 conf=two_nodes)
+    wait_for_step(run_dir, 10, job, conf=two_nodes)
+    joined = sbatch(*options, "--ntasks=1", "--nodelist=node2", f"--output={run_dir}.joined.out", "slurm/ps.sbatch",
+                    *args, "ps.join=true", conf=two_nodes)
+    info = wait_for(job, DONE, timeout=300, conf=two_nodes)
+    joined_info = wait_for(joined, DONE, timeout=60, conf=two_nodes)
+    log = Path(f"{run_dir}.out").read_text(errors="replace")
+    joined_log = Path(f"{run_dir}.joined.out").read_text(errors="replace")
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
+    assert (joined_info["JobState"], joined_info["ExitCode"]) == ("COMPLETED", "0:0"), joined_log[-3000:]
+    assert "worker 1 joined the job" in log and "step 200: val_loss" in log
+    rows = [json.loads(line) for line in (run_dir / "updates.jsonl").read_text().splitlines()]
+    by_worker = {w: sum(len(r["units"]) for r in rows if r["worker"] == w) for w in (0, 1)}
+    print(f"\nunits applied per worker: {by_worker}")
+    assert by_worker[1] > 0
+    assert sorted(u for r in rows for u in r["units"]) == list(range(200))

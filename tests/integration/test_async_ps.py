@@ -256,3 +256,79 @@ def test_one_checkpoint_layout_and_resume_rule_across_modes(prepared_small, tmp_
     resumed = launch(run_dir, prepared_small, 2, *SGD, "mode=async_ps", "model.dropout=0.1")
     assert "resumed from" in resumed.stderr
     assert sorted(losses(run_dir)) == list(range(1, STEPS + 1))
+
+
+def start_joining_worker(run_dir, data_dir, *overrides: str):
+    """One more worker for the job running in ``run_dir``, launched on its own (as a second ``sbatch`` would): a
+    launcher rank 0 of a world of 1, a rendezvous of its own, and ps.join=true."""
+    import os
+    import socket
+    import subprocess
+
+    from tests.conftest import BIN, REPO
+    from tests.integration.conftest import COMMON
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    args = [f"data.dir={data_dir}", f"run.dir={run_dir}", *COMMON, "precision=fp32", "mode=async_ps",
+            "ps.timeout_s=5", *overrides, "ps.join=true"]
+    return subprocess.Popen([str(BIN / "llmtrain-train"), *args], env=env, cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_a_worker_joins_after_one_is_killed_and_every_unit_is_applied_once(prepared_small, tmp_path):
+    import signal
+
+    run_dir = tmp_path / "run"
+    # the survivor (the last worker) computes 4x slower, so that the budget is still far from spent when the new
+    # worker has started
+    job = ("ps.transport=grpc", "train.max_steps=150", "train.log_every=5", "train.slow_rank_factor=4")
+    server, victim, survivor = start_processes(run_dir, prepared_small, 3, *job)
+    wait_for_step(run_dir, 10)
+    assert (run_dir / "servers.json").is_file()
+    victim.send_signal(signal.SIGKILL)
+    joiner = start_joining_worker(run_dir, prepared_small, *job)
+    out, err = server.communicate(timeout=300)
+    assert server.returncode == 0, err[-3000:]
+    assert survivor.wait(timeout=60) == 0, survivor.stderr.read()[-2000:]
+    _, joiner_err = joiner.communicate(timeout=60)
+    assert joiner.returncode == 0, joiner_err[-3000:]
+    assert "worker 2 joined the job" in err and "step 150: val_loss" in out
+    rows = [json.loads(line) for line in (run_dir / "updates.jsonl").read_text().splitlines()]
+    by_worker = {w: sum(len(r["units"]) for r in rows if r["worker"] == w) for w in (0, 1, 2)}
+    print(by_worker)
+    assert by_worker[2] > 0 and by_worker[0] > 0, by_worker  # the victim worked, then the new worker did
+    # the token budget exactly: each unit of data applied once, across the victim, the survivor and the new worker
+    applied = applied_units(run_dir)
+    assert sorted(applied) == list(range(150 * 2)), (len(applied), len(set(applied)))
+    assert not (run_dir / "servers.json").exists()  # the job is over: no one may join it
+
+
+def test_a_joined_worker_leaves_on_a_stop_signal_and_its_leases_go_back_at_once(prepared_small, tmp_path):
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    # ps.timeout_s=120: a lost worker's leases would come back only after two minutes; a leaving one's, at once
+    job = ("ps.transport=grpc", "train.max_steps=150", "train.log_every=5", "train.slow_rank_factor=4",
+           "ps.timeout_s=120")
+    server, *workers = start_processes(run_dir, prepared_small, 3, *job)
+    wait_for_step(run_dir, 5)
+    joiner = start_joining_worker(run_dir, prepared_small, *job)
+    deadline = time.time() + 120
+    while not any(json.loads(line)["worker"] == 2 for line in (run_dir / "updates.jsonl").read_text().splitlines()):
+        assert time.time() < deadline and joiner.poll() is None, "the joined worker applied nothing"
+        time.sleep(0.2)
+    joiner.send_signal(signal.SIGTERM)
+    _, joiner_err = joiner.communicate(timeout=60)
+    assert joiner.returncode == 0, joiner_err[-3000:]
+    out, err = server.communicate(timeout=300)
+    assert server.returncode == 0, err[-3000:]
+    for worker in workers:
+        assert worker.wait(timeout=60) == 0, worker.stderr.read()[-2000:]
+    assert "worker 2 left the job" in err and "was lost" not in err and "step 150: val_loss" in out
+    applied = applied_units(run_dir)
+    assert sorted(applied) == list(range(150 * 2)), (len(applied), len(set(applied)))

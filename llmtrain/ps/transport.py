@@ -1,0 +1,256 @@
+"""How the parameter-server mode's processes call each other (``ps.transport``): one interface, two engines.
+
+Every call is an entry point of ``llmtrain.ps.rpc`` run on a server, named by the server's index; what comes back
+is a ``torch.futures.Future`` whose ``wait`` raises ``RuntimeError`` when the call failed or took longer than
+``ps.timeout_s``. Only servers answer calls.
+
+- ``TensorPipe`` (``tcp``, ``auto``): ``torch.distributed.rpc``, a group of exactly the processes the launcher
+  started. A member that dies stays in the group: the others go on, but no process can join it afterwards.
+- ``Grpc`` (``grpc``): each server answers gRPC on a port of its own, and a caller is nothing but a channel to it,
+  so there is no membership to break. A worker that dies leaves nothing behind but its leases, and a worker
+  started later (``ps.join=true``) finds the servers in the run folder and is leased work like the others.
+  Tensors travel as raw bytes next to a pickled header (``encode``): the same bytes per update as TensorPipe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import pickle
+import socket
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmtrain.errors import UserError
+from llmtrain.ps import rpc as calls
+
+MAX_MESSAGE = (1 << 31) - 1
+"""gRPC's limit on one message (its lengths are 32-bit): a pull or push of one shard must stay below it."""
+
+
+class PSTransport:
+    """Calls to the servers of one job, by index."""
+
+    def call(self, server: int, fn: Callable, *args: Any) -> torch.futures.Future:
+        raise NotImplementedError
+
+    def call_sync(self, server: int, fn: Callable, *args: Any) -> Any:
+        return self.call(server, fn, *args).wait()
+
+    def leave_together(self) -> None:
+        """Leave after a refusal every process shares: process 0 answers until the others have read it."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Leave, without waiting for anyone (a lost process included): each role calls this once nothing more is
+        asked of it."""
+        raise NotImplementedError
+
+
+class TensorPipe(PSTransport):
+    """``torch.distributed.rpc`` over TensorPipe, joined through the launcher's MASTER_ADDR/MASTER_PORT."""
+
+    TRANSPORTS = {"tcp": ["uv"], "auto": None}
+    """TensorPipe's transports for each ``ps.transport`` (None: its default list, shared memory first)."""
+
+    def __init__(self, rank: int, world_size: int, name: Callable[[int], str], timeout_s: float, kind: str) -> None:
+        import torch.distributed.rpc as rpc
+
+        self._rpc, self.name = rpc, name
+        options = rpc.TensorPipeRpcBackendOptions(init_method="env://", rpc_timeout=timeout_s,
+                                                  _transports=self.TRANSPORTS[kind])
+        rpc.init_rpc(name(rank), rank=rank, world_size=world_size, rpc_backend_options=options)
+
+    def call(self, server: int, fn: Callable, *args: Any) -> torch.futures.Future:
+        return self._rpc.rpc_async(self.name(server), fn, args=args)
+
+    def leave_together(self) -> None:
+        with contextlib.suppress(RuntimeError):
+            self._rpc.shutdown(graceful=True)
+
+    def close(self) -> None:
+        self._rpc.shutdown(graceful=False)
+
+
+# -- gRPC ------------------------------------------------------------------------------------------------------
+def encode(value: Any) -> bytes:
+    """``value`` as one message: the length of a pickled header, the header (tensors replaced by where their bytes
+    lie), then every tensor's raw bytes (any dtype, bf16 included; on the CPU)."""
+    tensors: list[torch.Tensor] = []
+    offset = 0
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj: Any) -> Any:
+            nonlocal offset
+            if not isinstance(obj, torch.Tensor):
+                return None
+            t = obj.detach().to("cpu").contiguous().reshape(-1)
+            nbytes = t.numel() * t.element_size()
+            tensors.append(t)
+            offset += nbytes
+            return ("tensor", offset - nbytes, nbytes, str(t.dtype).removeprefix("torch."), tuple(obj.shape))
+
+    header = io.BytesIO()
+    Pickler(header, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+    parts = [len(header.getvalue()).to_bytes(8, "little"), header.getvalue()]
+    parts += [t.view(torch.uint8).numpy() for t in tensors if t.numel()]
+    return b"".join(parts)
+
+
+def decode(message: bytes) -> Any:
+    """``encode``'s value back. Its tensors are views of ``message`` (no copy): read them, copy what is kept."""
+    size = int.from_bytes(message[:8], "little")
+    start = 8 + size
+
+    class Unpickler(pickle.Unpickler):
+        def persistent_load(self, pid: Any) -> torch.Tensor:
+            _, offset, nbytes, dtype, shape = pid
+            if not nbytes:
+                return torch.empty(shape, dtype=getattr(torch, dtype))
+            with warnings.catch_warnings():  # a view of the received bytes, which the callers only read
+                warnings.simplefilter("ignore", UserWarning)
+                flat = torch.frombuffer(message, dtype=torch.uint8, offset=start + offset, count=nbytes)
+            return flat.view(getattr(torch, dtype)).reshape(shape)
+
+    return Unpickler(io.BytesIO(memoryview(message)[8:start])).load()
+
+
+OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
+SERVICE, METHOD = "llmtrain.ps", "call"
+
+
+def _answer(request: bytes, context: Any) -> bytes:
+    """One call on this server: the entry point's value, or its error in one line (raised by the caller)."""
+    name, args = decode(request)
+    try:
+        return encode(("ok", calls.ENTRY_POINTS[name](*args)))
+    except Exception as exc:  # the caller's future raises it, as TensorPipe's does
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return encode(("error", f"{type(exc).__name__} on the server: {first}"))
+
+
+def reachable_host(peer: str) -> str:
+    """The address of this host that ``peer`` (the launcher's MASTER_ADDR) reaches it at: the local end of a route
+    to it (a UDP socket only picks the route; nothing is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((socket.gethostbyname(peer), 9))
+            return s.getsockname()[0]
+        except OSError:
+            return socket.gethostbyname(socket.gethostname())
+
+
+class Grpc(PSTransport):
+    """gRPC channels to every server; on a server, a gRPC server answering ``llmtrain.ps.rpc``'s entry points.
+
+    Launched processes find each other through the launcher's rendezvous (``rendezvous``); server 0 then writes the
+    servers' addresses into the run folder (``servers.json``), where a worker started later finds them (``join``)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.addresses: list[str] = []
+        self._channels: dict[int, Any] = {}
+        self._server = None
+        self._store = None
+        self._rank = self._world_size = -1
+        self._lock = threading.Lock()
+
+    def serve(self, host: str, threads: int) -> str:
+        """Answer calls on a free port of this host; the address others call it at."""
+        import grpc
+
+        handler = grpc.method_handlers_generic_handler(SERVICE, {METHOD: grpc.unary_unary_rpc_method_handler(_answer)})
+        self._server = grpc.server(ThreadPoolExecutor(max_workers=threads, thread_name_prefix="llmtrain-ps"),
+                                   handlers=[handler], options=OPTIONS)
+        port = self._server.add_insecure_port("0.0.0.0:0")
+        self._server.start()
+        return f"{host}:{port}"
+
+    def rendezvous(self, rank: int, world_size: int, num_servers: int, address: str | None) -> None:
+        """The launched processes: every server publishes its address in the launcher's store (MASTER_ADDR/PORT,
+        hosted by process 0), and every process reads all of them."""
+        import torch.distributed as dist
+
+        store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timedelta(hours=1)))
+        # process 0 hosts the store: kept open while the job runs
+        self._store, self._rank, self._world_size = store, rank, world_size
+        if address is not None:
+            store.set(f"llmtrain/ps/server/{rank}", address)
+        self.addresses = [store.get(f"llmtrain/ps/server/{i}").decode() for i in range(num_servers)]
+
+    def join(self, addresses: list[str]) -> None:
+        self.addresses = list(addresses)
+
+    def _stub(self, server: int) -> Any:
+        import grpc
+
+        with self._lock:
+            if server not in self._channels:
+                channel = grpc.insecure_channel(self.addresses[server], options=OPTIONS)
+                self._channels[server] = (channel, channel.unary_unary(f"/{SERVICE}/{METHOD}"))
+            return self._channels[server][1]
+
+    def call(self, server: int, fn: Callable, *args: Any) -> torch.futures.Future:
+        result: torch.futures.Future = torch.futures.Future()
+        # wait_for_ready: a server briefly unreachable is waited for, up to ps.timeout_s, as TensorPipe waits
+        answer = self._stub(server).future(encode((fn.__name__, args)), timeout=self.timeout_s, wait_for_ready=True)
+
+        def done(reply: Any) -> None:
+            try:
+                status, value = decode(reply.result())
+            except Exception as exc:  # grpc.RpcError (deadline, unreachable): the caller's RuntimeError
+                details = exc.details() if hasattr(exc, "details") else str(exc)
+                result.set_exception(RuntimeError(f"{fn.__name__} on server {server}: {details}"))
+                return
+            if status == "ok":
+                result.set_result(value)
+            else:
+                result.set_exception(RuntimeError(value))
+
+        answer.add_done_callback(done)
+        return result
+
+    def leave_together(self) -> None:
+        if self._rank == 0:
+            calls.wait_read(self._world_size - 1, self.timeout_s)
+        self.close()
+
+    def close(self) -> None:
+        for channel, _ in self._channels.values():
+            channel.close()
+        self._channels.clear()
+        if self._server is not None:
+            self._server.stop(grace=min(5.0, self.timeout_s)).wait()  # calls in progress get their answer
+            self._server = None
+
+
+# -- the run folder's record of a running job ------------------------------------------------------------------
+def write_layout(path: Path, addresses: list[str], num_servers: int, num_workers: int) -> None:
+    """Server 0 of a gRPC job: where its servers answer, for workers that join later (written whole, by rename)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"servers": addresses, "num_servers": num_servers, "num_workers": num_workers}))
+    os.replace(tmp, path)
+
+
+def read_layout(path: Path, timeout_s: float) -> dict[str, Any]:
+    """A joining worker: the running job's layout, waiting up to ``timeout_s`` for its servers to start."""
+    deadline = time.monotonic() + timeout_s
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise UserError(f"ps.join=true found no running job: {path} does not exist after ps.timeout_s="
+                            f"{timeout_s:g} s (start the job with ps.transport=grpc and the same run.dir first)")
+        time.sleep(0.5)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"ps.join=true could not read {path} ({exc}); is the job running?") from None

@@ -1,0 +1,88 @@
+"""The parameter-server transports' own pieces: gRPC's message format and calls, the run folder's record of a
+running job, and the refusals of ps.join (the processes of a job are in tests/integration/test_async_ps.py)."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+import torch
+
+from llmtrain.errors import UserError
+from llmtrain.ps import rpc as calls
+from llmtrain.ps.transport import Grpc, decode, encode, read_layout, write_layout
+from tests.unit.test_train_config import compose
+
+
+def test_a_message_carries_tensors_of_every_dtype_and_shape_bit_for_bit():
+    value = (7, {"w": torch.randn(3, 5).to(torch.bfloat16), "b": torch.arange(4, dtype=torch.int64),
+                 "s": torch.tensor(2.5), "empty": torch.zeros(0, 3), "t": torch.randn(4, 6).t()},
+             {"loss": 1.5, "leases": [3, 4]}, None)
+    got = decode(encode(value))
+    assert got[0] == 7 and got[2] == value[2] and got[3] is None
+    for name, tensor in value[1].items():
+        assert got[1][name].dtype == tensor.dtype and got[1][name].shape == tensor.shape
+        assert torch.equal(got[1][name], tensor), name
+
+
+def test_a_message_is_its_tensors_bytes_and_a_small_header():
+    tensors = {f"w{i}": torch.zeros(256, 256, dtype=torch.bfloat16) for i in range(4)}
+    payload = 4 * 256 * 256 * 2
+    assert payload < len(encode(tensors)) < payload + 1024
+
+
+@pytest.fixture()
+def served():
+    transport = Grpc(timeout_s=2)
+    address = transport.serve("127.0.0.1", threads=4)
+    transport.join([address])
+    yield transport
+    transport.close()
+
+
+def test_a_call_over_grpc_returns_the_servers_answer(served):
+    calls.publish("decided")
+    index = len(calls._SHARED) - 1
+    assert served.call_sync(0, calls.shared, index) == "decided"
+    assert calls.wait_read(1, seconds=1)  # process 0, refusing, knows that one process read it
+
+
+def test_a_failed_call_raises_one_line_on_the_caller(served):
+    calls.install(None)
+    with pytest.raises(RuntimeError, match=r"^AssertionError on the server: no parameter server installed"):
+        served.call_sync(0, calls.read_shard)
+
+
+def test_a_call_that_takes_longer_than_the_timeout_fails(served):
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="shared on server 0: Deadline Exceeded"):
+        served.call_sync(0, calls.shared, 1 << 30)  # a decision never published
+    assert time.monotonic() - start < 2 + 3
+
+
+def test_a_server_that_is_gone_fails_the_call_within_the_timeout():
+    transport = Grpc(timeout_s=1)
+    transport.join(["127.0.0.1:1"])
+    with pytest.raises(RuntimeError, match="on server 0"):
+        transport.call_sync(0, calls.diverged)
+    transport.close()
+
+
+def test_a_joining_worker_reads_the_running_jobs_servers(tmp_path):
+    write_layout(tmp_path / "servers.json", ["10.0.0.1:5000", "10.0.0.2:5001"], 2, 4)
+    assert read_layout(tmp_path / "servers.json", 1) == {"servers": ["10.0.0.1:5000", "10.0.0.2:5001"],
+                                                         "num_servers": 2, "num_workers": 4}
+    with pytest.raises(UserError, match=re.escape(f"ps.join=true found no running job: {tmp_path}/none.json does "
+                                                  "not exist after ps.timeout_s=0.1 s")):
+        read_layout(tmp_path / "none.json", 0.1)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["mode=async_ps", "ps.join=true"], "ps.join=true needs ps.transport=grpc (the job's too)"),
+    (["ps.join=true", "ps.transport=grpc"], "ps.join=true adds a worker to a parameter-server job: it needs "
+                                            "mode=async_ps"),
+])
+def test_ps_join_is_refused_where_nothing_can_join(overrides, message):
+    with pytest.raises((UserError, ValueError), match=re.escape(message)):
+        compose(overrides)
