@@ -61,6 +61,14 @@ def test_two_servers_shard_the_model_without_changing_it(run):
     assert max(abs(two[s] - one[s]) / one[s] for s in one) <= 1e-6
 
 
+def test_grpc_moves_the_same_tensors_as_tensorpipe(run):
+    """ps.transport=grpc: 2 servers, 1 worker, bf16 on the wire; the losses of TensorPipe's run bit for bit."""
+    tcp = losses(run("ps-2s1w-bf16-tcp", 3, "mode=async_ps", "ps.num_servers=2", "precision=bf16"))
+    grpc = losses(run("ps-2s1w-bf16-grpc", 3, "mode=async_ps", "ps.num_servers=2", "precision=bf16",
+                      "ps.transport=grpc"))
+    assert sorted(grpc) == list(range(1, STEPS + 1)) and grpc == tcp
+
+
 def test_two_workers_run_asynchronously_and_learn(run):
     run_dir = run(*TWO_WORKERS)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
