@@ -19,6 +19,7 @@ trainer's (``llmtrain.run``); this mode supplies its roles, its loop and its ten
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import logging
 import math
@@ -92,6 +93,8 @@ class AsyncPSTrainer:
         self.num_workers = layout["num_workers"] if layout else world - self.num_servers
         # a joined worker's place comes from server 0 once it is connected (``join``): any rank past the launched ones
         self.rank = rank = self.num_servers + self.num_workers if layout else self.env.rank
+        if layout:  # the job's process 0 reports the run, not the first process of a joining launch
+            self.env = dataclasses.replace(self.env, rank=rank)
         if self.num_workers < 1:
             raise AgreedError(f"mode=async_ps with ps.num_servers={self.num_servers} needs at least "
                               f"{self.num_servers + 1} processes; the launcher started {world}")
@@ -286,6 +289,9 @@ class AsyncPSTrainer:
                 # server 0 may leave before its answer arrives: nothing is lost
         if stopped is not None:
             raise diverged(self.run, *stopped, cfg.max_nonfinite_steps)
+        if self.joined:
+            log.info("worker %d computed %d local step(s) of the job in %s; its server 0 reports the run",
+                     self.worker, result.steps, self.cfg.run.dir)
         return result
 
     def _wait_grant(self, wanted: int) -> list[int]:

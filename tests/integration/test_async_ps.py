@@ -302,9 +302,11 @@ def test_a_worker_joins_after_one_is_killed_and_every_unit_is_applied_once(prepa
     out, err = server.communicate(timeout=300)
     assert server.returncode == 0, err[-3000:]
     assert survivor.wait(timeout=60) == 0, survivor.stderr.read()[-2000:]
-    _, joiner_err = joiner.communicate(timeout=60)
+    joiner_out, joiner_err = joiner.communicate(timeout=60)
     assert joiner.returncode == 0, joiner_err[-3000:]
     assert "worker 2 joined the job" in err and "step 150: val_loss" in out
+    # the joined worker says what it did; the run's result is server 0's to report
+    assert "worker 2 computed" in joiner_err and "val_loss" not in joiner_out, (joiner_out, joiner_err[-2000:])
     rows = [json.loads(line) for line in (run_dir / "updates.jsonl").read_text().splitlines()]
     by_worker = {w: sum(len(r["units"]) for r in rows if r["worker"] == w) for w in (0, 1, 2)}
     print(by_worker)
