@@ -40,7 +40,15 @@ from llmtrain.ps import rpc as calls
 from llmtrain.ps.checkpoint import ServerCheckpointIO
 from llmtrain.ps.leases import UpdateLog
 from llmtrain.ps.server import ParameterServer, shard_names
-from llmtrain.ps.transport import MAX_MESSAGE, Grpc, PSTransport, TensorPipe, reachable_host, read_layout, write_layout
+from llmtrain.ps.transport import (
+    Grpc,
+    PSTransport,
+    TensorPipe,
+    check_shard_sizes,
+    reachable_host,
+    read_layout,
+    write_layout,
+)
 from llmtrain.run import setup
 from llmtrain.run.cadence import Cadence
 from llmtrain.run.checkpoint import Checkpoints, Peers, client_state, diverged
@@ -173,24 +181,17 @@ class AsyncPSTrainer:
             self.worker = transport.call_sync(0, calls.join)
             self.rank = self.num_servers + self.worker
             return transport
+        params = dict(self._model.named_parameters())  # checked on every process alike, before any waits for another
+        check_shard_sizes([sum(params[n].numel() for n in shard) for shard in self.shards])
+        address = None
         if self.is_server:
-            self._check_message_size()
-            # every call may block (a pull under max_staleness, a worker waiting for a lease): a thread for each
-            address = transport.serve(reachable_host(rendezvous_host()), threads=16 + 4 * self.num_workers)
-        else:
-            address = None
+            # every call may block (a pull under max_staleness, a worker waiting for a lease), and workers may join:
+            # threads to spare, so that a call that would release a waiting one is never queued behind it
+            address = transport.serve(reachable_host(rendezvous_host()), threads=64 + 4 * self.num_workers)
         transport.rendezvous(self.rank, self.env.world_size, self.num_servers, address)
         if self.rank == 0:
             write_layout(self.run.servers, transport.addresses, self.num_servers, self.num_workers)
         return transport
-
-    def _check_message_size(self) -> None:
-        """gRPC carries a pull or push of a server's shard in one message, of at most 2 GiB."""
-        params = dict(self._model.named_parameters())
-        size = sum(params[n].numel() for n in self.shards[self.rank]) * self.dtype.itemsize
-        if size >= MAX_MESSAGE - (1 << 20):
-            raise AgreedError(f"ps.transport=grpc carries each server's shard in one message of at most 2 GiB; "
-                              f"server {self.rank}'s is {size / 2**30:.1f} GiB: raise ps.num_servers")
 
     def _call_sync(self, server: int, fn, *args):
         """``fn(*args)`` on ``server``: this process's own directly, another's through the transport."""

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from llmtrain.errors import UserError
+from llmtrain.errors import AgreedError, UserError
 from llmtrain.ps import rpc as calls
 
 MAX_MESSAGE = (1 << 31) - 1
@@ -123,6 +123,15 @@ def decode(message: bytes) -> Any:
             return flat.view(getattr(torch, dtype)).reshape(shape)
 
     return Unpickler(io.BytesIO(memoryview(message)[8:start])).load()
+
+
+def check_shard_sizes(numels: list[int]) -> None:
+    """gRPC carries a server's shard in one message: pulled and pushed in the compute dtype, and read whole in fp32
+    by server 0 (evaluation, checkpoints). Refuse shards of 2 GiB or more in fp32."""
+    largest = max(numels) * 4
+    if largest >= MAX_MESSAGE - (1 << 20):
+        raise AgreedError(f"ps.transport=grpc carries each server's shard in one message of at most 2 GiB; the "
+                          f"largest is {largest / 2**30:.1f} GiB in fp32: raise ps.num_servers")
 
 
 OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]

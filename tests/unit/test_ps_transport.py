@@ -11,7 +11,7 @@ import torch
 
 from llmtrain.errors import UserError
 from llmtrain.ps import rpc as calls
-from llmtrain.ps.transport import Grpc, decode, encode, read_layout, write_layout
+from llmtrain.ps.transport import Grpc, check_shard_sizes, decode, encode, read_layout, write_layout
 from tests.unit.test_train_config import compose
 
 
@@ -86,3 +86,9 @@ def test_a_joining_worker_reads_the_running_jobs_servers(tmp_path):
 def test_ps_join_is_refused_where_nothing_can_join(overrides, message):
     with pytest.raises((UserError, ValueError), match=re.escape(message)):
         compose(overrides)
+
+
+def test_a_shard_too_large_for_one_grpc_message_is_refused_at_start():
+    check_shard_sizes([500_000_000, 300_000_000])  # 1.9 GiB in fp32: one message each
+    with pytest.raises(UserError, match=re.escape("the largest is 2.2 GiB in fp32: raise ps.num_servers")):
+        check_shard_sizes([600_000_000, 100])
