@@ -22,6 +22,8 @@ _SHARED: list[str] = []
 _READS: list[int] = []
 """How many processes read each decision (``shared``)."""
 _PUBLISHED = threading.Condition()
+_LEAVING = False
+"""Set while this server leaves: a call still waiting for a decision ends (its thread would hold the exit)."""
 
 
 def install(server: ParameterServer) -> ParameterServer:
@@ -47,10 +49,20 @@ def publish(value: str) -> None:
 def shared(index: int) -> str:
     """The ``index``-th decision process 0 published (waiting for it)."""
     with _PUBLISHED:
-        _PUBLISHED.wait_for(lambda: len(_SHARED) > index)
+        _PUBLISHED.wait_for(lambda: len(_SHARED) > index or _LEAVING)
+        if len(_SHARED) <= index:
+            raise RuntimeError("process 0 left before deciding")
         _READS[index] += 1
         _PUBLISHED.notify_all()
         return _SHARED[index]
+
+
+def leaving(now: bool) -> None:
+    """Whether this server is leaving: waits for decisions that will not come end (``shared``)."""
+    global _LEAVING
+    with _PUBLISHED:
+        _LEAVING = now
+        _PUBLISHED.notify_all()
 
 
 def wait_read(readers: int, seconds: float) -> bool:

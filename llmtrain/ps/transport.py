@@ -181,6 +181,7 @@ class Grpc(PSTransport):
         handler = grpc.method_handlers_generic_handler(SERVICE, {METHOD: grpc.unary_unary_rpc_method_handler(_answer)})
         self._server = grpc.server(ThreadPoolExecutor(max_workers=threads, thread_name_prefix="llmtrain-ps"),
                                    handlers=[handler], options=OPTIONS)
+        calls.leaving(False)
         port = self._server.add_insecure_port("0.0.0.0:0")
         self._server.start()
         return f"{host}:{port}"
@@ -239,6 +240,7 @@ class Grpc(PSTransport):
             channel.close()
         self._channels.clear()
         if self._server is not None:
+            calls.leaving(True)  # no call may still wait when the process ends (its executor joins its threads)
             self._server.stop(grace=min(5.0, self.timeout_s)).wait()  # calls in progress get their answer
             self._server = None
 

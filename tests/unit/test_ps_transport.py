@@ -57,8 +57,21 @@ def test_a_failed_call_raises_one_line_on_the_caller(served):
 def test_a_call_that_takes_longer_than_the_timeout_fails(served):
     start = time.monotonic()
     with pytest.raises(RuntimeError, match="shared on server 0: Deadline Exceeded"):
-        served.call_sync(0, calls.shared, 1 << 30)  # a decision never published
+        served.call_sync(0, calls.shared, len(calls._SHARED))  # the next decision, not published yet
     assert time.monotonic() - start < 2 + 3
+    # the server's thread still waits for that decision; leaving ends the wait, so that the process can end
+
+
+def test_a_server_that_leaves_ends_the_calls_still_waiting():
+    transport = Grpc(timeout_s=30)
+    transport.join([transport.serve("127.0.0.1", threads=2)])
+    waiting = transport.call(0, calls.shared, len(calls._SHARED) + 5)
+    time.sleep(0.5)
+    start = time.monotonic()
+    transport.close()
+    with pytest.raises(RuntimeError):
+        waiting.wait()
+    assert time.monotonic() - start < 10
 
 
 def test_a_server_that_is_gone_fails_the_call_within_the_timeout():
