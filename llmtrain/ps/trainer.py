@@ -131,6 +131,9 @@ class AsyncPSTrainer:
         self.start_step = 0
         sizes = [(n, p.numel()) for n, p in self._model.named_parameters()]  # a tied weight appears once
         self.shards = shard_names(sizes, self.num_servers)
+        if cfg.ps.transport == Transport.grpc:  # on every process alike, before any waits for another
+            numel = dict(sizes)
+            check_shard_sizes([sum(numel[n] for n in shard) for shard in self.shards])
         # 4. Checkpoints: server 0 writes them (the shards of the others by RPC); each server resumes its own shard.
         shard_files = ServerCheckpointIO(rank, world, self.num_servers, self.num_workers,
                                          sum(p.numel() for p in self._model.parameters()), self._call_sync,
@@ -181,8 +184,6 @@ class AsyncPSTrainer:
             self.worker = transport.call_sync(0, calls.join)
             self.rank = self.num_servers + self.worker
             return transport
-        params = dict(self._model.named_parameters())  # checked on every process alike, before any waits for another
-        check_shard_sizes([sum(params[n].numel() for n in shard) for shard in self.shards])
         address = None
         if self.is_server:
             # every call may block (a pull under max_staleness, a worker waiting for a lease), and workers may join:
