@@ -1,0 +1,88 @@
+"""The distributed layout: ``mode`` (how ranks train together) and ``dist.*`` (data parallel under ZeRO, tensor and
+sequence parallel), with the rules a parallel degree must meet against the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from llmtrain.config.checks import MAX_TIMEOUT_S, bounded, raise_problems
+from llmtrain.config.model import Arch, ModelConfig
+
+
+class Mode(str, Enum):
+    """How ranks train together: synchronous DeepSpeed ZeRO, or asynchronous SGD through parameter servers."""
+
+    sync = "sync"
+    async_ps = "async_ps"
+
+@dataclass(kw_only=True)
+class DistConfig:
+    """Data parallelism under DeepSpeed ZeRO, and tensor or sequence parallelism: world = dp x tp x sp."""
+
+    zero_stage: int = 0
+    """ZeRO stage: 0 (plain data parallel) | 1 (optimizer states sharded) | 2 (+ gradients) | 3 (+ parameters)."""
+    offload_optimizer: bool = False
+    """Keep optimizer states (and the update) on the CPU; needs zero_stage >= 1."""
+    offload_params: bool = False
+    """Keep parameters on the CPU; needs zero_stage = 3."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass (memory for compute)."""
+    backend: str = "auto"
+    """torch.distributed backend: auto (nccl with CUDA, gloo otherwise) | nccl | gloo."""
+    timeout_s: int = 600
+    """Collective timeout: a lost rank ends the job after this many seconds instead of hanging."""
+    deepspeed_overrides: dict[str, Any] = field(default_factory=dict)
+    """Merged over the generated DeepSpeed config: +dist.deepspeed_overrides.zero_optimization.overlap_comm=true."""
+    tensor_parallel: int = 1
+    """Ranks that split each attention and MLP matrix (DeepSpeed AutoTP); with ZeRO 0-2 on the data-parallel rest."""
+    sequence_parallel: int = 1
+    """Ranks that split every sequence, T / N positions each, exchanging heads around attention (DeepSpeed
+    Ulysses); with ZeRO 0-3."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        problems += bounded("dist.tensor_parallel", self.tensor_parallel, 1, 1 << 16)
+        problems += bounded("dist.sequence_parallel", self.sequence_parallel, 1, 1 << 16)
+        if self.tensor_parallel > 1 and self.sequence_parallel > 1:
+            problems.append("dist.tensor_parallel and dist.sequence_parallel do not combine yet: use one of them")
+        if self.tensor_parallel > 1 and self.zero_stage == 3:
+            problems.append("dist.tensor_parallel>1 combines with dist.zero_stage=0|1|2 (ZeRO-3 already splits the "
+                            "weights; use it or dist.sequence_parallel)")
+        if self.zero_stage not in (0, 1, 2, 3):
+            problems.append(f"dist.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+        if self.offload_optimizer and self.zero_stage < 1:
+            problems.append("dist.offload_optimizer=true needs dist.zero_stage >= 1")
+        if self.offload_params and self.zero_stage != 3:
+            problems.append("dist.offload_params=true needs dist.zero_stage=3")
+        if self.backend not in ("auto", "nccl", "gloo"):
+            problems.append(f"dist.backend={self.backend} must be auto, nccl or gloo")
+        problems += bounded("dist.timeout_s", self.timeout_s, 1, MAX_TIMEOUT_S)
+        raise_problems(problems, "dist")
+
+def parallel_problems(model: ModelConfig, dist: DistConfig, mode: Mode = Mode.sync) -> list[str]:
+    """What a tensor- or sequence-parallel degree must divide, and where it does not apply (one line each). Checked
+    with the config, and again on a model.init_from model, whose sizes come from its folder."""
+    problems = []
+    for axis, degree in (("tensor_parallel", dist.tensor_parallel), ("sequence_parallel", dist.sequence_parallel)):
+        if degree == 1:
+            continue
+        if mode == Mode.async_ps:
+            problems.append(f"dist.{axis}={degree} applies to mode=sync; the parameter servers' workers each hold "
+                            "the whole model")
+        if model.arch != Arch.gpt:
+            problems.append(f"dist.{axis}={degree} splits the Transformer's layers; model.arch={model.arch.value} "
+                            "trains data parallel only")
+            continue
+        heads = [("model.n_head", model.n_head)] + ([("model.n_kv_head", model.kv_heads)]
+                                                    if model.kv_heads != model.n_head else [])
+        for name, size in heads:
+            if size % degree:
+                problems.append(f"dist.{axis}={degree} does not divide {name}={size}: each rank takes whole heads")
+        if axis == "tensor_parallel" and model.hidden % degree:
+            problems.append(f"dist.tensor_parallel={degree} does not divide the MLP width {model.hidden}")
+        if axis == "sequence_parallel" and model.block_size % degree:
+            problems.append(f"dist.sequence_parallel={degree} does not divide model.block_size={model.block_size}: "
+                            "each rank takes an equal slice of every sequence")
+    return problems

@@ -1,0 +1,141 @@
+"""The training loop: precision, ``optim.*`` (optimizer and schedule), ``train.*`` (steps, batches, evaluation,
+checkpoints, cadence) and ``wandb.*`` (its dashboards)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from llmtrain.config.checks import MAX_COUNT, MAX_SEED, bounded, bounded_each, raise_problems
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class OptimizerName(str, Enum):
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+class Decay(str, Enum):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+class WandbMode(str, Enum):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    name: OptimizerName = OptimizerName.adamw
+    """adamw (DeepSpeed's CPU Adam when the optimizer is offloaded) | sgd (with momentum)."""
+    lr: float = 1e-3
+    """Peak learning rate, reached after warmup_steps."""
+    min_lr_ratio: float = 0.1
+    """The schedule decays to lr * min_lr_ratio at train.max_steps."""
+    warmup_steps: int = 100
+    """Linear warm-up from 0 over this many optimizer steps."""
+    decay: Decay = Decay.cosine
+    """After warm-up: cosine | linear | constant."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to weight matrices and embeddings only (not to norms or biases)."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.95
+    """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        problems += bounded("optim.lr", self.lr, 0.0, low_open=True)
+        problems += bounded("optim.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        problems += bounded("optim.warmup_steps", self.warmup_steps, 0, MAX_COUNT)
+        for name in ("beta1", "beta2", "momentum"):
+            problems += bounded(f"optim.{name}", getattr(self, name), 0.0, 1.0, high_open=True)
+        problems += bounded("optim.eps", self.eps, 0.0, low_open=True)
+        for name in ("weight_decay", "grad_clip"):
+            problems += bounded(f"optim.{name}", getattr(self, name), 0.0)
+        raise_problems(problems, "optim")
+
+
+@dataclass(kw_only=True)
+class TrainLoopConfig:
+    """Steps, batch sizes, evaluation, checkpoints and logging cadence."""
+
+    max_steps: int = 1000
+    """Optimizer steps to train for."""
+    global_batch_size: int = 32
+    """Sequences per optimizer step over all ranks = micro_batch_size x grad accumulation x data-parallel ranks."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward on one rank."""
+    seed: int = 1337
+    """Seed of the model init and the data order."""
+    subset_tokens: int = 0
+    """Train on a fixed subset of the train split, this many tokens in whole windows (the run's first windows),
+    repeated epoch after epoch; 0 = the whole split. For small-data comparisons (docs/benchmarks.md, "Baselines")."""
+    eval_every: int = 100
+    """Evaluate on the fixed validation windows every N steps (0 = only at the end)."""
+    eval_windows: int = 200
+    """Validation windows per evaluation (0 = all), spread evenly over the val split."""
+    checkpoint_every: int = 200
+    """Save a checkpoint every N steps (0 = only at the end)."""
+    keep_checkpoints: int = 2
+    """Keep the newest K complete checkpoints."""
+    checkpoint_async: bool = True
+    """Save without stopping: the loop waits only while each rank copies its state to host memory (kept there for
+    the next save: one more copy of this rank's part of a checkpoint), a background thread writes it, and the
+    checkpoint is marked complete once every rank's files are on the disk. false = the loop waits for the write."""
+    log_every: int = 10
+    """Log metrics every N steps."""
+    max_nonfinite_steps: int = 5
+    """Stop after this many consecutive steps with a non-finite loss (each is skipped)."""
+    stop_at_step: int = 0
+    """Save a checkpoint and stop at this step (0 = never); the schedule still spans max_steps."""
+    compile: bool | None = None
+    """torch.compile the model (through DeepSpeed's ``engine.compile``); null = on with CUDA, off on CPU, where fp32
+    gains nothing and bf16 gains less than the first compile costs a short run (docs/benchmarks.md, torch.compile)."""
+    slow_rank_factor: float = 1.0
+    """A simulated straggler (llmtrain-compare's scenarios): the last compute rank (sync: the last rank; async: the
+    last worker) takes this many times longer per micro-batch, sleeping factor - 1 times its measured compute time
+    after each. 1 = no straggler."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 1.0 <= self.slow_rank_factor <= 1000.0:  # also refuses nan
+            problems.append(f"train.slow_rank_factor={self.slow_rank_factor} must be between 1 and 1000")
+        problems += bounded_each("train.", self, {
+            "max_steps": (1, MAX_COUNT), "global_batch_size": (1, 1 << 24), "micro_batch_size": (1, 1 << 16),
+            "log_every": (1, MAX_COUNT), "keep_checkpoints": (1, MAX_COUNT), "max_nonfinite_steps": (1, MAX_COUNT),
+            "eval_every": (0, MAX_COUNT), "eval_windows": (0, MAX_COUNT), "checkpoint_every": (0, MAX_COUNT),
+            "stop_at_step": (0, MAX_COUNT), "subset_tokens": (0, MAX_COUNT), "seed": (0, MAX_SEED)})
+        if self.micro_batch_size > 0 and self.global_batch_size % self.micro_batch_size:
+            problems.append(f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                            f"train.micro_batch_size={self.micro_batch_size}")
+        raise_problems(problems, "train")
+
+@dataclass(kw_only=True)
+class WandbConfig:
+    """Weights & Biases logging (rank 0 only)."""
+
+    mode: WandbMode = WandbMode.disabled
+    """online (needs `wandb login`) | offline (synced later with `wandb sync`) | disabled."""
+    project: str = "llmtrain"
+    """wandb project."""
+    entity: str | None = None
+    """wandb entity (team or user); None = your default."""
+    name: str | None = None
+    """Run name; None = the name of run.dir."""
+    group: str | None = None
+    """Run group, e.g. to compare several runs."""
