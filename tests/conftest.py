@@ -52,3 +52,45 @@ def run_cli(*args: str, timeout: float = 600, **kwargs):
 
     return subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, timeout=timeout,
                           cwd=kwargs.pop("cwd", REPO), **kwargs)
+
+
+# LLMTRAIN_TEST_TIMES=<file.jsonl>: one line per test -- its setup + call + teardown seconds, the processes it started
+# (program and ranks) and the seconds it slept in time.sleep -- for scripts/test_times.py's table (docs/testing.md).
+if os.environ.get("LLMTRAIN_TEST_TIMES"):
+    import json
+    import subprocess
+    import threading
+    import time
+
+    _current: dict = {}
+
+    def _ranks(argv: list[str]) -> int:
+        for i, arg in enumerate(argv):
+            if arg.startswith("--nproc_per_node") or arg.startswith("--nproc-per-node"):
+                return int(arg.partition("=")[2] or argv[i + 1])
+        return 1
+
+    _popen_init, _sleep = subprocess.Popen.__init__, time.sleep
+
+    def _recording_popen(self, args, *a, **kw):
+        argv = [str(x) for x in ([args] if isinstance(args, (str, bytes, os.PathLike)) else args)]
+        if _current and argv:
+            _current["launches"].append([Path(argv[0]).name, _ranks(argv)])
+        _popen_init(self, args, *a, **kw)
+
+    def _recording_sleep(seconds):
+        if _current and threading.current_thread() is threading.main_thread():  # the test's own waits
+            _current["sleep_s"] += seconds
+        _sleep(seconds)
+
+    subprocess.Popen.__init__ = _recording_popen
+    time.sleep = _recording_sleep
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        _current.update(nodeid=item.nodeid, launches=[], sleep_s=0.0, start=time.perf_counter())
+        yield
+        record = dict(_current, seconds=round(time.perf_counter() - _current.pop("start"), 3))
+        _current.clear()
+        with open(os.environ["LLMTRAIN_TEST_TIMES"], "a") as f:
+            f.write(json.dumps(record) + "\n")

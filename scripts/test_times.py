@@ -1,0 +1,79 @@
+"""Where the test suite's time goes, from a run recorded with LLMTRAIN_TEST_TIMES (tests/conftest.py):
+
+    LLMTRAIN_TEST_TIMES=/tmp/times.jsonl .venv/bin/python -m pytest -q
+    .venv/bin/python scripts/test_times.py /tmp/times.jsonl [--start-s 1=3.9 2=6.8] [--top 25]
+
+Prints markdown tables (docs/testing.md): seconds by file, and by kind. The kinds: tests that start no process
+(in the test process), the start of each launched command (process start and imports: --start-s gives the fixed
+cost of a launch by its ranks, measured with benchmarks/bench_startup.py), the rest of launched runs (training
+steps, evaluation, checkpoints), Slurm jobs (tests/cluster), and the seconds a test slept waiting for an event.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+LAUNCHERS = ("llmtrain-", "torchrun", "deepspeed", "python", "srun")
+
+
+def start_cost(launches: list[list], costs: dict[int, float]) -> float:
+    """The fixed start-up seconds of a test's launched commands (an llmtrain command, torchrun, a python script)."""
+    top = max(costs)
+    return sum(costs.get(ranks, costs[top]) for program, ranks in launches if program.startswith(LAUNCHERS))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("times", type=Path, help="the jsonl file LLMTRAIN_TEST_TIMES wrote")
+    parser.add_argument("--start-s", nargs="+", default=["1=3.9", "2=6.8"],
+                        help="fixed seconds of one launch by ranks, e.g. 1=3.9 2=6.8 (ranks above the last: the last)")
+    parser.add_argument("--top", type=int, default=25, help="files shown by name (the rest summed)")
+    args = parser.parse_args()
+    costs = {int(k): float(v) for k, v in (item.split("=") for item in args.start_s)}
+    tests = [json.loads(line) for line in args.times.read_text().splitlines() if line.strip()]
+    total = sum(t["seconds"] for t in tests)
+
+    by_file: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0])
+    kinds: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for t in tests:
+        file = t["nodeid"].split("::")[0]
+        row = by_file[file]
+        row[0] += 1
+        row[1] += t["seconds"]
+        row[2] += len(t["launches"])
+        slept = min(t["sleep_s"], t["seconds"])
+        kinds["waits: sleeps in the test process"][1] += slept
+        rest = t["seconds"] - slept
+        if file.startswith("tests/cluster/"):
+            kinds["Slurm and multi-node jobs (tests/cluster)"][0] += 1
+            kinds["Slurm and multi-node jobs (tests/cluster)"][1] += rest
+        elif not t["launches"]:
+            kinds["in the test process (no launch)"][0] += 1
+            kinds["in the test process (no launch)"][1] += rest
+        else:
+            start = min(start_cost(t["launches"], costs), rest)
+            kinds["launched runs: process start and imports"][0] += 1
+            kinds["launched runs: process start and imports"][1] += start
+            kinds["launched runs: steps, evaluation, checkpoints, the rest"][1] += rest - start
+        if slept:
+            kinds["waits: sleeps in the test process"][0] += 1
+
+    print(f"{len(tests)} tests, {total:.0f} s\n")
+    print("| file | tests | launches | seconds | share |\n|---|---:|---:|---:|---:|")
+    ranked = sorted(by_file.items(), key=lambda kv: -kv[1][1])
+    for file, (n, seconds, launches) in ranked[:args.top]:
+        print(f"| {file} | {n} | {launches} | {seconds:.0f} | {seconds / total:.0%} |")
+    rest = ranked[args.top:]
+    if rest:
+        n, seconds, launches = (sum(r[1][i] for r in rest) for i in range(3))
+        print(f"| {len(rest)} other files | {n} | {launches} | {seconds:.0f} | {seconds / total:.0%} |")
+    print("\n| kind | tests | seconds | share |\n|---|---:|---:|---:|")
+    for kind, (n, seconds) in sorted(kinds.items(), key=lambda kv: -kv[1][1]):
+        print(f"| {kind} | {n or ''} | {seconds:.0f} | {seconds / total:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
