@@ -54,8 +54,29 @@ def run_cli(*args: str, timeout: float = 600, **kwargs):
                           cwd=kwargs.pop("cwd", REPO), **kwargs)
 
 
-# LLMTRAIN_TEST_TIMES=<file.jsonl>: one line per test -- its setup + call + teardown seconds, the processes it started
-# (program and ranks) and the seconds it slept in time.sleep -- for scripts/test_times.py's table (docs/testing.md).
+
+
+try:  # the scheduling of pytest-xdist's workers (pyproject's addopts: -n 2 --dist loadfile)
+    from xdist.scheduler import LoadFileScheduling
+except ImportError:  # installed without the dev extra: pytest runs in one process
+    LoadFileScheduling = None
+
+if LoadFileScheduling is not None:
+    class _FileOrCluster(LoadFileScheduling):
+        """A worker takes a whole test file, so the runs a file caches train once and its tests keep their order;
+        every file of tests/cluster/ goes to one worker together: they share the Slurm clusters and their nodes (one
+        test kills a node that the others need)."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return "tests/cluster/" if path.startswith("tests/cluster/") else path
+
+    def pytest_xdist_make_scheduler(config, log):
+        return _FileOrCluster(config, log)
+
+# LLMTRAIN_TEST_TIMES=<file.jsonl>: one line per test -- its xdist worker, start time, setup + call + teardown seconds,
+# the processes it started (program and ranks) and the seconds it slept in time.sleep -- for scripts/test_times.py's
+# tables (docs/testing.md).
 if os.environ.get("LLMTRAIN_TEST_TIMES"):
     import json
     import subprocess
@@ -88,7 +109,8 @@ if os.environ.get("LLMTRAIN_TEST_TIMES"):
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_protocol(item, nextitem):
-        _current.update(nodeid=item.nodeid, launches=[], sleep_s=0.0, start=time.perf_counter())
+        _current.update(nodeid=item.nodeid, worker=os.environ.get("PYTEST_XDIST_WORKER", ""), at=round(time.time(), 3),
+                        launches=[], sleep_s=0.0, start=time.perf_counter())
         yield
         record = dict(_current, seconds=round(time.perf_counter() - _current.pop("start"), 3))
         _current.clear()
