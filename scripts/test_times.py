@@ -2,21 +2,27 @@
 
     LLMTRAIN_TEST_TIMES=/tmp/times.jsonl .venv/bin/python -m pytest -q
     .venv/bin/python scripts/test_times.py /tmp/times.jsonl [--start-s 1=3.9 2=6.8] [--top 25]
+    .venv/bin/python scripts/test_times.py /tmp/times.jsonl --junit /tmp/other.xml   # another run's seconds
 
 Prints markdown tables (docs/testing.md): seconds by file, and by kind. The kinds: tests that start no process
-(in the test process), the start of each launched command (process start and imports: --start-s gives the fixed
-cost of a launch by its ranks, measured with benchmarks/bench_startup.py), the rest of launched runs (training
-steps, evaluation, checkpoints), Slurm jobs (tests/cluster), and the seconds a test slept waiting for an event.
+(in the test process), the README's blocks (each a shell running several commands), the start of each launched
+command (process start and imports: --start-s gives the fixed cost of a launch by its ranks, measured with
+benchmarks/bench_startup.py), the rest of launched runs (training steps, evaluation, checkpoints), Slurm jobs
+(tests/cluster), and the seconds a test slept waiting for an event.
+--junit takes each test's seconds from a JUnit XML report instead (pytest --junitxml, e.g. of another commit that
+has no recorder), keeping the recorded launches and sleeps (capped at those seconds) of the tests both name.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import xml.etree.ElementTree as ET
 from collections import defaultdict
 from pathlib import Path
 
 LAUNCHERS = ("llmtrain-", "torchrun", "deepspeed", "python", "srun")
+README_TEST = "tests/integration/test_readme.py"
 
 
 def start_cost(launches: list[list], costs: dict[int, float]) -> float:
@@ -25,15 +31,27 @@ def start_cost(launches: list[list], costs: dict[int, float]) -> float:
     return sum(costs.get(ranks, costs[top]) for program, ranks in launches if program.startswith(LAUNCHERS))
 
 
+def junit_seconds(report: Path) -> dict[str, float]:
+    """Each test's seconds in a JUnit XML report, by node id (``tests.unit.test_x`` + ``name``)."""
+    return {f"{case.get('classname').replace('.', '/')}.py::{case.get('name')}": float(case.get("time"))
+            for case in ET.parse(report).getroot().iter("testcase")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("times", type=Path, help="the jsonl file LLMTRAIN_TEST_TIMES wrote")
     parser.add_argument("--start-s", nargs="+", default=["1=3.9", "2=6.8"],
                         help="fixed seconds of one launch by ranks, e.g. 1=3.9 2=6.8 (ranks above the last: the last)")
     parser.add_argument("--top", type=int, default=25, help="files shown by name (the rest summed)")
+    parser.add_argument("--junit", type=Path, help="take the seconds from this JUnit XML report")
     args = parser.parse_args()
     costs = {int(k): float(v) for k, v in (item.split("=") for item in args.start_s)}
     tests = [json.loads(line) for line in args.times.read_text().splitlines() if line.strip()]
+    if args.junit:
+        seconds = junit_seconds(args.junit)
+        recorded = {t["nodeid"]: t for t in tests}
+        tests = [{**recorded.get(nodeid, {"launches": [], "sleep_s": 0.0}), "nodeid": nodeid, "seconds": s}
+                 for nodeid, s in seconds.items()]
     total = sum(t["seconds"] for t in tests)
 
     by_file: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0])
@@ -50,6 +68,9 @@ def main() -> None:
         if file.startswith("tests/cluster/"):
             kinds["Slurm and multi-node jobs (tests/cluster)"][0] += 1
             kinds["Slurm and multi-node jobs (tests/cluster)"][1] += rest
+        elif file == README_TEST:
+            kinds["the README's blocks, run as pasted"][0] += 1
+            kinds["the README's blocks, run as pasted"][1] += rest
         elif not t["launches"]:
             kinds["in the test process (no launch)"][0] += 1
             kinds["in the test process (no launch)"][1] += rest
