@@ -1,7 +1,7 @@
 """Where the test suite's time goes, from a run recorded with LLMTRAIN_TEST_TIMES (tests/conftest.py):
 
     LLMTRAIN_TEST_TIMES=/tmp/times.jsonl .venv/bin/python -m pytest -q
-    .venv/bin/python scripts/test_times.py /tmp/times.jsonl [--start-s 1=3.9 2=6.8] [--top 25]
+    .venv/bin/python scripts/test_times.py /tmp/times.jsonl [--start-s 1=5.0 2=6.4] [--top 25]
     .venv/bin/python scripts/test_times.py /tmp/times.jsonl --junit /tmp/other.xml   # another run's seconds
 
 Prints markdown tables (docs/testing.md): seconds by file, and by kind. The kinds: tests that start no process
@@ -40,8 +40,8 @@ def junit_seconds(report: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("times", type=Path, help="the jsonl file LLMTRAIN_TEST_TIMES wrote")
-    parser.add_argument("--start-s", nargs="+", default=["1=3.9", "2=6.8"],
-                        help="fixed seconds of one launch by ranks, e.g. 1=3.9 2=6.8 (ranks above the last: the last)")
+    parser.add_argument("--start-s", nargs="+", default=["1=5.0", "2=6.4"],
+                        help="fixed seconds of one launch by ranks, e.g. 1=5.0 2=6.4 (ranks above the last: the last)")
     parser.add_argument("--top", type=int, default=25, help="files shown by name (the rest summed)")
     parser.add_argument("--junit", type=Path, help="take the seconds from this JUnit XML report")
     args = parser.parse_args()
