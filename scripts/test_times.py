@@ -83,7 +83,7 @@ def main() -> None:
             kinds["waits: sleeps in the test process"][0] += 1
 
     print(f"{len(tests)} tests, {total:.0f} s\n")
-    print("| file | tests | launches | seconds | share |\n|---|---:|---:|---:|---:|")
+    print("| file | tests | processes started | seconds | share |\n|---|---:|---:|---:|---:|")
     ranked = sorted(by_file.items(), key=lambda kv: -kv[1][1])
     for file, (n, seconds, launches) in ranked[:args.top]:
         print(f"| {file} | {n} | {launches} | {seconds:.0f} | {seconds / total:.0%} |")
