@@ -45,7 +45,13 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25, help="files shown by name (the rest summed)")
     parser.add_argument("--junit", type=Path, help="take the seconds from this JUnit XML report")
     args = parser.parse_args()
-    costs = {int(k): float(v) for k, v in (item.split("=") for item in args.start_s)}
+    for path in (args.times, args.junit):
+        if path is not None and not path.is_file():
+            parser.error(f"no such file: {path}")
+    try:
+        costs = {int(k): float(v) for k, v in (item.split("=") for item in args.start_s)}
+    except ValueError:
+        parser.error(f"--start-s takes ranks=seconds pairs, e.g. 1=5.0 2=6.4 (got {' '.join(args.start_s)})")
     tests = [json.loads(line) for line in args.times.read_text().splitlines() if line.strip()]
     if args.junit:
         seconds = junit_seconds(args.junit)
@@ -56,6 +62,11 @@ def main() -> None:
 
     by_file: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0])
     kinds: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+
+    def add(kind: str, seconds: float, tests: int = 1) -> None:
+        kinds[kind][0] += tests
+        kinds[kind][1] += seconds
+
     for t in tests:
         file = t["nodeid"].split("::")[0]
         row = by_file[file]
@@ -63,24 +74,18 @@ def main() -> None:
         row[1] += t["seconds"]
         row[2] += len(t["launches"])
         slept = min(t["sleep_s"], t["seconds"])
-        kinds["waits: sleeps in the test process"][1] += slept
+        add("waits: sleeps in the test process", slept, tests=int(slept > 0))
         rest = t["seconds"] - slept
         if file.startswith("tests/cluster/"):
-            kinds["Slurm and multi-node jobs (tests/cluster)"][0] += 1
-            kinds["Slurm and multi-node jobs (tests/cluster)"][1] += rest
+            add("Slurm and multi-node jobs (tests/cluster)", rest)
         elif file == README_TEST:
-            kinds["the README's blocks, run as pasted"][0] += 1
-            kinds["the README's blocks, run as pasted"][1] += rest
+            add("the README's blocks, run as pasted", rest)
         elif not t["launches"]:
-            kinds["in the test process (no launch)"][0] += 1
-            kinds["in the test process (no launch)"][1] += rest
+            add("in the test process (no launch)", rest)
         else:
             start = min(start_cost(t["launches"], costs), rest)
-            kinds["launched runs: process start and imports"][0] += 1
-            kinds["launched runs: process start and imports"][1] += start
-            kinds["launched runs: steps, evaluation, checkpoints, the rest"][1] += rest - start
-        if slept:
-            kinds["waits: sleeps in the test process"][0] += 1
+            add("launched runs: process start and imports", start)
+            add("launched runs: steps, evaluation, checkpoints, the rest", rest - start, tests=0)
 
     print(f"{len(tests)} tests, {total:.0f} s\n")
     print("| file | tests | processes started | seconds | share |\n|---|---:|---:|---:|---:|")

@@ -54,8 +54,6 @@ def run_cli(*args: str, timeout: float = 600, **kwargs):
                           cwd=kwargs.pop("cwd", REPO), **kwargs)
 
 
-
-
 try:  # the scheduling of pytest-xdist's workers (pyproject's addopts: -n 2 --dist loadfile)
     from xdist.scheduler import LoadFileScheduling
 except ImportError:  # installed without the dev extra: pytest runs in one process
@@ -73,6 +71,7 @@ if LoadFileScheduling is not None:
 
     def pytest_xdist_make_scheduler(config, log):
         return _FileOrCluster(config, log)
+
 
 # LLMTRAIN_TEST_TIMES=<file.jsonl>: one line per test -- its xdist worker, start time, setup + call + teardown seconds,
 # the processes it started (program and ranks) and the seconds it slept in time.sleep -- for scripts/test_times.py's
