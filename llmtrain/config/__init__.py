@@ -42,12 +42,22 @@ from llmtrain.config.commands import (
 )
 from llmtrain.config.data import DataConfig, MixSource, Source, TextUnit, TokenizerType
 from llmtrain.config.layout import DistConfig, Mode, parallel_problems
-from llmtrain.config.loop import Decay, OptimConfig, OptimizerName, Precision, TrainLoopConfig, WandbConfig, WandbMode
+from llmtrain.config.loop import (
+    AUTO,
+    Decay,
+    OptimConfig,
+    OptimizerName,
+    Precision,
+    TrainLoopConfig,
+    WandbConfig,
+    WandbMode,
+)
 from llmtrain.config.model import MLP, Arch, ModelConfig, Norm, Positions
 from llmtrain.config.ps import PSConfig, Transport
 from llmtrain.config.train import CompareConfig, CompareSection, Resume, RunConfig, TrainConfig
 
 __all__ = [
+    "AUTO",
     "Arch",
     "bounded",
     "bounded_each",

@@ -8,6 +8,9 @@ from enum import Enum
 
 from llmtrain.config.checks import MAX_COUNT, MAX_SEED, bounded, bounded_each, raise_problems
 
+AUTO = "auto"
+"""train.checkpoint_async's third value."""
+
 
 class Precision(str, Enum):
     fp32 = "fp32"
@@ -93,10 +96,16 @@ class TrainLoopConfig:
     """Save a checkpoint every N steps (0 = only at the end)."""
     keep_checkpoints: int = 2
     """Keep the newest K complete checkpoints."""
-    checkpoint_async: bool = True
-    """Save without stopping: the loop waits only while each rank copies its state to host memory (kept there for
-    the next save: one more copy of this rank's part of a checkpoint), a background thread writes it, and the
-    checkpoint is marked complete once every rank's files are on the disk. false = the loop waits for the write."""
+    checkpoint_async: bool | str = "auto"
+    """Save in the background: auto | true | false. The loop stops only while each rank snapshots its part of the
+    checkpoint (host copies of at most train.checkpoint_buffer_gb, the rest read live before its next update), a
+    thread writes it, and it is marked complete once every rank's files are on the disk; a run's last save is
+    written directly. auto = in the background unless the start-up memory prediction fits only without the copies;
+    false = the loop waits for every save."""
+    checkpoint_buffer_gb: float | None = 1.0
+    """Host memory per rank for a background save's copies, kept from save to save: its largest files that fit are
+    copied, the others are written from the live tensors while the next step computes (its update waits for them).
+    null = every file copied (a whole copy of the rank's part of a checkpoint); 0 = none."""
     log_every: int = 10
     """Log metrics every N steps."""
     max_nonfinite_steps: int = 5
@@ -113,6 +122,13 @@ class TrainLoopConfig:
 
     def __post_init__(self) -> None:
         problems = []
+        if isinstance(self.checkpoint_async, str):  # "true" / "false" as a quoted string in a YAML file
+            self.checkpoint_async = {"true": True, "false": False}.get(self.checkpoint_async.lower(),
+                                                                       self.checkpoint_async.lower())
+        if self.checkpoint_async not in (True, False, AUTO):
+            problems.append(f"train.checkpoint_async={self.checkpoint_async} must be auto, true or false")
+        if self.checkpoint_buffer_gb is not None:
+            problems += bounded("train.checkpoint_buffer_gb", self.checkpoint_buffer_gb, 0.0, float(1 << 20))
         if not 1.0 <= self.slow_rank_factor <= 1000.0:  # also refuses nan
             problems.append(f"train.slow_rank_factor={self.slow_rank_factor} must be between 1 and 1000")
         problems += bounded_each("train.", self, {
@@ -124,6 +140,17 @@ class TrainLoopConfig:
             problems.append(f"train.global_batch_size={self.global_batch_size} is not a multiple of "
                             f"train.micro_batch_size={self.micro_batch_size}")
         raise_problems(problems, "train")
+
+    @property
+    def background_saves(self) -> bool:
+        """Whether saves may go to the background: train.checkpoint_async=true, or auto until the start-up memory
+        check finds that only synchronous saves fit."""
+        return self.checkpoint_async is not False
+
+    @property
+    def buffer_bytes(self) -> float | None:
+        """train.checkpoint_buffer_gb in bytes (None: no bound)."""
+        return None if self.checkpoint_buffer_gb is None else self.checkpoint_buffer_gb * 2**30
 
 @dataclass(kw_only=True)
 class WandbConfig:

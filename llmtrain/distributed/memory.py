@@ -12,9 +12,10 @@ over all the ranks. Besides them: Adam's temporary, the communication buckets (s
 (two layers and the embedding), the activations of one micro-batch (Korthikanti et al. 2022, per layer at 2 bytes:
 34·b·t·h + 5·a·b·t², with tensor parallel 10·b·t·h + 24·b·t·h/tp + 5·a·b·t²/tp; sequence parallel holds t/sp positions
 everywhere but attention, which sees all t positions of a/sp heads; the attention scores only where a kernel keeps
-them, see ``attention_score_bytes``), the logits, the host copy of this rank's part of a checkpoint that a background
-save keeps (train.checkpoint_async: rank 0's weights below ZeRO-3, and the rank's fp32 master and moments), and the
-process itself (PyTorch and DeepSpeed loaded: measured, not predicted).
+them, see ``attention_score_bytes``), the logits, the host copies of this rank's part of a checkpoint that background
+saves keep (train.checkpoint_async: of rank 0's weights below ZeRO-3 and of the rank's fp32 master and moments, the
+files that fit in train.checkpoint_buffer_gb, see ``checkpoint_copy``), and the process itself (PyTorch and
+DeepSpeed loaded: measured, not predicted).
 What the prediction cannot know is the allocator's fragmentation (see ``llmtrain.allocator``).
 """
 
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from llmtrain.config import MLP, ModelConfig, Precision, TrainConfig
+from llmtrain.config import AUTO, MLP, ModelConfig, Precision, TrainConfig
 from llmtrain.distributed.deepspeed import buckets_for_width
 from llmtrain.optim import ChunkedAdamW
 
@@ -93,7 +94,7 @@ def estimate(cfg: TrainConfig, num_params: int, world: int, process_bytes: float
         buffers += (buckets["reduce_bucket_size"] + buckets["stage3_prefetch_bucket_size"]) * 4
         buffers += (2 * block_matrix_params(m) + m.vocab_size * h) * weight_bytes
     return MemoryEstimate(weights, gradients, optimizer, buffers, activation_bytes(cfg, on_gpu), process_bytes,
-                          checkpoint_copy(cfg, psi, n) if cfg.train.checkpoint_async else 0.0)
+                          checkpoint_copy(cfg, psi, n) if cfg.train.background_saves else 0.0)
 
 
 def block_matrix_params(model: ModelConfig) -> int:
@@ -152,13 +153,36 @@ def attention_score_bytes(cfg: TrainConfig, heads: float, on_gpu: bool) -> float
 
 
 def checkpoint_copy(cfg: TrainConfig, psi: float, world: int) -> float:
-    """Bytes of rank 0's part of a checkpoint (what a background save keeps a host copy of): the module's weights
-    below ZeRO-3 (rank 0 writes them), and the optimizer's fp32 master and two moments -- rank 0's partition, or at
-    ZeRO-0 in fp32 the torch optimizer's whole state (its moments; the weights are the module's). ``psi``: the
-    parameters this rank holds before ZeRO (``rank_params``); ``world``: the ranks ZeRO partitions over."""
+    """Bytes of host copies a background save keeps on rank 0: of its files -- the module's weights below ZeRO-3
+    (rank 0 writes them) and the optimizer's fp32 master and two moments (rank 0's partition, or at ZeRO-0 in fp32
+    the torch optimizer's whole state: its moments; the weights are the module's), one file at ZeRO-0 and two above
+    -- the largest that fit in train.checkpoint_buffer_gb (``choose_copies``). ``psi``: the parameters
+    this rank holds before ZeRO (``rank_params``); ``world``: the ranks ZeRO partitions over."""
     stage, mixed = cfg.dist.zero_stage, cfg.precision != Precision.fp32
     module = (2 if mixed else 4) * psi if stage < 3 else 0.0
-    return module + (8 * psi if stage == 0 and not mixed else 12 * psi / world)
+    optimizer = 8 * psi if stage == 0 and not mixed else 12 * psi / world
+    files = [module + optimizer] if stage == 0 else [module, optimizer]
+    chosen = choose_copies([int(f) for f in files], cfg.train.buffer_bytes)
+    return sum(size for size, copied in zip(files, chosen, strict=True) if copied)
+
+
+def only_direct_saves_fit(cfg: TrainConfig, predicted: MemoryEstimate, visible: float) -> bool:
+    """train.checkpoint_async=auto's verdict on one rank: ``predicted`` fits in ``visible`` only without the host
+    copies of background saves (then the run saves synchronously)."""
+    direct = predicted.total - predicted.checkpoint_copy
+    return cfg.train.checkpoint_async == AUTO and predicted.total > visible >= direct
+
+
+def choose_copies(sizes: list[int], budget: float | None) -> list[bool]:
+    """Which of a background save's files (of ``sizes`` bytes) a rank copies to host memory within ``budget`` bytes
+    (train.checkpoint_buffer_gb; None: all of them): the largest that fit first, so that the least is left live."""
+    if budget is None:
+        return [True] * len(sizes)
+    chosen, left = [False] * len(sizes), budget
+    for index in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        if sizes[index] <= left:
+            chosen[index], left = True, left - sizes[index]
+    return chosen
 
 
 def process_rss() -> float:
@@ -248,7 +272,10 @@ def what_would_fit(cfg: TrainConfig, num_params: int, world: int, process_bytes:
     """The single changes of the settings that bring the prediction under ``visible``, each with its prediction;
     when none does alone, the shortest run of them, taken in this order, that does, then with a sequence- or
     tensor-parallel degree added, then on more ranks. A degree always divides the ranks it is proposed for and
-    the config accepts."""
+    the config accepts. Under train.checkpoint_async=auto, each change is weighed as it would run: saving
+    synchronously where only that fits."""
+    if cfg.train.checkpoint_async == AUTO:
+        cfg = _with(cfg, train=dataclasses.replace(cfg.train, checkpoint_async=False))
     dist_, train = cfg.dist, cfg.train
     changes: list[tuple[str, Callable[[TrainConfig], TrainConfig]]] = []
     if dist_.zero_stage < 3 and dist_.tensor_parallel == 1:  # tensor parallel stops at ZeRO-2
@@ -259,7 +286,7 @@ def what_would_fit(cfg: TrainConfig, num_params: int, world: int, process_bytes:
     if train.micro_batch_size > 1:
         changes.append(("train.micro_batch_size=1",
                         lambda c: _with(c, train=dataclasses.replace(c.train, micro_batch_size=1))))
-    if train.checkpoint_async:
+    if train.checkpoint_async is True:  # auto goes synchronous by itself where only that fits
         changes.append(("train.checkpoint_async=false",
                         lambda c: _with(c, train=dataclasses.replace(c.train, checkpoint_async=False))))
     if on_gpu and not dist_.offload_optimizer:

@@ -47,15 +47,18 @@ class ServerCheckpointIO:
                 "zero_stage": None}
 
     def write(self, folder: Path, state: dict[str, Any]) -> None:
-        self.stage(folder, state)()
+        """As ``stage`` then its writer: the servers go on updating, so each copies its shard at once, and the
+        shards are of one moment however long the writes take (a last save too: the copy is one shard's)."""
+        self.stage(folder, state)(lambda: None)
 
-    def stage(self, folder: Path, state: dict[str, Any]) -> Callable[[], None]:
+    def stage(self, folder: Path, state: dict[str, Any]) -> Callable[[Callable[[], None]], None]:
         for i in range(self.num_servers):
             self._on(i, calls.stage_shard)
         trained = TrainedModel(self.model_cfg, self.gather(), self.tokenizer(), folder, state["step"],
                                state["tokens_seen"])
 
-        def flush() -> None:
+        def flush(release: Callable[[], None]) -> None:
+            release()  # nothing is live: every shard was copied
             for i in range(self.num_servers):
                 self._on(i, calls.write_staged, str(shard_file(folder, i)))
             save_consolidated(trained, folder)

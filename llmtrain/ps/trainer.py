@@ -139,7 +139,7 @@ class AsyncPSTrainer:
                                          sum(p.numel() for p in self._model.parameters()), self._call_sync,
                                          self.gather_state, self.model_cfg, self.data.tokenizer)
         self.checkpoints = Checkpoints(self.run, shard_files, rpc_peers(rank, self._call_sync),
-                                       cfg.train.keep_checkpoints, background=cfg.train.checkpoint_async)
+                                       cfg.train.keep_checkpoints, background=cfg.train.background_saves)
         # 5. Servers hold their shard before anyone can call them (they answer pulls once it is resumed).
         if self.is_server:
             params = dict(self._model.named_parameters())

@@ -1,10 +1,12 @@
-"""What lets the loop go on while a checkpoint is written (train.checkpoint_async=true): the state copied to host
-memory in the loop (``HostCopies``), and the one save written on a background thread (``InFlight``).
+"""What lets the loop go on while a checkpoint is written (train.checkpoint_async): the state snapshotted in the
+loop (``HostCopies``), and the one save written on a background thread (``InFlight``).
 
-The loop stops only for the copy. The copy goes into buffers kept from one save to the next (what DeepSpeed's
-and torch's asynchronous writers call staging buffers): a fresh allocation costs ~1 s per GB in page faults on a
-CPU host, a reused one ~0.1 s per GB (docs/benchmarks.md, "Checkpoints without stopping"). They cost one copy of
-this process's part of a checkpoint in host memory for the rest of the run (``llmtrain.distributed.memory``).
+A snapshot is taken in the loop, which stops for it. Its tensors are either copied into host buffers kept from one
+save to the next (what DeepSpeed's and torch's asynchronous writers call staging buffers: a fresh allocation costs ~1 s
+per GB in page faults on a CPU host, a reused one ~0.1 s per GB, docs/benchmarks.md, "Checkpoints without stopping"),
+or *live*: the tensors themselves, which the writer reads while the loop computes its next step's forward and
+backward, and which the loop does not change before its next update -- it waits there until the writer has read them
+(``InFlight.wait_released``). train.checkpoint_buffer_gb bounds the copies; what does not fit stays live.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ log = logging.getLogger("llmtrain")
 
 
 class HostCopies:
-    """Copies of nested states (dicts, lists, tuples of tensors and plain values) in host memory, made so that
-    ``torch.save`` writes a copy exactly as it would have written the original: every storage is copied whole and
-    once, and the tensors that shared one share its copy (same offsets, sizes, strides, dtype, requires_grad)."""
+    """Snapshots of nested states (dicts, lists, tuples of tensors and plain values) that ``torch.save`` writes exactly
+    as it would have written the original: every tensor is a new one over its storage's copy in host memory (each
+    storage copied whole and once; the tensors that shared one share its copy: same offsets, sizes, strides, dtype,
+    requires_grad) or, for a live snapshot, over the original storage itself; everything else is deep-copied as of
+    now (the Python attributes some tensors carry included: torch.save writes them)."""
 
     def __init__(self) -> None:
         self._buffers: list[torch.Tensor] = []
@@ -38,22 +42,33 @@ class HostCopies:
         """A new save: its copies reuse the previous save's buffers, in the same order."""
         self._used, self._storages = 0, {}
 
+    def clear(self) -> None:
+        """Hand the buffers back (a save written directly needs none)."""
+        self._buffers, self._used, self._storages = [], 0, {}
+
     @property
     def nbytes(self) -> int:
         """Host memory held in buffers."""
         return sum(b.numel() for b in self._buffers)
 
     def copy(self, state: Any) -> Any:
-        """``state`` with every tensor in its containers copied to host memory (everything else deep-copied,
-        the Python attributes some tensors carry included: torch.save writes them)."""
+        """``state`` with every tensor copied to host memory."""
+        return self._snapshot(state, self._copied_storage)
+
+    def live(self, state: Any) -> Any:
+        """``state`` with every tensor a new one over the same storage: no tensor data copied, so the original
+        tensors must not change until the snapshot is written."""
+        return self._snapshot(state, lambda tensor: tensor.untyped_storage())
+
+    def _snapshot(self, state: Any, storage_of: Callable[[torch.Tensor], torch.UntypedStorage]) -> Any:
         tensors = _tensors(state)
-        memo = {id(t): self._tensor(t) for t in tensors}
+        memo = {id(t): _over(storage_of(t), t) for t in tensors}
         for tensor in tensors:
             if tensor.__dict__:
                 memo[id(tensor)].__dict__.update(copy.deepcopy(tensor.__dict__, memo))
         return copy.deepcopy(state, memo)
 
-    def _tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+    def _copied_storage(self, tensor: torch.Tensor) -> torch.UntypedStorage:
         storage = tensor.untyped_storage()
         key = storage._cdata  # the storage's identity, as torch.save itself keys storages
         if key not in self._storages:
@@ -61,11 +76,7 @@ class HostCopies:
             buffer = self._buffer(whole.numel(), tensor.device)
             buffer.copy_(whole)
             self._storages[key] = buffer.untyped_storage()
-        copied = torch.empty(0, dtype=tensor.dtype).set_(self._storages[key], tensor.storage_offset(),
-                                                         tensor.size(), tensor.stride())
-        if isinstance(tensor, nn.Parameter):
-            return nn.Parameter(copied, requires_grad=tensor.requires_grad)
-        return copied.requires_grad_(tensor.requires_grad)
+        return self._storages[key]
 
     def _buffer(self, nbytes: int, device: torch.device) -> torch.Tensor:
         """The next buffer of this save, reused when the previous save's had the same size. From a GPU the copy
@@ -79,6 +90,20 @@ class HostCopies:
         else:
             self._buffers.append(buffer)
         return buffer
+
+
+def _over(storage: torch.UntypedStorage, tensor: torch.Tensor) -> torch.Tensor:
+    """A new tensor over ``storage`` with ``tensor``'s view of its own storage (a Parameter stays one)."""
+    made = torch.empty(0, dtype=tensor.dtype, device=storage.device).set_(storage, tensor.storage_offset(),
+                                                                          tensor.size(), tensor.stride())
+    if isinstance(tensor, nn.Parameter):
+        return nn.Parameter(made, requires_grad=tensor.requires_grad)
+    return made.requires_grad_(tensor.requires_grad)
+
+
+def storage_bytes(state: Any) -> int:
+    """Bytes of the distinct storages of ``state``'s tensors: what a copy of it takes."""
+    return sum({t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in _tensors(state)}.values())
 
 
 def _tensors(state: Any) -> list[torch.Tensor]:
@@ -97,24 +122,42 @@ def _tensors(state: Any) -> list[torch.Tensor]:
 
 class InFlight:
     """At most one save written on a background thread. ``start`` waits for the previous one first (and says how
-    long it waited); its failure is raised by the next ``wait``, on every process alike (the writer agreed on it)."""
+    long it waited); its failure is raised by the next ``wait``, on every process alike (the writer agreed on it).
+    The writer is handed a ``release`` to call once it no longer reads live tensors; until then the loop may not
+    change them (``wait_released``)."""
 
     def __init__(self, report: bool = True) -> None:
         self.report = report
         """Whether this process logs its waits (the main one)."""
         self._thread: threading.Thread | None = None
         self._error: UserError | None = None
+        self._released = threading.Event()
+        self._released.set()
 
-    def start(self, write: Callable[[], None], what: str) -> None:
+    def start(self, write: Callable[[Callable[[], None]], None], what: str) -> None:
         self.wait(f"before {what}")
+        self._released.clear()
         self._thread = threading.Thread(target=self._run, args=(write,), name="llmtrain-checkpoint", daemon=True)
         self._thread.start()
 
-    def _run(self, write: Callable[[], None]) -> None:
+    def _run(self, write: Callable[[Callable[[], None]], None]) -> None:
         try:
-            write()
+            write(self._released.set)
         except UserError as exc:
             self._error = exc
+        finally:
+            self._released.set()
+
+    def wait_released(self, why: str) -> None:
+        """Until the save in flight (if any) no longer reads live tensors (logged with ``why`` when the loop had to
+        wait); before an update changes them."""
+        if self._released.is_set():
+            return
+        started = time.perf_counter()
+        self._released.wait()
+        waited = time.perf_counter() - started
+        if self.report and waited >= 0.01:
+            log.info("waited %.2f s for the checkpoint being written %s", waited, why)
 
     def wait(self, why: str = "", raise_error: bool = True) -> None:
         """Until the save in flight (if any) is written and marked complete; ``why`` (when set) is logged with

@@ -7,10 +7,12 @@ the asynchronous one, ``llmtrain.ps.checkpoint``). Everything else is done here,
 - before a save, room on the disk, checked by the main process and agreed by all (every process stops, or none);
 - after the tensors, llmtrain's own files (state, resolved config, tokenizer copy), every file flushed (fsync),
   then the completion marker (``marker_of``: the one schema), written last and atomically;
-- with train.checkpoint_async=true, the loop stops only while each process copies its state to host memory; a
-  background thread writes and flushes it, the processes agree that every file is durable, and only then is the
-  marker written (``llmtrain.run.background``: one save in flight, the next waits for it; a kill meanwhile leaves
-  the previous checkpoint the newest complete one);
+- saved in the background (train.checkpoint_async), the loop stops only while each process snapshots its state
+  (``llmtrain.run.background``: copies in host memory, or live tensors that the loop leaves unchanged until the
+  writer has read them, ``before_update``); a background thread writes and flushes it, the processes agree that
+  every file is durable, and only then is the marker written (one save in flight, the next waits for it; a kill
+  meanwhile leaves the previous checkpoint the newest complete one). A run's last save (its planned end, a stop
+  signal, run.stop_at_step) has no steps left to overlap: it is written directly, with no host copy;
 - old checkpoints pruned;
 - resume: the newest intact complete checkpoint (``RunDir.newest_intact``), the resume rule
   (``check_resumable``) and the mode's layout check, decided by the main process and shared with every process
@@ -56,8 +58,9 @@ class CheckpointIO(Protocol):
         """What the marker records of how the checkpoint was written (world size, ZeRO stage, servers, ...)."""
 
     def write(self, folder: Path, state: dict[str, Any]) -> None:
-        """Write this mode's tensor files into ``folder`` (called on every process; collective where the mode is);
-        ``state`` is llmtrain's own state of the checkpoint."""
+        """Write this mode's tensor files into ``folder`` directly (called on every process; collective where the
+        mode is), allocating no host copy and handing back the buffers of earlier background saves; ``state`` is
+        llmtrain's own state of the checkpoint."""
 
     def check(self, folder: Path, marker: dict[str, Any]) -> None:
         """Refuse in one ``UserError`` a checkpoint whose layout (its marker given) this run cannot take (called on
@@ -67,10 +70,11 @@ class CheckpointIO(Protocol):
         """Load this process's tensors from ``folder`` (its marker given, its layout checked). Any error is reported
         as a checkpoint that could not be loaded (a ``UserError`` passes through)."""
 
-    def stage(self, folder: Path, state: dict[str, Any]) -> Callable[[], None]:
-        """Copy this process's tensors for ``folder`` to host memory (collective where the mode is) and return what
-        writes them there and flushes them to the disk, which runs on a background thread: the same files as
-        ``write``, byte for byte (from a GPU, but for the storages' location tag: host memory)."""
+    def stage(self, folder: Path, state: dict[str, Any]) -> Callable[[Callable[[], None]], None]:
+        """Snapshot this process's tensors for ``folder`` (collective where the mode is: ``HostCopies``) and return
+        what writes them there and flushes them to the disk, which runs on a background thread and calls the
+        ``release`` it is given once it no longer reads live tensors: the same files as ``write``, byte for byte
+        (from a GPU, but for the storages' location tag: host memory)."""
 
 
 @dataclass(frozen=True)
@@ -112,15 +116,17 @@ class Checkpoints:
         self.attachments = attachments or {}
         """Files copied into every checkpoint by the main process, by their name there (the tokenizer)."""
         self.background = background
-        """train.checkpoint_async: the loop stops only to copy the state; a background thread writes it."""
+        """Saves in the background (train.checkpoint_async, resolved): the loop stops only to snapshot the state;
+        a background thread writes it."""
         self.in_flight = InFlight(report=peers.is_main)
         """The save being written in the background; a loop runs inside ``with checkpoints.in_flight:``, so that
         it ends only once its last save is complete."""
 
-    def save(self, step: int, state: dict[str, Any], config_yaml: str) -> Path:
+    def save(self, step: int, state: dict[str, Any], config_yaml: str, last: bool = False) -> Path:
         """Every process writes its part; the main one then writes llmtrain's own state, marks the folder complete
         and prunes old ones. A save that cannot finish is one line, with every older checkpoint kept. In the
-        background: the previous save is waited for first, and this one is complete once ``in_flight`` is done."""
+        background: the previous save is waited for first, and this one is complete once ``in_flight`` is done --
+        except the run's ``last`` save, which nothing follows to overlap: written directly."""
         self.in_flight.wait(f"before the save of step {step}")
         folder = self.run.checkpoint(step)
         need = checkpoint_bytes(self.run, self.io.num_params())
@@ -133,14 +139,14 @@ class Checkpoints:
         if problem:
             raise UserError(f"{problem}; the older checkpoints are kept")
         started = time.perf_counter()
-        if self.background:
+        if self.background and not last:
             state = json.loads(json.dumps(state))  # llmtrain's own state as of now, whenever it is written
             with saving(folder, need):
                 folder.mkdir(parents=True, exist_ok=True)
                 flush = self.io.stage(folder, state)
             stopped = time.perf_counter() - started
-            self.in_flight.start(lambda: self._finish_in_background(folder, flush, step, state, config_yaml, need,
-                                                                    started, stopped), f"the save of step {step}")
+            self.in_flight.start(lambda release: self._finish_in_background(
+                release, folder, flush, step, state, config_yaml, need, started, stopped), f"the save of step {step}")
             return folder
         with saving(folder, need):
             folder.mkdir(parents=True, exist_ok=True)
@@ -149,9 +155,15 @@ class Checkpoints:
             if self.peers.is_main:
                 self._complete(folder, step, state, config_yaml)
         if self.peers.is_main:
-            self._report(folder, step, time.perf_counter() - started)
+            direct = "; written directly, as the run's last save" if self.background else ""
+            self._report(folder, step, time.perf_counter() - started, how=direct)
         self.peers.wait()
         return folder
+
+    def before_update(self, step: int) -> None:
+        """Before the loop's update of ``step`` changes its weights and optimizer state: until the save in flight
+        (if any) no longer reads them."""
+        self.in_flight.wait_released(f"before the update of step {step}")
 
     def diverged(self, first: int, last: int, limit: int) -> RunDiverged:
         """``diverged`` once the save in flight (if any) is complete, so that the line names the newest checkpoint
@@ -159,15 +171,17 @@ class Checkpoints:
         self.in_flight.wait("before stopping", raise_error=False)
         return diverged(self.run, first, last, limit)
 
-    def _finish_in_background(self, folder: Path, flush: Callable[[], None], step: int, state: dict[str, Any],
+    def _finish_in_background(self, release: Callable[[], None], folder: Path,
+                              flush: Callable[[Callable[[], None]], None], step: int, state: dict[str, Any],
                               config_yaml: str, need: int, started: float, stopped: float) -> None:
-        """On the background thread: write and flush this process's files; once every process has (agreed), the
-        main one writes llmtrain's files and the marker; then every process learns whether that worked too."""
+        """On the background thread: write and flush this process's files (``release`` called once the live
+        tensors are read); once every process has (agreed), the main one writes llmtrain's files and the marker;
+        then every process learns whether that worked too."""
         def complete() -> None:
             if self.peers.is_main:
                 self._complete(folder, step, state, config_yaml)
 
-        for part in (flush, complete):  # each part done by every process before the next begins
+        for part in (lambda: flush(release), complete):  # each part done by every process before the next begins
             problem = ""
             try:
                 with saving(folder, need):
@@ -180,16 +194,16 @@ class Checkpoints:
                 raise UserError(problem or f"{folder} could not be saved (another process could not write its "
                                 "part); the older checkpoints are kept")
         if self.peers.is_main:
-            self._report(folder, step, time.perf_counter() - started, stopped)
+            self._report(folder, step, time.perf_counter() - started, f"; the loop stopped {stopped:.2f} s of it")
 
     def _complete(self, folder: Path, step: int, state: dict[str, Any], config_yaml: str) -> None:
         finish_checkpoint(folder, config_yaml, state, marker_of(step, self.io.mode, self.io.marker_fields()),
                           self.attachments)
 
-    def _report(self, folder: Path, step: int, seconds: float, stopped: float | None = None) -> None:
-        """The main process, once ``folder`` is complete: one line, then the old checkpoints pruned."""
+    def _report(self, folder: Path, step: int, seconds: float, how: str = "") -> None:
+        """The main process, once ``folder`` is complete: one line (``how``: how it was written, when it says more
+        than the seconds), then the old checkpoints pruned."""
         size = sum(read_marker(folder)["files"].values())
-        how = f"; the loop stopped {stopped:.2f} s of it" if stopped is not None else ""
         log.info("checkpoint of step %d: %.2f GB in %.2f s%s (%s)", step, size / 2**30, seconds, how, folder)
         self.run.prune(self.keep, folder)
 

@@ -7,9 +7,12 @@ DeepSpeed's *universal* format (``deepspeed.checkpoint.ds_to_universal``, which 
 slices), which any world size and layout can load. A ZeRO-0 tensor-parallel checkpoint has no such conversion:
 it resumes in its own tensor-parallel degree.
 
-A background save (train.checkpoint_async=true) goes through DeepSpeed's extension point for checkpoint writers:
-``StagingCheckpointEngine`` wraps the engine's writer, copies what the engine hands it to host memory, and on the
-background thread hands each copy to the wrapped writer (the same ``torch.save`` call a synchronous save makes).
+A background save (train.checkpoint_async) goes through DeepSpeed's extension point for checkpoint writers:
+``StagingCheckpointEngine`` wraps the engine's writer and keeps what the engine hands it; the files are then
+snapshotted (``HostCopies``): the largest that fit in train.checkpoint_buffer_gb copied to host memory, the rest live.
+On the background thread each snapshot goes to the wrapped writer (the same ``torch.save`` call a synchronous save
+makes), the live ones first; once they are written (the files' flush to the disk comes later) the loop may update
+the weights again (``Checkpoints.before_update``).
 DeepSpeed's background writers do not serve here: the decoupled one hands ZeRO's optimizer state to a spawned
 process through a queue that refuses its non-leaf tensors, the fast one pins memory (CUDA only), and neither
 flushes files to the disk before its own ``latest`` file is written.
@@ -27,9 +30,10 @@ import torch.distributed as dist
 
 from llmtrain.config import Mode
 from llmtrain.distributed.deepspeed import UNIVERSAL, universal_checkpoint
+from llmtrain.distributed.memory import choose_copies
 from llmtrain.distributed.parallel import Topology
 from llmtrain.errors import UserError
-from llmtrain.run.background import HostCopies
+from llmtrain.run.background import HostCopies, storage_bytes
 from llmtrain.run.checkpoint import Peers, fsync_path
 
 log = logging.getLogger("llmtrain")
@@ -56,11 +60,13 @@ def process_group_peers(rank: int, background: bool = False) -> Peers:
 
 class StagingCheckpointEngine:
     """A DeepSpeed engine's checkpoint writer (``engine.checkpoint_engine``, whose every other method it passes
-    on), which while ``staged`` is a list copies each state it is handed to host memory (``HostCopies``) and keeps
-    it there with its path, instead of writing it."""
+    on), which while ``staged`` is a list keeps each state it is handed with its path, instead of writing it;
+    ``snapshot`` then makes them the files of a background save."""
 
-    def __init__(self, writer) -> None:
+    def __init__(self, writer, buffer_bytes: float | None) -> None:
         self.writer = writer
+        self.buffer_bytes = buffer_bytes
+        """At most this many bytes of copies (None: every file copied)."""
         self.copies = HostCopies()
         self.staged: list[tuple[str, Any]] | None = None
 
@@ -71,12 +77,29 @@ class StagingCheckpointEngine:
         if self.staged is None:
             self.writer.save(state_dict, path)
         else:
-            self.staged.append((path, self.copies.copy(state_dict)))
+            self.staged.append((path, state_dict))
 
-    def write(self, path: str, state_dict) -> None:
-        """Write one staged state as ``save`` would have, and flush it to the disk."""
-        self.writer.save(state_dict, path)
-        fsync_path(path)
+    def snapshot(self, staged: list[tuple[str, Any]]) -> list[tuple[str, Any, bool]]:
+        """Each staged file as (path, snapshot, live): the largest that fit in the buffer copied (into the buffers
+        of the previous save where the sizes agree), the rest live; the live ones first, in the order written."""
+        chosen = choose_copies([storage_bytes(state) for _, state in staged], self.buffer_bytes)
+        self.copies.begin()
+        files = [(path, self.copies.copy(state) if copied else self.copies.live(state), not copied)
+                 for (path, state), copied in zip(staged, chosen, strict=True)]
+        return sorted(files, key=lambda file: not file[2])  # stable: the live ones first
+
+    def write(self, files: list[tuple[str, Any, bool]], release: Callable[[], None]) -> None:
+        """Write the snapshots as ``save`` would have (``release`` once the live ones are), then flush them."""
+        live_left = sum(live for _, _, live in files)
+        if not live_left:
+            release()
+        for path, state, live in files:
+            self.writer.save(state, path)
+            live_left -= live
+            if live and not live_left:
+                release()
+        for path, _, _ in files:
+            fsync_path(path)
 
 
 class DeepSpeedCheckpointIO:
@@ -84,13 +107,15 @@ class DeepSpeedCheckpointIO:
 
     mode = Mode.sync
 
-    def __init__(self, engine, topology: Topology, zero_stage: int, background: bool = False) -> None:
+    def __init__(self, engine, topology: Topology, zero_stage: int, background: bool = False,
+                 buffer_bytes: float | None = None) -> None:
         self.engine, self.zero_stage = engine, zero_stage
         self.rank, self.world_size = topology.rank, topology.world_size
         self.layout = {"tensor_parallel": topology.tp, "sequence_parallel": topology.sp}
         self.staging: StagingCheckpointEngine | None = None
         if background:
-            engine.checkpoint_engine = self.staging = StagingCheckpointEngine(engine.checkpoint_engine)
+            self.staging = StagingCheckpointEngine(engine.checkpoint_engine, buffer_bytes)
+            engine.checkpoint_engine = self.staging
 
     def num_params(self) -> int:
         return sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
@@ -99,23 +124,19 @@ class DeepSpeedCheckpointIO:
         return {"world_size": self.world_size, "zero_stage": self.zero_stage, **self.layout}
 
     def write(self, folder: Path, state: dict[str, Any]) -> None:
+        if self.staging is not None:
+            self.staging.copies.clear()
         self.engine.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
 
-    def stage(self, folder: Path, state: dict[str, Any]) -> Callable[[], None]:
+    def stage(self, folder: Path, state: dict[str, Any]) -> Callable[[Callable[[], None]], None]:
         writer = self.staging
-        writer.copies.begin()
         writer.staged = []
         try:
             self.engine.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
-            staged = writer.staged
+            files = writer.snapshot(writer.staged)
         finally:
             writer.staged = None
-
-        def flush() -> None:
-            for path, copied in staged:
-                writer.write(path, copied)
-
-        return flush
+        return lambda release: writer.write(files, release)
 
     def check(self, folder: Path, marker: dict[str, Any]) -> None:
         if marker["zero_stage"] != self.zero_stage:

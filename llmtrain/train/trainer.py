@@ -10,6 +10,7 @@ loop. Alternative training modes subclass ``Trainer`` rather than branching insi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import signal
@@ -123,8 +124,9 @@ class Trainer:
         # 7. Checkpoints, and auto-resume from the newest intact one (or, with run.resume=restart, the folder's
         #    earlier history moved aside): rank 0 decides, every rank takes its verdict.
         tokenizer_copy = {self.data.tokenizer_file.name: self.data.tokenizer_file}  # checkpoints stand on their own
-        background = cfg.train.checkpoint_async
-        engine_files = DeepSpeedCheckpointIO(self.engine, self.topology, cfg.dist.zero_stage, background)
+        background = self.background_saves
+        engine_files = DeepSpeedCheckpointIO(self.engine, self.topology, cfg.dist.zero_stage, background,
+                                             cfg.train.buffer_bytes)
         self.checkpoints = Checkpoints(self.run, engine_files, process_group_peers(self.env.rank, background),
                                        cfg.train.keep_checkpoints, tokenizer_copy, background)
         self.step, self.tokens_seen, self.skipped_steps = 0, 0, 0
@@ -149,22 +151,35 @@ class Trainer:
     def _predict_memory(self, total_params: int) -> memory.MemoryEstimate:
         """Rank 0 logs the predicted peak per rank and, when it exceeds the memory visible to a rank, one warning
         naming the single changes that would make it fit. Every rank refuses in one line, before allocating, a
-        run whose model states alone (weights, gradients, optimizer: no estimate in them) exceed that memory."""
+        run whose model states alone (weights, gradients, optimizer: no estimate in them) exceed that memory.
+        Sets ``background_saves``: train.checkpoint_async, where auto saves synchronously when the prediction
+        fits only without the host copies of background saves, on any rank (every rank alike)."""
         on_gpu = self.env.device.type == "cuda"
         baseline = 0.0 if on_gpu else memory.process_rss()  # CUDA's peak counts tensors only
         predicted = memory.estimate(self.cfg, total_params, self.env.world_size, baseline, on_gpu)
         visible = memory.visible_bytes(self.env.device, self.env.local_world_size)
+        direct = dataclasses.replace(predicted, checkpoint_copy=0.0)
+        copy_misfits = memory.only_direct_saves_fit(self.cfg, predicted, visible)
+        # Any rank that cannot hold its model states makes every rank refuse, and any rank whose copies do not fit
+        # makes every rank save synchronously: none may wait at a collective alone.
+        flags = torch.tensor([float(predicted.model_states > visible), float(copy_misfits)], device=self.env.device)
+        if dist.is_initialized():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        too_big, copy_misfits = bool(flags[0].item()), bool(flags[1].item())
+        self.background_saves = self.cfg.train.background_saves and not copy_misfits
+        if copy_misfits:
+            if self.env.is_main:
+                log.info("train.checkpoint_async=auto: saving synchronously; predicted %.2f GB per rank with a "
+                         "background save's host copies, %.2f GB without, %.2f GB visible to each",
+                         predicted.total / memory.GB, direct.total / memory.GB, visible / memory.GB)
+            predicted = direct
         if self.env.is_main:
             log.info("memory per rank, predicted: %s", predicted.describe())
-        # Any rank that cannot hold its model states makes every rank refuse: none may wait at a collective alone.
-        too_big = torch.tensor([float(predicted.model_states > visible)], device=self.env.device)
-        if dist.is_initialized():
-            dist.all_reduce(too_big, op=dist.ReduceOp.MAX)
-        if predicted.total > visible or too_big.item():
+        if predicted.total > visible or too_big:
             fits = memory.what_would_fit(self.cfg, total_params, self.env.world_size, baseline, visible, on_gpu)
             advice = ("it would fit with: " + "; ".join(fits) if fits else
                       "no ZeRO stage, offload, activation checkpointing, micro-batch or rank count makes it fit")
-            if too_big.item():
+            if too_big:
                 raise AgreedError(f"{total_params:,} parameters need {predicted.model_states / memory.GB:,.1f} GB of "
                                   f"model states per rank, more than the {visible / memory.GB:,.1f} GB visible to "
                                   f"each; {advice}")
@@ -229,7 +244,8 @@ class Trainer:
                     self.metrics.log(self.step, scores)
                 signum = outcome.stop_signal
                 if cadence.save(self.step, bool(signum)):
-                    self.checkpoints.save(self.step, self._client_state(), self.config_yaml)
+                    self.checkpoints.save(self.step, self._client_state(), self.config_yaml,
+                                          last=cadence.stops(self.step, bool(signum)))
                 if cadence.stops(self.step, bool(signum)) and not cadence.is_last(self.step):
                     result.stopped_early = True
                     if signum and self.env.is_main:
@@ -264,6 +280,8 @@ class Trainer:
                 discard = self.trainer_clips and not (math.isfinite(outcome.loss) and math.isfinite(outcome.norm))
             if discard:
                 self._drop_gradients()
+            if micro == self.grad_accum - 1:  # the update: a background save must have read the weights first
+                self.checkpoints.before_update(self.step + 1)
             engine.step()  # applies the update at the accumulation boundary only
         outcome.applied = math.isfinite(outcome.loss) and not discard and engine.was_step_applied()
         return outcome

@@ -15,6 +15,7 @@ from tests.integration.conftest import launch, losses
 
 pytestmark = pytest.mark.slow  # every test here starts processes (ranks)
 
+BUFFER_GB = 0.0002
 ZERO3 = ["precision=fp32", "dist.zero_stage=3", "train.checkpoint_every=3", "train.keep_checkpoints=10"]
 
 
@@ -24,15 +25,20 @@ def tensor_files(run_dir: Path) -> dict[str, bytes]:
 
 def test_background_saves_write_the_synchronous_files_byte_for_byte(prepared_small, tmp_path):
     written = {}
+    # a buffer that holds a rank's module file and not its optimizer partition: each save copies the one and leaves
+    # the other live, read by the writer while the next step's forward and backward run
     for background in ("true", "false"):
         run_dir = tmp_path / f"async-{background}"
-        proc = launch(run_dir, prepared_small, 2, *ZERO3, f"train.checkpoint_async={background}")
+        proc = launch(run_dir, prepared_small, 2, *ZERO3, f"train.checkpoint_async={background}",
+                      f"train.checkpoint_buffer_gb={BUFFER_GB}")
         written[background] = tensor_files(run_dir)
-        assert ("the loop stopped" in proc.stderr) == (background == "true")
-    # 7 checkpoints (steps 3, 6, ..., 18 and 20), each with ZeRO-3's per-rank files: the host buffers of one save are
-    # reused by the next, and every save is still the synchronous one
+        assert proc.stderr.count("the loop stopped") == (6 if background == "true" else 0)
+    # 7 checkpoints (steps 3, 6, ..., 18 and 20; the last one written directly), each with ZeRO-3's per-rank files:
+    # the host buffers of one save are reused by the next, and every save is still the synchronous one
     assert len({name.split("/")[1] for name in written["true"]}) == 7 and len(written["true"]) >= 14
     assert written["true"].keys() == written["false"].keys()
+    sizes = {name.split("/")[2].split("_mp_rank_00_")[1]: len(data) for name, data in written["true"].items()}
+    assert sizes["model_states.pt"] < BUFFER_GB * 2**30 < sizes["optim_states.pt"]
     assert all(written["true"][name] == written["false"][name] for name in written["true"])
 
 

@@ -63,21 +63,72 @@ def test_the_next_save_reuses_the_buffers_of_the_last():
     assert grown["flat"].numel() == 100 and copies.nbytes >= 400
 
 
+def test_a_live_snapshot_is_saved_byte_for_byte_like_the_original_over_the_same_storages():
+    original = nested_state()
+    live = HostCopies().live(original)
+    assert saved(live) == saved(original)
+    assert live["flat"] is not original["flat"]
+    assert live["flat"].untyped_storage().data_ptr() == original["flat"].untyped_storage().data_ptr()
+    original["meta"]["groups"][0]["lr"] = 0.5  # what is not a tensor is as of the snapshot
+    original["flat"].ds_note["group"] = 1
+    assert live["meta"]["groups"][0]["lr"] == 0.1 and live["flat"].ds_note["group"] == 0
+
+
+class Writer:
+    """A DeepSpeed checkpoint writer that records, with each file it writes, whether the loop was released."""
+
+    def __init__(self, released: threading.Event) -> None:
+        self.released, self.order = released, []
+
+    def save(self, state_dict, path: str) -> None:
+        torch.save(state_dict, path)
+        self.order.append((Path(path).name, self.released.is_set()))
+
+
+@pytest.mark.parametrize(("budget", "live"), [(None, []), (0, ["small.pt", "big.pt"]), (1000, ["big.pt"])])
+def test_a_bounded_buffer_copies_the_largest_files_that_fit_and_writes_the_live_ones_first(tmp_path, budget, live):
+    from llmtrain.train.checkpoint import StagingCheckpointEngine
+
+    released = threading.Event()
+    writer = Writer(released)
+    staging = StagingCheckpointEngine(writer, budget)
+    small, big = {"w": torch.arange(100.0)}, {"m": torch.arange(1000.0), "v": [torch.ones(10)]}  # 400 and 4040 bytes
+    staging.staged = []
+    for name, state_dict in (("small.pt", small), ("big.pt", big)):  # the order DeepSpeed hands them over
+        staging.save(state_dict, str(tmp_path / name))
+    files = staging.snapshot(staging.staged)
+    staging.staged = None
+    assert [Path(path).name for path, _, is_live in files if is_live] == live
+    assert staging.copies.nbytes == sum(s for name, s in (("small.pt", 400), ("big.pt", 4040)) if name not in live)
+    small["w"].add_(1)  # what was copied keeps the save's values; a live tensor is read as it is when written
+    staging.write(files, released.set)
+    assert writer.order == [(Path(path).name, not is_live) for path, _, is_live in files]
+    assert released.is_set()
+    expected = {"small.pt": {"w": torch.arange(100.0) + ("small.pt" in live)}, "big.pt": big}
+    for name, state_dict in expected.items():
+        (tmp_path / "direct").mkdir(exist_ok=True)
+        torch.save(state_dict, tmp_path / "direct" / name)  # a file's name is part of it (its records' prefix)
+        assert (tmp_path / name).read_bytes() == (tmp_path / "direct" / name).read_bytes()
+
+
 class StagingIO(FakeIO):
     """FakeIO whose background part waits for ``release`` (or fails), so the test sees a save in flight."""
 
     def __init__(self, fail: OSError | None = None) -> None:
         super().__init__()
         self.release, self.write_error = threading.Event(), fail
+        self.staged = 0
 
     def stage(self, folder: Path, state: dict[str, Any]) -> Any:
         text = f"weights of step {state['step']}"
+        self.staged += 1
 
-        def flush() -> None:
+        def flush(release) -> None:
             self.release.wait(10)
             if self.write_error is not None:
                 raise self.write_error
             (folder / "tensors.bin").write_text(text)
+            release()
 
         return flush
 
@@ -124,3 +175,27 @@ def test_a_loop_that_fails_still_completes_its_save_in_flight_without_hiding_its
         saver.save(2, state(2), "")
         raise ZeroDivisionError
     assert [s for s, _ in saver.run.complete()] == [2]
+
+
+def test_the_update_after_a_save_waits_until_the_writer_has_read_the_live_tensors(tmp_path, caplog):
+    io_ = StagingIO()
+    saver = background(tmp_path, io_)
+    saver.save(2, state(2), "")
+    threading.Timer(0.2, io_.release.set).start()
+    with caplog.at_level("INFO", logger="llmtrain"):
+        saver.before_update(3)
+    assert "before the update of step 3" in caplog.text
+    saver.in_flight.wait()
+    saver.before_update(4)  # nothing in flight: no wait
+
+
+def test_the_last_save_of_a_background_run_is_written_directly(tmp_path, caplog):
+    io_ = StagingIO()
+    io_.release.set()
+    saver = background(tmp_path, io_)
+    saver.save(2, state(2), "")
+    with caplog.at_level("INFO", logger="llmtrain"):
+        saver.save(4, state(4), "", last=True)
+    assert io_.staged == 1 and saver.in_flight._thread is None  # step 4 was not staged, nor left in flight
+    assert [s for s, _ in saver.run.complete()] == [2, 4]
+    assert "written directly, as the run's last save" in caplog.text

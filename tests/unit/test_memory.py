@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
 
 from llmtrain.config import MLP, DistConfig, ModelConfig, Precision, TrainConfig, TrainLoopConfig
-from llmtrain.distributed.memory import GB, estimate, what_would_fit
+from llmtrain.distributed.memory import GB, estimate, only_direct_saves_fit, what_would_fit
 
 PSI = 310_000_000  # 350m at vocabulary 8192
 
 
-def config(stage: int, precision: Precision = Precision.fp32, micro: int = 1, background: bool = False,
-           **dist) -> TrainConfig:
+def config(stage: int, precision: Precision = Precision.fp32, micro: int = 1, background: bool | str = False,
+           buffer_gb: float | None = None, **dist) -> TrainConfig:
     return TrainConfig(model=ModelConfig(n_layer=24, n_head=16, n_embd=1024, block_size=256, vocab_size=8192),
                        dist=DistConfig(zero_stage=stage, **dist), precision=precision,
                        train=TrainLoopConfig(global_batch_size=8 * micro, micro_batch_size=micro,
-                                             checkpoint_async=background))
+                                             checkpoint_async=background, checkpoint_buffer_gb=buffer_gb))
 
 
 @pytest.mark.parametrize(("stage", "per_param"), [(0, 16), (1, 8 + 12 / 2), (2, 4 + 16 / 2), (3, 16 / 2)])
@@ -53,6 +54,30 @@ def test_a_background_save_holds_a_host_copy_of_rank_0s_part_of_a_checkpoint(sta
     assert "checkpoint copy" in background.describe() and "checkpoint copy" not in sync.describe()
     fits = what_would_fit(config(stage, precision, background=True), PSI, 2, 0, sync.total * 1.01, on_gpu=False)
     assert f"train.checkpoint_async=false ({sync.total / GB:.1f} GB)" in fits
+
+
+@pytest.mark.parametrize(("buffer_gb", "copied"), [
+    (0.0, 0), (1.0, 0), (1.5, 4 * PSI), (2.0, 12 * PSI / 2), (3.2, 10 * PSI), (None, 10 * PSI)])
+def test_a_bounded_buffer_holds_the_largest_of_rank_0s_files_that_fit(buffer_gb, copied):
+    # ZeRO-2 fp32 on 2 ranks: rank 0 writes the module's weights (4Ψ = 1.16 GiB) and its optimizer partition
+    # (12Ψ/2 = 1.73 GiB); the largest that fit are copied, the rest written from the live tensors
+    got = estimate(config(2, background=True, buffer_gb=buffer_gb), PSI, 2, 0).checkpoint_copy
+    assert got == pytest.approx(copied) and got <= (buffer_gb if buffer_gb is not None else math.inf) * GB
+
+
+def test_auto_saves_synchronously_only_where_nothing_else_fits():
+    auto = config(2, background="auto", buffer_gb=None)
+    with_copy = estimate(auto, PSI, 2, 0)
+    direct = with_copy.total - with_copy.checkpoint_copy
+    assert with_copy.checkpoint_copy == pytest.approx(10 * PSI)  # auto counts the copies, as true does
+    assert not only_direct_saves_fit(auto, with_copy, visible=with_copy.total)  # the copies fit
+    assert only_direct_saves_fit(auto, with_copy, visible=(with_copy.total + direct) / 2)
+    assert not only_direct_saves_fit(auto, with_copy, visible=direct * 0.9)  # neither fits: the warning's case
+    forced = config(2, background=True, buffer_gb=None)
+    assert not only_direct_saves_fit(forced, estimate(forced, PSI, 2, 0), visible=direct)
+    # what would fit is weighed as auto would run it: with direct saves, never proposing them
+    fits = what_would_fit(auto, PSI, 2, 0, visible=direct * 0.9, on_gpu=False)
+    assert fits and not any("checkpoint_async" in option for option in fits)
 
 
 def test_a_run_that_cannot_fit_is_told_what_would():
