@@ -9,13 +9,14 @@ splits each block's attention and MLP matrices over its ranks first; ZeRO then s
 (world / tp). Under sequence parallel (``dist.sequence_parallel``) every rank holds the whole model and ZeRO splits
 over all the ranks. Besides them: Adam's temporary, the communication buckets (sized from the model width, see
 ``deepspeed.buckets_for_width``; at stage 0 one all-reduce copy of all the gradients), stage 3's gathered working set
-(two layers and the embedding), the activations of one micro-batch (Korthikanti et al. 2022, per layer at 2 bytes:
-34·b·t·h + 5·a·b·t², with tensor parallel 10·b·t·h + 24·b·t·h/tp + 5·a·b·t²/tp; sequence parallel holds t/sp positions
-everywhere but attention, which sees all t positions of a/sp heads; the attention scores only where a kernel keeps
-them, see ``attention_score_bytes``), the logits, the host copies of this rank's part of a checkpoint that background
-saves keep (train.checkpoint_async: of rank 0's weights below ZeRO-3 and of the rank's fp32 master and moments, the
-files that fit in train.checkpoint_buffer_gb, see ``checkpoint_copy``), and the process itself (PyTorch and
-DeepSpeed loaded: measured, not predicted).
+(two layers and the embedding) and its optimizer step's flat copy of one sub-group's gradients, the activations of one
+micro-batch (Korthikanti et al. 2022, per layer at 2 bytes: 34·b·t·h + 5·a·b·t², with tensor parallel 10·b·t·h +
+24·b·t·h/tp + 5·a·b·t²/tp; sequence parallel holds t/sp positions everywhere but attention, which sees all t positions
+of a/sp heads; the attention scores only where a kernel keeps them, see ``attention_score_bytes``), the logits, the
+host copies of this rank's part of a checkpoint that background saves keep (train.checkpoint_async: of rank 0's
+weights below ZeRO-3 and of the rank's fp32 master and moments, the files that fit in train.checkpoint_buffer_gb, see
+``checkpoint_copy``), and the process itself (PyTorch and DeepSpeed loaded with the modules DeepSpeed's engine
+imports: measured, not predicted, ``process_baseline``).
 What the prediction cannot know is the allocator's fragmentation (see ``llmtrain.allocator``).
 """
 
@@ -90,9 +91,11 @@ def estimate(cfg: TrainConfig, num_params: int, world: int, process_bytes: float
     buckets = buckets_for_width(h, stage) if stage >= 1 else {}
     if stage in (1, 2):
         buffers += (buckets["reduce_bucket_size"] + buckets["allgather_bucket_size"]) * 4
-    elif stage == 3:  # buckets, and two layers plus the embedding table gathered whole while they compute
+    elif stage == 3:  # buckets, two layers plus the embedding table gathered whole while they compute, and the
+        # optimizer step's flat fp32 copy of one sub-group's gradients (DeepSpeed's _prepare_fp32_grad_for_sub_group)
         buffers += (buckets["reduce_bucket_size"] + buckets["stage3_prefetch_bucket_size"]) * 4
         buffers += (2 * block_matrix_params(m) + m.vocab_size * h) * weight_bytes
+        buffers += (4 + (weight_bytes if mixed else 0)) * min(buckets["sub_group_size"], psi / n)
     return MemoryEstimate(weights, gradients, optimizer, buffers, activation_bytes(cfg, on_gpu), process_bytes,
                           checkpoint_copy(cfg, psi, n) if cfg.train.background_saves else 0.0)
 
@@ -183,6 +186,17 @@ def choose_copies(sizes: list[int], budget: float | None) -> list[bool]:
         if sizes[index] <= left:
             chosen[index], left = True, left - sizes[index]
     return chosen
+
+
+def process_baseline() -> float:
+    """Bytes the process holds before the model (``process_rss``), counting the modules that DeepSpeed's engine
+    imports as it starts: torch._dynamo, functorch's compile and inductor, ~0.1 GB on a CPU host, which would
+    otherwise appear only after the prediction (imported here a few seconds before they would be anyway)."""
+    import deepspeed.runtime.engine  # noqa: F401
+    import functorch.compile  # noqa: F401
+    import torch._inductor.compile_fx  # noqa: F401
+
+    return process_rss()
 
 
 def process_rss() -> float:

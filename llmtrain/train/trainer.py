@@ -155,7 +155,7 @@ class Trainer:
         Sets ``background_saves``: train.checkpoint_async, where auto saves synchronously when the prediction
         fits only without the host copies of background saves, on any rank (every rank alike)."""
         on_gpu = self.env.device.type == "cuda"
-        baseline = 0.0 if on_gpu else memory.process_rss()  # CUDA's peak counts tensors only
+        baseline = 0.0 if on_gpu else memory.process_baseline()  # CUDA's peak counts tensors only
         predicted = memory.estimate(self.cfg, total_params, self.env.world_size, baseline, on_gpu)
         visible = memory.visible_bytes(self.env.device, self.env.local_world_size)
         direct = dataclasses.replace(predicted, checkpoint_copy=0.0)

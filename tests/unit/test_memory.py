@@ -89,7 +89,7 @@ def test_a_run_that_cannot_fit_is_told_what_would():
     assert any("dist.offload_optimizer=true" in option for option in gpu)
     # nothing fits alone: the settings together, then more ranks
     assert what_would_fit(config(0, micro=4), PSI, 2, 0.5 * GB, visible=3.2 * GB, on_gpu=False) == [
-        "dist.zero_stage=3 dist.activation_checkpointing=true train.micro_batch_size=1 (3.0 GB)"]
+        "dist.zero_stage=3 dist.activation_checkpointing=true train.micro_batch_size=1 (3.1 GB)"]
     assert what_would_fit(cfg, PSI, 2, 0.5 * GB, visible=1.55 * GB, on_gpu=False) == [
         "dist.zero_stage=3 dist.activation_checkpointing=true on 8 ranks (1.3 GB)"]
     assert what_would_fit(cfg, PSI, 2, 0.5 * GB, visible=0.1 * GB, on_gpu=False) == []
@@ -216,3 +216,17 @@ def test_a_layout_the_config_refuses_is_never_proposed():
     cfg = dataclasses.replace(config(0, micro=4), precision=Precision.bf16)
     fits = what_would_fit(cfg, PSI, 2, 0.5 * GB, visible=1 * GB, on_gpu=False)
     assert fits and not any("tensor_parallel" in f for f in fits)
+
+
+def test_zero3_counts_the_optimizer_steps_copy_of_one_sub_groups_gradients():
+    # DeepSpeed flattens a sub-group's gradients (one layer, 12h², or the rank's whole partition where smaller) into
+    # an fp32 copy for the optimizer's step
+    wide, narrow = estimate(config(3), PSI, 2, 0), estimate(config(2), PSI, 2, 0)
+    from llmtrain.distributed.deepspeed import buckets_for_width
+
+    layer, buckets = 12 * 1024**2, buckets_for_width(1024, 3)
+    assert buckets["sub_group_size"] == layer
+    gathered = (2 * layer + 8192 * 1024) * 4 + (buckets["reduce_bucket_size"] + buckets["stage3_prefetch_bucket_size"]
+                                                ) * 4 + 4 * 2**20  # and Adam's 4 MiB chunk
+    assert wide.buffers == pytest.approx(gathered + 4 * layer)
+    assert narrow.buffers < wide.buffers
