@@ -46,16 +46,26 @@ class ServerCheckpointIO:
         return {"world_size": self.world_size, "num_servers": self.num_servers, "num_workers": self.num_workers,
                 "zero_stage": None}
 
-    def write(self, folder: Path, state: dict[str, Any]) -> None:
-        """As ``stage`` then its writer: the servers go on updating, so each copies its shard at once, and the
-        shards are of one moment however long the writes take (a last save too: the copy is one shard's)."""
-        self.stage(folder, state)(lambda: None)
+    def write(self, folder: Path, state: dict[str, Any], settled: bool = False) -> None:
+        """Settled (the run's last save, every update done): each server writes its shard directly. Otherwise as
+        ``stage`` then its writer: the servers go on updating, so each copies its shard at once, and the shards are
+        of one moment however long the writes take."""
+        if not settled:
+            self.stage(folder, state)(lambda: None)
+            return
+        for i in range(self.num_servers):
+            self._on(i, calls.write_shard, str(shard_file(folder, i)))
+        save_consolidated(self._trained(folder, state), folder)
+
+    def _trained(self, folder: Path, state: dict[str, Any]) -> TrainedModel:
+        """The whole model as it is now, gathered from the servers, for the consolidated files."""
+        return TrainedModel(self.model_cfg, self.gather(), self.tokenizer(), folder, state["step"],
+                            state["tokens_seen"])
 
     def stage(self, folder: Path, state: dict[str, Any]) -> Callable[[Callable[[], None]], None]:
         for i in range(self.num_servers):
             self._on(i, calls.stage_shard)
-        trained = TrainedModel(self.model_cfg, self.gather(), self.tokenizer(), folder, state["step"],
-                               state["tokens_seen"])
+        trained = self._trained(folder, state)
 
         def flush(release: Callable[[], None]) -> None:
             release()  # nothing is live: every shard was copied

@@ -132,6 +132,13 @@ def write_staged(path: str) -> None:
     server().staged = None
 
 
+def write_shard(path: str) -> None:
+    """Write this server's shard state directly (its updates wait meanwhile; no host copy, and the buffers of
+    earlier background saves handed back), and flush it to the disk."""
+    server().write(path)
+    fsync_path(path)
+
+
 def stop_at(updates: int) -> int:
     return server().stop_at(updates)
 
@@ -143,5 +150,6 @@ def release(diverged: tuple[int, int] | None = None) -> None:
 
 
 ENTRY_POINTS = {fn.__name__: fn for fn in (shared, pull, push, finished, read_shard, first_grant, revoke, wait_grant,
-                                           join, leave, diverged, stage_shard, write_staged, stop_at, release)}
+                                           join, leave, diverged, stage_shard, write_staged, write_shard, stop_at,
+                                           release)}
 """What a caller may run on a server, by name (the gRPC transport sends names, never code)."""

@@ -126,6 +126,14 @@ class ParameterServer:
             self.copies.begin()
             self.staged = self.copies.copy(self.state_dict())
 
+    def write(self, path: str) -> None:
+        """Write ``state_dict`` to ``path`` as it is (updates wait meanwhile), with no copy: the buffers of earlier
+        background saves are handed back first."""
+        with self.lock:
+            self.copies.clear()
+            self.staged = None
+            torch.save(self.state_dict(), path)
+
     def load_state_dict(self, state: dict) -> None:
         with self.lock, torch.no_grad():
             for name, param in self.params.items():

@@ -387,7 +387,7 @@ class AsyncPSTrainer:
             self._evaluate_into(result, metrics, step)
         metrics.close()
         if saved != step and step != self.start_step:  # a run always ends with a checkpoint, as a synchronous one
-            self._save(step)
+            self._save(step, last=True)
         try:
             self.checkpoints.in_flight.wait("at the end")  # the other servers write their shards until then
         finally:
@@ -466,10 +466,10 @@ class AsyncPSTrainer:
         """Tokens trained on after ``step`` steps (W updates of global_batch_size / W sequences each)."""
         return step * self.cfg.train.global_batch_size * self.model_cfg.block_size
 
-    def _save(self, step: int) -> None:
+    def _save(self, step: int, last: bool = False) -> None:
         state = client_state(step, self._tokens_seen(step), self.data.tokenizer_fingerprint, self.model_cfg,
                              self.cfg.train.seed)
-        self.checkpoints.save(step, state, self.config_yaml)
+        self.checkpoints.save(step, state, self.config_yaml, last=last)
 
     def _agree_on_start(self) -> UserError | None:
         """The checkpoint to continue from (``Checkpoints.verdict``: process 0 decides, the others ask it), kept

@@ -57,10 +57,11 @@ class CheckpointIO(Protocol):
     def marker_fields(self) -> dict[str, Any]:
         """What the marker records of how the checkpoint was written (world size, ZeRO stage, servers, ...)."""
 
-    def write(self, folder: Path, state: dict[str, Any]) -> None:
-        """Write this mode's tensor files into ``folder`` directly (called on every process; collective where the
-        mode is), allocating no host copy and handing back the buffers of earlier background saves; ``state`` is
-        llmtrain's own state of the checkpoint."""
+    def write(self, folder: Path, state: dict[str, Any], settled: bool = False) -> None:
+        """Write this mode's tensor files into ``folder`` (called on every process; collective where the mode is)
+        before the loop goes on; ``state`` is llmtrain's own state of the checkpoint. ``settled``: nothing changes
+        the tensors any more (the run's last save): written directly, with no host copy, and the buffers of earlier
+        background saves handed back."""
 
     def check(self, folder: Path, marker: dict[str, Any]) -> None:
         """Refuse in one ``UserError`` a checkpoint whose layout (its marker given) this run cannot take (called on
@@ -150,7 +151,7 @@ class Checkpoints:
             return folder
         with saving(folder, need):
             folder.mkdir(parents=True, exist_ok=True)
-            self.io.write(folder, state)
+            self.io.write(folder, state, settled=last)
             self.peers.wait()
             if self.peers.is_main:
                 self._complete(folder, step, state, config_yaml)

@@ -123,8 +123,8 @@ class DeepSpeedCheckpointIO:
     def marker_fields(self) -> dict[str, Any]:
         return {"world_size": self.world_size, "zero_stage": self.zero_stage, **self.layout}
 
-    def write(self, folder: Path, state: dict[str, Any]) -> None:
-        if self.staging is not None:
+    def write(self, folder: Path, state: dict[str, Any], settled: bool = False) -> None:
+        if self.staging is not None:  # the loop waits for the write: no host copy, settled or not
             self.staging.copies.clear()
         self.engine.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
 

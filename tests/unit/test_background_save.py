@@ -196,6 +196,6 @@ def test_the_last_save_of_a_background_run_is_written_directly(tmp_path, caplog)
     saver.save(2, state(2), "")
     with caplog.at_level("INFO", logger="llmtrain"):
         saver.save(4, state(4), "", last=True)
-    assert io_.staged == 1 and saver.in_flight._thread is None  # step 4 was not staged, nor left in flight
+    assert io_.staged == 1 and io_.settled and saver.in_flight._thread is None  # step 4: no copy, none in flight
     assert [s for s, _ in saver.run.complete()] == [2, 4]
     assert "written directly, as the run's last save" in caplog.text

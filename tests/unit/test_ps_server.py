@@ -177,3 +177,15 @@ def test_other_servers_refuse_what_server_0_took_back_and_server_0_tells_them_fi
     stats = {"loss": 1.0, "pull_s": 0.0, "push_s": 0.0, "bytes": 0, "leases": [0, 1]}
     assert other.push(1, {"w": torch.ones(2, 2)}, 0, stats, wanted=0) == [] and other.version == 0  # refused
     assert other.push(0, {"w": torch.ones(2, 2)}, 0, stats, wanted=0) == [] and other.version == 2  # applied
+
+
+def test_a_direct_write_is_the_staged_copys_file_and_hands_its_buffers_back(tmp_path):
+    ps = server()
+    version, _ = ps.pull(0)
+    push(ps, 0, version)
+    ps.stage()  # a background save's copy, kept in host buffers
+    torch.save(ps.staged, tmp_path / "ps0.pt")
+    staged = (tmp_path / "ps0.pt").read_bytes()
+    assert ps.copies.nbytes > 0
+    ps.write(str(tmp_path / "ps0.pt"))  # the run's last save: the state as it is, no copy
+    assert (tmp_path / "ps0.pt").read_bytes() == staged and ps.copies.nbytes == 0 and ps.staged is None

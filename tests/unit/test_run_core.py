@@ -31,8 +31,9 @@ class FakeIO:
     def marker_fields(self) -> dict[str, Any]:
         return {"world_size": 3, "zero_stage": 1}
 
-    def write(self, folder: Path, state: dict[str, Any]) -> None:
+    def write(self, folder: Path, state: dict[str, Any], settled: bool = False) -> None:
         (folder / "tensors.bin").write_text(f"weights of step {state['step']}")
+        self.settled = settled
 
     def check(self, folder: Path, marker: dict[str, Any]) -> None:
         pass

@@ -33,7 +33,7 @@ class FakeIO:
     def marker_fields(self) -> dict[str, Any]:
         return {"world_size": 2, "zero_stage": 0}
 
-    def write(self, folder: Path, state: dict[str, Any]) -> None:
+    def write(self, folder: Path, state: dict[str, Any], settled: bool = False) -> None:
         (folder / "tensors.bin").write_text(f"weights of step {state['step']}")
 
     def check(self, folder: Path, marker: dict[str, Any]) -> None:
