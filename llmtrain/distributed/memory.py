@@ -15,8 +15,8 @@ micro-batch (Korthikanti et al. 2022, per layer at 2 bytes: 34·b·t·h + 5·a·
 of a/sp heads; the attention scores only where a kernel keeps them, see ``attention_score_bytes``), the logits, the
 host copies of this rank's part of a checkpoint that background saves keep (train.checkpoint_async: of rank 0's
 weights below ZeRO-3 and of the rank's fp32 master and moments, the files that fit in train.checkpoint_buffer_gb, see
-``checkpoint_copy``), and the process itself (PyTorch and DeepSpeed loaded with the modules DeepSpeed's engine
-imports: measured, not predicted, ``process_baseline``).
+``checkpoint_copy``), and the process itself (PyTorch and DeepSpeed's engine loaded: measured, not
+predicted, ``process_baseline``).
 What the prediction cannot know is the allocator's fragmentation (see ``llmtrain.allocator``).
 """
 
@@ -189,12 +189,9 @@ def choose_copies(sizes: list[int], budget: float | None) -> list[bool]:
 
 
 def process_baseline() -> float:
-    """Bytes the process holds before the model (``process_rss``), counting the modules that DeepSpeed's engine
-    imports as it starts: torch._dynamo, functorch's compile and inductor, ~0.1 GB on a CPU host, which would
-    otherwise appear only after the prediction (imported here a few seconds before they would be anyway)."""
+    """Bytes the process holds before the model (``process_rss``), counting DeepSpeed's engine, which every run
+    imports as it starts (imported here a moment before it would be anyway)."""
     import deepspeed.runtime.engine  # noqa: F401
-    import functorch.compile  # noqa: F401
-    import torch._inductor.compile_fx  # noqa: F401
 
     return process_rss()
 

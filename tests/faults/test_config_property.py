@@ -107,6 +107,8 @@ def values(name: str, kind: object, root: Path, prepared: Path) -> st.SearchStra
         return st.sampled_from([m.value for m in kind] + ["nope", "1", "''"])
     if kind is bool:
         return st.sampled_from(["true", "false", "null", "2", "x"])
+    if origin in (typing.Union, types.UnionType) and set(args) == {bool, str}:  # a switch with words: auto | true
+        return st.sampled_from(["auto", "true", "false", "'True'", "null", "2", "x", "''"])
     if kind is int:
         return st.one_of(st.integers(-3, 70).map(str), st.integers().map(str), st.sampled_from(
             [str(v) for v in HUGE] + NOT_NUMBERS + ["nan", "1.5"]))
