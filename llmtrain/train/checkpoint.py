@@ -90,14 +90,11 @@ class StagingCheckpointEngine:
 
     def write(self, files: list[tuple[str, Any, bool]], release: Callable[[], None]) -> None:
         """Write the snapshots as ``save`` would have (``release`` once the live ones are), then flush them."""
-        live_left = sum(live for _, _, live in files)
-        if not live_left:
-            release()
-        for path, state, live in files:
-            self.writer.save(state, path)
-            live_left -= live
-            if live and not live_left:
+        for path, state, live in files:  # the live ones first
+            if not live:
                 release()
+            self.writer.save(state, path)
+        release()
         for path, _, _ in files:
             fsync_path(path)
 
