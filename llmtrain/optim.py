@@ -1,5 +1,6 @@
 """Optimizers (AdamW, SGD with momentum), weight-decay groups and the learning-rate schedule: the one factory that
-the synchronous engine (DeepSpeed wraps what ``build_optimizer`` returns) and each parameter server use.
+the synchronous engine (DeepSpeed wraps what ``build_optimizer`` returns) and each parameter server use; and
+DiLoCo's outer optimizers (``build_outer_optimizer``), which parameter servers apply to pseudo-gradients.
 
 The group-order contract: ``param_groups`` always returns exactly two groups, ``[decay, no_decay]``, each in
 the order the parameters were given (a model's ``parameters()`` order; a tied weight once). Both groups are
@@ -14,7 +15,7 @@ from collections.abc import Iterable
 
 import torch
 
-from llmtrain.config import Decay, OptimConfig, OptimizerName
+from llmtrain.config import Decay, OptimConfig, OptimizerName, PSConfig
 from llmtrain.workarounds import CHUNKED_ADAMW, usable
 
 
@@ -126,3 +127,55 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+class DelayedNesterov(torch.optim.Optimizer):
+    """The Delayed Nesterov outer update of asynchronous Local-SGD (Liu et al. 2024, arXiv 2401.09135, Algorithm 3):
+    pseudo-gradients g_t arrive one at a time; the momentum m moves once every ``buffer`` (N) of them, on their mean:
+
+        Δ += g_t
+        t % N == 0:  m = β m + Δ / N;   θ -= lr ((1 - cN + c) β m + g_t / N);   Δ = 0
+        otherwise:                      θ -= lr (c β m + g_t / N)
+
+    With c = 0 a window of N updates moves θ by one Nesterov step on their mean; with N = 1 it is Nesterov SGD
+    (``torch.optim.SGD(nesterov=True)``) for any c."""
+
+    def __init__(self, params, lr: float, momentum: float, buffer: int, activation: float) -> None:
+        if activation * buffer > 1:
+            raise ValueError(f"ps.momentum_activation={activation} must be at most 1/N = 1/{buffer}")
+        super().__init__(params, {"lr": lr, "momentum": momentum, "buffer": buffer, "activation": activation})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta, n, c = group["momentum"], group["buffer"], group["activation"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["t"] = 0
+                    state["momentum"] = torch.zeros_like(p)
+                    state["delta"] = torch.zeros_like(p)
+                state["t"] += 1
+                state["delta"].add_(p.grad)
+                if state["t"] % n == 0:
+                    state["momentum"].mul_(beta).add_(state["delta"], alpha=1 / n)
+                    share = 1 - c * n + c
+                    state["delta"].zero_()
+                else:
+                    share = c
+                update = p.grad.div(n).add_(state["momentum"], alpha=share * beta)
+                p.add_(update, alpha=-group["lr"])
+
+
+def build_outer_optimizer(ps: PSConfig, params: Iterable[torch.Tensor], num_workers: int) -> torch.optim.Optimizer:
+    """DiLoCo's outer optimizer over a server's shard (no weight decay: that is the inner optimizer's): SGD with
+    Nesterov momentum on each round's mean pseudo-gradient (``ps.sync_rounds``), or Delayed Nesterov on each one
+    as it arrives."""
+    params = list(params)
+    if ps.sync_rounds:
+        return torch.optim.SGD(params, lr=ps.outer_lr, momentum=ps.outer_momentum,
+                               nesterov=ps.outer_momentum > 0)
+    return DelayedNesterov(params, ps.outer_lr, ps.outer_momentum, ps.nesterov_buffer or num_workers,
+                           ps.momentum_activation)

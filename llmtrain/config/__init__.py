@@ -53,11 +53,12 @@ from llmtrain.config.loop import (
     WandbMode,
 )
 from llmtrain.config.model import MLP, Arch, ModelConfig, Norm, Positions
-from llmtrain.config.ps import PSConfig, Transport
+from llmtrain.config.ps import Algorithm, PSConfig, PushDtype, Transport
 from llmtrain.config.train import CompareConfig, CompareSection, Resume, RunConfig, TrainConfig
 
 __all__ = [
     "AUTO",
+    "Algorithm",
     "Arch",
     "bounded",
     "bounded_each",
@@ -92,6 +93,7 @@ __all__ = [
     "Precision",
     "PrepareConfig",
     "PSConfig",
+    "PushDtype",
     "raise_problems",
     "register_configs",
     "Resume",

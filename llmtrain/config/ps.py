@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 
 from llmtrain.config.checks import MAX_COUNT, MAX_TIMEOUT_S, bounded_each, raise_problems
+
+
+class Algorithm(str, Enum):
+    downpour = "downpour"
+    diloco = "diloco"
+
+
+class PushDtype(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
 
 
 class Transport(str, Enum):
@@ -17,6 +28,28 @@ class Transport(str, Enum):
 class PSConfig:
     """The parameter-server mode (mode=async_ps): the first num_servers ranks serve, the others compute."""
 
+    algorithm: Algorithm = Algorithm.downpour
+    """downpour: workers push gradients, the servers apply each with the optimizer (Dean et al. 2012) | diloco:
+    workers take ps.inner_steps steps of the optimizer (optim.*) on their own data, then push the pseudo-gradient
+    (the weights pulled minus the weights reached), which the servers apply with an outer Nesterov SGD (Douillard
+    et al. 2023)."""
+    inner_steps: int = 16
+    """diloco's H: local steps a worker takes between a pull and its push (a round)."""
+    outer_lr: float = 0.7
+    """diloco: the outer SGD's learning rate (constant)."""
+    outer_momentum: float = 0.9
+    """diloco: the outer SGD's momentum; Nesterov's when above 0."""
+    sync_rounds: bool = True
+    """diloco: true = the servers average the W pseudo-gradients of a round, then take one outer step (DiLoCo as
+    published) | false = each is applied as it arrives, with the Delayed Nesterov update (Liu et al. 2024)."""
+    nesterov_buffer: int = 0
+    """diloco with ps.sync_rounds=false: Delayed Nesterov's N, the pseudo-gradients buffered per momentum update
+    (0 = the number of workers)."""
+    momentum_activation: float = 0.0
+    """diloco with ps.sync_rounds=false: Delayed Nesterov's c in [0, 1/N], the share of the momentum applied at the
+    updates between two momentum updates."""
+    push_dtype: PushDtype | None = None
+    """diloco: the dtype pseudo-gradients travel in (null = precision's); the servers accumulate in fp32."""
     num_servers: int = 1
     """Parameter servers; the model's tensors are split among them, balanced by size."""
     max_staleness: int = 0
@@ -48,8 +81,34 @@ class PSConfig:
         problems = []
         problems += bounded_each("ps.", self, {
             "num_servers": (1, 1 << 16), "max_staleness": (0, MAX_COUNT), "timeout_s": (1, MAX_TIMEOUT_S),
-            "push_every": (1, 1 << 20), "fetch_every": (1, 1 << 20)})
+            "push_every": (1, 1 << 20), "fetch_every": (1, 1 << 20), "inner_steps": (1, 1 << 20),
+            "nesterov_buffer": (0, 1 << 20)})
+        if not self.outer_lr > 0 or not math.isfinite(self.outer_lr):  # also refuses nan
+            problems.append(f"ps.outer_lr={self.outer_lr} must be above 0")
+        if not 0 <= self.outer_momentum < 1:
+            problems.append(f"ps.outer_momentum={self.outer_momentum} must be in [0, 1)")
+        if not 0 <= self.momentum_activation <= 1:
+            problems.append(f"ps.momentum_activation={self.momentum_activation} must be in [0, 1/ps.nesterov_buffer]")
+        if self.algorithm == Algorithm.diloco:
+            problems += self._diloco_problems()
         if self.join and self.transport != Transport.grpc:
             problems.append(f"ps.join=true needs ps.transport=grpc (the job's too): TensorPipe's group takes no "
                             f"process after it started (ps.transport={self.transport.value})")
         raise_problems(problems, "ps")
+
+    def _diloco_problems(self) -> list[str]:
+        problems = [f"ps.{key}={getattr(self, key)} is Downpour's: under ps.algorithm=diloco a worker pulls and pushes "
+                    f"once per round of ps.inner_steps local steps (leave ps.{key}=1)"
+                    for key in ("push_every", "fetch_every") if getattr(self, key) != 1]
+        if self.overlap:
+            problems.append("ps.overlap=true is Downpour's: under ps.algorithm=diloco each round starts from the "
+                            "weights its own last pseudo-gradient was applied to (leave ps.overlap=false)")
+        if self.sync_rounds:
+            problems += [f"ps.{key}={getattr(self, key)} bounds asynchrony, and ps.sync_rounds=true has none: use "
+                         f"ps.sync_rounds=false, or leave ps.{key} at its default"
+                         for key in ("max_staleness", "staleness_lr") if getattr(self, key)]
+        return problems
+
+    @property
+    def diloco(self) -> bool:
+        return self.algorithm == Algorithm.diloco

@@ -69,6 +69,11 @@ class TrainConfig:
                             "which it does not have): use precision=bf16")
         if self.mode != Mode.async_ps and self.ps.join:
             problems.append("ps.join=true adds a worker to a parameter-server job: it needs mode=async_ps")
+        if self.mode == Mode.async_ps and self.ps.diloco:
+            problems += [f"train.{key}={getattr(self.train, key)} must be a multiple of ps.inner_steps="
+                         f"{self.ps.inner_steps} under ps.algorithm=diloco: steps end rounds there"
+                         for key in ("max_steps", "eval_every", "checkpoint_every", "stop_at_step")
+                         if getattr(self.train, key) % self.ps.inner_steps]
         if self.dist.offload_optimizer and self.optim.name == OptimizerName.sgd:
             problems.append("dist.offload_optimizer=true works with optim.name=adamw only (DeepSpeed's CPU Adam)")
         if self.model.vocab_size and self.model.vocab_size < 260:

@@ -121,6 +121,28 @@ def diverged() -> tuple[int, int] | None:
     return server().diverged
 
 
+def heartbeat(worker: int) -> None:
+    """A DiLoCo worker between its pull and its push says it is alive (asked of server 0)."""
+    with server().lock:
+        server()._seen(worker)
+
+
+def close_round(workers: list[int]) -> None:
+    """Server 0 closed the open round of DiLoCo's sync rounds: apply the mean of these workers' pseudo-gradients."""
+    server().apply_round(workers)
+
+
+def inner_state(worker: int) -> dict | None:
+    """The inner optimizer state ``worker`` continues from (a resumed DiLoCo run), if server 0 holds one."""
+    server().ready.wait()
+    return server().inner_state(worker)
+
+
+def put_inner(worker: int, state: dict) -> None:
+    """A DiLoCo worker that finishes hands server 0 its inner optimizer state, for the run's last checkpoint."""
+    server().take_inner(worker, state)
+
+
 def stage_shard() -> None:
     server().stage()
 
@@ -151,5 +173,5 @@ def release(diverged: tuple[int, int] | None = None) -> None:
 
 ENTRY_POINTS = {fn.__name__: fn for fn in (shared, pull, push, finished, read_shard, first_grant, revoke, wait_grant,
                                            join, leave, diverged, stage_shard, write_staged, write_shard, stop_at,
-                                           release)}
+                                           release, heartbeat, close_round, inner_state, put_inner)}
 """What a caller may run on a server, by name (the gRPC transport sends names, never code)."""

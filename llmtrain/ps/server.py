@@ -32,8 +32,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from llmtrain.config import OptimConfig
-from llmtrain.optim import build_optimizer, lr_at, set_lr
+from llmtrain.config import OptimConfig, PSConfig
+from llmtrain.optim import build_optimizer, build_outer_optimizer, lr_at, set_lr
 from llmtrain.ps.leases import Leases
 from llmtrain.run.background import HostCopies
 from llmtrain.run.cadence import NonfiniteStreak
@@ -66,6 +66,8 @@ class ParameterServer:
         self.optim_cfg, self.max_steps, self.num_workers = optim, max_steps, num_workers
         self.budget = min(stop_at_step or max_steps, max_steps) * num_workers
         """Updates to apply in this run: num_workers pushes carry as many tokens as one synchronous step."""
+        self.stop_granule = num_workers
+        """A stop request ends the run at a multiple of this many local steps (whole steps)."""
         self.staleness_lr = staleness_lr
         self.max_staleness, self.timeout_s = max_staleness, timeout_s
         self.version = 0
@@ -112,6 +114,17 @@ class ParameterServer:
                 self.diverged = (self.nonfinite.first, step)
                 self.budget = self.version
 
+    def _lr(self) -> float:
+        """The learning rate of the next update: the schedule's, at the step the version is in."""
+        return lr_at(self.version // self.num_workers, self.optim_cfg, self.max_steps)
+
+    def start(self) -> None:
+        """The shard is what the run starts from: answer pulls (and grants)."""
+        self.ready.set()
+
+    def proceed(self, step: int) -> None:
+        """Server 0's reporting thread has logged, evaluated and saved ``step`` (a hook of ``RoundServer``)."""
+
     def state_dict(self) -> dict:
         """Everything to continue exactly: weights, optimizer state, version and per-worker update counts (the
         live tensors: ``stage`` copies them)."""
@@ -150,7 +163,7 @@ class ParameterServer:
         granted already, rounded up to a whole step. The budget now."""
         with self.lock:
             promised = self.version + self.leases.outstanding(self.live_workers())
-            whole = -(-max(updates, promised) // self.num_workers) * self.num_workers
+            whole = -(-max(updates, promised) // self.stop_granule) * self.stop_granule
             self.budget = min(self.budget, whole)
             self.lock.notify_all()
             return self.budget
@@ -284,7 +297,7 @@ class ParameterServer:
                 return []
             start = time.perf_counter()
             staleness = self.version - computed_on
-            lr = lr_at(self.version // self.num_workers, self.optim_cfg, self.max_steps)
+            lr = self._lr()
             if self.staleness_lr and staleness > 1:
                 lr /= staleness
             skipped = not (math.isfinite(stats["loss"]) and stats.get("finite_grads", True))
@@ -302,3 +315,209 @@ class ParameterServer:
             self._count_steps(before, skipped)
             self.lock.notify_all()
         return self.grant(worker, wanted) if wanted else []
+
+
+class OuterServer(ParameterServer):
+    """DiLoCo (ps.algorithm=diloco) with asynchronous rounds: each pushed pseudo-gradient, a worker's round of
+    ``ps.inner_steps`` local steps, is applied as it arrives, by the Delayed Nesterov outer optimizer at the constant
+    ``ps.outer_lr`` (divided by its staleness with ``ps.staleness_lr``). Server 0 also keeps the inner optimizer state
+    each worker sent last (with the push of a round that ends at a checkpoint, and when it finishes): it goes into
+    the checkpoints, and a resumed worker continues from it."""
+
+    def __init__(self, params: dict[str, torch.Tensor], *args, outer: PSConfig, **kwargs) -> None:
+        super().__init__(params, *args, **kwargs)
+        self.outer = outer
+        self.optimizer = build_outer_optimizer(outer, self.params.values(), self.num_workers)
+        self.stop_granule = self.num_workers * outer.inner_steps  # whole rounds
+        self.inner: dict[int, dict] = {}
+        """Server 0: each worker's inner optimizer state, as it sent it last."""
+
+    def _lr(self) -> float:
+        return self.outer.outer_lr
+
+    def take_inner(self, worker: int, state: dict | None) -> None:
+        """Keep ``worker``'s inner optimizer state (a copy: the message's tensors are views of its bytes)."""
+        if state is not None:
+            with self.lock:
+                self.inner[worker] = _cloned(state)
+
+    def inner_state(self, worker: int) -> dict | None:
+        with self.lock:
+            return self.inner.get(worker)
+
+    def push(self, worker: int, grads: dict[str, torch.Tensor], computed_on: int, stats: dict,
+             wanted: int = 1) -> list[int]:
+        self.take_inner(worker, stats.pop("inner_state", None))
+        return super().push(worker, grads, computed_on, stats, wanted)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "inner": dict(self.inner)}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        with self.lock:
+            self.inner = {int(w): s for w, s in state.get("inner", {}).items()}
+
+
+class RoundServer(OuterServer):
+    """DiLoCo as published (ps.sync_rounds=true): the servers average the pseudo-gradients of a round, then take one
+    outer step (Nesterov SGD).
+
+    Server 0 runs the rounds. It opens a round by leasing each participant, in worker order, up to
+    ``ps.inner_steps`` units (returned units first, lowest first: without losses worker w computes slot w of
+    the round, units [r W H + w H, r W H + (w + 1) H)). A push only delivers the pseudo-gradient; the worker then
+    waits for its next lease (``wait_grant``). The round closes once every participant pushed or was lost (silent for
+    longer than ps.timeout_s: its units return and are leased again in the next round, and the round applies the mean
+    of the pseudo-gradients that arrived). Server 0 then has the other servers apply the same workers' (``on_close``:
+    a worker pushes to them before it pushes to server 0, so theirs have arrived) and opens the next round among the
+    workers waiting for work. Where the step a round ends at is evaluated or saved (``holds``), the next round's
+    leases wait until the reporting thread has done so (``proceed``): the weights it reads are the round's."""
+
+    def __init__(self, params: dict[str, torch.Tensor], *args, holds: Callable[[int], bool] = lambda step: False,
+                 **kwargs) -> None:
+        super().__init__(params, *args, **kwargs)
+        self.holds = holds
+        self.open: dict[int, list[int]] = {}
+        """Server 0: the participants of the open round and the units each was leased."""
+        self.arrived: dict[int, tuple[dict[str, torch.Tensor], int, dict]] = {}
+        """The pseudo-gradients of the open round that arrived: worker -> (tensors, version computed on, stats)."""
+        self.grants: dict[int, list[int]] = {}
+        """Server 0: leases of the open round not yet handed to their worker."""
+        self.waiting: set[int] = set()
+        """Server 0: workers with no lease, to join the next round."""
+        self.held_at: int | None = None
+        """Server 0: the step whose evaluation or save the next round's leases wait for."""
+        self.on_close: Callable[[list[int]], None] | None = None
+
+    def start(self) -> None:
+        with self.lock:
+            if self.owns_data_order:
+                self._open_round(range(self.num_workers))
+        super().start()
+
+    def _open_round(self, candidates) -> None:
+        """Lease the next round, in worker order, to the live ``candidates`` (lock held)."""
+        live = set(self.live_workers())
+        for worker in sorted(w for w in candidates if w in live):
+            promised = self.version + self.leases.outstanding(self.open)
+            units = self.leases.lease(worker, max(0, min(self.outer.inner_steps, self.budget - promised)))
+            if units:
+                self.open[worker] = self.grants[worker] = units
+            else:
+                self.waiting.add(worker)
+
+    def grant(self, worker: int, wanted: int) -> list[int]:
+        """This worker's lease of the open round, once (it joins the next round if it has none)."""
+        with self.lock:
+            self._seen(worker)
+            self._close_if_complete()
+            if self.held_at is not None:
+                return []
+            if worker not in self.grants and worker not in self.open:
+                self.waiting.add(worker)
+            return self.grants.pop(worker, [])
+
+    def push(self, worker: int, grads: dict[str, torch.Tensor], computed_on: int, stats: dict,
+             wanted: int = 1) -> list[int]:
+        """Deliver ``worker``'s pseudo-gradient of the open round (its next lease comes from ``wait_grant``)."""
+        self.take_inner(worker, stats.pop("inner_state", None))
+        leased = [int(u) for u in stats["leases"]]
+        with self.lock:
+            self._seen(worker)
+            if self.owns_data_order and self.open.get(worker) != leased:
+                log.warning("worker %d pushed %d local step(s) of data it no longer held (taken back when it was "
+                            "lost): not applied", worker, len(leased))
+                return []
+            self.arrived[worker] = ({n: g.float() for n, g in grads.items()}, computed_on, stats)
+            if self.owns_data_order:
+                self._close_if_complete()
+            self.lock.notify_all()
+        return []
+
+    def _close_if_complete(self) -> None:
+        """Server 0 (lock held): close the open round once each participant pushed or was lost."""
+        if not self.owns_data_order or not self.open:
+            return
+        live = set(self.live_workers())
+        for lost in [w for w in self.open if w not in self.arrived and w not in live]:
+            units = self.leases.give_back(lost)
+            del self.open[lost]
+            self.grants.pop(lost, None)
+            log.warning("worker %d was lost mid-round (silent for more than ps.timeout_s=%g s): its %d local step(s) "
+                        "of data go to the next round", lost, self.timeout_s, len(units))
+        if any(w not in self.arrived for w in self.open):
+            return
+        workers = sorted(self.open)
+        if self.on_close is not None:
+            self.on_close(workers)
+        self.apply_round(workers)
+        self.open.clear()
+        if self.holds(self.version // self.num_workers) and self.version < self.budget:
+            self.held_at = self.version // self.num_workers
+        candidates = set(workers) | self.waiting
+        self.waiting.clear()
+        self._open_round(candidates - self.finished)
+
+    def apply_round(self, workers: list[int]) -> None:
+        """One outer step on the mean of ``workers``' pseudo-gradients of the open round (those that are finite); the
+        version moves by their units (lock held, or called by server 0 on the other servers)."""
+        with self.lock:
+            missing = [w for w in workers if w not in self.arrived]
+            if missing:
+                raise RuntimeError(f"the pseudo-gradients of worker(s) {missing} did not arrive before the round "
+                                   "closed")
+            start = time.perf_counter()
+            entries = [(w, *self.arrived[w]) for w in workers]
+            finite = [grads for _, grads, _, stats in entries
+                      if math.isfinite(stats["loss"]) and stats.get("finite_grads", True)]
+            if finite:
+                set_lr(self.optimizer, self.outer.outer_lr)
+                for name, param in self.params.items():
+                    param.grad = torch.stack([grads[name] for grads in finite]).mean(0)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            before = self.version
+            apply_s = time.perf_counter() - start
+            for worker, _, computed_on, stats in entries:
+                units = [int(u) for u in stats["leases"]]
+                if self.owns_data_order:
+                    self.leases.settle(worker, units)
+                self.version += len(units)
+                self.clock[worker] = self.clock.get(worker, 0) + len(units)
+                self.records.append({"worker": worker, "version": self.version, "staleness": before - computed_on,
+                                     "lr": self.outer.outer_lr, **stats, "units": len(units),
+                                     "skipped": len(finite) < len(entries), "apply_s": apply_s,
+                                     "time": time.time()})
+            self._count_steps(before, len(finite) < len(entries))
+            self.arrived.clear()
+            self.lock.notify_all()
+
+    def proceed(self, step: int) -> None:
+        with self.lock:
+            if self.held_at is not None and step >= self.held_at:
+                self.held_at = None
+                self.lock.notify_all()
+
+    def wait_grant(self, worker: int, wanted: int, seconds: float) -> list[int] | None:
+        """Wait for this worker's lease of the next round (rounds close here too: a lost participant is noticed by
+        the workers waiting for it); empty once the budget is applied; None after ``seconds``: ask again."""
+        deadline = time.monotonic() + seconds
+        with self.lock:
+            while True:
+                given = self.grant(worker, wanted)
+                if given or (self.version >= self.budget and not self.open):
+                    return given
+                if time.monotonic() >= deadline:
+                    return None
+                self.lock.wait(timeout=0.1)
+
+
+def _cloned(value):
+    """``value`` with every tensor copied (nested dicts and lists)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _cloned(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cloned(v) for v in value)
+    return value

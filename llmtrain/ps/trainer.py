@@ -38,8 +38,10 @@ from llmtrain.evaluate import mean_loss, validation_scores
 from llmtrain.model import build_model
 from llmtrain.ps import rpc as calls
 from llmtrain.ps.checkpoint import ServerCheckpointIO
+from llmtrain.ps.diloco import InnerRounds
+from llmtrain.ps.grads import accumulate_fp32, clip_
 from llmtrain.ps.leases import UpdateLog
-from llmtrain.ps.server import ParameterServer, shard_names
+from llmtrain.ps.server import OuterServer, ParameterServer, RoundServer, shard_names
 from llmtrain.ps.transport import (
     Grpc,
     PSTransport,
@@ -59,30 +61,6 @@ from llmtrain.run.setup import TrainResult
 from llmtrain.run.straggler import Straggler
 
 log = logging.getLogger("llmtrain")
-
-
-def accumulate_fp32(params: dict[str, torch.nn.Parameter], into: dict[str, torch.Tensor]) -> None:
-    """Add this micro-batch's gradients into fp32 sums and clear them: micro-batches of a bf16 model accumulate
-    in fp32, as DeepSpeed's bf16 optimizer does (for an fp32 model the sums are what autograd would add up)."""
-    for name, param in params.items():
-        if param.grad is None:
-            into.setdefault(name, torch.zeros_like(param, dtype=torch.float32))
-        elif name in into:
-            into[name].add_(param.grad)
-        else:
-            into[name] = param.grad.float()
-        param.grad = None
-
-
-def clip_(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Scale ``grads`` in place to a total 2-norm of at most ``max_norm`` (``clip_grad_norm_``'s arithmetic, on
-    gradient tensors rather than parameters: the fp32 sums of a bf16 model have no parameter of their dtype); the
-    norm before clipping."""
-    total = torch.nn.utils.get_total_norm(grads)
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for g in grads:
-        g.mul_(coef)
-    return total
 
 
 class AsyncPSTrainer:
@@ -143,12 +121,11 @@ class AsyncPSTrainer:
         # 5. Servers hold their shard before anyone can call them (they answer pulls once it is resumed).
         if self.is_server:
             params = dict(self._model.named_parameters())
-            server = calls.install(ParameterServer(
-                {n: params[n] for n in self.shards[rank]}, cfg.optim, cfg.train.max_steps, self.num_workers,
-                cfg.ps.staleness_lr, cfg.ps.max_staleness, cfg.ps.timeout_s, cfg.train.stop_at_step,
-                wire_dtype=self.dtype, max_nonfinite_steps=cfg.train.max_nonfinite_steps, owns_data_order=rank == 0))
+            server = calls.install(self._build_server({n: params[n] for n in self.shards[rank]}))
             if rank == 0:
                 server.on_give_back = self._revoke_elsewhere
+                if isinstance(server, RoundServer):
+                    server.on_close = self._close_elsewhere
         # 6. What the run starts from, decided by process 0 before it joins the RPC group (it reads the checkpoint's
         #    files through, which may take longer than an RPC may wait) and then asked for by every other process:
         #    all resume, or all leave with the same refusal. The resolved config is written once it was accepted.
@@ -165,9 +142,25 @@ class AsyncPSTrainer:
             if self._resume_from is not None:
                 self.start_step = self.checkpoints.load(self._resume_from)["step"]
             self._model.to(self.dtype)
-            calls.server().ready.set()
+            calls.server().start()
         elif should_compile(cfg.train.compile, self.env.device, zero_stage=0):
             self._model.compile()  # in place: the parameter names that pulls, pushes and checkpoints use stay
+
+    def _build_server(self, shard: dict[str, torch.Tensor]) -> ParameterServer:
+        """This server's role: Downpour's optimizer, or DiLoCo's outer one, in sync rounds (server 0 holding a round
+        that ends at an evaluation or a save until its reporting thread has done it) or asynchronous ones."""
+        cfg = self.cfg
+        args = (shard, cfg.optim, cfg.train.max_steps, self.num_workers, cfg.ps.staleness_lr, cfg.ps.max_staleness,
+                cfg.ps.timeout_s, cfg.train.stop_at_step)
+        kwargs = {"wire_dtype": self.dtype, "max_nonfinite_steps": cfg.train.max_nonfinite_steps,
+                  "owns_data_order": self.rank == 0}
+        if not cfg.ps.diloco:
+            return ParameterServer(*args, **kwargs)
+        if not cfg.ps.sync_rounds:
+            return OuterServer(*args, outer=cfg.ps, **kwargs)
+        cadence = Cadence.of(cfg.train)
+        return RoundServer(*args, outer=cfg.ps, holds=lambda step: cadence.evaluate(step) or cadence.save(step),
+                           **kwargs)
 
     def name(self, rank: int) -> str:
         return f"ps{rank}" if rank < self.num_servers else f"worker{rank - self.num_servers}"
@@ -221,20 +214,49 @@ class AsyncPSTrainer:
                             f"ps.timeout_s={self.cfg.ps.timeout_s} s ({first}); stopping") from None
 
     def _work(self) -> TrainResult:
-        """Local steps of global_batch_size / W sequences, on the units of data server 0 leases (unit u: sample
-        positions [u * S, (u + 1) * S) of the reader's order, S = global_batch_size / W): every ``ps.fetch_every``
-        steps the weights are pulled, every ``ps.push_every`` the mean gradient is pushed (asking for the next
-        lease). With ``ps.overlap`` the pull and the push run while the next steps compute (``_Transfers``)."""
-        cfg, ps = self.cfg.train, self.cfg.ps
+        """The worker's loop (Downpour's local steps, or DiLoCo's rounds), then its leaving: what it holds goes back
+        on a stop signal, and server 0 last hears that it finished."""
+        cfg = self.cfg.train
         model = self._model.to(self.env.device, self.dtype)
         reader = self.data.train_reader(self.model_cfg.block_size, cfg.seed, 0, 1, cfg.subset_tokens)
+        transfers = _Transfers(self, dict(model.named_parameters()))
+        straggler = Straggler(cfg.slow_rank_factor, self.worker == self.num_workers - 1, self.env.device)
+        if self.cfg.ps.diloco:
+            result = self._rounds(InnerRounds(self, model, transfers), reader, straggler)
+        else:
+            result = self._local_steps(model, reader, transfers, straggler)
+        transfers.close()
+        if self.joined and self._signals.requested:
+            self.transport.call_sync(0, calls.leave, self.worker)  # what it holds goes to the others now
+            log.info("worker %d left the job (a stop signal) after %d local step(s)", self.worker, result.steps)
+        stopped = self._call(0, self.transport.call(0, calls.diverged))  # asked before server 0 may leave
+        # Server 0 last: once every worker has finished with it, it releases the others and may leave at once.
+        for i in reversed(range(self.num_servers)):
+            try:
+                self.transport.call_sync(i, calls.finished, self.worker)
+            except RuntimeError:
+                if i:
+                    raise
+                # server 0 may leave before its answer arrives: nothing is lost
+        if stopped is not None:
+            raise diverged(self.run, *stopped, cfg.max_nonfinite_steps)
+        if self.joined:
+            log.info("worker %d computed %d local step(s) of the job in %s; its server 0 reports the run",
+                     self.worker, result.steps, self.cfg.run.dir)
+        return result
+
+    def _local_steps(self, model, reader, transfers: _Transfers, straggler: Straggler) -> TrainResult:
+        """Downpour: local steps of global_batch_size / W sequences, on the units of data server 0 leases (unit u:
+        sample positions [u * S, (u + 1) * S) of the reader's order, S = global_batch_size / W): every
+        ``ps.fetch_every`` steps the weights are pulled, every ``ps.push_every`` the mean gradient is pushed (asking
+        for the next lease). With ``ps.overlap`` the pull and the push run while the next steps compute
+        (``_Transfers``)."""
+        cfg, ps = self.cfg.train, self.cfg.ps
         per_step = cfg.global_batch_size // self.num_workers
         micro_steps = per_step // cfg.micro_batch_size
         wanted = (2 if ps.overlap else 1) * ps.push_every  # one push's units ahead while a push is in flight
         held = collections.deque(self._call(0, self.transport.call(0, calls.first_grant, self.worker, wanted)))
-        params = dict(model.named_parameters())
-        transfers = _Transfers(self, params)
-        straggler = Straggler(cfg.slow_rank_factor, self.worker == self.num_workers - 1, self.env.device)
+        params = transfers.params
         result, local, versions = TrainResult(), 0, []
         while True:
             if self.joined and self._signals.requested:  # a joined worker's own job was stopped: it leaves
@@ -276,24 +298,23 @@ class AsyncPSTrainer:
                      "compute_s": compute_s / len(units)}  # per local step
             held.extend(transfers.push(grad, versions, stats, wanted=ps.push_every, background=ps.overlap))
             result.steps += len(units)
-        transfers.close()
-        if self.joined and self._signals.requested:
-            self.transport.call_sync(0, calls.leave, self.worker)  # what it holds goes to the others now
-            log.info("worker %d left the job (a stop signal) after %d local step(s)", self.worker, result.steps)
-        stopped = self._call(0, self.transport.call(0, calls.diverged))  # asked before server 0 may leave
-        # Server 0 last: once every worker has finished with it, it releases the others and may leave at once.
-        for i in reversed(range(self.num_servers)):
-            try:
-                self.transport.call_sync(i, calls.finished, self.worker)
-            except RuntimeError:
-                if i:
-                    raise
-                # server 0 may leave before its answer arrives: nothing is lost
-        if stopped is not None:
-            raise diverged(self.run, *stopped, cfg.max_nonfinite_steps)
-        if self.joined:
-            log.info("worker %d computed %d local step(s) of the job in %s; its server 0 reports the run",
-                     self.worker, result.steps, self.cfg.run.dir)
+        return result
+
+    def _rounds(self, rounds: InnerRounds, reader, straggler: Straggler) -> TrainResult:
+        """DiLoCo: a round per lease of up to ps.inner_steps units (``InnerRounds``), until none is left; the inner
+        state goes to server 0 at the end, for the run's last checkpoint."""
+        rounds.resume()
+        wanted = self.cfg.ps.inner_steps
+        held = self._call(0, self.transport.call(0, calls.first_grant, self.worker, wanted))
+        result = TrainResult()
+        while not (self.joined and self._signals.requested):
+            if not held:
+                held = self._wait_grant(wanted)
+                if not held:
+                    break
+            units, held = held, rounds.run_round(held, reader, straggler)
+            result.steps += len(units)
+        self.transport.call_sync(0, calls.put_inner, self.worker, rounds.state())
         return result
 
     def _wait_grant(self, wanted: int) -> list[int]:
@@ -304,6 +325,11 @@ class AsyncPSTrainer:
                                                       self.cfg.ps.timeout_s / 4))
             if given is not None:
                 return given
+
+    def _close_elsewhere(self, workers: list[int]) -> None:
+        """Server 0 closes a round: the other servers apply the same workers' pseudo-gradients first."""
+        for i in range(1, self.num_servers):
+            self.transport.call_sync(i, calls.close_round, workers)
 
     def _revoke_elsewhere(self, worker: int, units: list[int]) -> None:
         """Server 0 took ``units`` back from a lost ``worker``: the other servers refuse its push of them from now
@@ -329,10 +355,13 @@ class AsyncPSTrainer:
         result = TrainResult(unigram_entropy=self.data.unigram_entropy())
         self._lost: list[bool] = []
         cadence = Cadence.of(cfg)
-        seen, units, step, interval_start, logged = 0, 0, self.start_step, time.time(), self.start_step
+        seen, units, step, interval_start, rate = 0, 0, self.start_step, time.time(), 0.0
         evaluated = saved = -1
         interval: list[dict] = []
         this_step: list[dict] = []  # the updates of the step in progress
+        # The loss of step s: the mean over the W units of data applied as step s (in the order applied; a DiLoCo
+        # round reports each inner step's loss, in a sync round worker after worker)
+        unit_losses: collections.deque[float] = collections.deque()
         done = threading.Thread(target=lambda: self._lost.append(not server.wait_until_done()), daemon=True)
         done.start()
         running, stopping = True, False
@@ -348,27 +377,32 @@ class AsyncPSTrainer:
                 updates.write(record)
                 seen += 1
                 units += record["units"]
+                unit_losses.extend(record.get("unit_losses") or [record["loss"]] * record["units"])
                 interval.append(record)
                 this_step.append(record)
                 while step < self.start_step + units // self.num_workers:  # an update of K local steps may end several
                     step += 1
                     metrics.advance()
+                    loss = float(np.mean([unit_losses.popleft() for _ in range(min(self.num_workers,
+                                                                                   len(unit_losses)))]))
                     if any(r["skipped"] for r in this_step):
                         log.warning("step %d skipped (a worker's loss or gradient was non-finite)", step)
                     if cadence.log(step):
-                        seconds = record["time"] - interval_start
-                        self._log(metrics, step, interval or this_step, this_step, step - logged, seconds)
-                        result.losses[step] = float(np.mean([r["loss"] for r in this_step]))
-                        interval, interval_start, logged = [], record["time"], step
+                        if interval and record["time"] > interval_start:  # else: steps a record ended together
+                            rate = (sum(r["units"] for r in interval) * self._tokens_per_unit()
+                                    / (record["time"] - interval_start))
+                        self._log(metrics, step, interval or this_step, loss, rate)
+                        result.losses[step] = loss
+                        interval, interval_start = [], record["time"]
                     this_step = [record] if units > (step - self.start_step) * self.num_workers else []
-                    if cadence.stops(step):  # the last step's evaluation and save wait for every update (below)
-                        continue
-                    if cadence.evaluate(step):  # on the weights of now: the workers go on meanwhile
-                        self._evaluate_into(result, metrics, step)
-                        evaluated = step
-                    if cadence.save(step):
+                    # the last step's evaluation and save wait for every update (below)
+                    if not cadence.stops(step) and cadence.evaluate(step):  # on the weights of now (Downpour's
+                        self._evaluate_into(result, metrics, step)  # workers go on meanwhile; DiLoCo's sync
+                        evaluated = step  # rounds wait for it: ``RoundServer.holds``)
+                    if not cadence.stops(step) and cadence.save(step):
                         self._save(step)
                         saved = step
+                    server.proceed(step)
         updates.close()
         if self._lost[0]:
             log.warning("%d worker(s) were lost (silent for more than ps.timeout_s=%d s); the others finished "
@@ -414,22 +448,23 @@ class AsyncPSTrainer:
         for i in range(1, self.num_servers):
             self.transport.call_sync(i, calls.stop_at, budget)
 
-    def _log(self, metrics: MetricsLogger, step: int, records: list[dict], last_step: list[dict], steps: int,
-             seconds: float) -> None:
-        """A metrics row of the ``steps`` steps and the updates since the last one (``records``; an update of several
-        local steps may end more than one logged step); the loss is the last step's."""
+    def _log(self, metrics: MetricsLogger, step: int, records: list[dict], loss: float, tokens_per_s: float) -> None:
+        """A metrics row of the updates since the last one (``records``; an update of several local steps may end
+        more than one logged step: the rows after its first repeat its rate); ``loss`` is the step's. Bytes per
+        token: what the workers pulled and pushed (sent + received) per token they trained on."""
         staleness = np.array([r["staleness"] for r in records])
-        tokens = self._tokens_seen(steps)
+        units = sum(r["units"] for r in records)
         metrics.log(step, {
-            "loss": float(np.mean([r["loss"] for r in last_step])), "lr": records[-1]["lr"],
-            "tokens_seen": self._tokens_seen(step), "tokens_per_s": tokens / max(seconds, 1e-9),
-            "updates_per_s": len(records) / max(seconds, 1e-9),
+            "loss": loss, "lr": records[-1]["lr"],
+            "tokens_seen": self._tokens_seen(step), "tokens_per_s": tokens_per_s,
+            "updates_per_s": tokens_per_s / self._tokens_per_unit() / (units / len(records)),
             "staleness_mean": float(staleness.mean()), "staleness_p50": float(np.percentile(staleness, 50)),
             "staleness_p95": float(np.percentile(staleness, 95)), "staleness_max": int(staleness.max()),
             "apply_s": float(np.mean([r["apply_s"] for r in records])),
             "pull_s": float(np.mean([r["pull_s"] for r in records])),
             "push_s": float(np.mean([r["push_s"] for r in records if r["push_s"]] or [0.0])),
             "bytes_per_update": float(np.mean([r["bytes"] for r in records])),
+            "bytes_per_token": sum(r["bytes"] for r in records) / (self._tokens_per_unit() * units),
             "staleness_hist": np.bincount(staleness).tolist(),
             "compute_s": float(np.mean([r["compute_s"] for r in records])),
             **{f"loss_worker{w}": float(np.mean([r["loss"] for r in records if r["worker"] == w]))
@@ -461,6 +496,10 @@ class AsyncPSTrainer:
         scores = self.evaluate()
         result.val_loss, result.val_ppl = scores["val_loss"], scores["val_ppl"]
         metrics.log(step, scores)
+
+    def _tokens_per_unit(self) -> int:
+        """Tokens of one unit of data (one local step: global_batch_size / W sequences)."""
+        return self.cfg.train.global_batch_size // self.num_workers * self.model_cfg.block_size
 
     def _tokens_seen(self, step: int) -> int:
         """Tokens trained on after ``step`` steps (W updates of global_batch_size / W sequences each)."""
@@ -535,26 +574,37 @@ class _Transfers:
         return versions  # each server's own: servers apply the same pushes, not at the same moments
 
     def push(self, grad: dict[str, torch.Tensor], versions: list[int], stats: dict, wanted: int,
-             background: bool) -> list[int]:
-        """Push ``grad`` (computed on each server's ``versions``) to every server, in the compute dtype; the units
-        server 0 leases next (none while the push is in flight, then from ``wait_push``)."""
+             background: bool, dtype: torch.dtype | None = None, server0_last: bool = False) -> list[int]:
+        """Push ``grad`` (computed on each server's ``versions``) to every server, in ``dtype`` (the compute dtype by
+        default); the units server 0 leases next (none while the push is in flight, then from ``wait_push``).
+        ``server0_last``: the other servers have it before server 0 does (DiLoCo's sync rounds: when server 0 closes
+        a round, the others hold every pseudo-gradient it applies). A DiLoCo worker's ``stats["inner_state"]`` goes
+        to server 0 only."""
         t = self.trainer
         granted = self.wait_push() if self._push is not None else []
         start = time.perf_counter()
-        wire = {n: g.to("cpu", t.dtype) for n, g in grad.items()}  # pushed in the compute dtype
+        wire = {n: g.to("cpu", dtype or t.dtype) for n, g in grad.items()}
         grads = [{n: wire[n] for n in shard} for shard in t.shards]
+        inner = stats.pop("inner_state", None)
         pushed_bytes = sum(g.numel() * g.element_size() for shard in grads for g in shard.values())
+        pushed_bytes += sum(v.numel() * v.element_size() for v in _tensors(inner))
         stats = {**stats, "pull_s": self.pull_s, "push_s": self.push_s, "bytes": self.pulled_bytes + pushed_bytes}
         self.pull_s = self.pulled_bytes = 0  # reported once, with this push (push_s: the last push's)
-        self._push = [t.transport.call(i, calls.push, t.worker, grads[i], versions[i], stats, wanted if i == 0 else 0)
-                      for i in self.servers]
+        order = [*self.servers[1:], 0] if server0_last else list(self.servers)
+        self._push = {}
+        for i in order:
+            sent = {**stats, "inner_state": inner} if i == 0 and inner is not None else stats
+            self._push[i] = t.transport.call(i, calls.push, t.worker, grads[i], versions[i], sent,
+                                             wanted if i == 0 else 0)
+            if server0_last and i:
+                t._call(i, self._push[i])
         self.push_s = time.perf_counter() - start
         return granted if background else granted + self.wait_push()
 
     def wait_push(self) -> list[int]:
         """Wait for the push in flight; the units server 0 leased with it."""
         start = time.perf_counter()
-        answers = [self.trainer._call(i, fut) for i, fut in zip(self.servers, self._push, strict=True)]
+        answers = {i: self.trainer._call(i, fut) for i, fut in self._push.items()}
         self._push = None
         self.push_s += time.perf_counter() - start
         return list(answers[0])
@@ -567,6 +617,17 @@ class _Transfers:
             for i, fut in zip(self.servers, self.trainer._call(0, self._pull), strict=True):
                 self.trainer._call(i, fut)
             self._pull = None
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    """Every tensor in ``value`` (nested dicts and lists)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
 
 
 def rpc_peers(rank: int, call_sync) -> Peers:
