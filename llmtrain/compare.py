@@ -1,8 +1,9 @@
 """Sync ZeRO against async parameter servers on the same model, data, token budget and compute ranks.
 
-Runs ``llmtrain-train`` once per mode (sync: N data-parallel ranks; async: N workers + 1 server; optionally
-async with the staleness-aware learning rate), each in its own run folder under ``compare.dir`` and in one
-wandb group, then writes loss-vs-tokens and loss-vs-wall-clock plots, the staleness histogram and a table. With
+Runs ``llmtrain-train`` once per mode (sync: N data-parallel ranks; async: N workers + 1 server; optionally async
+with the staleness-aware learning rate, and DiLoCo once per H of ``compare.inner_steps``), each in its own run
+folder under ``compare.dir`` and in one wandb group, then writes loss-vs-tokens and loss-vs-wall-clock plots, the
+staleness histogram and a table (with the bytes each compute rank sends + receives per token it trains on). With
 ``compare.slow_rank_factor`` above 1 every mode runs again with a straggler (``train.slow_rank_factor``: the last
 compute rank sleeps factor - 1 times its measured compute time after each micro-batch), in ``compare.dir/slow-<f>``,
 and the plots put the two scenarios side by side.
@@ -10,6 +11,7 @@ and the plots put the two scenarios side by side.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmtrain.config import CompareConfig, Mode, parallel_problems
+from llmtrain.config import Algorithm, CompareConfig, Mode, parallel_problems
 from llmtrain.errors import UserError
 from llmtrain.run.rundir import RunDir
 from llmtrain.run.setup import check_data_dir
@@ -60,9 +62,28 @@ def plan(cfg: CompareConfig) -> list[ModeRun]:
         if cfg.compare.staleness_lr:
             modes.append(("async+staleness-lr", "async-slr", ["mode=async_ps", "ps.num_servers=1",
                                                                 "ps.staleness_lr=true"], n + 1))
+        round_mode = "sync rounds" if cfg.compare.sync_rounds else "async rounds"
+        modes += [(f"diloco H={h} ({round_mode})", f"diloco-h{h}", diloco_overrides(cfg, h), n + 1)
+                  for h in cfg.compare.inner_steps]
         runs += [ModeRun(name, RunDir(folder / sub), [*common, *mode], ranks, factor)
                  for name, sub, mode, ranks in modes]
     return runs
+
+
+def diloco_overrides(cfg: CompareConfig, inner_steps: int) -> list[str]:
+    return ["mode=async_ps", "ps.num_servers=1", "ps.staleness_lr=false", "ps.algorithm=diloco",
+            f"ps.inner_steps={inner_steps}", f"ps.sync_rounds={str(cfg.compare.sync_rounds).lower()}"]
+
+
+def check_diloco(cfg: CompareConfig) -> None:
+    """Each DiLoCo run's config, checked before the first run starts (its steps must end rounds)."""
+    for h in cfg.compare.inner_steps:
+        ps = dataclasses.replace(cfg.ps, algorithm=Algorithm.diloco, inner_steps=h, staleness_lr=False,
+                                 sync_rounds=cfg.compare.sync_rounds)
+        try:
+            dataclasses.replace(cfg, mode=Mode.async_ps, ps=ps)
+        except ValueError as exc:
+            raise UserError(f"compare.inner_steps={h}: {exc}") from None
 
 
 def launch(run: ModeRun, user_overrides: list[str]) -> None:
@@ -81,7 +102,7 @@ def launch(run: ModeRun, user_overrides: list[str]) -> None:
 
 def table(runs: list[ModeRun]) -> str:
     header = ("mode", "compute ranks", "slow rank", "tokens", "wall s (with start-up)", "tokens/s", "val loss",
-              "val ppl", "staleness mean / p95 / max")
+              "val ppl", "bytes/token", "staleness mean / p95 / max")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
         steps, final = run.steps(), run.evals()[-1]
@@ -93,7 +114,8 @@ def table(runs: list[ModeRun]) -> str:
         lines.append(f"| {run.name} | {run.ranks if run.name == 'sync' else run.ranks - 1} | "
                      f"x{run.slow_rank_factor:g} | {steps[-1]['tokens_seen']:,} | {run.wall_s:.0f} | "
                      f"{tokens_per_s:,.0f} | "
-                     f"{final['val_loss']:.4f} | {final['val_ppl']:.2f} | {stale} |")
+                     f"{final['val_loss']:.4f} | {final['val_ppl']:.2f} | "
+                     f"{np.mean([r['bytes_per_token'] for r in steps]):,.0f} | {stale} |")
     return "\n".join(lines)
 
 
@@ -149,6 +171,7 @@ def compare(cfg: CompareConfig, user_overrides: list[str]) -> str:
     refused = parallel_problems(cfg.model, cfg.dist, Mode.async_ps)  # the async runs would, after the sync one
     if refused:
         raise UserError(refused[0])
+    check_diloco(cfg)
     out = Path(cfg.compare.dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = plan(cfg)

@@ -108,10 +108,15 @@ class CompareSection:
     slow_rank_factor: float = 1.0
     """A straggler scenario: above 1, every mode runs a second time with one compute rank this many times slower per
     micro-batch (train.slow_rank_factor), and the plots show both scenarios side by side."""
+    inner_steps: list[int] = field(default_factory=list)
+    """Also run DiLoCo (ps.algorithm=diloco, 1 server) once per H in this list, e.g. [4,16,64] (empty: none)."""
+    sync_rounds: bool = True
+    """The DiLoCo runs' ps.sync_rounds."""
 
     def __post_init__(self) -> None:
         problems = nonempty("compare.dir", self.dir, "give the output folder, compare.dir=runs/<name>")
         problems += bounded("compare.compute_ranks", self.compute_ranks, 1, 1 << 16)
+        problems += [p for h in self.inner_steps for p in bounded("compare.inner_steps", h, 1, 1 << 20)]
         if not 1.0 <= self.slow_rank_factor <= 1000.0:  # also refuses nan
             problems.append(f"compare.slow_rank_factor={self.slow_rank_factor} must be between 1 and 1000")
         raise_problems(problems, "compare")

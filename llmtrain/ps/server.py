@@ -476,7 +476,7 @@ class RoundServer(OuterServer):
                     param.grad = torch.stack([grads[name] for grads in finite]).mean(0)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            before = self.version
+            before, now = self.version, time.time()  # the round's updates are applied at one moment
             apply_s = time.perf_counter() - start
             for worker, _, computed_on, stats in entries:
                 units = [int(u) for u in stats["leases"]]
@@ -486,8 +486,7 @@ class RoundServer(OuterServer):
                 self.clock[worker] = self.clock.get(worker, 0) + len(units)
                 self.records.append({"worker": worker, "version": self.version, "staleness": before - computed_on,
                                      "lr": self.outer.outer_lr, **stats, "units": len(units),
-                                     "skipped": len(finite) < len(entries), "apply_s": apply_s,
-                                     "time": time.time()})
+                                     "skipped": len(finite) < len(entries), "apply_s": apply_s, "time": now})
             self._count_steps(before, len(finite) < len(entries))
             self.arrived.clear()
             self.lock.notify_all()

@@ -373,7 +373,7 @@ class AsyncPSTrainer:
                 stopping = True
             with server.lock:
                 new = server.records[seen:]
-            for record in new:  # W local steps make one step (as many tokens as one synchronous step)
+            for i, record in enumerate(new):  # W local steps make one step (as many tokens as one synchronous step)
                 updates.write(record)
                 seen += 1
                 units += record["units"]
@@ -389,7 +389,9 @@ class AsyncPSTrainer:
                         log.warning("step %d skipped (a worker's loss or gradient was non-finite)", step)
                     if cadence.log(step):
                         if interval and record["time"] > interval_start:  # else: steps a record ended together
-                            rate = (sum(r["units"] for r in interval) * self._tokens_per_unit()
+                            # with the records applied at the same moment (a sync round's), logged next
+                            together = sum(r["units"] for r in new[i + 1:] if r["time"] == record["time"])
+                            rate = ((sum(r["units"] for r in interval) + together) * self._tokens_per_unit()
                                     / (record["time"] - interval_start))
                         self._log(metrics, step, interval or this_step, loss, rate)
                         result.losses[step] = loss

@@ -35,6 +35,7 @@ from llmtrain.distributed.deepspeed import (
 )
 from llmtrain.distributed.env import DistEnv, init_distributed
 from llmtrain.distributed.parallel import Topology, parallelize, sequence_loss_scale
+from llmtrain.distributed.traffic import data_parallel_bytes_per_step
 from llmtrain.dtypes import torch_dtype
 from llmtrain.errors import AgreedError
 from llmtrain.evaluate import validation_scores
@@ -97,6 +98,11 @@ class Trainer:
         self.num_params = shape.num_params()
         self.flops_per_token = shape.flops_per_token()
         self.predicted_memory = self._predict_memory(shape.num_params(non_embedding=False))
+        self.bytes_per_token = (data_parallel_bytes_per_step(
+            memory.rank_params(self.model_cfg, shape.num_params(non_embedding=False), self.topology.tp),
+            self.topology.dp, cfg.dist.zero_stage, self.grad_accum, torch_dtype(cfg.precision).itemsize)
+            / (cfg.train.global_batch_size // self.topology.dp * self.model_cfg.block_size))
+        """Data-parallel bytes a rank sends + receives per token it trains on (``llmtrain.distributed.traffic``)."""
         self._memory_reported = False  # the measured peak is logged beside it once, at the first logged step
         torch.manual_seed(cfg.train.seed)
         model = build_partitioned(lambda: build_model(self.model_cfg, cfg.dist.activation_checkpointing,
@@ -365,6 +371,7 @@ class Trainer:
             "peak_mem_gb": peak_memory_gb(self.env.device),
             "loss_scale": float(getattr(optimizer, "cur_scale", 1.0) or 1.0),
             "skipped_steps": self.skipped_steps,
+            "bytes_per_token": self.bytes_per_token,
             **{f"tokens_seen/{name}": samples * self.model_cfg.block_size
                for name, samples in self.batches.samples_by_source().items()},
         }
