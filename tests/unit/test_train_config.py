@@ -89,6 +89,24 @@ def test_public_override_names():
         (["dist.zero_stage=2", "dist.offload_optimizer=true", "optim.name=sgd"], "works with optim.name=adamw only"),
         (["+train.epochs=3"], "unknown config key(s): train.epochs"),
         (["mode=async_ps", "precision=fp16"], "mode=async_ps runs in fp32 or bf16"),
+        (["mode=async_ps", "ps.algorithm=diloco"], "train.max_steps=1000 must be a multiple of ps.inner_steps=16"),
+        *[([f"ps.{k}"], message) for k, message in [
+            ("inner_steps=0", "ps.inner_steps=0 must be >= 1"),
+            ("outer_lr=0", "ps.outer_lr=0.0 must be above 0"),
+            ("outer_momentum=1", "ps.outer_momentum=1.0 must be in [0, 1)"),
+            ("momentum_activation=-1", "ps.momentum_activation=-1.0 must be in [0, 1/ps.nesterov_buffer]"),
+            ("push_dtype=fp16", "ps.push_dtype"),
+        ]],
+        *[(["mode=async_ps", "ps.algorithm=diloco", "train.max_steps=32", "train.eval_every=32",
+            "train.checkpoint_every=32", *extra], message) for extra, message in [
+            (["ps.push_every=2"], "ps.push_every=2 is Downpour's"),
+            (["ps.fetch_every=4"], "ps.fetch_every=4 is Downpour's"),
+            (["ps.overlap=true"], "ps.overlap=true is Downpour's"),
+            (["ps.max_staleness=2"], "ps.max_staleness=2 bounds asynchrony, and ps.sync_rounds=true has none"),
+            (["ps.staleness_lr=true"], "ps.staleness_lr=True bounds asynchrony"),
+            (["train.eval_every=20"], "train.eval_every=20 must be a multiple of ps.inner_steps=16"),
+            (["train.stop_at_step=8"], "train.stop_at_step=8 must be a multiple of ps.inner_steps=16"),
+        ]],
     ],
 )
 def test_bad_training_config_is_one_line(capsys, overrides, message):
