@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from llmtrain.config import AUTO, MLP, ModelConfig, Precision, TrainConfig
+from llmtrain.config import AUTO, MLP, ModelConfig, OptimizerName, Precision, TrainConfig
 from llmtrain.distributed.deepspeed import buckets_for_width
 from llmtrain.optim import ChunkedAdamW
 
@@ -98,6 +98,25 @@ def estimate(cfg: TrainConfig, num_params: int, world: int, process_bytes: float
         buffers += (4 + (weight_bytes if mixed else 0)) * min(buckets["sub_group_size"], psi / n)
     return MemoryEstimate(weights, gradients, optimizer, buffers, activation_bytes(cfg, on_gpu), process_bytes,
                           checkpoint_copy(cfg, psi, n) if cfg.train.background_saves else 0.0)
+
+
+def server_bytes(cfg: TrainConfig, shard_params: float, num_workers: int) -> dict[str, float]:
+    """What one parameter server (mode=async_ps) holds for a shard of ``shard_params`` parameters, by part: its fp32
+    master weights; the optimizer state (Downpour: AdamW's two fp32 moments, or SGD's momentum; DiLoCo: the outer
+    fp32 momentum buffer, and Delayed Nesterov's pseudo-gradient sum); in DiLoCo's sync rounds the round's
+    pseudo-gradients until it closes (up to one fp32 copy per worker); and a checkpoint's host copy of weights and
+    state when saves run in the background."""
+    psi = float(shard_params)
+    if cfg.ps.diloco:
+        optimizer = 4 * psi * (1 if cfg.ps.sync_rounds else 2)
+    elif cfg.optim.name == OptimizerName.sgd:
+        optimizer = 4 * psi if cfg.optim.momentum else 0.0
+    else:
+        optimizer = 8 * psi
+    parts = {"weights": 4 * psi, "optimizer": optimizer,
+             "round": 4 * psi * num_workers if cfg.ps.diloco and cfg.ps.sync_rounds else 0.0}
+    parts["checkpoint copy"] = parts["weights"] + parts["optimizer"] if cfg.train.background_saves else 0.0
+    return parts
 
 
 def block_matrix_params(model: ModelConfig) -> int:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from llmtrain.config import TrainConfig, Transport
+from llmtrain.distributed import memory
 from llmtrain.distributed.deepspeed import copy_weights, should_compile
 from llmtrain.distributed.env import rendezvous_host, rpc_env
 from llmtrain.dtypes import torch_dtype
@@ -122,6 +123,9 @@ class AsyncPSTrainer:
         if self.is_server:
             params = dict(self._model.named_parameters())
             server = calls.install(self._build_server({n: params[n] for n in self.shards[rank]}))
+            parts = memory.server_bytes(cfg, sum(params[n].numel() for n in self.shards[rank]), self.num_workers)
+            log.info("parameter server %d: %.2f GB predicted = %s", rank, sum(parts.values()) / memory.GB,
+                     ", ".join(f"{k} {v / memory.GB:.2f}" for k, v in parts.items() if v))
             if rank == 0:
                 server.on_give_back = self._revoke_elsewhere
                 if isinstance(server, RoundServer):

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from llmtrain.config import Decay, OptimConfig, PSConfig
+from llmtrain.config import DataConfig, Decay, OptimConfig, PSConfig, RunConfig
 from llmtrain.optim import DelayedNesterov, build_outer_optimizer
 from llmtrain.ps.server import OuterServer, RoundServer
 
@@ -126,3 +126,21 @@ def test_asynchronous_rounds_apply_each_pseudo_gradient_on_arrival_and_keep_the_
     # N = 2 workers buffered, c = 0: the first of a window moves θ by lr * g / N
     assert torch.equal(server.params["w"].detach(), torch.full((3,), -1.0))
     assert "inner_state" not in server.records[0] and set(server.state_dict()["inner"]) == {1}
+
+
+def test_a_servers_predicted_memory_counts_the_outer_state_and_the_round():
+    """Per fp32 parameter of the shard: Downpour's AdamW keeps 4 (weights) + 8 (moments); DiLoCo's sync rounds 4 + 4
+    (outer momentum) + 4 per worker (the round's pseudo-gradients); async rounds 4 + 8 (momentum, Delayed Nesterov's
+    sum); background saves add a copy of weights and state."""
+    from llmtrain.config import TrainConfig, TrainLoopConfig
+    from llmtrain.distributed.memory import server_bytes
+
+    def total(**ps) -> float:
+        cfg = TrainConfig(data=DataConfig(dir="d"), run=RunConfig(dir="r"), mode="async_ps",
+                          train=TrainLoopConfig(max_steps=16, eval_every=16, checkpoint_every=16,
+                                                checkpoint_async=False), ps=PSConfig(**ps))
+        return sum(server_bytes(cfg, 1000, num_workers=3).values())
+
+    assert total() == 12_000
+    assert total(algorithm="diloco") == 4_000 + 4_000 + 12_000
+    assert total(algorithm="diloco", sync_rounds=False) == 12_000
