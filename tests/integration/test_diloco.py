@@ -142,3 +142,29 @@ def test_asynchronous_rounds_spend_the_budget_once_and_learn(run):
     # the least per row: rows of rounds whose push also carried the inner state (for a checkpoint) move more
     per_token = [min(r["bytes_per_token"] for r in rs if "bytes_per_token" in r) for rs in (steps, downpour)]
     assert per_token[0] == pytest.approx(per_token[1] * 0.75 / H, rel=1e-6), per_token
+
+
+def test_a_worker_lost_mid_round_costs_the_round_only_its_pseudo_gradient(prepared_small, tmp_path):
+    """Sync rounds over gRPC, each rank its own process: the slow worker is SIGKILLed inside a round and a new worker
+    joins. The round closes with the pseudo-gradient that arrived (after ps.timeout_s), the lost units are leased
+    again in the next round, the joiner takes part from the round after it asked, and every unit of the budget is
+    applied once."""
+    import signal
+
+    from tests.integration.test_async_ps import start_joining_worker, start_processes, wait_for_step
+
+    run_dir = tmp_path / "run"
+    job = ("ps.transport=grpc", "ps.algorithm=diloco", "ps.inner_steps=5", "train.max_steps=60",
+           "train.eval_every=60", "train.log_every=5", "train.slow_rank_factor=4")  # worker 1, the last, is slow
+    server, fast, victim = start_processes(run_dir, prepared_small, 3, *job)
+    wait_for_step(run_dir, 10)
+    victim.send_signal(signal.SIGKILL)
+    joiner = start_joining_worker(run_dir, prepared_small, *job)
+    out, err = server.communicate(timeout=300)
+    assert server.returncode == 0, err[-3000:]
+    assert fast.wait(timeout=60) == 0 and joiner.wait(timeout=60) == 0, joiner.stderr.read()[-2000:]
+    assert "worker 1 was lost mid-round" in err and "worker 2 joined the job" in err and "step 60: val_loss" in out
+    rows = [json.loads(line) for line in (run_dir / "updates.jsonl").read_text().splitlines()]
+    print("\n".join(json.dumps(r) for r in rows))  # the transcript (pytest -s)
+    assert {r["worker"] for r in rows} == {0, 1, 2}
+    assert sorted(applied_units(run_dir)) == list(range(60 * 2))
