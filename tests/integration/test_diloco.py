@@ -130,10 +130,10 @@ def test_two_workers_in_sync_rounds_are_a_simulation_of_diloco(run, prepared_sma
 
 
 def test_asynchronous_rounds_spend_the_budget_once_and_learn(run):
-    """ps.sync_rounds=false: each pseudo-gradient is applied on arrival (Delayed Nesterov); 2 workers, bf16 pushes
-    of the fp32 model: every unit once, and 0.75 / H of Downpour's bytes per token (per round an fp32 pull and a
-    bf16 push, where Downpour pulls and pushes fp32 every local step)."""
-    run_dir = run("diloco-2w-async", 3, *OUTER, "ps.sync_rounds=false", "ps.push_dtype=bf16")
+    """ps.sync_rounds=false: each pseudo-gradient is applied on arrival (Delayed Nesterov); 2 workers computing in
+    bf16 (inner steps on fp32 masters) and pushing fp32: every unit once, and 0.75 / H of fp32 Downpour's bytes per
+    token (per round a bf16 pull and an fp32 push, where Downpour pulls and pushes fp32 every local step)."""
+    run_dir = run("diloco-2w-async", 3, *OUTER, "precision=bf16", "ps.sync_rounds=false", "ps.push_dtype=fp32")
     assert sorted(applied_units(run_dir)) == list(range(STEPS * 2))
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
