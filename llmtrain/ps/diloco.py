@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_map_only
 
 from llmtrain.dtypes import torch_dtype
 from llmtrain.optim import build_optimizer, lr_at, set_lr
@@ -59,7 +60,7 @@ class InnerRounds:
 
     def state(self) -> dict:
         """The inner optimizer state, on the CPU (what travels to server 0)."""
-        return _on_cpu(self.optimizer.state_dict())
+        return tree_map_only(torch.Tensor, lambda t: t.detach().to("cpu"), self.optimizer.state_dict())
 
     def _heartbeat(self) -> None:
         """Tell server 0 this worker is alive while a round computes (a round may outlast ps.timeout_s)."""
@@ -122,12 +123,3 @@ class InnerRounds:
                     param.copy_(self.masters[name])
         return applied
 
-
-def _on_cpu(value):
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu")
-    if isinstance(value, dict):
-        return {k: _on_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_on_cpu(v) for v in value)
-    return value

@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
 from llmtrain.config import OptimConfig, PSConfig
 from llmtrain.optim import build_optimizer, build_outer_optimizer, lr_at, set_lr
@@ -339,7 +340,7 @@ class OuterServer(ParameterServer):
         """Keep ``worker``'s inner optimizer state (a copy: the message's tensors are views of its bytes)."""
         if state is not None:
             with self.lock:
-                self.inner[worker] = _cloned(state)
+                self.inner[worker] = tree_map_only(torch.Tensor, torch.clone, state)
 
     def inner_state(self, worker: int) -> dict | None:
         with self.lock:
@@ -510,13 +511,3 @@ class RoundServer(OuterServer):
                     return None
                 self.lock.wait(timeout=0.1)
 
-
-def _cloned(value):
-    """``value`` with every tensor copied (nested dicts and lists)."""
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, dict):
-        return {k: _cloned(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_cloned(v) for v in value)
-    return value
