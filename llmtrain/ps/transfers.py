@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from llmtrain.ps import rpc as calls
-from llmtrain.run.background import storage_bytes
 
 if TYPE_CHECKING:
     from llmtrain.ps.trainer import AsyncPSTrainer
@@ -72,7 +71,8 @@ class Transfers:
         default); the units server 0 leases next (none while the push is in flight, then from ``wait_push``).
         ``server0_last``: the other servers have it before server 0 does (DiLoCo's sync rounds: when server 0 closes
         a round, the others hold every pseudo-gradient it applies). A DiLoCo worker's ``stats["inner_state"]`` goes
-        to server 0 only."""
+        to server 0 only, and is not counted in ``bytes`` (the training traffic): it is the worker's part of a
+        checkpoint, which a synchronous rank writes to storage instead."""
         t = self.trainer
         granted = self.wait_push() if self._push is not None else []
         start = time.perf_counter()
@@ -80,7 +80,6 @@ class Transfers:
         grads = [{n: wire[n] for n in shard} for shard in t.shards]
         inner = stats.pop("inner_state", None)
         pushed_bytes = sum(g.numel() * g.element_size() for shard in grads for g in shard.values())
-        pushed_bytes += storage_bytes(inner) if inner is not None else 0
         stats = {**stats, "pull_s": self.pull_s, "push_s": self.push_s, "bytes": self.pulled_bytes + pushed_bytes}
         self.pull_s = self.pulled_bytes = 0  # reported once, with this push (push_s: the last push's)
         order = [*self.servers[1:], 0] if server0_last else list(self.servers)
