@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_map_only
 from llmtrain.dtypes import torch_dtype
 from llmtrain.optim import build_optimizer, lr_at, set_lr
 from llmtrain.ps import rpc as calls
-from llmtrain.ps.grads import accumulate_fp32
+from llmtrain.ps.grads import unit_gradient
 from llmtrain.run.cadence import Cadence
 
 
@@ -78,20 +78,13 @@ class InnerRounds:
                     master.copy_(self.params[name])
             pulled = {n: m.detach().clone() for n, m in self.masters.items()}
         per_step = cfg.global_batch_size // t.num_workers
-        micro_steps = per_step // cfg.micro_batch_size
         unit_losses, skipped, compute_s = [], 0, 0.0
         for unit in units:
             self._heartbeat()
             start = time.perf_counter()
             grad: dict[str, torch.Tensor] = {}
-            losses = []
-            for m in range(micro_steps):
-                x, y = reader.batch_at(unit * per_step + m * cfg.micro_batch_size, cfg.micro_batch_size)
-                with straggler.micro_batch():
-                    _, loss = self.model(x.to(t.env.device), y.to(t.env.device))
-                    (loss / micro_steps).backward()
-                losses.append(loss.item())
-                accumulate_fp32(self.params, grad)
+            losses = unit_gradient(self.model, self.params, reader, unit, per_step, cfg.micro_batch_size,
+                                   t.env.device, straggler, grad)
             skipped += not self._inner_step(unit, grad, float(np.mean(losses)))
             compute_s += time.perf_counter() - start
             unit_losses.append(float(np.mean(losses)))

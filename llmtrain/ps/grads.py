@@ -27,3 +27,20 @@ def clip_(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     for g in grads:
         g.mul_(coef)
     return total
+
+
+def unit_gradient(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], reader, unit: int, per_step: int,
+                  micro_batch_size: int, device: torch.device, straggler, into: dict[str, torch.Tensor]) -> list[float]:
+    """Forward and backward over the micro-batches of one unit of data (sample positions [unit * per_step,
+    (unit + 1) * per_step) of the reader's order), their mean gradient summed into ``into`` in fp32; each
+    micro-batch's loss."""
+    micro_steps = per_step // micro_batch_size
+    losses = []
+    for m in range(micro_steps):
+        x, y = reader.batch_at(unit * per_step + m * micro_batch_size, micro_batch_size)
+        with straggler.micro_batch():
+            _, loss = model(x.to(device), y.to(device))
+            (loss / micro_steps).backward()
+        losses.append(loss.item())
+        accumulate_fp32(params, into)
+    return losses

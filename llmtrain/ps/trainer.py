@@ -40,7 +40,7 @@ from llmtrain.model import build_model
 from llmtrain.ps import rpc as calls
 from llmtrain.ps.checkpoint import ServerCheckpointIO
 from llmtrain.ps.diloco import InnerRounds
-from llmtrain.ps.grads import accumulate_fp32, clip_
+from llmtrain.ps.grads import clip_, unit_gradient
 from llmtrain.ps.leases import UpdateLog
 from llmtrain.ps.server import OuterServer, ParameterServer, RoundServer, shard_names
 from llmtrain.ps.transfers import Transfers
@@ -258,7 +258,6 @@ class AsyncPSTrainer:
         (``Transfers``)."""
         cfg, ps = self.cfg.train, self.cfg.ps
         per_step = cfg.global_batch_size // self.num_workers
-        micro_steps = per_step // cfg.micro_batch_size
         wanted = (2 if ps.overlap else 1) * ps.push_every  # one push's units ahead while a push is in flight
         held = collections.deque(self._call(0, self.transport.call(0, calls.first_grant, self.worker, wanted)))
         params = transfers.params
@@ -283,13 +282,8 @@ class AsyncPSTrainer:
                     versions = fetched if i == 0 else versions  # an update counts from its first step's weights
                 model.zero_grad(set_to_none=True)
                 start = time.perf_counter()
-                for m in range(micro_steps):
-                    x, y = reader.batch_at(unit * per_step + m * cfg.micro_batch_size, cfg.micro_batch_size)
-                    with straggler.micro_batch():
-                        _, loss = model(x.to(self.env.device), y.to(self.env.device))
-                        (loss / micro_steps).backward()
-                    losses.append(loss.item())
-                    accumulate_fp32(params, grad)
+                losses += unit_gradient(model, params, reader, unit, per_step, cfg.micro_batch_size, self.env.device,
+                                        straggler, grad)
                 compute_s += time.perf_counter() - start
                 local += 1
             if len(units) > 1:

@@ -143,7 +143,7 @@ def test_bf16_pulls_and_pushes_move_half_the_bytes_and_masters_stay_fp32():
 
 
 def test_worker_sums_micro_batches_in_fp32_and_clips_like_torch():
-    from llmtrain.ps.trainer import accumulate_fp32, clip_
+    from llmtrain.ps.grads import accumulate_fp32, clip_
 
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 4)
