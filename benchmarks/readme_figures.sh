@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Re-run every command whose figures depend on the training data order (docs/benchmarks.md: the quick-start demo,
-# sync vs async, the two baseline tables), one after another on an otherwise idle machine, and print the figures
-# docs/benchmarks.md and the README quote. About 2.5 hours on 2 CPU cores. Run from a set-up checkout
-# (bash scripts/setup.sh):
+# sync vs async, DiLoCo, the two baseline tables), one after another on an otherwise idle machine, and print the
+# figures docs/benchmarks.md and the README quote. About 3 hours on 2 CPU cores. Run from a set-up checkout (bash
+# scripts/setup.sh):
 #   bash benchmarks/readme_figures.sh [OUT]        # OUT: where the runs go (default: runs/readme-<date>)
 # Steps that already finished (their run folder holds a final checkpoint) are skipped on a re-run.
 set -euo pipefail
@@ -70,5 +70,15 @@ timed compare-fp32 "$BIN/llmtrain-compare" experiment=demo compare.dir="$OUT/com
 cat "$OUT/compare/table.md" | tee -a "$LOG"
 timed compare-bf16 "$BIN/llmtrain-compare" experiment=demo precision=bf16 compare.dir="$OUT/compare-bf16"
 cat "$OUT/compare-bf16/table.md" | tee -a "$LOG"
+
+# DiLoCo beside sync ZeRO-2 and Downpour (docs/benchmarks.md, "Async: DiLoCo"), in both round modes, with the
+# outer learning rate and warm-up tuned there.
+for rounds in true false; do
+    timed "compare-diloco-$rounds" "$BIN/llmtrain-compare" experiment=demo precision=bf16 train.max_steps=256 \
+        train.eval_every=64 train.checkpoint_every=128 optim.warmup_steps=128 ps.outer_lr=1.0 ps.outer_momentum=0 \
+        compare.staleness_lr=false "compare.inner_steps=[4,16,64]" compare.sync_rounds=$rounds \
+        compare.dir="$OUT/compare-diloco-$rounds"
+    cat "$OUT/compare-diloco-$rounds/table.md" | tee -a "$LOG"
+done
 
 note "figures: $LOG"
