@@ -144,3 +144,27 @@ def test_a_servers_predicted_memory_counts_the_outer_state_and_the_round():
     assert total() == 12_000
     assert total(algorithm="diloco") == 4_000 + 4_000 + 12_000
     assert total(algorithm="diloco", sync_rounds=False) == 12_000
+
+
+def test_a_stop_request_ends_the_run_at_a_round_boundary():
+    """A stop signal asks for a budget two steps on: rounded up to whole rounds (W x H units), and never below the
+    round already leased."""
+    server = round_server(max_steps=8)  # 2 workers x 2 inner steps: rounds of 4 units
+    assert server.grant(0, 2) == [0, 1] and server.grant(1, 2) == [2, 3]
+    assert server.stop_at(1) == 4  # the open round is promised
+    push(server, 0, [0, 1], 0.0)
+    push(server, 1, [2, 3], 0.0)
+    assert server.version == 4 and server.wait_grant(0, 2, 0.1) == []
+
+
+def test_sync_bytes_per_token_follow_one_convention_with_the_parameter_servers():
+    """Sent + received per data-parallel rank per step, ring collectives: at 2 ranks ZeRO-2 without accumulation
+    moves 2 Ψ b (a reduce-scatter and an all-gather) -- what a Downpour worker moves per local step (a pull and a
+    push); ZeRO-2 adds a reduce-scatter per extra micro-batch, ZeRO-0 all-reduces once."""
+    from llmtrain.distributed.traffic import data_parallel_bytes_per_step as per_step
+
+    psi = 1000
+    assert per_step(psi, 2, 2, accumulation=1, dtype_bytes=2) == 2 * psi * 2
+    assert per_step(psi, 2, 2, accumulation=3, dtype_bytes=2) == 4 * psi * 2
+    assert per_step(psi, 4, 0, accumulation=3, dtype_bytes=4) == 2 * 2 * 3 / 4 * psi * 4
+    assert per_step(psi, 1, 2, accumulation=1, dtype_bytes=4) == 0
