@@ -354,7 +354,10 @@ class AsyncPSTrainer:
         result = TrainResult(unigram_entropy=self.data.unigram_entropy())
         self._lost: list[bool] = []
         cadence = Cadence.of(cfg)
-        seen, units, step, interval_start, rate = 0, 0, self.start_step, time.time(), 0.0
+        seen, units, step = 0, 0, self.start_step
+        # tokens/s: over at least the last second (a DiLoCo update ends many steps at once, and two workers' updates
+        # may land milliseconds apart), from the first update on
+        rate, rate_units, rate_time = 0.0, 0, time.time()
         evaluated = saved = -1
         interval: list[dict] = []
         this_step: list[dict] = []  # the updates of the step in progress
@@ -387,14 +390,15 @@ class AsyncPSTrainer:
                     if any(r["skipped"] for r in this_step):
                         log.warning("step %d skipped (a worker's loss or gradient was non-finite)", step)
                     if cadence.log(step):
-                        if interval and record["time"] > interval_start:  # else: steps a record ended together
-                            # with the records applied at the same moment (a sync round's), logged next
-                            together = sum(r["units"] for r in new[i + 1:] if r["time"] == record["time"])
-                            rate = ((sum(r["units"] for r in interval) + together) * self._tokens_per_unit()
-                                    / (record["time"] - interval_start))
+                        # units applied by now, with the records applied at the same moment (a sync round's)
+                        applied = units + sum(r["units"] for r in new[i + 1:] if r["time"] == record["time"])
+                        span = record["time"] - rate_time
+                        if applied > rate_units and span > 0 and (span >= 1.0 or not rate):
+                            rate = (applied - rate_units) * self._tokens_per_unit() / span
+                            rate_units, rate_time = applied, record["time"]
                         self._log(metrics, step, interval or this_step, loss, rate)
                         result.losses[step] = loss
-                        interval, interval_start = [], record["time"]
+                        interval = []
                     this_step = [record] if units > (step - self.start_step) * self.num_workers else []
                     # the last step's evaluation and save wait for every update (below)
                     if not cadence.stops(step) and cadence.evaluate(step):  # on the weights of now (Downpour's
