@@ -33,8 +33,9 @@ class PSConfig:
     workers take ps.inner_steps steps of the optimizer (optim.*) on their own data, then push the pseudo-gradient
     (the weights pulled minus the weights reached), which the servers apply with an outer Nesterov SGD (Douillard
     et al. 2023)."""
-    inner_steps: int = 16
-    """diloco's H: local steps a worker takes between a pull and its push (a round)."""
+    inner_steps: int = 25
+    """diloco's H: local steps a worker takes between a pull and its push (a round). train.max_steps, eval_every,
+    checkpoint_every and stop_at_step must be multiples of it (25 divides the defaults' and experiment=demo's)."""
     outer_lr: float = 0.7
     """diloco: the outer SGD's learning rate (constant)."""
     outer_momentum: float = 0.9

@@ -89,7 +89,8 @@ def test_public_override_names():
         (["dist.zero_stage=2", "dist.offload_optimizer=true", "optim.name=sgd"], "works with optim.name=adamw only"),
         (["+train.epochs=3"], "unknown config key(s): train.epochs"),
         (["mode=async_ps", "precision=fp16"], "mode=async_ps runs in fp32 or bf16"),
-        (["mode=async_ps", "ps.algorithm=diloco"], "train.max_steps=1000 must be a multiple of ps.inner_steps=16"),
+        (["mode=async_ps", "ps.algorithm=diloco", "ps.inner_steps=16"],
+         "train.max_steps=1000 must be a multiple of ps.inner_steps=16"),
         *[([f"ps.{k}"], message) for k, message in [
             ("inner_steps=0", "ps.inner_steps=0 must be >= 1"),
             ("outer_lr=0", "ps.outer_lr=0.0 must be above 0"),
@@ -97,7 +98,7 @@ def test_public_override_names():
             ("momentum_activation=-1", "ps.momentum_activation=-1.0 must be in [0, 1/ps.nesterov_buffer]"),
             ("push_dtype=fp16", "ps.push_dtype"),
         ]],
-        *[(["mode=async_ps", "ps.algorithm=diloco", "train.max_steps=32", "train.eval_every=32",
+        *[(["mode=async_ps", "ps.algorithm=diloco", "ps.inner_steps=16", "train.max_steps=32", "train.eval_every=32",
             "train.checkpoint_every=32", *extra], message) for extra, message in [
             (["ps.push_every=2"], "ps.push_every=2 is Downpour's"),
             (["ps.fetch_every=4"], "ps.fetch_every=4 is Downpour's"),
