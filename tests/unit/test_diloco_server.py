@@ -142,8 +142,8 @@ def test_a_servers_predicted_memory_counts_the_outer_state_and_the_round():
         return sum(server_bytes(cfg, 1000, num_workers=3).values())
 
     assert total() == 12_000
-    assert total(algorithm="diloco") == 4_000 + 4_000 + 12_000
-    assert total(algorithm="diloco", sync_rounds=False) == 12_000
+    assert total(algorithm="diloco", inner_steps=4) == 4_000 + 4_000 + 12_000
+    assert total(algorithm="diloco", inner_steps=4, sync_rounds=False) == 12_000
 
 
 def test_a_stop_request_ends_the_run_at_a_round_boundary():
