@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 import torch
 
 from llmtrain.ps import rpc as calls
-
-if TYPE_CHECKING:
-    from llmtrain.ps.trainer import AsyncPSTrainer
 
 
 class Transfers:
@@ -18,7 +14,8 @@ class Transfers:
     background, at most one pull and one push in flight. Times spent waiting and bytes moved travel with the next
     push's stats (``pull_s``, ``push_s``, ``bytes``)."""
 
-    def __init__(self, trainer: AsyncPSTrainer, params: dict[str, torch.nn.Parameter]) -> None:
+    def __init__(self, trainer, params: dict[str, torch.nn.Parameter]) -> None:
+        """``trainer``: the worker's ``AsyncPSTrainer`` (its transport, servers, shards, worker id and dtype)."""
         self.trainer, self.params = trainer, params
         self.servers = range(trainer.num_servers)
         self._pull = None  # futures of the pull in flight
