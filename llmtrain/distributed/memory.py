@@ -100,22 +100,23 @@ def estimate(cfg: TrainConfig, num_params: int, world: int, process_bytes: float
                           checkpoint_copy(cfg, psi, n) if cfg.train.background_saves else 0.0)
 
 
-def server_bytes(cfg: TrainConfig, shard_params: float, num_workers: int) -> dict[str, float]:
+def server_bytes(cfg: TrainConfig, shard_params: float, num_workers: int,
+                 model_params: float = 0.0) -> dict[str, float]:
     """What one parameter server (mode=async_ps) holds for a shard of ``shard_params`` parameters, by part: its fp32
-    master weights; the optimizer state (Downpour: AdamW's two fp32 moments, or SGD's momentum; DiLoCo: the outer
-    fp32 momentum buffer, and Delayed Nesterov's pseudo-gradient sum); in DiLoCo's sync rounds the round's
-    pseudo-gradients until it closes (up to one fp32 copy per worker); and a checkpoint's host copy of weights and
-    state when saves run in the background."""
+    master weights; the optimizer state (Downpour: the ``optim.*`` optimizer's, AdamW's two fp32 moments or SGD's
+    momentum; DiLoCo: the outer fp32 momentum buffer, and Delayed Nesterov's pseudo-gradient sum); in DiLoCo's sync
+    rounds the round's pseudo-gradients until it closes (one fp32 copy per worker); on server 0 under DiLoCo
+    (``model_params``: the whole model's) every worker's inner optimizer state, kept for the checkpoints; and a
+    checkpoint's host copy of all that but the round when saves run in the background."""
     psi = float(shard_params)
-    if cfg.ps.diloco:
-        optimizer = 4 * psi * (1 if cfg.ps.sync_rounds else 2)
-    elif cfg.optim.name == OptimizerName.sgd:
-        optimizer = 4 * psi if cfg.optim.momentum else 0.0
-    else:
-        optimizer = 8 * psi
-    parts = {"weights": 4 * psi, "optimizer": optimizer,
-             "round": 4 * psi * num_workers if cfg.ps.diloco and cfg.ps.sync_rounds else 0.0}
-    parts["checkpoint copy"] = parts["weights"] + parts["optimizer"] if cfg.train.background_saves else 0.0
+    optim_state = 8.0 if cfg.optim.name != OptimizerName.sgd else (4.0 if cfg.optim.momentum else 0.0)
+    diloco = cfg.ps.diloco
+    parts = {"weights": 4 * psi,
+             "optimizer": 4 * psi * (1 if cfg.ps.sync_rounds else 2) if diloco else optim_state * psi,
+             "round": 4 * psi * num_workers if diloco and cfg.ps.sync_rounds else 0.0,
+             "inner states": optim_state * float(model_params) * num_workers if diloco else 0.0}
+    kept = parts["weights"] + parts["optimizer"] + parts["inner states"]
+    parts["checkpoint copy"] = kept if cfg.train.background_saves else 0.0
     return parts
 
 

@@ -83,11 +83,11 @@ class InnerRounds:
             self._heartbeat()
             start = time.perf_counter()
             grad: dict[str, torch.Tensor] = {}
-            losses = unit_gradient(self.model, self.params, reader, unit, per_step, cfg.micro_batch_size,
-                                   t.env.device, straggler, grad)
-            skipped += not self._inner_step(unit, grad, float(np.mean(losses)))
+            loss = float(np.mean(unit_gradient(self.model, self.params, reader, unit, per_step,
+                                               cfg.micro_batch_size, t.env.device, straggler, grad)))
+            skipped += not self._inner_step(unit, grad, loss)
             compute_s += time.perf_counter() - start
-            unit_losses.append(float(np.mean(losses)))
+            unit_losses.append(loss)
         with torch.no_grad():
             delta = {n: pulled[n].sub_(m.detach()) for n, m in self.masters.items()}
         finite = skipped < len(units) and all(bool(torch.isfinite(d).all()) for d in delta.values())

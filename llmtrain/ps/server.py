@@ -61,10 +61,10 @@ class ParameterServer:
                  wire_dtype: torch.dtype = torch.float32, max_nonfinite_steps: int = 5,
                  owns_data_order: bool = True) -> None:
         self.params = {n: nn.Parameter(t.detach().clone().float()) for n, t in params.items()}
-        self.optimizer = build_optimizer(optim, self.params.values(), offload=False, device=torch.device("cpu"))
         self.wire_dtype = wire_dtype
         """The dtype pulls hand out: the workers' compute precision."""
         self.optim_cfg, self.max_steps, self.num_workers = optim, max_steps, num_workers
+        self.optimizer = self._build_optimizer()
         self.budget = min(stop_at_step or max_steps, max_steps) * num_workers
         """Updates to apply in this run: num_workers pushes carry as many tokens as one synchronous step."""
         self.stop_granule = num_workers
@@ -114,6 +114,10 @@ class ParameterServer:
             if self.nonfinite.add(step, not step_skipped) and self.diverged is None:
                 self.diverged = (self.nonfinite.first, step)
                 self.budget = self.version
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """What applies the pushed updates to this shard: the run's optimizer (``optim.*``)."""
+        return build_optimizer(self.optim_cfg, self.params.values(), offload=False, device=torch.device("cpu"))
 
     def _lr(self) -> float:
         """The learning rate of the next update: the schedule's, at the step the version is in."""
@@ -326,12 +330,14 @@ class OuterServer(ParameterServer):
     the checkpoints, and a resumed worker continues from it."""
 
     def __init__(self, params: dict[str, torch.Tensor], *args, outer: PSConfig, **kwargs) -> None:
+        self.outer = outer  # before the base builds the optimizer (``_build_optimizer``)
         super().__init__(params, *args, **kwargs)
-        self.outer = outer
-        self.optimizer = build_outer_optimizer(outer, self.params.values(), self.num_workers)
         self.stop_granule = self.num_workers * outer.inner_steps  # whole rounds
         self.inner: dict[int, dict] = {}
         """Server 0: each worker's inner optimizer state, as it sent it last."""
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        return build_outer_optimizer(self.outer, self.params.values(), self.num_workers)
 
     def _lr(self) -> float:
         return self.outer.outer_lr
@@ -408,7 +414,8 @@ class RoundServer(OuterServer):
                 self.waiting.add(worker)
 
     def grant(self, worker: int, wanted: int) -> list[int]:
-        """This worker's lease of the open round, once (it joins the next round if it has none)."""
+        """This worker's lease of the open round, once (it joins the next round if it has none). A round also closes
+        here: workers waiting for their next lease (``wait_grant``) are how a lost participant is noticed."""
         with self.lock:
             self._seen(worker)
             self._close_if_complete()
@@ -497,17 +504,4 @@ class RoundServer(OuterServer):
             if self.held_at is not None and step >= self.held_at:
                 self.held_at = None
                 self.lock.notify_all()
-
-    def wait_grant(self, worker: int, wanted: int, seconds: float) -> list[int] | None:
-        """Wait for this worker's lease of the next round (rounds close here too: a lost participant is noticed by
-        the workers waiting for it); empty once the budget is applied; None after ``seconds``: ask again."""
-        deadline = time.monotonic() + seconds
-        with self.lock:
-            while True:
-                given = self.grant(worker, wanted)
-                if given or (self.version >= self.budget and not self.open):
-                    return given
-                if time.monotonic() >= deadline:
-                    return None
-                self.lock.wait(timeout=0.1)
 

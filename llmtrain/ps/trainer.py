@@ -124,7 +124,8 @@ class AsyncPSTrainer:
         if self.is_server:
             params = dict(self._model.named_parameters())
             server = calls.install(self._build_server({n: params[n] for n in self.shards[rank]}))
-            parts = memory.server_bytes(cfg, sum(params[n].numel() for n in self.shards[rank]), self.num_workers)
+            parts = memory.server_bytes(cfg, sum(params[n].numel() for n in self.shards[rank]), self.num_workers,
+                                        sum(p.numel() for p in params.values()) if rank == 0 else 0)
             log.info("parameter server %d: %.2f GB predicted = %s", rank, sum(parts.values()) / memory.GB,
                      ", ".join(f"{k} {v / memory.GB:.2f}" for k, v in parts.items() if v))
             if rank == 0:

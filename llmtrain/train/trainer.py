@@ -97,9 +97,10 @@ class Trainer:
             shape = build_model(self.model_cfg)
         self.num_params = shape.num_params()
         self.flops_per_token = shape.flops_per_token()
-        self.predicted_memory = self._predict_memory(shape.num_params(non_embedding=False))
+        all_params = shape.num_params(non_embedding=False)
+        self.predicted_memory = self._predict_memory(all_params)
         self.bytes_per_token = (data_parallel_bytes_per_step(
-            memory.rank_params(self.model_cfg, shape.num_params(non_embedding=False), self.topology.tp),
+            memory.rank_params(self.model_cfg, all_params, self.topology.tp),
             self.topology.dp, cfg.dist.zero_stage, self.grad_accum, torch_dtype(cfg.precision).itemsize)
             / (cfg.train.global_batch_size // self.topology.dp * self.model_cfg.block_size))
         """Data-parallel bytes a rank sends + receives per token it trains on (``llmtrain.distributed.traffic``)."""

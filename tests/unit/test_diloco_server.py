@@ -131,19 +131,22 @@ def test_asynchronous_rounds_apply_each_pseudo_gradient_on_arrival_and_keep_the_
 def test_a_servers_predicted_memory_counts_the_outer_state_and_the_round():
     """Per fp32 parameter of the shard: Downpour's AdamW keeps 4 (weights) + 8 (moments); DiLoCo's sync rounds 4 + 4
     (outer momentum) + 4 per worker (the round's pseudo-gradients); async rounds 4 + 8 (momentum, Delayed Nesterov's
-    sum); background saves add a copy of weights and state."""
+    sum); server 0 under DiLoCo also every worker's inner state over the whole model; background saves add a copy
+    of all but the round."""
     from llmtrain.config import TrainConfig, TrainLoopConfig
     from llmtrain.distributed.memory import server_bytes
 
-    def total(**ps) -> float:
+    def total(model_params: int = 0, **ps) -> float:
         cfg = TrainConfig(data=DataConfig(dir="d"), run=RunConfig(dir="r"), mode="async_ps",
                           train=TrainLoopConfig(max_steps=16, eval_every=16, checkpoint_every=16,
                                                 checkpoint_async=False), ps=PSConfig(**ps))
-        return sum(server_bytes(cfg, 1000, num_workers=3).values())
+        return sum(server_bytes(cfg, 1000, num_workers=3, model_params=model_params).values())
 
-    assert total() == 12_000
+    assert total() == total(model_params=2000) == 12_000  # Downpour keeps no inner state
     assert total(algorithm="diloco", inner_steps=4) == 4_000 + 4_000 + 12_000
     assert total(algorithm="diloco", inner_steps=4, sync_rounds=False) == 12_000
+    # server 0 keeps the 3 workers' inner AdamW moments over the whole model (2000 parameters): 3 x 8 x 2000
+    assert total(model_params=2000, algorithm="diloco", inner_steps=4) == 20_000 + 48_000
 
 
 def test_a_stop_request_ends_the_run_at_a_round_boundary():
