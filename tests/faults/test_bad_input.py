@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,11 +52,20 @@ def test_a_run_dir_that_is_a_file_is_one_line(prepared_small, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
+def default_extensions_dir() -> str:
+    """torch's own choice when TORCH_EXTENSIONS_DIR is unset (torch.utils.cpp_extension), where set-up built the ops."""
+    import torch
+
+    build = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+    return str(Path.home() / ".cache" / "torch_extensions" / f"py{sys.version_info.major}{sys.version_info.minor}_{build}")
+
+
 def test_wandb_online_without_a_login_is_one_line(prepared_small, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(HOME=str(tmp_path / "home"), WANDB_DIR=str(tmp_path / "wandb"))  # no ~/.netrc holding a key
-    # ... but the compiled extensions of the real home's cache (DeepSpeed's comm op would be built again: a minute)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+    # ... but the compiled extensions of the real home's cache (DeepSpeed's comm op would be built again: a minute),
+    # the folder torch picks by default, under the interpreter's and build's name
+    env.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())
     proc = run_cli("llmtrain-train", f"data.dir={prepared_small}", f"run.dir={tmp_path}/run", *COMMON,
                    "wandb.mode=online", env=env)
     refused(proc, "llmtrain-train", "wandb.mode=online could not start the W&B run (")
