@@ -17,13 +17,17 @@ from llmtrain.config import Mode, TrainConfig
 from llmtrain.distributed.exit import ended_process
 
 
-def trainer_class(mode: Mode) -> type:
-    """The one place a training mode picks its trainer (imported on use: each mode loads only its own engine,
-    DeepSpeed or torch.distributed.rpc, and only after ``use_tuned_malloc``)."""
-    if mode == Mode.async_ps:
+def trainer_class(cfg: TrainConfig) -> type:
+    """The one place a training mode (and a layout with its own step driver) picks its trainer (imported on use:
+    each mode loads only its own engine, DeepSpeed or torch.distributed.rpc, and only after ``use_tuned_malloc``)."""
+    if cfg.mode == Mode.async_ps:
         from llmtrain.ps.trainer import AsyncPSTrainer
 
         return AsyncPSTrainer
+    if cfg.dist.pipeline_parallel > 1:
+        from llmtrain.train.pipeline import PipelineTrainer
+
+        return PipelineTrainer
     from llmtrain.train.trainer import Trainer
 
     return Trainer
@@ -37,7 +41,7 @@ def run(cfg: TrainConfig) -> None:
     made_here = not run_dir.path.exists()
     trainer = None
     try:
-        trainer = trainer_class(cfg.mode)(cfg)
+        trainer = trainer_class(cfg)(cfg)
         result = trainer.fit()
     except BaseException:
         # A run refused during set-up, or failed before its first checkpoint, in a run.dir it made leaves no folder

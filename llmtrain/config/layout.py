@@ -19,7 +19,8 @@ class Mode(str, Enum):
 
 @dataclass(kw_only=True)
 class DistConfig:
-    """Data parallelism under DeepSpeed ZeRO, and tensor or sequence parallelism: world = dp x tp x sp."""
+    """Data parallelism under DeepSpeed ZeRO, pipeline stages, and tensor or sequence parallelism:
+    world = pp x dp x tp x sp."""
 
     zero_stage: int = 0
     """ZeRO stage: 0 (plain data parallel) | 1 (optimizer states sharded) | 2 (+ gradients) | 3 (+ parameters)."""
@@ -40,11 +41,34 @@ class DistConfig:
     sequence_parallel: int = 1
     """Ranks that split every sequence, T / N positions each, exchanging heads around attention (DeepSpeed
     Ulysses); with ZeRO 0-3."""
+    pipeline_parallel: int = 1
+    """Pipeline stages: consecutive blocks on N ranks, micro-batches streamed through them (DeepSpeed's pipeline
+    engine, 1F1B schedule); the outermost axis, so stages may span nodes. With ZeRO 0-1 on the data-parallel rest."""
+    pipeline_partition: str = "type:Block"
+    """How blocks are cut into stages, by DeepSpeed's partition methods: type:Block (equal blocks per stage) |
+    parameters (equal parameter counts; the tied embedding counts on the first and last stage) | uniform (equal
+    layer counts, embeddings and head included)."""
 
     def __post_init__(self) -> None:
         problems = []
         problems += bounded("dist.tensor_parallel", self.tensor_parallel, 1, 1 << 16)
         problems += bounded("dist.sequence_parallel", self.sequence_parallel, 1, 1 << 16)
+        problems += bounded("dist.pipeline_parallel", self.pipeline_parallel, 1, 1 << 16)
+        if self.pipeline_parallel > 1:
+            if self.zero_stage > 1:
+                problems.append(f"dist.pipeline_parallel={self.pipeline_parallel} combines with dist.zero_stage=0|1: "
+                                "DeepSpeed's pipeline engine refuses ZeRO-2 and ZeRO-3 (they reduce gradients "
+                                "inside backward, which the pipeline schedules itself)")
+            if self.tensor_parallel > 1:
+                problems.append(f"dist.pipeline_parallel={self.pipeline_parallel} with dist.tensor_parallel="
+                                f"{self.tensor_parallel}: DeepSpeed 0.19's AutoTP cannot split a pipeline module's "
+                                "stages (tests/integration/test_pipeline.py keeps the reproduction); use one of them")
+            if self.sequence_parallel > 1:
+                problems.append(f"dist.pipeline_parallel={self.pipeline_parallel} with dist.sequence_parallel="
+                                f"{self.sequence_parallel} does not combine yet: use one of them")
+        if not (self.pipeline_partition in ("parameters", "uniform") or self.pipeline_partition.startswith("type:")):
+            problems.append(f"dist.pipeline_partition={self.pipeline_partition} must be type:<layer class regex>, "
+                            "parameters or uniform (DeepSpeed's partition methods)")
         if self.tensor_parallel > 1 and self.sequence_parallel > 1:
             problems.append("dist.tensor_parallel and dist.sequence_parallel do not combine yet: use one of them")
         if self.tensor_parallel > 1 and self.zero_stage == 3:
@@ -65,6 +89,17 @@ def parallel_problems(model: ModelConfig, dist: DistConfig, mode: Mode = Mode.sy
     """What a tensor- or sequence-parallel degree must divide, and where it does not apply (one line each). Checked
     with the config, and again on a model.init_from model, whose sizes come from its folder."""
     problems = []
+    if dist.pipeline_parallel > 1:
+        pp = dist.pipeline_parallel
+        if mode == Mode.async_ps:
+            problems.append(f"dist.pipeline_parallel={pp} applies to mode=sync; the parameter servers' workers each "
+                            "hold the whole model")
+        elif model.arch != Arch.gpt:
+            problems.append(f"dist.pipeline_parallel={pp} cuts the Transformer's blocks into stages; "
+                            f"model.arch={model.arch.value} trains data parallel only")
+        elif model.n_layer < pp:
+            problems.append(f"dist.pipeline_parallel={pp} needs a block on every stage; model.n_layer="
+                            f"{model.n_layer} has fewer")
     for axis, degree in (("tensor_parallel", dist.tensor_parallel), ("sequence_parallel", dist.sequence_parallel)):
         if degree == 1:
             continue

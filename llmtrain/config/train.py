@@ -87,6 +87,10 @@ class TrainConfig:
         if self.data.mix is None:
             problems += nonempty("data.dir", self.data.dir, "give a prepared folder, data.dir=<folder>, or data.mix")
         problems += parallel_problems(self.model, self.dist, self.mode)
+        if self.dist.pipeline_parallel > 1 and self.train.slow_rank_factor != 1.0:
+            problems.append(f"train.slow_rank_factor={self.train.slow_rank_factor} slows one rank's micro-batches, "
+                            "which DeepSpeed's pipeline schedule runs inside train_batch: it does not combine with "
+                            "dist.pipeline_parallel>1")
         if self.dist.tensor_parallel > 1 and self.dist.zero_stage == 0 and self.precision != Precision.fp32:
             # Measured on `tiny`, tensor parallel 2 in bf16: DeepSpeed's ZeRO-0 bf16 optimizer reported (and clipped
             # at) a gradient norm of 0.80 where the 1-process norm is 0.91; at ZeRO-1 it matches.

@@ -19,7 +19,7 @@ from llmtrain.distributed.env import select_accelerator
 from llmtrain.distributed.parallel import tensor_parallel_section
 from llmtrain.errors import AgreedError, UserError
 from llmtrain.model import build_model
-from llmtrain.optim import param_groups
+from llmtrain.optim import clip_grads_, grad_norm, param_groups
 from llmtrain.weights import TensorWeights, WeightSource
 
 
@@ -49,7 +49,7 @@ DEEPSPEED_SECTIONS = frozenset({
 OWNED = {"train_batch_size": "train.global_batch_size", "train_micro_batch_size_per_gpu": "train.micro_batch_size",
          "gradient_accumulation_steps": "train.global_batch_size", "zero_optimization.stage": "dist.zero_stage",
          "bf16.enabled": "precision", "fp16.enabled": "precision", "gradient_clipping": "optim.grad_clip",
-         "tensor_parallel.autotp_size": "dist.tensor_parallel"}
+         "tensor_parallel.autotp_size": "dist.tensor_parallel", "pipeline": "dist.pipeline_parallel"}
 
 
 MIN_BUCKET = 1 << 22  # elements: 16 MB in fp32
@@ -88,14 +88,23 @@ def trainer_clips(cfg: TrainConfig) -> bool:
 
 def clip_whole_gradients(engine, max_norm: float) -> torch.Tensor:
     """Clip the whole gradients of ``engine``'s module (``trainer_clips``) to ``max_norm``; the norm before
-    clipping, left on the device. Under tensor parallel the norm is DeepSpeed's model-parallel one: the split
-    weights' squares summed over the group, the whole ones counted once."""
+    clipping (llmtrain's one norm, ``llmtrain.optim.grad_norm``), left on the device. Under tensor parallel the
+    split weights' squares are summed over the group and the whole ones, copies on every rank, counted once; under
+    pipeline parallel each stage's are summed over the stages, a tied weight counted on its first stage."""
     params = [p for p in engine.module.parameters() if p.grad is not None]
-    if engine.autotp_size() > 1:
-        from deepspeed.runtime.utils import clip_grad_norm_
+    # A tied weight's copy on a later pipeline stage (DeepSpeed marks it) is the first stage's, gradient included.
+    counted, group = [p for p in params if not getattr(p, "ds_pipe_replicated", False)], None
+    if getattr(engine, "is_pipe_parallel", False):
+        group = engine.grid.get_pipe_parallel_group()
+    elif engine.autotp_size() > 1:
+        from deepspeed.runtime.utils import is_model_parallel_parameter
 
-        return clip_grad_norm_(params, max_norm, mpu=engine.mpu)
-    return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        first = engine.mpu.get_model_parallel_rank() == 0
+        counted = [p for p in params if first or is_model_parallel_parameter(p)]
+        group = engine.mpu.get_model_parallel_group()
+    norm = grad_norm([p.grad for p in counted], group)
+    clip_grads_([p.grad for p in params], max_norm, norm)
+    return norm
 
 
 def build_ds_config(cfg: TrainConfig, dp_world: int, compile_model: bool = False,
@@ -133,6 +142,9 @@ def build_ds_config(cfg: TrainConfig, dp_world: int, compile_model: bool = False
         generated["compile"] = {"deepcompile": True}
     if cfg.dist.tensor_parallel > 1:
         generated["tensor_parallel"] = tensor_parallel_section(model or cfg.model, cfg.dist.tensor_parallel)
+    if cfg.dist.pipeline_parallel > 1:  # what the pipeline module gets from llmtrain.distributed.pipeline, recorded
+        generated["pipeline"] = {"stages": cfg.dist.pipeline_parallel, "partition": cfg.dist.pipeline_partition,
+                                 "seed_layers": False, "activation_checkpoint_interval": 0}
     if cfg.dist.tensor_parallel * cfg.dist.sequence_parallel > 1:
         # DeepSpeed checks train_batch_size against every rank of the job where it does not know the layout yet
         # (zero.Init, and initialize before the tensor-parallel groups exist); given the micro-batch and the
@@ -234,7 +246,7 @@ def _copy_partition(param: torch.nn.Parameter, source: WeightSource, name: str) 
         partition.narrow(0, 0, count).copy_(source.flat(name, start, count))
 
 
-def should_compile(setting: bool | None, device: torch.device, zero_stage: int) -> bool:
+def should_compile(setting: bool | None, device: torch.device, zero_stage: int, pipeline: bool = False) -> bool:
     """``train.compile``: as set, or (null) on with CUDA at ZeRO 0-2. Measured on 2 CPU cores (`small`, block 128,
     docs/benchmarks.md, torch.compile): fp32 steps are matmul-bound (85% of the step in matmul and attention kernels)
     and gain 1.01-1.05x; bf16 gains 1.17-1.24x after a first compile of ~13 s per process (~3 s from inductor's cache),
@@ -243,6 +255,11 @@ def should_compile(setting: bool | None, device: torch.device, zero_stage: int) 
     ZeRO-3 gathers each submodule's parameters in hooks that plain torch.compile traces into, recompiling per
     submodule until dynamo gives up (measured: the recompile limit hit at the first step). DeepSpeed compiles
     ZeRO-3 through DeepCompile instead, which builds for CUDA only: asked for on a CPU, it is refused."""
+    if pipeline:  # the pipeline engine runs its stages' modules itself, micro-batch by micro-batch
+        if setting:
+            raise AgreedError("train.compile=true does not combine with dist.pipeline_parallel>1 (DeepSpeed's "
+                              "pipeline engine calls its stages itself); use train.compile=false")
+        return False
     if setting is None:
         return device.type == "cuda" and zero_stage < 3
     if setting and zero_stage == 3 and device.type != "cuda":

@@ -25,23 +25,28 @@ log = logging.getLogger("llmtrain")
 
 @dataclass(frozen=True)
 class Topology:
-    """Which part of the work one rank does: its data-parallel rank, and its slice of the layers (tp) or of every
-    sequence (sp)."""
+    """Which part of the work one rank does: its pipeline stage (pp), its data-parallel rank, and its slice of the
+    layers (tp) or of every sequence (sp). Ranks are laid out as DeepSpeed's pipeline grid lays them out
+    (``PipeModelDataParallelTopology``: pipe outermost, then data, then model): rank = ((stage x dp) + dp_rank) x
+    tp x sp + the rank inside its tensor- or sequence-parallel group."""
 
     rank: int
     world_size: int
     tp: int = 1
     sp: int = 1
+    pp: int = 1
 
     @classmethod
     def of(cls, cfg: DistConfig, rank: int, world_size: int) -> Topology:
-        inner = cfg.tensor_parallel * cfg.sequence_parallel
-        if world_size % inner:
-            axis = (f"dist.tensor_parallel={cfg.tensor_parallel}" if cfg.tensor_parallel > 1 else
-                    f"dist.sequence_parallel={cfg.sequence_parallel}")
-            raise AgreedError(f"{axis} does not divide the {world_size} rank(s) of this job; launch a multiple of "
-                              f"{inner} ranks")
-        return cls(rank, world_size, cfg.tensor_parallel, cfg.sequence_parallel)
+        model_parallel = cfg.pipeline_parallel * cfg.tensor_parallel * cfg.sequence_parallel
+        if world_size % model_parallel:
+            axes = [f"dist.{axis}={degree}" for axis, degree in (("pipeline_parallel", cfg.pipeline_parallel),
+                                                                 ("tensor_parallel", cfg.tensor_parallel),
+                                                                 ("sequence_parallel", cfg.sequence_parallel))
+                    if degree > 1]
+            raise AgreedError(f"{' x '.join(axes)} does not divide the {world_size} rank(s) of this job; launch a "
+                              f"multiple of {model_parallel} ranks")
+        return cls(rank, world_size, cfg.tensor_parallel, cfg.sequence_parallel, cfg.pipeline_parallel)
 
     @property
     def inner(self) -> int:
@@ -51,11 +56,22 @@ class Topology:
     @property
     def dp(self) -> int:
         """Data-parallel ranks: groups that read different sequences."""
-        return self.world_size // self.inner
+        return self.world_size // (self.inner * self.pp)
+
+    def _coord(self):
+        """This rank's (pipe, data, model) coordinates in DeepSpeed's grid."""
+        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+        return PipeModelDataParallelTopology(num_pp=self.pp, num_mp=self.inner, num_dp=self.dp).get_coord(self.rank)
 
     @property
     def dp_rank(self) -> int:
-        return self.rank // self.inner
+        return self._coord().data if self.pp > 1 else self.rank // self.inner
+
+    @property
+    def stage(self) -> int:
+        """This rank's pipeline stage (0 without pipeline parallel)."""
+        return self._coord().pipe if self.pp > 1 else 0
 
     @property
     def sp_rank(self) -> int:
@@ -73,6 +89,11 @@ class Topology:
         return self.sp_rank * shard, (self.sp_rank + 1) * shard
 
     def describe(self) -> str:
+        if self.pp > 1:
+            stages = [list(range(s * self.dp, (s + 1) * self.dp)) for s in range(self.pp)]
+            pipes = [[s * self.dp + d for s in range(self.pp)] for d in range(self.dp)]
+            return (f"{self.world_size} rank(s) = {self.pp} pipeline x {self.dp} data parallel; stages {stages}, "
+                    f"pipelines {pipes}")
         groups = [list(range(first, first + self.inner)) for first in range(0, self.world_size, self.inner)]
         axis = "tensor" if self.tp > 1 else "sequence"
         parts = f"; {axis}-parallel groups {groups}" if self.inner > 1 else ""

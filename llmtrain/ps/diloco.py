@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_map_only
 from llmtrain.dtypes import torch_dtype
 from llmtrain.optim import build_optimizer, lr_at, set_lr
 from llmtrain.ps import rpc as calls
-from llmtrain.ps.grads import unit_gradient
+from llmtrain.ps.grads import clip_, unit_gradient
 from llmtrain.run.cadence import Cadence
 
 
@@ -103,8 +103,7 @@ class InnerRounds:
         """Clip and apply one inner step at the learning rate of the unit's global step; False if skipped."""
         for name, master in self.masters.items():
             master.grad = grad[name]
-        norm = torch.nn.utils.clip_grad_norm_(list(self.masters.values()), self.cfg.optim.grad_clip or math.inf,
-                                              foreach=True)
+        norm = clip_([grad[name] for name in self.masters], self.cfg.optim.grad_clip or math.inf)
         applied = math.isfinite(loss) and bool(torch.isfinite(norm))
         if applied:
             set_lr(self.optimizer, lr_at(unit // self.t.num_workers, self.cfg.optim, self.cfg.train.max_steps))

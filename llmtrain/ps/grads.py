@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from llmtrain.optim import clip_grads_, grad_norm
+
 
 def accumulate_fp32(params: dict[str, torch.nn.Parameter], into: dict[str, torch.Tensor]) -> None:
     """Add this micro-batch's gradients into fp32 sums and clear them: micro-batches of a bf16 model accumulate
@@ -19,13 +21,11 @@ def accumulate_fp32(params: dict[str, torch.nn.Parameter], into: dict[str, torch
 
 
 def clip_(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Scale ``grads`` in place to a total 2-norm of at most ``max_norm`` (``clip_grad_norm_``'s arithmetic, on
-    gradient tensors rather than parameters: the fp32 sums of a bf16 model have no parameter of their dtype); the
-    norm before clipping."""
-    total = torch.nn.utils.get_total_norm(grads)
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for g in grads:
-        g.mul_(coef)
+    """Scale ``grads`` in place to a total 2-norm of at most ``max_norm`` (the fp32 sums of a bf16 model have no
+    parameter of their dtype, hence gradient tensors): llmtrain's one norm (``llmtrain.optim.grad_norm``), the norm
+    before clipping."""
+    total = grad_norm(grads)
+    clip_grads_(grads, max_norm, total)
     return total
 
 

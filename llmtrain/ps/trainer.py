@@ -290,10 +290,7 @@ class AsyncPSTrainer:
             if len(units) > 1:
                 for g in grad.values():
                     g.div_(len(units))  # the mean over the local steps: one update of a units-times larger batch
-            if self.cfg.optim.grad_clip > 0:
-                norm = clip_(list(grad.values()), self.cfg.optim.grad_clip)
-            else:
-                norm = torch.nn.utils.get_total_norm(list(grad.values()))
+            norm = clip_(list(grad.values()), self.cfg.optim.grad_clip or math.inf)
             stats = {"loss": float(np.mean(losses)), "finite_grads": bool(torch.isfinite(norm)), "leases": units,
                      "compute_s": compute_s / len(units)}  # per local step
             held.extend(transfers.push(grad, versions, stats, wanted=ps.push_every, background=ps.overlap))

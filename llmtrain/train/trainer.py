@@ -75,7 +75,8 @@ class Trainer:
         self.topology = Topology.of(cfg.dist, self.env.rank, self.env.world_size)  # world = dp x tp x sp
         self.signals = StopSignals().install()  # a stop request during set-up is kept for the first step
         self._check_hardware()
-        self.compiled = should_compile(cfg.train.compile, self.env.device, cfg.dist.zero_stage)
+        self.compiled = should_compile(cfg.train.compile, self.env.device, cfg.dist.zero_stage,
+                                       self.topology.pp > 1)
         # 2-3. The run folder (the same path on every rank: it comes from the config, never from a clock) and the
         #      data (prepared by rank 0 when data.dir holds none yet, then opened by all); the model config
         #      takes its vocabulary from it.
@@ -105,17 +106,9 @@ class Trainer:
             / (cfg.train.global_batch_size // self.topology.dp * self.model_cfg.block_size))
         """Data-parallel bytes a rank sends + receives per token it trains on (``llmtrain.distributed.traffic``)."""
         self._memory_reported = False  # the measured peak is logged beside it once, at the first logged step
-        torch.manual_seed(cfg.train.seed)
-        model = build_partitioned(lambda: build_model(self.model_cfg, cfg.dist.activation_checkpointing,
-                                                      initialize=started.initial is None), self.ds_config)
-        if started.initial is not None:
-            copy_weights(model, started.initial.state_dict, cfg.dist.zero_stage)
-            started.initial = None  # its weights are in the model now; a resumed checkpoint replaces them (step 7)
-        # 5. The layout's parallel pieces (sequence parallel here; tensor parallel inside initialize, from the
-        #    config), the optimizer and the DeepSpeed engine.
-        mpu = parallelize(model, self.topology)
-        optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.dist.offload_optimizer, self.env.device)
-        self.engine = initialize(model, optimizer, self.ds_config, self.compiled, mpu)
+        # 5. The model, the layout's parallel pieces, the optimizer and the DeepSpeed engine (``_build_engine``).
+        self.engine = self._build_engine(started)
+        started.initial = None  # its weights are in the model now; a resumed checkpoint replaces them (step 7)
         # 6. Data readers: this data-parallel rank's training windows (the same on every rank of a tensor- or
         #    sequence-parallel group; each sequence-parallel rank computes its positions of them); the fixed
         #    validation set.
@@ -155,6 +148,19 @@ class Trainer:
                      self.topology.dp, self.peak_flops, peak_source)
 
     # -- set-up helpers -------------------------------------------------------------------------------------
+    def _build_engine(self, started: setup.RunSetup):
+        """The model (same seed on every rank, or model.init_from's weights copied in), sequence parallel applied
+        (tensor parallel is DeepSpeed's, inside initialize, from the config), the optimizer, the engine."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.train.seed)
+        model = build_partitioned(lambda: build_model(self.model_cfg, cfg.dist.activation_checkpointing,
+                                                      initialize=started.initial is None), self.ds_config)
+        if started.initial is not None:
+            copy_weights(model, started.initial.state_dict, cfg.dist.zero_stage)
+        mpu = parallelize(model, self.topology)
+        optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.dist.offload_optimizer, self.env.device)
+        return initialize(model, optimizer, self.ds_config, self.compiled, mpu)
+
     def _predict_memory(self, total_params: int) -> memory.MemoryEstimate:
         """Rank 0 logs the predicted peak per rank and, when it exceeds the memory visible to a rank, one warning
         naming the single changes that would make it fit. Every rank refuses in one line, before allocating, a
@@ -272,9 +278,7 @@ class Trainer:
         set_lr(engine.optimizer, lr_at(self.step, cfg.optim, cfg.train.max_steps))
         loss_sum = torch.zeros((), device=engine.device)
         for micro in range(self.grad_accum):
-            # Dropout masks depend only on (seed, step, micro-step, rank): resuming needs no RNG state. The ranks of
-            # a tensor-parallel group draw the same masks (see Topology.dropout_rank).
-            torch.manual_seed(hash((cfg.train.seed, self.step, micro, self.topology.dropout_rank)) % (1 << 62))
+            self._seed_dropout(micro)
             x, y = self.batches.next()
             with self.straggler.micro_batch():
                 loss = self._forward(x, y)
@@ -292,6 +296,11 @@ class Trainer:
             engine.step()  # applies the update at the accumulation boundary only
         outcome.applied = math.isfinite(outcome.loss) and not discard and engine.was_step_applied()
         return outcome
+
+    def _seed_dropout(self, micro: int) -> None:
+        """Dropout masks depend only on (seed, step, micro-step, rank): resuming needs no RNG state. The ranks of a
+        tensor-parallel group draw the same masks (see Topology.dropout_rank)."""
+        torch.manual_seed(hash((self.cfg.train.seed, self.step, micro, self.topology.dropout_rank)) % (1 << 62))
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The mean loss of this rank's positions of the batch: all of them, or under sequence parallel its slice,
@@ -313,8 +322,8 @@ class Trainer:
             slots[self.signals.requested] = 1.0
         packed = torch.cat([loss.view(1), slots])
         dist.all_reduce(packed)
-        norm = norm.view(1).float() if norm is not None else packed.new_full((1,), math.nan)
-        values = torch.cat([packed, norm]).tolist()
+        norm = norm.view(1).double() if norm is not None else packed.new_full((1,), math.nan, dtype=torch.float64)
+        values = torch.cat([packed.double(), norm]).tolist()
         stop = max((signum for signum, seen in enumerate(values[1:-1]) if seen), default=0)
         return StepOutcome(loss=values[0] / self.env.world_size, norm=values[-1], stop_signal=stop)
 
