@@ -87,6 +87,11 @@ class TrainConfig:
         if self.data.mix is None:
             problems += nonempty("data.dir", self.data.dir, "give a prepared folder, data.dir=<folder>, or data.mix")
         problems += parallel_problems(self.model, self.dist, self.mode)
+        if self.dist.pipeline_parallel > 1 and self.dist.zero_stage == 0 and self.precision != Precision.fp32:
+            problems.append(f"dist.pipeline_parallel={self.dist.pipeline_parallel} with precision="
+                            f"{self.precision.value} needs dist.zero_stage=1: DeepSpeed's universal conversion, "
+                            "which exports and resumes a pipeline's checkpoints in other layouts, fails on its "
+                            "ZeRO-0 mixed-precision ones")
         if self.dist.pipeline_parallel > 1 and self.train.slow_rank_factor != 1.0:
             problems.append(f"train.slow_rank_factor={self.train.slow_rank_factor} slows one rank's micro-batches, "
                             "which DeepSpeed's pipeline schedule runs inside train_batch: it does not combine with "

@@ -315,11 +315,13 @@ def universal_checkpoint(folder: Path, note: dict[str, Any]) -> Path:
     return universal
 
 
-def fp32_weights(folder: Path, zero_stage: int, model_cfg: ModelConfig,
-                 tensor_parallel: int = 1) -> dict[str, torch.Tensor]:
+def fp32_weights(folder: Path, zero_stage: int, model_cfg: ModelConfig, tensor_parallel: int = 1,
+                 pipeline_parallel: int = 1) -> dict[str, torch.Tensor]:
     """fp32 weights from DeepSpeed's files: ZeRO >= 1 merges the fp32 partitions of every rank (DeepSpeed's
-    zero_to_fp32, or with tensor-parallel slices its universal conversion); ZeRO-0 keeps whole weights, and under
-    bf16 their fp32 masters in the optimizer state."""
+    zero_to_fp32, or with tensor-parallel slices or pipeline stages its universal conversion); ZeRO-0 keeps whole
+    weights (a pipeline's in one file per layer), and under bf16 their fp32 masters in the optimizer state."""
+    if pipeline_parallel > 1:
+        return _pipeline_weights(folder, model_cfg, pipeline_parallel)
     if tensor_parallel > 1:
         if zero_stage == 0:
             raise UserError(f"{folder} was saved at ZeRO-0 with dist.tensor_parallel={tensor_parallel}, whose "
@@ -348,4 +350,25 @@ def fp32_weights(folder: Path, zero_stage: int, model_cfg: ModelConfig,
                 weights[name_of[id(param)]] = master.float()
         if model_cfg.tie_embeddings:
             weights["lm_head.weight"] = weights["wte.weight"]
+    return weights
+
+
+def _pipeline_weights(folder: Path, model_cfg: ModelConfig, stages: int) -> dict[str, torch.Tensor]:
+    """A pipeline checkpoint's fp32 weights by the model's names (``pipeline.model_name``): where it holds optimizer
+    partitions (ZeRO-1, or bf16 masters) through DeepSpeed's universal conversion, which joins the stages; at ZeRO-0
+    in fp32 from the per-layer files, whose keys are each layer holder's own."""
+    from llmtrain.distributed.pipeline import FIRST_BLOCK, model_name
+
+    if any(folder.glob("*_optim_states.pt")):
+        zero = universal_checkpoint(folder, {"pipeline_parallel": stages}) / "zero"
+        return {model_name(path.name, model_cfg.n_layer):
+                torch.load(path / "fp32.pt", map_location="cpu", weights_only=False)["param"].float()
+                for path in sorted(zero.iterdir()) if (path / "fp32.pt").is_file()}
+    weights = {}
+    for path in sorted(folder.glob("layer_*-model_states.pt")):
+        index = int(path.name.split("-")[0].removeprefix("layer_"))
+        layer = index - FIRST_BLOCK
+        prefix = f"blocks.{layer}." if 0 <= layer < model_cfg.n_layer else ""
+        for key, value in torch.load(path, map_location="cpu", weights_only=True).items():
+            weights[prefix + key] = value.float()
     return weights

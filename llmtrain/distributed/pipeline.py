@@ -158,6 +158,17 @@ class MicroBatchCounter:
             self.micro += 1
 
 
+def pipe_name(name: str, n_layer: int, tie_embeddings: bool) -> str:
+    """The pipeline module's name of a model parameter (``model_name``'s inverse)."""
+    if name.startswith("blocks."):
+        _, layer, rest = name.split(".", 2)
+        return f"{int(layer) + FIRST_BLOCK}.{rest}"
+    if name == "wte.weight" or (tie_embeddings and name == "lm_head.weight"):
+        return f"tied_modules.{TIED}.wte.weight"
+    index = {"wpe": 1, "norm_f": FIRST_BLOCK + n_layer, "lm_head": FIRST_BLOCK + n_layer + 1}[name.split(".")[0]]
+    return f"{index}.{name}"
+
+
 def build_pipeline(cfg: ModelConfig, partition: str, checkpointing: bool, topology) -> nn.Module:
     """The GPT as DeepSpeed's ``PipelineModule`` on ``topology`` (DeepSpeed's grid; this rank builds its own
     stage's layers only). A partition that leaves a stage without a block is refused in one line."""

@@ -229,7 +229,8 @@ def _load_checkpoint(folder: Path) -> TrainedModel:
     tok_path = find_tokenizer(folder) or find_tokenizer(Path(data_dir))
     tok = _tokenizer(tok_path, state["tokenizer_sha256"], folder)
     model_cfg = model_config_from(state["model"])
-    weights = fp32_weights(folder, int(marker["zero_stage"]), model_cfg, int(marker.get("tensor_parallel", 1)))
+    weights = fp32_weights(folder, int(marker["zero_stage"]), model_cfg, int(marker.get("tensor_parallel", 1)),
+                           int(marker.get("pipeline_parallel", 1)))
     return TrainedModel(model_cfg, weights, tok, folder, int(state["step"]), int(state["tokens_seen"]), data_dir)
 
 

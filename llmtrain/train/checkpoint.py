@@ -21,6 +21,7 @@ flushes files to the disk before its own ``latest`` file is written.
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from llmtrain.config import Mode
-from llmtrain.distributed.deepspeed import UNIVERSAL, universal_checkpoint
+from llmtrain.config import Mode, ModelConfig
+from llmtrain.distributed.deepspeed import CONVERTED, UNIVERSAL, universal_checkpoint
 from llmtrain.distributed.memory import choose_copies
 from llmtrain.distributed.parallel import Topology
 from llmtrain.errors import UserError
@@ -105,10 +106,13 @@ class DeepSpeedCheckpointIO:
     mode = Mode.sync
 
     def __init__(self, engine, topology: Topology, zero_stage: int, background: bool = False,
-                 buffer_bytes: float | None = None) -> None:
+                 buffer_bytes: float | None = None, model: ModelConfig | None = None) -> None:
         self.engine, self.zero_stage = engine, zero_stage
         self.rank, self.world_size = topology.rank, topology.world_size
-        self.layout = {"tensor_parallel": topology.tp, "sequence_parallel": topology.sp}
+        self.layout = {"tensor_parallel": topology.tp, "sequence_parallel": topology.sp,
+                       "pipeline_parallel": topology.pp}
+        self.model = model
+        """The model config: a pipeline layout's parameter names follow its layers (``pipeline.model_name``)."""
         self.staging: StagingCheckpointEngine | None = None
         if background:
             self.staging = StagingCheckpointEngine(engine.checkpoint_engine, buffer_bytes)
@@ -139,11 +143,11 @@ class DeepSpeedCheckpointIO:
         if marker["zero_stage"] != self.zero_stage:
             raise UserError(f"{folder} was saved with dist.zero_stage={marker['zero_stage']}, this run has "
                             f"{self.zero_stage}; resume with the same stage (or start a new run.dir)")
-        saved_tp = marker.get("tensor_parallel", 1)
-        if self.zero_stage == 0 and saved_tp != self.layout["tensor_parallel"]:
-            raise UserError(f"{folder} was saved at ZeRO-0 with dist.tensor_parallel={saved_tp}; DeepSpeed converts "
-                            "only ZeRO 1-3 checkpoints between layouts: resume with "
-                            f"dist.tensor_parallel={saved_tp}")
+        for axis in ("tensor_parallel", "pipeline_parallel"):
+            saved = marker.get(axis, 1)
+            if self.zero_stage == 0 and saved != self.layout[axis]:
+                raise UserError(f"{folder} was saved at ZeRO-0 with dist.{axis}={saved}; DeepSpeed converts only "
+                                f"ZeRO 1-3 checkpoints between layouts: resume with dist.{axis}={saved}")
 
     def read(self, folder: Path, marker: dict[str, Any]) -> None:
         same_layout = all(marker.get(axis, 1) == degree for axis, degree in self.layout.items())
@@ -163,17 +167,54 @@ class DeepSpeedCheckpointIO:
                      describe_layout(saved), describe_layout(now))
             universal_checkpoint(folder, saved)
         dist.barrier()
+        tag = UNIVERSAL
+        if marker_pp(saved) != self.layout["pipeline_parallel"] and (marker_pp(saved) == 1 or
+                                                                      self.layout["pipeline_parallel"] == 1):
+            tag = self._renamed(folder / UNIVERSAL, marker_pp(saved) > 1)
         engine = self.engine
         engine._config.load_universal_checkpoint = True  # DeepSpeed reads it from its config at load time
         try:
-            return engine.load_checkpoint(str(folder), tag=UNIVERSAL, load_lr_scheduler_states=False)
+            return engine.load_checkpoint(str(folder), tag=tag, load_lr_scheduler_states=False)
         finally:
             engine._config.load_universal_checkpoint = False
+
+
+    def _renamed(self, universal: Path, from_pipeline: bool) -> str:
+        """The universal checkpoint under this layout's parameter names: a pipeline's names follow its layers
+        (``tied_modules.embed.wte.weight``, ``2.attn.qkv.weight``), a whole model's are the model's. A folder beside
+        it whose files and parameter folders link to the converted ones (made by rank 0, once); its tag."""
+        from llmtrain.distributed.pipeline import model_name, pipe_name
+
+        m = self.model
+        rename = ((lambda n: model_name(n, m.n_layer)) if from_pipeline else
+                  (lambda n: pipe_name(n, m.n_layer, m.tie_embeddings)))
+        tag = f"{UNIVERSAL}-{'whole' if from_pipeline else 'pipeline'}"
+        target = universal.parent / tag
+        if self.rank == 0 and not (target / CONVERTED).is_file():
+            shutil.rmtree(target, ignore_errors=True)
+            (target / "zero").mkdir(parents=True)
+            for path in universal.iterdir():
+                if path.is_file() and path.name != CONVERTED:
+                    (target / path.name).symlink_to(path)
+            # a tied head's folder (DeepSpeed's conversion writes one, without optimizer state) repeats the
+            # embedding's: the embedding's first
+            for path in sorted((universal / "zero").iterdir(), key=lambda p: (p.name == "lm_head.weight", p.name)):
+                link = target / "zero" / (rename(path.name) if path.is_dir() else path.name)
+                if not link.exists():
+                    link.symlink_to(path)
+            (target / CONVERTED).write_text((universal / CONVERTED).read_text())
+        dist.barrier()
+        return tag
+
+
+def marker_pp(marker: dict[str, Any]) -> int:
+    return int(marker.get("pipeline_parallel", 1))
 
 
 def describe_layout(marker: dict[str, Any]) -> str:
     """A layout in words from a checkpoint's marker fields: "2 rank(s), tensor parallel 2"."""
     parts = [f"{marker['world_size']} rank(s)"]
-    parts += [f"{axis.replace('_', ' ')} {marker[axis]}" for axis in ("tensor_parallel", "sequence_parallel")
+    parts += [f"{axis.replace('_', ' ')} {marker[axis]}" for axis in ("tensor_parallel", "sequence_parallel",
+                                                                       "pipeline_parallel")
               if marker.get(axis, 1) > 1]
     return ", ".join(parts)

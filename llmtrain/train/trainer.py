@@ -126,7 +126,7 @@ class Trainer:
         tokenizer_copy = {self.data.tokenizer_file.name: self.data.tokenizer_file}  # checkpoints stand on their own
         background = self.background_saves
         engine_files = DeepSpeedCheckpointIO(self.engine, self.topology, cfg.dist.zero_stage, background,
-                                             cfg.train.buffer_bytes)
+                                             cfg.train.buffer_bytes, self.model_cfg)
         self.checkpoints = Checkpoints(self.run, engine_files, process_group_peers(self.env.rank, background),
                                        cfg.train.keep_checkpoints, tokenizer_copy, background)
         self.step, self.tokens_seen, self.skipped_steps = 0, 0, 0
