@@ -6,8 +6,11 @@ fp32 state -- Adam's two moments (8 bytes) plus, with mixed precision or at ZeRO
 ZeRO-1/2 clone it even in fp32, ZeRO-3 in fp32 steps the partition itself). Stage 1 splits the optimizer state over
 the data-parallel ranks, stage 2 the gradients too, stage 3 the weights too. Tensor parallel (``dist.tensor_parallel``)
 splits each block's attention and MLP matrices over its ranks first; ZeRO then splits over the data-parallel ranks
-(world / tp). Under sequence parallel (``dist.sequence_parallel``) every rank holds the whole model and ZeRO splits
-over all the ranks. Besides them: Adam's temporary, the communication buckets (sized from the model width, see
+(world / tp). Pipeline parallel (``dist.pipeline_parallel``) gives each stage its layers (the tied token table on the
+first and the last stage) and its first stage the activations of up to pp micro-batches in flight (1F1B); ZeRO then
+splits over the data-parallel ranks (world / pp). Under sequence parallel (``dist.sequence_parallel``) every rank
+holds the whole model and ZeRO splits over all the ranks. Besides them: Adam's temporary, the communication buckets
+(sized from the model width, see
 ``deepspeed.buckets_for_width``; at stage 0 one all-reduce copy of all the gradients), stage 3's gathered working set
 (two layers and the embedding) and its optimizer step's flat copy of one sub-group's gradients, the activations of one
 micro-batch (Korthikanti et al. 2022, per layer at 2 bytes: 34·b·t·h + 5·a·b·t², with tensor parallel 10·b·t·h +
@@ -67,11 +70,14 @@ class MemoryEstimate:
 def estimate(cfg: TrainConfig, num_params: int, world: int, process_bytes: float,
              on_gpu: bool = False) -> MemoryEstimate:
     """The peak bytes per rank of ``cfg`` with ``num_params`` parameters (all of them, embeddings included) on
-    ``world`` ranks, laid out as ``cfg.dist`` says (world = dp x tp x sp); ``process_bytes`` is what the process holds
-    before the model (its baseline)."""
-    stage, m = cfg.dist.zero_stage, cfg.model
-    n = max(1, world // cfg.dist.tensor_parallel)  # the ranks ZeRO partitions over: dp, or dp x sp
+    ``world`` ranks, laid out as ``cfg.dist`` says (world = pp x dp x tp x sp; a pipeline rank holds its stage's
+    layers, ``stage_params``, the largest stage counted); ``process_bytes`` is what the process holds before the model
+    (its baseline)."""
+    stage, m, pp = cfg.dist.zero_stage, cfg.model, cfg.dist.pipeline_parallel
+    n = max(1, world // (cfg.dist.tensor_parallel * pp))  # the ranks ZeRO partitions over: dp, or dp x sp
     psi = rank_params(m, float(num_params), cfg.dist.tensor_parallel)
+    if pp > 1:  # the largest stage's layers
+        psi = max(stage_params(m, pp, cfg.dist.pipeline_partition))
     mixed = cfg.precision != Precision.fp32
     weight_bytes = 2 if mixed else 4
     grad_bytes = 4 if (mixed and stage == 0) else weight_bytes  # bf16 ZeRO-0 accumulates in fp32
@@ -96,7 +102,9 @@ def estimate(cfg: TrainConfig, num_params: int, world: int, process_bytes: float
         buffers += (buckets["reduce_bucket_size"] + buckets["stage3_prefetch_bucket_size"]) * 4
         buffers += (2 * block_matrix_params(m) + m.vocab_size * h) * weight_bytes
         buffers += (4 + (weight_bytes if mixed else 0)) * min(buckets["sub_group_size"], psi / n)
-    return MemoryEstimate(weights, gradients, optimizer, buffers, activation_bytes(cfg, on_gpu), process_bytes,
+    micro_batches = max(1, cfg.train.global_batch_size // (cfg.train.micro_batch_size * n))
+    return MemoryEstimate(weights, gradients, optimizer, buffers, activation_bytes(cfg, on_gpu, micro_batches),
+                          process_bytes,
                           checkpoint_copy(cfg, psi, n) if cfg.train.background_saves else 0.0)
 
 
@@ -130,6 +138,34 @@ def block_matrix_params(model: ModelConfig) -> int:
     return qkv * h + h * h + up * h + hidden * h + ((qkv + up) if model.bias else 0)
 
 
+def layer_params(model: ModelConfig) -> list[int]:
+    """Parameters of each layer of the model's pipeline form (``pipeline.layer_specs``): the token table, the
+    position table, the blocks, the final norm, the head (the tied token table again, counted on its stage)."""
+    from llmtrain.model import build_model
+
+    with torch.device("meta"):
+        gpt = build_model(dataclasses.replace(model, vocab_size=max(model.vocab_size, 1)))
+    count = lambda module: sum(p.numel() for p in module.parameters()) if module is not None else 0  # noqa: E731
+    head = gpt.wte.weight.numel() if model.tie_embeddings else gpt.lm_head.weight.numel()
+    return [gpt.wte.weight.numel(), count(gpt.wpe), *(count(b) for b in gpt.blocks), count(gpt.norm_f), head]
+
+
+def stage_params(model: ModelConfig, pp: int, partition: str) -> list[int]:
+    """Parameters each of ``pp`` pipeline stages holds, cut as DeepSpeed's pipeline module cuts them
+    (``dist.pipeline_partition``: its own partition functions, over the layers of ``layer_params``)."""
+    from deepspeed.runtime import utils as ds_utils
+
+    counts = layer_params(model)
+    if partition == "uniform":
+        parts = ds_utils.partition_uniform(num_items=len(counts), num_parts=pp)
+    elif partition == "parameters":
+        parts = ds_utils.partition_balanced(weights=counts, num_parts=pp)
+    else:  # type:<the block class>: the blocks balanced
+        blocks = [1 if 2 <= i < 2 + model.n_layer else 0 for i in range(len(counts))]
+        parts = ds_utils.partition_balanced(weights=blocks, num_parts=pp)
+    return [sum(counts[parts[s]:parts[s + 1]]) for s in range(pp)]
+
+
 def rank_params(model: ModelConfig, num_params: float, tp: int) -> float:
     """Parameters one rank holds before ZeRO partitions them: all ``num_params``, except the split matrices of
     every block (``block_matrix_params``), of which a tensor-parallel rank holds 1/tp."""
@@ -139,25 +175,35 @@ def rank_params(model: ModelConfig, num_params: float, tp: int) -> float:
     return num_params - split + split / tp
 
 
-def activation_bytes(cfg: TrainConfig, on_gpu: bool) -> float:
+def activation_bytes(cfg: TrainConfig, on_gpu: bool, micro_batches: int = 1) -> float:
     """One micro-batch's activations on one rank at their peak, with the logits. Korthikanti et al. 2022 count
     per layer, at 2 bytes, 34·b·t·h + 5·a·b·t² (the attention scores); with tensor parallel the norms' and dropouts'
     part (10·b·t·h) stays whole on every rank and the rest (24·b·t·h and the scores) is split. A sequence-parallel
     rank holds t/sp positions everywhere but inside attention, where it has all t positions of a/sp heads. With
-    activation checkpointing only each block's input stays (whole under tensor parallel), plus one block recomputed."""
-    m, tp, sp = cfg.model, cfg.dist.tensor_parallel, cfg.dist.sequence_parallel
+    activation checkpointing only each block's input stays (whole under tensor parallel), plus one block recomputed.
+    ``micro_batches``: per step on a rank (a pipeline's first stage holds several in flight)."""
+    m, tp, sp, pp = cfg.model, cfg.dist.tensor_parallel, cfg.dist.sequence_parallel, cfg.dist.pipeline_parallel
     b, t, h, layers = cfg.train.micro_batch_size, m.block_size, m.n_embd, m.n_layer
     act_bytes = 2 if cfg.precision != Precision.fp32 else 4
     positions = t / sp  # this rank's positions outside attention
     per_layer = (10 + 24 / tp) * b * positions * h * act_bytes / 2
     per_layer += attention_score_bytes(cfg, m.n_head / (tp * sp), on_gpu)
+    logits = 3 * b * positions * m.vocab_size * 4
+    if pp > 1:
+        # 1F1B: the first stage holds the activations of min(pp, micro-batches) micro-batches in flight, the last
+        # stage one micro-batch's and the logits; each of about n_layer / pp blocks (the largest stage's).
+        layers = -(-layers // pp)
+        in_flight = min(pp, micro_batches)
+        one = (layers * b * positions * h * act_bytes + per_layer if cfg.dist.activation_checkpointing
+               else layers * per_layer)
+        return max(in_flight * one, one + logits)
     if cfg.dist.activation_checkpointing:
         activations = layers * b * positions * h * act_bytes + per_layer
     else:
         activations = layers * per_layer
     # The LM head is whole on every tensor-parallel rank: the logits of all this rank's positions, their softmax and
     # its gradient, in fp32.
-    return activations + 3 * b * positions * m.vocab_size * 4
+    return activations + logits
 
 
 def attention_score_bytes(cfg: TrainConfig, heads: float, on_gpu: bool) -> float:
@@ -361,7 +407,7 @@ def what_would_fit(cfg: TrainConfig, num_params: int, world: int, process_bytes:
     return []
 
 
-PARALLEL_AXES = ("sequence_parallel", "tensor_parallel")
+PARALLEL_AXES = ("sequence_parallel", "tensor_parallel", "pipeline_parallel")
 
 
 def _layouts(cfg: TrainConfig, ranks: int, axis: str) -> list[tuple[str, TrainConfig]]:
@@ -369,7 +415,8 @@ def _layouts(cfg: TrainConfig, ranks: int, axis: str) -> list[tuple[str, TrainCo
     divisor of ``ranks`` that the config itself accepts (its checks refuse a degree that does not divide the heads
     or the block, the two axes at once, tensor parallel at ZeRO-3 or at ZeRO-0 in mixed precision)."""
     options = []
-    for degree in range(getattr(cfg.dist, axis) + 1, min(ranks, cfg.model.n_head) + 1):  # a degree divides n_head
+    most = cfg.model.n_layer if axis == "pipeline_parallel" else cfg.model.n_head  # a block per stage, a head per rank
+    for degree in range(getattr(cfg.dist, axis) + 1, min(ranks, most) + 1):
         if ranks % degree:
             continue
         try:

@@ -57,7 +57,8 @@ def default_extensions_dir() -> str:
     import torch
 
     build = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
-    return str(Path.home() / ".cache" / "torch_extensions" / f"py{sys.version_info.major}{sys.version_info.minor}_{build}")
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return str(Path.home() / ".cache" / "torch_extensions" / f"{python}_{build}")
 
 
 def test_wandb_online_without_a_login_is_one_line(prepared_small, tmp_path):

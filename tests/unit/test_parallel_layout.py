@@ -1,8 +1,9 @@
-"""The layout world = dp x tp x sp, its refusals (one line each), and the DeepSpeed settings generated for it."""
+"""The layout world = pp x dp x tp x sp, its refusals (one line each), and the DeepSpeed settings generated for it."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
@@ -122,10 +123,77 @@ def test_each_shard_mean_loss_counts_one_over_sp_below_zero_3():
 
 def test_checkpoint_layout_in_the_marker_and_zero_0_tensor_parallel_stays_in_its_layout(tmp_path):
     files = DeepSpeedCheckpointIO(None, Topology(0, 2, tp=2), zero_stage=0)
-    assert files.marker_fields() == {"world_size": 2, "zero_stage": 0, "tensor_parallel": 2, "sequence_parallel": 1}
+    assert files.marker_fields() == {"world_size": 2, "zero_stage": 0, "tensor_parallel": 2, "sequence_parallel": 1,
+                                     "pipeline_parallel": 1}
     files.check(tmp_path, {"zero_stage": 0, "tensor_parallel": 2})
     plain = DeepSpeedCheckpointIO(None, Topology(0, 1), zero_stage=0)
     with pytest.raises(UserError, match="resume with dist.tensor_parallel=2"):
         plain.check(tmp_path, {"zero_stage": 0, "tensor_parallel": 2})
     assert describe_layout({"world_size": 4, "tensor_parallel": 1, "sequence_parallel": 2}) == (
         "4 rank(s), sequence parallel 2")
+
+
+def test_pipeline_stages_are_outermost_as_in_deepspeeds_grid():
+    layout = [Topology(rank, 8, pp=2) for rank in range(8)]  # 2 stages x 4 data-parallel ranks
+    assert [t.stage for t in layout] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert [t.dp_rank for t in layout] == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert layout[0].dp == 4
+    assert layout[0].describe() == ("8 rank(s) = 2 pipeline x 4 data parallel; stages [[0, 1, 2, 3], [4, 5, 6, 7]], "
+                                    "pipelines [[0, 4], [1, 5], [2, 6], [3, 7]]")
+    with pytest.raises(AgreedError, match="dist.pipeline_parallel=4 does not divide the 6 rank"):
+        Topology.of(DistConfig(pipeline_parallel=4), 0, 6)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_pipeline_parameter_names_map_to_the_models_and_back(tied, pos):
+    from llmtrain.distributed.pipeline import model_name, pipe_name
+    from llmtrain.model import build_model
+
+    cfg = ModelConfig(n_layer=3, n_head=2, n_embd=16, block_size=8, vocab_size=300, tie_embeddings=tied, pos=pos,
+                      bias=True)
+    names = [n for n, _ in build_model(cfg).named_parameters()]
+    pipe = [pipe_name(n, cfg.n_layer, tied) for n in names]
+    assert [model_name(n, cfg.n_layer) for n in pipe] == names
+    assert pipe_name("blocks.2.attn.qkv.bias", 3, tied) == "4.attn.qkv.bias"
+    assert pipe_name("wte.weight", 3, tied) == "tied_modules.embed.wte.weight"
+    if not tied:
+        assert pipe_name("lm_head.weight", 3, tied) == "6.lm_head.weight"
+
+
+def test_pipeline_refusals_are_one_line_each():
+    for dist, expected in [({"pipeline_parallel": 2, "zero_stage": 2}, "combines with dist.zero_stage=0|1"),
+                           ({"pipeline_parallel": 2, "tensor_parallel": 2}, "AutoTP cannot split a pipeline"),
+                           ({"pipeline_parallel": 2, "sequence_parallel": 2}, "does not combine yet"),
+                           ({"pipeline_partition": "best"}, "must be type:<layer class regex>, parameters or uniform")]:
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            DistConfig(**dist)
+    lstm = ModelConfig(arch=Arch.lstm, n_layer=2, n_embd=64, block_size=64)
+    assert "model.arch=lstm trains data parallel only" in parallel_problems(lstm, DistConfig(pipeline_parallel=2))[0]
+    assert "mode=sync" in parallel_problems(ModelConfig(), DistConfig(pipeline_parallel=2), Mode.async_ps)[0]
+    short = ModelConfig(n_layer=2)
+    assert "needs a block on every stage" in parallel_problems(short, DistConfig(pipeline_parallel=4))[0]
+    with pytest.raises(ValueError, match="needs dist.zero_stage=1: DeepSpeed's universal conversion"):
+        dataclasses.replace(config(pipeline_parallel=2, zero_stage=0), precision=Precision.bf16)
+    with pytest.raises(AgreedError, match="llmtrain's own setting"):
+        build_ds_config(config(pipeline_parallel=2, deepspeed_overrides={"pipeline": {"partition": "uniform"}}), 1)
+    assert build_ds_config(config(pipeline_parallel=2), 1)["pipeline"]["stages"] == 2
+
+
+def test_zero_0_pipeline_checkpoints_stay_in_their_layout(tmp_path):
+    plain = DeepSpeedCheckpointIO(None, Topology(0, 1), zero_stage=0)
+    with pytest.raises(UserError, match="resume with dist.pipeline_parallel=2"):
+        plain.check(tmp_path, {"zero_stage": 0, "pipeline_parallel": 2})
+    DeepSpeedCheckpointIO(None, Topology(0, 1), zero_stage=1).check(tmp_path, {"zero_stage": 1, "pipeline_parallel": 2})
+
+
+def test_the_memory_prediction_counts_the_largest_stage():
+    from llmtrain.distributed.memory import layer_params, stage_params
+    from llmtrain.model import build_model
+
+    cfg = ModelConfig(n_layer=4, n_head=2, n_embd=16, block_size=8, vocab_size=300)
+    layers = layer_params(cfg)
+    assert sum(layers) - layers[-1] == build_model(cfg).num_params(non_embedding=False)  # the tied head again
+    block = layers[2]
+    first, last = layers[0] + layers[1] + 2 * block, 2 * block + layers[-2] + layers[-1]
+    assert stage_params(cfg, 2, "type:Block") == [first, last]
