@@ -17,6 +17,14 @@ class Mode(str, Enum):
     sync = "sync"
     async_ps = "async_ps"
 
+class PipelineSchedule(str, Enum):
+    """How micro-batches move through the stages: 1F1B (PipeDream-Flush: each rank one stage, one forward then one
+    backward in turn) or DualPipeV (DeepSeek: each rank two stages, out and back in a V, the loss on rank 0)."""
+
+    one_f_one_b = "1f1b"
+    dualpipev = "dualpipev"
+
+
 @dataclass(kw_only=True)
 class DistConfig:
     """Data parallelism under DeepSpeed ZeRO, pipeline stages, and tensor or sequence parallelism:
@@ -44,6 +52,8 @@ class DistConfig:
     pipeline_parallel: int = 1
     """Pipeline stages: consecutive blocks on N ranks, micro-batches streamed through them (DeepSpeed's pipeline
     engine, 1F1B schedule); the outermost axis, so stages may span nodes. With ZeRO 0-1 on the data-parallel rest."""
+    pipeline_schedule: PipelineSchedule = PipelineSchedule.one_f_one_b
+    """1f1b | dualpipev (each rank holds 2 of 2N pieces; needs at least 2N micro-batches per step)."""
     pipeline_partition: str = "type:Block"
     """How blocks are cut into stages, by DeepSpeed's partition methods: type:Block (equal blocks per stage) |
     parameters (equal parameter counts; the tied embedding counts on the first and last stage) | uniform (equal
@@ -97,9 +107,12 @@ def parallel_problems(model: ModelConfig, dist: DistConfig, mode: Mode = Mode.sy
         elif model.arch != Arch.gpt:
             problems.append(f"dist.pipeline_parallel={pp} cuts the Transformer's blocks into stages; "
                             f"model.arch={model.arch.value} trains data parallel only")
-        elif model.n_layer < pp:
-            problems.append(f"dist.pipeline_parallel={pp} needs a block on every stage; model.n_layer="
-                            f"{model.n_layer} has fewer")
+        else:
+            pieces = pp * (2 if dist.pipeline_schedule == PipelineSchedule.dualpipev else 1)
+            if model.n_layer < pieces:
+                what = f"{pieces} DualPipeV pieces" if pieces > pp else "stage"
+                problems.append(f"dist.pipeline_parallel={pp} needs a block on every {what}; model.n_layer="
+                                f"{model.n_layer} has fewer")
     for axis, degree in (("tensor_parallel", dist.tensor_parallel), ("sequence_parallel", dist.sequence_parallel)):
         if degree == 1:
             continue

@@ -169,17 +169,21 @@ def pipe_name(name: str, n_layer: int, tie_embeddings: bool) -> str:
     return f"{index}.{name}"
 
 
-def build_pipeline(cfg: ModelConfig, partition: str, checkpointing: bool, topology) -> nn.Module:
+def build_pipeline(cfg: ModelConfig, partition: str, checkpointing: bool, topology, dualpipev: bool) -> nn.Module:
     """The GPT as DeepSpeed's ``PipelineModule`` on ``topology`` (DeepSpeed's grid; this rank builds its own
-    stage's layers only). A partition that leaves a stage without a block is refused in one line."""
-    from deepspeed.pipe import PipelineModule
+    stage's layers only), or with ``dualpipev`` its ``DualPipeVModule`` (2 x stages pieces, rank r holding pieces r
+    and 2 x stages - 1 - r: the tied embedding and head both on rank 0). A partition that leaves a stage (or a
+    DualPipeV piece) without a block is refused in one line."""
+    from deepspeed.pipe import DualPipeVModule, PipelineModule
 
-    module = PipelineModule(layer_specs(cfg, checkpointing), topology=topology, loss_fn=PipelineLoss(),
-                            partition_method=partition)
+    kind = DualPipeVModule if dualpipev else PipelineModule
+    module = kind(layer_specs(cfg, checkpointing), topology=topology, loss_fn=PipelineLoss(),
+                  partition_method=partition)
     blocks = [sum(FIRST_BLOCK <= i < FIRST_BLOCK + cfg.n_layer for i in range(start, stop))
               for start, stop in zip(module.parts[:-1], module.parts[1:], strict=True)]
     if 0 in blocks:
-        raise AgreedError(f"dist.pipeline_partition={partition} gives stage(s) "
-                          f"{[s for s, n in enumerate(blocks) if n == 0]} no block (blocks per stage: {blocks}); use "
-                          "dist.pipeline_partition=type:Block or fewer stages")
+        piece = "DualPipeV piece(s)" if dualpipev else "stage(s)"
+        raise AgreedError(f"dist.pipeline_partition={partition} gives {piece} "
+                          f"{[s for s, n in enumerate(blocks) if n == 0]} no block (blocks per {piece[:-3]}: "
+                          f"{blocks}); use dist.pipeline_partition=type:Block or fewer stages")
     return module

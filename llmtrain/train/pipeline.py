@@ -16,9 +16,11 @@ import math
 
 import torch
 
+from llmtrain.config import PipelineSchedule
 from llmtrain.data.reader import ValidationWindows
 from llmtrain.distributed.deepspeed import clip_whole_gradients, initialize
 from llmtrain.distributed.pipeline import IGNORE, MicroBatchCounter, build_pipeline, model_name
+from llmtrain.errors import AgreedError
 from llmtrain.model import build_model
 from llmtrain.optim import build_optimizer, lr_at, set_lr
 from llmtrain.run import setup
@@ -34,7 +36,14 @@ class PipelineTrainer(Trainer):
 
         cfg, topology = self.cfg, self.topology
         grid = PipeModelDataParallelTopology(num_pp=topology.pp, num_mp=topology.inner, num_dp=topology.dp)
-        module = build_pipeline(self.model_cfg, cfg.dist.pipeline_partition, cfg.dist.activation_checkpointing, grid)
+        dualpipev = cfg.dist.pipeline_schedule == PipelineSchedule.dualpipev
+        if dualpipev and self.grad_accum < 2 * topology.pp:
+            raise AgreedError(f"dist.pipeline_schedule=dualpipev needs at least {2 * topology.pp} micro-batches per "
+                              f"step (2 x dist.pipeline_parallel); train.global_batch_size="
+                              f"{cfg.train.global_batch_size} gives {self.grad_accum} (train.micro_batch_size="
+                              f"{cfg.train.micro_batch_size} x {topology.dp} data-parallel rank(s) x accumulation)")
+        module = build_pipeline(self.model_cfg, cfg.dist.pipeline_partition, cfg.dist.activation_checkpointing, grid,
+                                dualpipev)
         if started.initial is not None:
             source = started.initial.state_dict
         else:
@@ -78,14 +87,15 @@ class PipelineTrainer(Trainer):
         return outcome
 
     def _score(self, val: ValidationWindows, total: torch.Tensor) -> None:
-        """Add this rank's share of ``val`` into ``total`` through ``eval_batch``: micro-batches of the training
-        micro-batch size, the ragged last one padded with rows whose targets are ignored (``PipelineLoss`` sums the
-        real targets' losses; they are counted here), and as many on every rank (eval_batch is collective). The last
-        stage adds them; the other stages add nothing."""
-        bs = self.cfg.train.micro_batch_size
+        """Add this rank's share of ``val`` into ``total`` through ``eval_batch``, as many micro-batches at a time as a
+        training step has (DeepSpeed's DualPipeV evaluates only that many per call), of the training micro-batch
+        size: the ragged last one, and the micro-batches that fill the last call, padded with rows whose targets are
+        ignored (``PipelineLoss`` sums the real targets' losses; they are counted here); as many calls on every rank
+        (eval_batch is collective). The loss stage adds them (the last, or DualPipeV's rank 0), the others nothing."""
+        bs, chunk = self.cfg.train.micro_batch_size, self.grad_accum
         dp_rank, dp = self.topology.dp_rank, self.topology.dp
         batches = list(val.batches(bs, dp_rank, dp))
-        num_batches = math.ceil(math.ceil(len(val) / dp) / bs)
+        num_batches = math.ceil(math.ceil(math.ceil(len(val) / dp) / bs) / chunk) * chunk
         like_x, like_y = batches[0] if batches else next(val.batches(bs, 0, 1))
         padded = []
         for i in range(num_batches):
@@ -98,10 +108,12 @@ class PipelineTrainer(Trainer):
         loss_fn = self.engine.module.loss_fn
         loss_fn.summing = True
         try:
-            outputs = self.engine.eval_batch(iter(padded), reduce_output=None, bcast_loss=False,
-                                             num_micro_batches=num_batches)
+            for first in range(0, num_batches, chunk):
+                outputs = self.engine.eval_batch(iter(padded[first:first + chunk]), reduce_output=None,
+                                                 bcast_loss=False, num_micro_batches=chunk)
+                if outputs is not None:
+                    total[0] += torch.stack(outputs).double().sum()
         finally:
             loss_fn.summing = False
-        if self.engine.is_last_stage():
-            total[0] += torch.stack(outputs).double().sum()
+        if outputs is not None:
             total[1] += sum(int((y != IGNORE).sum()) for _, y in padded)
