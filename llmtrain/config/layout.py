@@ -72,7 +72,7 @@ class DistConfig:
             if self.tensor_parallel > 1:
                 problems.append(f"dist.pipeline_parallel={self.pipeline_parallel} with dist.tensor_parallel="
                                 f"{self.tensor_parallel}: DeepSpeed 0.19's AutoTP cannot split a pipeline module's "
-                                "stages (tests/integration/test_pipeline.py keeps the reproduction); use one of them")
+                                "stages (tests/integration/pipeline_tp_repro.py reproduces it); use one of them")
             if self.sequence_parallel > 1:
                 problems.append(f"dist.pipeline_parallel={self.pipeline_parallel} with dist.sequence_parallel="
                                 f"{self.sequence_parallel} does not combine yet: use one of them")
