@@ -4,6 +4,7 @@
 #   bash scripts/torchrun.sh data.dir=data/stdlib run.dir=runs/z2 dist.zero_stage=2          # one node
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 NPROC_PER_NODE=8 bash scripts/torchrun.sh ...  # node 0 of 2
 #   srun --ntasks-per-node=1 bash scripts/torchrun.sh ...                                    # inside sbatch
+#   NPROC_PER_NODE=2 bash scripts/torchrun.sh ... dist.pipeline_parallel=2                   # 2 pipeline stages
 # Under Slurm, NNODES, NODE_RANK, MASTER_ADDR (the first node of the allocation), MASTER_PORT (from the job
 # id) and NPROC_PER_NODE (the node's GPUs) come from the allocation; any of them set in the environment wins.
 # Also: LLMTRAIN_PYTHON (default: the checkout's .venv, else python), RDZV_ID, LOCAL_ADDR, GLOO/NCCL/TP_SOCKET_IFNAME.
