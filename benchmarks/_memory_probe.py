@@ -1,11 +1,12 @@
 """Helper of bench_train.py, run under torchrun: the memory a rank holds, as the operating system counts it.
 
-    torchrun --standalone --nproc_per_node 2 benchmarks/_memory_probe.py DATA_DIR RUN_DIR ZERO_STAGE MODEL STEPS
+    torchrun --standalone --nproc_per_node 2 benchmarks/_memory_probe.py DATA_DIR RUN_DIR ZERO_STAGE MODEL STEPS [PP]
 
 Rank 0 prints one JSON line per rank: its baseline (resident set size once PyTorch and DeepSpeed are loaded and the
 process group is up, before any model), its peak resident set size (or CUDA's max_memory_allocated) after STEPS
 training steps, the bytes of its parameter/gradient/optimizer-state tensors, the predicted peak, and s/step.
-Settings: fp32, block 256, micro-batch 1, activation checkpointing (the issue's 350m measurement).
+Settings: fp32, block 256, micro-batch 1, activation checkpointing (the issue's 350m measurement); PP pipeline stages
+(default 1), the global batch one micro-batch per rank (under PP, PP micro-batches per step).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import yaml
 
 from llmtrain.allocator import use_tuned_malloc
+from llmtrain.cli.train import trainer_class
 from llmtrain.config import (
     DataConfig,
     DistConfig,
@@ -35,7 +37,6 @@ from llmtrain.distributed import memory
 from llmtrain.distributed.env import init_distributed
 from llmtrain.distributed.exit import ended_process
 from llmtrain.run.trained import model_config_from
-from llmtrain.train.trainer import Trainer
 
 
 def preset(name: str, **changes) -> ModelConfig:
@@ -68,14 +69,16 @@ def state_bytes(engine) -> int:
 
 def main() -> None:
     data_dir, run_dir, stage, model, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+    pp = int(sys.argv[6]) if len(sys.argv) > 6 else 1
     env = init_distributed()
     baseline = memory.process_rss()
     cfg = TrainConfig(data=DataConfig(dir=data_dir), run=RunConfig(dir=run_dir, resume=Resume.restart),
                       model=preset(model, block_size=256),
-                      dist=DistConfig(zero_stage=stage, activation_checkpointing=True), precision=Precision.fp32,
+                      dist=DistConfig(zero_stage=stage, activation_checkpointing=True, pipeline_parallel=pp),
+                      precision=Precision.fp32,
                       train=TrainLoopConfig(max_steps=steps, global_batch_size=env.world_size, micro_batch_size=1,
                                             eval_every=0, eval_windows=1, checkpoint_every=0))
-    trainer = Trainer(cfg)
+    trainer = trainer_class(cfg)(cfg)
     times = []
     for _ in range(steps):
         start = time.perf_counter()

@@ -41,7 +41,7 @@ from llmtrain.config.commands import (
     WeightDtype,
 )
 from llmtrain.config.data import DataConfig, MixSource, Source, TextUnit, TokenizerType
-from llmtrain.config.layout import DistConfig, Mode, PipelineSchedule, parallel_problems
+from llmtrain.config.layout import DistConfig, Mode, parallel_problems
 from llmtrain.config.loop import (
     AUTO,
     Decay,
@@ -82,7 +82,6 @@ __all__ = [
     "MixSource",
     "MLP",
     "Mode",
-    "PipelineSchedule",
     "ModelConfig",
     "NgramConfig",
     "nonempty",

@@ -17,12 +17,9 @@ class Mode(str, Enum):
     sync = "sync"
     async_ps = "async_ps"
 
-class PipelineSchedule(str, Enum):
-    """How micro-batches move through the stages: 1F1B (PipeDream-Flush: each rank one stage, one forward then one
-    backward in turn) or DualPipeV (DeepSeek: each rank two stages, out and back in a V, the loss on rank 0)."""
-
-    one_f_one_b = "1f1b"
-    dualpipev = "dualpipev"
+PIPELINE_SCHEDULES = ("1f1b", "dualpipev")
+"""How micro-batches move through the stages: 1F1B (PipeDream-Flush: each rank one stage, one forward then one
+backward in turn) or DualPipeV (DeepSeek: each rank two stages, out and back in a V, the loss on rank 0)."""
 
 
 @dataclass(kw_only=True)
@@ -52,7 +49,7 @@ class DistConfig:
     pipeline_parallel: int = 1
     """Pipeline stages: consecutive blocks on N ranks, micro-batches streamed through them (DeepSpeed's pipeline
     engine, 1F1B schedule); the outermost axis, so stages may span nodes. With ZeRO 0-1 on the data-parallel rest."""
-    pipeline_schedule: PipelineSchedule = PipelineSchedule.one_f_one_b
+    pipeline_schedule: str = "1f1b"
     """1f1b | dualpipev (each rank holds 2 of 2N pieces; needs at least 2N micro-batches per step)."""
     pipeline_partition: str = "type:Block"
     """How blocks are cut into stages, by DeepSpeed's partition methods: type:Block (equal blocks per stage) |
@@ -76,6 +73,8 @@ class DistConfig:
             if self.sequence_parallel > 1:
                 problems.append(f"dist.pipeline_parallel={self.pipeline_parallel} with dist.sequence_parallel="
                                 f"{self.sequence_parallel} does not combine yet: use one of them")
+        if self.pipeline_schedule not in PIPELINE_SCHEDULES:
+            problems.append(f"dist.pipeline_schedule={self.pipeline_schedule} must be 1f1b or dualpipev")
         if not (self.pipeline_partition in ("parameters", "uniform") or self.pipeline_partition.startswith("type:")):
             problems.append(f"dist.pipeline_partition={self.pipeline_partition} must be type:<layer class regex>, "
                             "parameters or uniform (DeepSpeed's partition methods)")
@@ -108,7 +107,7 @@ def parallel_problems(model: ModelConfig, dist: DistConfig, mode: Mode = Mode.sy
             problems.append(f"dist.pipeline_parallel={pp} cuts the Transformer's blocks into stages; "
                             f"model.arch={model.arch.value} trains data parallel only")
         else:
-            pieces = pp * (2 if dist.pipeline_schedule == PipelineSchedule.dualpipev else 1)
+            pieces = pp * (2 if dist.pipeline_schedule == "dualpipev" else 1)
             if model.n_layer < pieces:
                 what = f"{pieces} DualPipeV pieces" if pieces > pp else "stage"
                 problems.append(f"dist.pipeline_parallel={pp} needs a block on every {what}; model.n_layer="

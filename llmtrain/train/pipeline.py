@@ -16,7 +16,6 @@ import math
 
 import torch
 
-from llmtrain.config import PipelineSchedule
 from llmtrain.data.reader import ValidationWindows
 from llmtrain.distributed.deepspeed import clip_whole_gradients, initialize
 from llmtrain.distributed.pipeline import IGNORE, MicroBatchCounter, build_pipeline, model_name
@@ -36,7 +35,7 @@ class PipelineTrainer(Trainer):
 
         cfg, topology = self.cfg, self.topology
         grid = PipeModelDataParallelTopology(num_pp=topology.pp, num_mp=topology.inner, num_dp=topology.dp)
-        dualpipev = cfg.dist.pipeline_schedule == PipelineSchedule.dualpipev
+        dualpipev = cfg.dist.pipeline_schedule == "dualpipev"
         if dualpipev and self.grad_accum < 2 * topology.pp:
             raise AgreedError(f"dist.pipeline_schedule=dualpipev needs at least {2 * topology.pp} micro-batches per "
                               f"step (2 x dist.pipeline_parallel); train.global_batch_size="

@@ -165,7 +165,8 @@ def test_pipeline_refusals_are_one_line_each():
     for dist, expected in [({"pipeline_parallel": 2, "zero_stage": 2}, "combines with dist.zero_stage=0|1"),
                            ({"pipeline_parallel": 2, "tensor_parallel": 2}, "AutoTP cannot split a pipeline"),
                            ({"pipeline_parallel": 2, "sequence_parallel": 2}, "does not combine yet"),
-                           ({"pipeline_partition": "best"}, "must be type:<layer class regex>, parameters or uniform")]:
+                           ({"pipeline_partition": "best"}, "must be type:<layer class regex>, parameters or uniform"),
+                           ({"pipeline_schedule": "gpipe"}, "dist.pipeline_schedule=gpipe must be 1f1b or dualpipev")]:
         with pytest.raises(ValueError, match=re.escape(expected)):
             DistConfig(**dist)
     lstm = ModelConfig(arch=Arch.lstm, n_layer=2, n_embd=64, block_size=64)

@@ -1,0 +1,75 @@
+"""Pipeline parallel on 2 ranks, measured side by side in one run (CPU here; the same script runs on GPUs).
+
+    .venv/bin/python benchmarks/bench_pipeline.py --data data/stdlib      # ~10 minutes on 2 cores
+
+1. Memory per rank, `350m` fp32 (block 256, micro-batch 1, activation checkpointing; benchmarks/_memory_probe.py):
+   ZeRO-1 over 2 data-parallel ranks against 2 pipeline stages (ZeRO-1 over 1), the same global batch of 2
+   sequences. Peak resident memory per rank as the operating system counts it, its baseline, the state tensors,
+   llmtrain's start-up prediction, s/step.
+2. The bubble, `small` (6 blocks) fp32, block 128, micro-batch 2, ZeRO-0 (benchmarks/_pipeline_probe.py): 1F1B and
+   DualPipeV at 4 and 8 micro-batches per step. Per rank, the share of a step spent waiting (the step less its
+   forward and backward passes and its other work: sends and receives that block, idle time) beside 1F1B's
+   (p - 1) / (m + p - 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _table import table  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = REPO / ".venv" / "bin"
+GB = 2**30
+
+
+def launch(script: str, *args: str) -> list[dict]:
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(REPO / "benchmarks" / script), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode:
+        raise SystemExit(f"{script} {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="a prepared data folder (llmtrain-prepare)")
+    parser.add_argument("--memory-model", default="350m", help="table 1's model preset (conf/model/)")
+    parser.add_argument("--memory-steps", type=int, default=3)
+    parser.add_argument("--bubble-steps", type=int, default=6)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["memory", "bubble"])
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    if "memory" not in args.skip:
+        rows = []
+        for name, pp in (("ZeRO-1, 2 data-parallel ranks", "1"), ("ZeRO-1, 2 pipeline stages", "2")):
+            for r in launch("_memory_probe.py", args.data, str(work / f"mem{pp}"), "1", args.memory_model,
+                            str(args.memory_steps), pp):
+                rows.append([name, r["rank"], f"{r['psi'] / 1e6:.0f}M", f"{r['baseline'] / GB:.2f}",
+                             f"{r['peak'] / GB:.2f}", f"{(r['peak'] - r['baseline']) / GB:.2f}",
+                             f"{r['states'] / GB:.2f}", f"{r['predicted'] / GB:.2f}", f"{r['step_s']:.1f}"])
+        table(f"1. memory per rank, {args.memory_model} fp32, 2 ranks (GiB)",
+              ["layout", "rank", "params held", "baseline", "peak", "peak - baseline", "state tensors", "predicted",
+               "s/step"], rows)
+    if "bubble" not in args.skip:
+        rows = []
+        for schedule in ("1f1b", "dualpipev"):
+            for m in (4, 8):
+                for r in launch("_pipeline_probe.py", args.data, str(work / f"{schedule}{m}"), schedule, str(m),
+                                str(args.bubble_steps)):
+                    rows.append([schedule, m, r["rank"], f"{r['step_s']:.3f}", f"{r['compute_s']:.3f}",
+                                 f"{r['other_s']:.3f}", f"{r['wait_s'] / r['step_s']:.2f}", f"{1 / (m + 1):.2f}"])
+        table("2. the bubble, small fp32, 2 stages (s per step; wait share of the step)",
+              ["schedule", "micro-batches", "rank", "step", "forward+backward", "other work", "wait share",
+               "1F1B (p-1)/(m+p-1)"], rows)
+
+
+if __name__ == "__main__":
+    main()
