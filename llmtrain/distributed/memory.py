@@ -68,16 +68,16 @@ class MemoryEstimate:
 
 
 def estimate(cfg: TrainConfig, num_params: int, world: int, process_bytes: float,
-             on_gpu: bool = False) -> MemoryEstimate:
+             on_gpu: bool = False, model: ModelConfig | None = None) -> MemoryEstimate:
     """The peak bytes per rank of ``cfg`` with ``num_params`` parameters (all of them, embeddings included) on
     ``world`` ranks, laid out as ``cfg.dist`` says (world = pp x dp x tp x sp; a pipeline rank holds its stage's
-    layers, ``stage_params``, the largest stage counted); ``process_bytes`` is what the process holds before the model
-    (its baseline)."""
+    layers, ``stage_params``, the largest stage counted, of ``model``: the model as it runs, its vocabulary from the
+    data, when given); ``process_bytes`` is what the process holds before the model (its baseline)."""
     stage, m, pp = cfg.dist.zero_stage, cfg.model, cfg.dist.pipeline_parallel
     n = max(1, world // (cfg.dist.tensor_parallel * pp))  # the ranks ZeRO partitions over: dp, or dp x sp
     psi = rank_params(m, float(num_params), cfg.dist.tensor_parallel)
     if pp > 1:  # the largest stage's layers
-        psi = max(stage_params(m, pp, cfg.dist.pipeline_partition))
+        psi = max(stage_params(model or m, pp, cfg.dist.pipeline_partition))
     mixed = cfg.precision != Precision.fp32
     weight_bytes = 2 if mixed else 4
     grad_bytes = 4 if (mixed and stage == 0) else weight_bytes  # bf16 ZeRO-0 accumulates in fp32
@@ -345,7 +345,7 @@ def _cgroup_room(folder: Path, limit_file: str, usage_file: str, inactive_key: s
 
 
 def what_would_fit(cfg: TrainConfig, num_params: int, world: int, process_bytes: float, visible: float,
-                   on_gpu: bool) -> list[str]:
+                   on_gpu: bool, model: ModelConfig | None = None) -> list[str]:
     """The single changes of the settings that bring the prediction under ``visible``, each with its prediction;
     when none does alone, the shortest run of them, taken in this order, that does, then with a sequence- or
     tensor-parallel degree added, then on more ranks. A degree always divides the ranks it is proposed for and
@@ -372,7 +372,7 @@ def what_would_fit(cfg: TrainConfig, num_params: int, world: int, process_bytes:
 
     def first_fit(options: list[tuple[str, TrainConfig]], ranks: int) -> tuple[str, float] | None:
         for name, changed in options:
-            need = estimate(changed, num_params, ranks, process_bytes, on_gpu).total
+            need = estimate(changed, num_params, ranks, process_bytes, on_gpu, model).total
             if need <= visible:
                 return name, need
         return None

@@ -72,7 +72,7 @@ class Trainer:
         self.cfg = cfg
         # 1. Distributed environment: every component below takes rank / world size from it.
         self.env: DistEnv = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
-        self.topology = Topology.of(cfg.dist, self.env.rank, self.env.world_size)  # world = dp x tp x sp
+        self.topology = Topology.of(cfg.dist, self.env.rank, self.env.world_size)  # world = pp x dp x tp x sp
         self.signals = StopSignals().install()  # a stop request during set-up is kept for the first step
         self._check_hardware()
         self.compiled = should_compile(cfg.train.compile, self.env.device, cfg.dist.zero_stage,
@@ -100,8 +100,9 @@ class Trainer:
         self.flops_per_token = shape.flops_per_token()
         all_params = shape.num_params(non_embedding=False)
         self.predicted_memory = self._predict_memory(all_params)
-        self.bytes_per_token = (data_parallel_bytes_per_step(
-            memory.rank_params(self.model_cfg, all_params, self.topology.tp),
+        held = (memory.stage_params(self.model_cfg, self.topology.pp, cfg.dist.pipeline_partition)[self.topology.stage]
+                if self.topology.pp > 1 else memory.rank_params(self.model_cfg, all_params, self.topology.tp))
+        self.bytes_per_token = (data_parallel_bytes_per_step(held,
             self.topology.dp, cfg.dist.zero_stage, self.grad_accum, torch_dtype(cfg.precision).itemsize)
             / (cfg.train.global_batch_size // self.topology.dp * self.model_cfg.block_size))
         """Data-parallel bytes a rank sends + receives per token it trains on (``llmtrain.distributed.traffic``)."""
@@ -169,7 +170,7 @@ class Trainer:
         fits only without the host copies of background saves, on any rank (every rank alike)."""
         on_gpu = self.env.device.type == "cuda"
         baseline = 0.0 if on_gpu else memory.process_baseline()  # CUDA's peak counts tensors only
-        predicted = memory.estimate(self.cfg, total_params, self.env.world_size, baseline, on_gpu)
+        predicted = memory.estimate(self.cfg, total_params, self.env.world_size, baseline, on_gpu, self.model_cfg)
         visible = memory.visible_bytes(self.env.device, self.env.local_world_size)
         direct = dataclasses.replace(predicted, checkpoint_copy=0.0)
         copy_misfits = memory.only_direct_saves_fit(self.cfg, predicted, visible)
@@ -189,7 +190,8 @@ class Trainer:
         if self.env.is_main:
             log.info("memory per rank, predicted: %s", predicted.describe())
         if predicted.total > visible or too_big:
-            fits = memory.what_would_fit(self.cfg, total_params, self.env.world_size, baseline, visible, on_gpu)
+            fits = memory.what_would_fit(self.cfg, total_params, self.env.world_size, baseline, visible, on_gpu,
+                                         self.model_cfg)
             advice = ("it would fit with: " + "; ".join(fits) if fits else
                       "no ZeRO stage, offload, activation checkpointing, micro-batch or rank count makes it fit")
             if too_big:
