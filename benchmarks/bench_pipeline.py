@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -58,6 +59,11 @@ def train(data: str, run_dir: Path, ranks: int, *overrides: str) -> dict[int, di
     return {row["step"]: row for row in rows}
 
 
+def slug(name: str) -> str:
+    """A folder name for a layout's name (a Hydra override value takes no '=' or ',')."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
+
+
 def gaps(ours: dict[int, dict], theirs: dict[int, dict]) -> list[str]:
     out = []
     for key in ("loss", "grad_norm", "val_loss"):
@@ -81,15 +87,15 @@ def equivalence(data: str, work: Path) -> None:
                ("TP=2, ZeRO-0 (the one norm)", 2, ["dist.tensor_parallel=2", "dist.zero_stage=0"], "2"),
                ("SP=2, ZeRO-0 (the one norm)", 2, ["dist.sequence_parallel=2", "dist.zero_stage=0"], "2")]
     for name, ranks, overrides, reference in layouts:
-        rows.append([name, ranks, *gaps(train(data, work / name.replace(" ", ""), ranks, *overrides), one[reference])])
+        rows.append([name, ranks, *gaps(train(data, work / slug(name), ranks, *overrides), one[reference])])
     # resumes across layouts: step 10's checkpoint, the rest of the run in another layout
-    pp2 = work / "PP=2,ZeRO-1"
+    pp2 = work / slug("PP=2, ZeRO-1")
     whole = train(data, work / "z1-2", 2, "dist.zero_stage=1")
     for name, source, ranks, overrides, reference in [
             ("PP=2 -> 1 rank (ZeRO-1)", pp2, 1, ["dist.zero_stage=1"], one["2"]),
             ("PP=2 -> DP=2 (ZeRO-1)", pp2, 2, ["dist.zero_stage=1"], one["2"]),
             ("DP=2 -> PP=2 (ZeRO-1)", work / "z1-2", 2, ["dist.zero_stage=1", "dist.pipeline_parallel=2"], whole)]:
-        moved = work / f"moved-{name.replace(' ', '')}"
+        moved = work / f"moved-{slug(name)}"
         shutil.copytree(source, moved)
         shutil.rmtree(moved / "checkpoints" / "step_00000020")
         resumed = train(data, moved, ranks, *overrides)
