@@ -110,25 +110,15 @@ def build_optimizer(cfg: OptimConfig, params: Iterable[torch.Tensor], offload: b
     return ChunkedAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
 
 
-NORM_CHUNK = 1 << 20
-"""Elements per partial sum of a gradient's squares: fp32 dot products over at most this many elements (BLAS's
-several accumulators: ~1e-7 relative), the partial sums added in float64."""
-
-
 def grad_norm(grads: Iterable[torch.Tensor], group=None) -> torch.Tensor:
-    """llmtrain's one gradient norm (float64, on the device, no read back): each tensor's sum of squares in
-    float64 pieces, summed over ``group`` (the ranks that hold different parts of one model copy: pipeline stages,
-    tensor slices) when given. The caller passes each weight's gradient once: a tied or replicated copy on one rank
-    of the group only (``counted_once``). torch's fp32 ``vector_norm`` accumulates a tensor in fp32 (5.8e-5 relative
-    off on `tiny`'s gradients on CPU); this is within 1e-7 of a float64 recomputation, at a dot product's cost."""
-    parts = []
-    for g in grads:
-        flat = g.detach().reshape(-1)
-        if flat.dtype not in (torch.float32, torch.float64):
-            flat = flat.float()
-        parts += [torch.dot(piece, piece).double() for piece in flat.split(NORM_CHUNK)]
-    device = parts[0].device if parts else None
-    total = torch.stack(parts).sum() if parts else torch.zeros((), dtype=torch.float64, device=device)
+    """llmtrain's one gradient norm (float64, on the device, no read back): each tensor's norm accumulated in float64
+    (``vector_norm(dtype=float64)`` converts element by element, no copy), their squares summed, and summed over
+    ``group`` (the ranks that hold different parts of one model copy: pipeline stages, tensor slices) when given. The
+    caller passes each weight's gradient once: a tied or replicated copy on one rank of the group only. torch's fp32
+    norm accumulates a tensor in fp32 (on `tiny`'s step-1 gradients on CPU 5.8e-5 relative off; fp32 dot products of
+    2^20 elements summed in float64 were still 3.2e-6 off); this is a float64 norm (benchmarks/bench_norm.py)."""
+    parts = [torch.linalg.vector_norm(g.detach(), dtype=torch.float64) for g in grads]
+    total = torch.stack(parts).square().sum() if parts else torch.zeros((), dtype=torch.float64)
     if group is not None:
         import torch.distributed as dist
 
