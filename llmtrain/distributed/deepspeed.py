@@ -86,13 +86,13 @@ def trainer_clips(cfg: TrainConfig) -> bool:
     return cfg.dist.zero_stage == 0 and cfg.precision == Precision.fp32
 
 
-def clip_whole_gradients(engine, max_norm: float) -> torch.Tensor:
-    """Clip the whole gradients of ``engine``'s module (``trainer_clips``) to ``max_norm``; the norm before
-    clipping (llmtrain's one norm, ``llmtrain.optim.grad_norm``), left on the device. Under tensor parallel the
-    split weights' squares are summed over the group and the whole ones, copies on every rank, counted once; under
-    pipeline parallel each stage's are summed over the stages, a tied weight counted on its first stage."""
+def counted_gradients(engine) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter], Any]:
+    """The parameters of ``engine``'s module that have gradients; those this rank counts in the whole model's norm
+    (each weight once over the group); and the group that holds different parts of one model copy (None: this
+    rank holds all of it). Under tensor parallel the split weights are counted on every rank of the group and the
+    whole ones, copies on every rank, on its first; under pipeline parallel each stage's, a tied weight's copy on a
+    later stage (DeepSpeed marks it ``ds_pipe_replicated``) left out."""
     params = [p for p in engine.module.parameters() if p.grad is not None]
-    # A tied weight's copy on a later pipeline stage (DeepSpeed marks it) is the first stage's, gradient included.
     counted, group = [p for p in params if not getattr(p, "ds_pipe_replicated", False)], None
     if getattr(engine, "is_pipe_parallel", False):
         group = engine.grid.get_pipe_parallel_group()
@@ -102,6 +102,13 @@ def clip_whole_gradients(engine, max_norm: float) -> torch.Tensor:
         first = engine.mpu.get_model_parallel_rank() == 0
         counted = [p for p in params if first or is_model_parallel_parameter(p)]
         group = engine.mpu.get_model_parallel_group()
+    return params, counted, group
+
+
+def clip_whole_gradients(engine, max_norm: float) -> torch.Tensor:
+    """Clip the whole gradients of ``engine``'s module (``trainer_clips``) to ``max_norm``; the norm before
+    clipping (llmtrain's one norm, ``llmtrain.optim.grad_norm``, over ``counted_gradients``), left on the device."""
+    params, counted, group = counted_gradients(engine)
     norm = grad_norm([p.grad for p in counted], group)
     clip_grads_([p.grad for p in params], max_norm, norm)
     return norm
@@ -357,7 +364,7 @@ def _pipeline_weights(folder: Path, model_cfg: ModelConfig, stages: int) -> dict
     """A pipeline checkpoint's fp32 weights by the model's names (``pipeline.model_name``): where it holds optimizer
     partitions (ZeRO-1, or bf16 masters) through DeepSpeed's universal conversion, which joins the stages; at ZeRO-0
     in fp32 from the per-layer files, whose keys are each layer holder's own."""
-    from llmtrain.distributed.pipeline import FIRST_BLOCK, model_name
+    from llmtrain.distributed.pipeline import model_name
 
     if any(folder.glob("*_optim_states.pt")):
         zero = universal_checkpoint(folder, {"pipeline_parallel": stages}) / "zero"
@@ -365,10 +372,8 @@ def _pipeline_weights(folder: Path, model_cfg: ModelConfig, stages: int) -> dict
                 torch.load(path / "fp32.pt", map_location="cpu", weights_only=False)["param"].float()
                 for path in sorted(zero.iterdir()) if (path / "fp32.pt").is_file()}
     weights = {}
-    for path in sorted(folder.glob("layer_*-model_states.pt")):
+    for path in sorted(folder.glob("layer_*-model_states.pt")):  # a layer's keys are its holder's: "{index}.{key}"
         index = int(path.name.split("-")[0].removeprefix("layer_"))
-        layer = index - FIRST_BLOCK
-        prefix = f"blocks.{layer}." if 0 <= layer < model_cfg.n_layer else ""
         for key, value in torch.load(path, map_location="cpu", weights_only=True).items():
-            weights[prefix + key] = value.float()
+            weights[model_name(f"{index}.{key}", model_cfg.n_layer)] = value.float()
     return weights

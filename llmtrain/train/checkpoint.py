@@ -167,17 +167,16 @@ class DeepSpeedCheckpointIO:
                      describe_layout(saved), describe_layout(now))
             universal_checkpoint(folder, saved)
         dist.barrier()
-        tag = UNIVERSAL
-        if marker_pp(saved) != self.layout["pipeline_parallel"] and (marker_pp(saved) == 1 or
-                                                                      self.layout["pipeline_parallel"] == 1):
-            tag = self._renamed(folder / UNIVERSAL, marker_pp(saved) > 1)
+        tag = UNIVERSAL  # a pipeline's parameter names are not the whole model's: between the two, renamed
+        from_pipeline = saved.get("pipeline_parallel", 1) > 1
+        if from_pipeline != (self.layout["pipeline_parallel"] > 1):
+            tag = self._renamed(folder / UNIVERSAL, from_pipeline)
         engine = self.engine
         engine._config.load_universal_checkpoint = True  # DeepSpeed reads it from its config at load time
         try:
             return engine.load_checkpoint(str(folder), tag=tag, load_lr_scheduler_states=False)
         finally:
             engine._config.load_universal_checkpoint = False
-
 
     def _renamed(self, universal: Path, from_pipeline: bool) -> str:
         """The universal checkpoint under this layout's parameter names: a pipeline's names follow its layers
@@ -205,10 +204,6 @@ class DeepSpeedCheckpointIO:
             (target / CONVERTED).write_text((universal / CONVERTED).read_text())
         dist.barrier()
         return tag
-
-
-def marker_pp(marker: dict[str, Any]) -> int:
-    return int(marker.get("pipeline_parallel", 1))
 
 
 def describe_layout(marker: dict[str, Any]) -> str:

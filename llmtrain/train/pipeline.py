@@ -92,10 +92,8 @@ class PipelineTrainer(Trainer):
         ignored (``PipelineLoss`` sums the real targets' losses; they are counted here); as many calls on every rank
         (eval_batch is collective). The loss stage adds them (the last, or DualPipeV's rank 0), the others nothing."""
         bs, chunk = self.cfg.train.micro_batch_size, self.grad_accum
-        dp_rank, dp = self.topology.dp_rank, self.topology.dp
-        batches = list(val.batches(bs, dp_rank, dp))
-        num_batches = math.ceil(math.ceil(math.ceil(len(val) / dp) / bs) / chunk) * chunk
-        like_x, like_y = batches[0] if batches else next(val.batches(bs, 0, 1))
+        batches, num_batches, (like_x, like_y) = self._val_batches(val)
+        num_batches = math.ceil(num_batches / chunk) * chunk
         padded = []
         for i in range(num_batches):
             x, y = batches[i] if i < len(batches) else (like_x[:0], like_y[:0])

@@ -357,18 +357,22 @@ class Trainer:
 
     def _score(self, val: ValidationWindows, total: torch.Tensor) -> None:
         """Add this rank's share of ``val``: [summed loss, target count] into ``total``, on the device."""
-        bs = self.cfg.train.micro_batch_size
-        dp_rank, dp = self.topology.dp_rank, self.topology.dp
-        batches = list(val.batches(bs, dp_rank, dp))
-        # ZeRO-3 gathers parameters inside forward, so every rank must run the same number of forwards.
-        num_batches = math.ceil(math.ceil(len(val) / dp) / bs)
+        batches, num_batches, stand_in = self._val_batches(val)
         for i in range(num_batches):
-            x, y = batches[min(i, len(batches) - 1)] if batches else next(val.batches(bs, 0, 1))
+            x, y = batches[min(i, len(batches) - 1)] if batches else stand_in
             loss = self._forward(x.to(self.engine.device), y.to(self.engine.device))
             if i < len(batches):  # every rank of a tensor- or sequence-parallel group adds its share alike
                 targets = y.numel() // self.topology.sp
                 total[0] += loss.double() * targets
                 total[1] += targets
+
+    def _val_batches(self, val: ValidationWindows) -> tuple[list, int, tuple[torch.Tensor, torch.Tensor]]:
+        """This data-parallel rank's micro-batches of ``val``; how many forwards every rank runs (the most any rank
+        has: ZeRO-3 gathers parameters inside forward, and a pipeline's eval_batch is collective, so every rank
+        runs as many); and a batch of the right shape for a rank that has none left."""
+        bs, dp = self.cfg.train.micro_batch_size, self.topology.dp
+        batches = list(val.batches(bs, self.topology.dp_rank, dp))
+        return batches, math.ceil(math.ceil(len(val) / dp) / bs), batches[0] if batches else next(val.batches(bs, 0, 1))
 
     def _log_step(self, loss: float, grad_norm: float, tokens_per_s: float, step_time: float) -> None:
         optimizer = self.engine.optimizer

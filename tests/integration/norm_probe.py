@@ -1,8 +1,8 @@
 """Helper process for test_parallel.py: train a few fp32 ZeRO-0 steps of a 2-layer GPT in the given layout, and
 print, per step, the gradient norm llmtrain clips with and logs beside a float64 recomputation of the whole
-gradient: every weight once (a tied copy on a later pipeline stage left out, a tensor-parallel rank's whole
-weights counted on its group's first rank), each gradient element squared in float64, summed over the ranks that
-hold different parts of the model.
+gradient: every weight once (llmtrain's ``counted_gradients``: a tied copy on a later pipeline stage left out, a
+tensor-parallel rank's whole weights counted on its group's first rank), each gradient element squared in float64,
+summed over the ranks that hold different parts of the model.
 
     python tests/integration/norm_probe.py DATA_DIR RUN_DIR [PIPELINE TENSOR SEQUENCE]      (under torchrun)
 """
@@ -20,23 +20,16 @@ from tiny_config import tiny_config  # a sibling: a script run by path has its o
 import llmtrain.train.pipeline as pipeline_trainer
 import llmtrain.train.trainer as plain_trainer
 from llmtrain.cli.train import trainer_class
+from llmtrain.distributed.deepspeed import counted_gradients
 from llmtrain.distributed.exit import ended_process
 
 
 def float64_norm(engine) -> float:
-    from deepspeed.runtime.utils import is_model_parallel_parameter
-
-    params = [p for p in engine.module.parameters() if p.grad is not None]
-    params = [p for p in params if not getattr(p, "ds_pipe_replicated", False)]
-    group = None
-    if getattr(engine, "is_pipe_parallel", False):
-        group = engine.grid.get_pipe_parallel_group()
-    elif engine.autotp_size() > 1:
-        first = engine.mpu.get_model_parallel_rank() == 0
-        params = [p for p in params if first or is_model_parallel_parameter(p)]
-        group = engine.mpu.get_model_parallel_group()
+    """Each counted gradient element squared in float64 and summed, over the group (``counted_gradients``: which
+    weights a rank counts is llmtrain's rule; the arithmetic here is the check's own)."""
+    _, counted, group = counted_gradients(engine)
     total = torch.zeros((), dtype=torch.float64)
-    for p in params:
+    for p in counted:
         total += p.grad.double().pow(2).sum()
     if group is not None:
         dist.all_reduce(total, group=group)
