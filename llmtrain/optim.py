@@ -5,7 +5,9 @@ DiLoCo's outer optimizers (``build_outer_optimizer``), which parameter servers a
 The group-order contract: ``param_groups`` always returns exactly two groups, ``[decay, no_decay]``, each in
 the order the parameters were given (a model's ``parameters()`` order; a tied weight once). Both groups are
 present even when one is empty. DeepSpeed keeps its fp32 master copies per optimizer group in this order, and
-``llmtrain.run.trained`` maps them back to parameter names by rebuilding these groups from the model.
+``llmtrain.run.trained`` maps them back to parameter names by rebuilding these groups from the model. Under expert
+parallel (``expert_groups``), DeepSpeed's split moves each rank's experts out of them into groups of their own,
+appended after the two.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ def param_groups(params: Iterable[torch.Tensor], weight_decay: float) -> list[di
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if full_ndim(p) >= 2]
     no_decay = [p for p in params if full_ndim(p) < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
 
 
 class ChunkedAdamW(torch.optim.AdamW):
@@ -94,11 +97,18 @@ def _batches(pieces: list[tuple], limit: int) -> Iterable[list[tuple]]:
 
 
 def build_optimizer(cfg: OptimConfig, params: Iterable[torch.Tensor], offload: bool,
-                    device: torch.device) -> torch.optim.Optimizer:
+                    device: torch.device, expert_groups: bool = False) -> torch.optim.Optimizer:
     """The optimizer over ``params`` (a model's ``parameters()``, or a parameter server's shard): DeepSpeed's CPU
     Adam when offloaded, PyTorch's fused AdamW (CUDA) or its foreach AdamW stepped in chunks (CPU, ``ChunkedAdamW``)
-    otherwise, or SGD with momentum."""
+    otherwise, or SGD with momentum. ``expert_groups``: the model has expert-parallel experts, which DeepSpeed
+    reduces and partitions over their own groups (``split_params_into_different_moe_groups_for_optimizer``; the
+    weight-decay split kept)."""
     groups = param_groups(params, cfg.weight_decay)
+    if expert_groups:
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        groups = [g for g in split_params_into_different_moe_groups_for_optimizer(groups)
+                  if g["params"] or not g.get("moe")]
     if cfg.name == OptimizerName.sgd:
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     if offload:

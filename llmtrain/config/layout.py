@@ -49,6 +49,10 @@ class DistConfig:
     pipeline_parallel: int = 1
     """Pipeline stages: consecutive blocks on N ranks, micro-batches streamed through them (DeepSpeed's pipeline
     engine, 1F1B schedule); the outermost axis, so stages may span nodes. With ZeRO 0-1 on the data-parallel rest."""
+    expert_parallel: int = 1
+    """Ranks that split each mixture-of-experts layer's experts, n_experts / N each (the classic DeepSpeed MoE
+    layer's ep_size, with its all-to-all exchange; not DeepSpeed's AutoEP section). Every rank stays data parallel
+    and reads its own data; each expert is replicated over dp / N ranks. With ZeRO 0-2."""
     pipeline_schedule: str = "1f1b"
     """1f1b | dualpipev (each rank holds 2 of 2N pieces; needs at least 2N micro-batches per step)."""
     pipeline_partition: str = "type:Block"
@@ -61,6 +65,15 @@ class DistConfig:
         problems += bounded("dist.tensor_parallel", self.tensor_parallel, 1, 1 << 16)
         problems += bounded("dist.sequence_parallel", self.sequence_parallel, 1, 1 << 16)
         problems += bounded("dist.pipeline_parallel", self.pipeline_parallel, 1, 1 << 16)
+        problems += bounded("dist.expert_parallel", self.expert_parallel, 1, 1 << 16)
+        if self.expert_parallel > 1:
+            ep = f"dist.expert_parallel={self.expert_parallel}"
+            if self.zero_stage == 3:
+                problems.append(f"{ep} combines with dist.zero_stage=0|1|2: DeepSpeed's MoE layer refuses ZeRO-3")
+            for axis in ("pipeline_parallel", "tensor_parallel", "sequence_parallel"):
+                if getattr(self, axis) > 1:
+                    problems.append(f"{ep} with dist.{axis}={getattr(self, axis)} does not combine yet: experts "
+                                    "split over data-parallel ranks only")
         if self.pipeline_parallel > 1:
             if self.zero_stage > 1:
                 problems.append(f"dist.pipeline_parallel={self.pipeline_parallel} combines with dist.zero_stage=0|1: "
@@ -112,6 +125,28 @@ def parallel_problems(model: ModelConfig, dist: DistConfig, mode: Mode = Mode.sy
                 what = f"{pieces} DualPipeV pieces" if pieces > pp else "stage"
                 problems.append(f"dist.pipeline_parallel={pp} needs a block on every {what}; model.n_layer="
                                 f"{model.n_layer} has fewer")
+    if dist.expert_parallel > 1:
+        ep = dist.expert_parallel
+        if mode == Mode.async_ps:
+            problems.append(f"dist.expert_parallel={ep} applies to mode=sync; the parameter servers' workers each "
+                            "hold the whole model")
+        elif model.n_experts == 0:
+            problems.append(f"dist.expert_parallel={ep} splits a mixture of experts: set model.n_experts")
+        elif model.n_experts % ep:
+            problems.append(f"dist.expert_parallel={ep} does not divide model.n_experts={model.n_experts}: each "
+                            "rank takes an equal share of the experts")
+    if model.n_experts and mode == Mode.async_ps:
+        problems.append(f"model.n_experts={model.n_experts} trains with mode=sync; the parameter-server mode trains "
+                        "dense models")
+    if model.n_experts and dist.pipeline_parallel > 1:
+        problems.append(f"model.n_experts={model.n_experts} with dist.pipeline_parallel={dist.pipeline_parallel} "
+                        "does not combine yet: the router losses of earlier stages would have to reach the loss")
+    if model.n_experts and dist.sequence_parallel > 1:
+        problems.append(f"model.n_experts={model.n_experts} with dist.sequence_parallel={dist.sequence_parallel} does "
+                        "not combine yet: the router's losses would be per slice of a sequence")
+    if model.n_experts and dist.tensor_parallel > 1:
+        problems.append(f"model.n_experts={model.n_experts} with dist.tensor_parallel={dist.tensor_parallel} does not "
+                        "combine: AutoTP would replicate the experts, not split them")
     for axis, degree in (("tensor_parallel", dist.tensor_parallel), ("sequence_parallel", dist.sequence_parallel)):
         if degree == 1:
             continue

@@ -119,6 +119,13 @@ class TrainLoopConfig:
     """A simulated straggler (llmtrain-compare's scenarios): the last compute rank (sync: the last rank; async: the
     last worker) takes this many times longer per micro-batch, sleeping factor - 1 times its measured compute time
     after each. 1 = no straggler."""
+    router_aux_coef: float = 0.01
+    """Weight of the mixture-of-experts load-balancing loss in the objective (Switch / GShard: n_experts / k x the sum
+    over experts of (share of routes) x (mean router probability), 1 when balanced), per micro-batch and rank."""
+    router_z_coef: float = 0.0
+    """Weight of the router z-loss (ST-MoE: the mean squared log-sum-exp of the router logits)."""
+    router_collapse_steps: int = 100
+    """Warn once when an expert has received no tokens for this many steps (counted over log intervals)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -135,7 +142,8 @@ class TrainLoopConfig:
             "max_steps": (1, MAX_COUNT), "global_batch_size": (1, 1 << 24), "micro_batch_size": (1, 1 << 16),
             "log_every": (1, MAX_COUNT), "keep_checkpoints": (1, MAX_COUNT), "max_nonfinite_steps": (1, MAX_COUNT),
             "eval_every": (0, MAX_COUNT), "eval_windows": (0, MAX_COUNT), "checkpoint_every": (0, MAX_COUNT),
-            "stop_at_step": (0, MAX_COUNT), "subset_tokens": (0, MAX_COUNT), "seed": (0, MAX_SEED)})
+            "stop_at_step": (0, MAX_COUNT), "subset_tokens": (0, MAX_COUNT), "seed": (0, MAX_SEED),
+            "router_collapse_steps": (1, MAX_COUNT), "router_aux_coef": (0.0, 1e6), "router_z_coef": (0.0, 1e6)})
         if self.micro_batch_size > 0 and self.global_batch_size % self.micro_batch_size:
             problems.append(f"train.global_batch_size={self.global_batch_size} is not a multiple of "
                             f"train.micro_batch_size={self.micro_batch_size}")

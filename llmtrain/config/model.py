@@ -71,6 +71,25 @@ class ModelConfig:
     """Biases in linear layers and norms."""
     init_std: float = 0.02
     """Standard deviation of the weight init; residual projections get init_std / sqrt(2 * n_layer)."""
+    n_experts: int = 0
+    """Experts per sparse block (a mixture of experts); 0 = dense. Each expert is a feed-forward of model.mlp's kind,
+    hidden width model.moe_hidden."""
+    moe_every: int = 1
+    """Which blocks are sparse (transformers' rule): block i when (i + 1) % moe_every == 0; 1 = every block."""
+    experts_per_token: int = 2
+    """k: the experts each token is routed to, by the top k of a softmax router computed in fp32."""
+    router_renormalize: bool = True
+    """Scale each token's k router weights to sum to 1 (Mixtral; Qwen3-MoE's norm_topk_prob); false = the
+    softmax probabilities as they are (Switch's top-1, Qwen2-MoE's default)."""
+    n_shared_experts: int = 0
+    """Experts every token goes through besides its k routed ones (DeepSeek, Qwen2-MoE): held as one feed-forward of
+    n_shared_experts x model.moe_hidden width."""
+    moe_hidden: int = 0
+    """Hidden width of each expert; 0 = the dense feed-forward's (model.mlp_hidden's rule)."""
+    capacity_factor: float = 0.0
+    """0 = dropless: every routed token is computed. > 0: each expert takes at most ceil(k x tokens / n_experts x
+    capacity_factor) tokens of a micro-batch (per rank), in token order; the routes past it are dropped (the token
+    keeps its residual and its other experts)."""
     init_from: str = ""
     """Start from these weights: a transformers folder (GPT-2 or Llama family) or an llmtrain export, checkpoint or
     run. Its architecture replaces the fields above except block_size (the training window) and dropout."""
@@ -79,10 +98,18 @@ class ModelConfig:
         problems = bounded_each("model.", self, {
             "n_layer": (1, MAX_LAYERS), "n_head": (1, MAX_LAYERS), "n_kv_head": (0, MAX_LAYERS),
             "n_embd": (1, MAX_WIDTH), "block_size": (1, MAX_CONTEXT), "vocab_size": (0, MAX_VOCAB),
-            "mlp_hidden": (0, 4 * MAX_WIDTH)})
+            "mlp_hidden": (0, 4 * MAX_WIDTH), "n_experts": (0, 1 << 16), "moe_every": (1, MAX_LAYERS),
+            "experts_per_token": (1, 1 << 16), "n_shared_experts": (0, 1 << 16), "moe_hidden": (0, 4 * MAX_WIDTH)})
         if not problems:  # the shape checks divide by these sizes
             problems += self._shape_problems()
         problems += bounded("model.dropout", self.dropout, 0.0, 1.0, high_open=True)
+        problems += bounded("model.capacity_factor", self.capacity_factor, 0.0, 1e6)
+        if self.n_experts and self.experts_per_token > self.n_experts:
+            problems.append(f"model.experts_per_token={self.experts_per_token} is more than model.n_experts="
+                            f"{self.n_experts}")
+        if self.n_experts and self.arch != Arch.gpt:
+            problems.append(f"model.n_experts={self.n_experts} makes the Transformer's feed-forwards mixtures of "
+                            f"experts; model.arch={self.arch.value} has none")
         for name in ("norm_eps", "rope_theta", "init_std"):
             problems += bounded(f"model.{name}", getattr(self, name), 0.0, low_open=True)
         raise_problems(problems, "model")
@@ -104,6 +131,18 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    def is_sparse(self, layer: int) -> bool:
+        """Whether block ``layer``'s feed-forward is a mixture of experts (transformers' moe_every rule)."""
+        return self.n_experts > 0 and (layer + 1) % self.moe_every == 0
+
+    @property
+    def sparse_layers(self) -> list[int]:
+        return [i for i in range(self.n_layer) if self.is_sparse(i)]
+
+    @property
+    def expert_hidden(self) -> int:
+        return self.moe_hidden or self.hidden
 
     @property
     def hidden(self) -> int:

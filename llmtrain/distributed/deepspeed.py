@@ -86,12 +86,13 @@ def trainer_clips(cfg: TrainConfig) -> bool:
     return cfg.dist.zero_stage == 0 and cfg.precision == Precision.fp32
 
 
-def counted_gradients(engine) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter], Any]:
-    """The parameters of ``engine``'s module that have gradients; those this rank counts in the whole model's norm
-    (each weight once over the group); and the group that holds different parts of one model copy (None: this
-    rank holds all of it). Under tensor parallel the split weights are counted on every rank of the group and the
+def counted_gradients(engine) -> tuple[list[torch.nn.Parameter], list[tuple[list[torch.nn.Parameter], Any]]]:
+    """The parameters of ``engine``'s module that have gradients, and the parts of the whole model's norm: each
+    (the parameters this rank counts, the group over which their squares are summed; None: this rank alone), every
+    weight counted once. Under tensor parallel the split weights are counted on every rank of the group and the
     whole ones, copies on every rank, on its first; under pipeline parallel each stage's, a tied weight's copy on a
-    later stage (DeepSpeed marks it ``ds_pipe_replicated``) left out."""
+    later stage (DeepSpeed marks it ``ds_pipe_replicated``) left out; under expert parallel each rank's experts
+    (DeepSpeed marks them ``allreduce=False``) summed over its expert-parallel group, the rest (copies) on each."""
     params = [p for p in engine.module.parameters() if p.grad is not None]
     counted, group = [p for p in params if not getattr(p, "ds_pipe_replicated", False)], None
     if getattr(engine, "is_pipe_parallel", False):
@@ -102,14 +103,22 @@ def counted_gradients(engine) -> tuple[list[torch.nn.Parameter], list[torch.nn.P
         first = engine.mpu.get_model_parallel_rank() == 0
         counted = [p for p in params if first or is_model_parallel_parameter(p)]
         group = engine.mpu.get_model_parallel_group()
-    return params, counted, group
+    experts = [p for p in counted if getattr(p, "allreduce", True) is False]
+    if not experts:
+        return params, [(counted, group)]
+    from deepspeed.utils import groups
+
+    (name,) = {p.group_name for p in experts}
+    dense = [p for p in counted if getattr(p, "allreduce", True) is not False]
+    return params, [(dense, group), (experts, groups._get_expert_parallel_group(name))]
 
 
 def clip_whole_gradients(engine, max_norm: float) -> torch.Tensor:
     """Clip the whole gradients of ``engine``'s module (``trainer_clips``) to ``max_norm``; the norm before
     clipping (llmtrain's one norm, ``llmtrain.optim.grad_norm``, over ``counted_gradients``), left on the device."""
-    params, counted, group = counted_gradients(engine)
-    norm = grad_norm([p.grad for p in counted], group)
+    params, parts = counted_gradients(engine)
+    norms = [grad_norm([p.grad for p in counted], group) for counted, group in parts]
+    norm = norms[0] if len(norms) == 1 else torch.stack(norms).square().sum().sqrt()
     clip_grads_([p.grad for p in params], max_norm, norm)
     return norm
 
@@ -329,6 +338,8 @@ def fp32_weights(folder: Path, zero_stage: int, model_cfg: ModelConfig, tensor_p
     weights (a pipeline's in one file per layer), and under bf16 their fp32 masters in the optimizer state."""
     if pipeline_parallel > 1:
         return _pipeline_weights(folder, model_cfg, pipeline_parallel)
+    if any(folder.glob(EXPERT_FILES)):
+        return _expert_parallel_weights(folder)
     if tensor_parallel > 1:
         if zero_stage == 0:
             raise UserError(f"{folder} was saved at ZeRO-0 with dist.tensor_parallel={tensor_parallel}, whose "
@@ -358,6 +369,26 @@ def fp32_weights(folder: Path, zero_stage: int, model_cfg: ModelConfig, tensor_p
         if model_cfg.tie_embeddings:
             weights["lm_head.weight"] = weights["wte.weight"]
     return weights
+
+
+EXPERT_FILES = "layer_*_expert_*_mp_rank_00_model_states.pt"
+"""DeepSpeed's files of an expert-parallel checkpoint's experts: one per expert of each MoE layer, by global id."""
+
+
+def _expert_parallel_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """An expert-parallel checkpoint's weights by the model's names (``experts.model_name``): the module's file
+    (everything but the experts) and one file per expert. Refused where they are not fp32: its fp32 masters are in
+    per-rank optimizer partitions of DeepSpeed's expert groups, which llmtrain does not join."""
+    from llmtrain.distributed.experts import model_name
+
+    saved = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    for path in sorted(folder.glob(EXPERT_FILES)):
+        saved.update(torch.load(path, map_location="cpu", weights_only=False))
+    if any(v.dtype != torch.float32 for v in saved.values()):
+        raise UserError(f"{folder} is an expert-parallel checkpoint trained in mixed precision, whose fp32 masters "
+                        "llmtrain does not join from DeepSpeed's expert partitions: train expert-parallel runs "
+                        "with precision=fp32 to export or sample them")
+    return {model_name(name, 0): value for name, value in saved.items()}
 
 
 def _pipeline_weights(folder: Path, model_cfg: ModelConfig, stages: int) -> dict[str, torch.Tensor]:

@@ -8,10 +8,11 @@ the data-parallel ranks, stage 2 the gradients too, stage 3 the weights too. Ten
 splits each block's attention and MLP matrices over its ranks first; ZeRO then splits over the data-parallel ranks
 (world / tp). Pipeline parallel (``dist.pipeline_parallel``) gives each stage its layers (the tied token table on the
 first and the last stage) and its first stage the activations of up to pp micro-batches in flight (1F1B); ZeRO then
-splits over the data-parallel ranks (world / pp). Under sequence parallel (``dist.sequence_parallel``) every rank
-holds the whole model and ZeRO splits over all the ranks. Besides them: Adam's temporary, the communication buckets
-(sized from the model width, see
-``deepspeed.buckets_for_width``; at stage 0 one all-reduce copy of all the gradients), stage 3's gathered working set
+splits over the data-parallel ranks (world / pp). Expert parallel (``dist.expert_parallel``) gives each rank 1/ep of
+every mixture-of-experts layer's experts, which ZeRO splits over their expert-data-parallel group (dp / ep ranks);
+a sparse layer's MLP activations are those of its k routed experts and shared ones. Under sequence parallel
+(``dist.sequence_parallel``) every rank holds the whole model and ZeRO splits over all the ranks. Besides them:
+Adam's temporary, the communication buckets (sized from the model width, see ``deepspeed.buckets_for_width``; at stage 0 one all-reduce copy of all the gradients), stage 3's gathered working set
 (two layers and the embedding) and its optimizer step's flat copy of one sub-group's gradients, the activations of one
 micro-batch (Korthikanti et al. 2022, per layer at 2 bytes: 34·b·t·h + 5·a·b·t², with tensor parallel 10·b·t·h +
 24·b·t·h/tp + 5·a·b·t²/tp; sequence parallel holds t/sp positions everywhere but attention, which sees all t positions
@@ -73,18 +74,23 @@ def estimate(cfg: TrainConfig, num_params: int, world: int, process_bytes: float
     ``world`` ranks, laid out as ``cfg.dist`` says (world = pp x dp x tp x sp; a pipeline rank holds its stage's
     layers, ``stage_params``, the largest stage counted, of ``model``: the model as it runs, its vocabulary from the
     data, when given); ``process_bytes`` is what the process holds before the model (its baseline)."""
-    stage, m, pp = cfg.dist.zero_stage, cfg.model, cfg.dist.pipeline_parallel
+    stage, m, pp, ep = cfg.dist.zero_stage, cfg.model, cfg.dist.pipeline_parallel, cfg.dist.expert_parallel
     n = max(1, world // (cfg.dist.tensor_parallel * pp))  # the ranks ZeRO partitions over: dp, or dp x sp
     psi = rank_params(m, float(num_params), cfg.dist.tensor_parallel)
     if pp > 1:  # the largest stage's layers
         psi = max(stage_params(model or m, pp, cfg.dist.pipeline_partition))
+    # Expert parallel: a rank holds 1/ep of the experts, which ZeRO partitions over their expert-data-parallel group
+    # (n / ep ranks), the rest over all n.
+    experts = min(psi, float(expert_params(model or m)))
+    parts = [(psi - experts, n), (experts / ep, max(1, n // ep))]
     mixed = cfg.precision != Precision.fp32
     weight_bytes = 2 if mixed else 4
     grad_bytes = 4 if (mixed and stage == 0) else weight_bytes  # bf16 ZeRO-0 accumulates in fp32
     optim_bytes = 8 + (4 if (mixed or stage in (1, 2)) else 0)  # see llmtrain.workarounds.FP32_MASTER
-    weights = weight_bytes * psi / (n if stage == 3 else 1)
-    gradients = grad_bytes * psi / (n if stage >= 2 else 1)
-    optimizer = optim_bytes * psi / (n if stage >= 1 else 1)
+    weights = sum(weight_bytes * p / (d if stage == 3 else 1) for p, d in parts)
+    gradients = sum(grad_bytes * p / (d if stage >= 2 else 1) for p, d in parts)
+    optimizer = sum(optim_bytes * p / (d if stage >= 1 else 1) for p, d in parts)
+    psi = sum(p for p, _ in parts)  # held by this rank before ZeRO
     if on_gpu and cfg.dist.offload_optimizer:  # the fp32 state lives in host memory
         optimizer = 0.0
     if on_gpu and cfg.dist.offload_params:
@@ -138,6 +144,16 @@ def block_matrix_params(model: ModelConfig) -> int:
     return qkv * h + h * h + up * h + hidden * h + ((qkv + up) if model.bias else 0)
 
 
+def expert_params(model: ModelConfig) -> int:
+    """Parameters of the routed experts of every mixture-of-experts layer (0 for a dense model)."""
+    if not model.n_experts:
+        return 0
+    h, width = model.n_embd, model.expert_hidden
+    one = h * width * (3 if model.mlp == MLP.swiglu else 2) + ((width * (2 if model.mlp == MLP.swiglu else 1) + h)
+                                                                if model.bias else 0)
+    return len(model.sparse_layers) * model.n_experts * one
+
+
 def layer_params(model: ModelConfig) -> list[int]:
     """Parameters of each layer of the model's pipeline form (``pipeline.layer_specs``): the token table, the
     position table, the blocks, the final norm, the head (the tied token table again, counted on its stage)."""
@@ -187,6 +203,10 @@ def activation_bytes(cfg: TrainConfig, on_gpu: bool, micro_batches: int = 1) -> 
     act_bytes = 2 if cfg.precision != Precision.fp32 else 4
     positions = t / sp  # this rank's positions outside attention
     per_layer = (10 + 24 / tp) * b * positions * h * act_bytes / 2
+    if m.n_experts:  # the MLP's 19·b·t·h (at 4h wide) for k experts and the shared ones, plus the routed copies
+        width = (m.experts_per_token + m.n_shared_experts) * m.expert_hidden
+        sparse = (19 * width / (4 * h) + 2 * m.experts_per_token) * b * positions * h * act_bytes / 2
+        per_layer += (sparse - 19 * b * positions * h * act_bytes / 2) * len(m.sparse_layers) / layers
     per_layer += attention_score_bytes(cfg, m.n_head / (tp * sp), on_gpu)
     logits = 3 * b * positions * m.vocab_size * 4
     if pp > 1:
@@ -407,7 +427,7 @@ def what_would_fit(cfg: TrainConfig, num_params: int, world: int, process_bytes:
     return []
 
 
-PARALLEL_AXES = ("sequence_parallel", "tensor_parallel", "pipeline_parallel")
+PARALLEL_AXES = ("sequence_parallel", "tensor_parallel", "pipeline_parallel", "expert_parallel")
 
 
 def _layouts(cfg: TrainConfig, ranks: int, axis: str) -> list[tuple[str, TrainConfig]]:
@@ -415,7 +435,8 @@ def _layouts(cfg: TrainConfig, ranks: int, axis: str) -> list[tuple[str, TrainCo
     divisor of ``ranks`` that the config itself accepts (its checks refuse a degree that does not divide the heads
     or the block, the two axes at once, tensor parallel at ZeRO-3 or at ZeRO-0 in mixed precision)."""
     options = []
-    most = cfg.model.n_layer if axis == "pipeline_parallel" else cfg.model.n_head  # a block per stage, a head per rank
+    # a block per stage, an expert per rank, a head per rank
+    most = {"pipeline_parallel": cfg.model.n_layer, "expert_parallel": cfg.model.n_experts}.get(axis, cfg.model.n_head)
     for degree in range(getattr(cfg.dist, axis) + 1, min(ranks, most) + 1):
         if ranks % degree:
             continue

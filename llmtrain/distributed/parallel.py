@@ -35,6 +35,8 @@ class Topology:
     tp: int = 1
     sp: int = 1
     pp: int = 1
+    ep: int = 1
+    """Expert-parallel ranks: consecutive data-parallel ranks that split each mixture of experts' experts."""
 
     @classmethod
     def of(cls, cfg: DistConfig, rank: int, world_size: int) -> Topology:
@@ -46,7 +48,12 @@ class Topology:
                     if degree > 1]
             raise AgreedError(f"{' x '.join(axes)} does not divide the {world_size} rank(s) of this job; launch a "
                               f"multiple of {model_parallel} ranks")
-        return cls(rank, world_size, cfg.tensor_parallel, cfg.sequence_parallel, cfg.pipeline_parallel)
+        if world_size % (model_parallel * cfg.expert_parallel):
+            raise AgreedError(f"dist.expert_parallel={cfg.expert_parallel} does not divide the "
+                              f"{world_size // model_parallel} data-parallel rank(s) of this job; launch a multiple "
+                              f"of {cfg.expert_parallel} ranks")
+        return cls(rank, world_size, cfg.tensor_parallel, cfg.sequence_parallel, cfg.pipeline_parallel,
+                   cfg.expert_parallel)
 
     @property
     def inner(self) -> int:
@@ -94,6 +101,10 @@ class Topology:
             pipes = [[s * self.dp + d for s in range(self.pp)] for d in range(self.dp)]
             return (f"{self.world_size} rank(s) = {self.pp} pipeline x {self.dp} data parallel; stages {stages}, "
                     f"pipelines {pipes}")
+        if self.ep > 1:
+            experts = [list(range(first, first + self.ep)) for first in range(0, self.world_size, self.ep)]
+            return (f"{self.world_size} rank(s) = {self.dp} data parallel, experts split {self.ep} ways; "
+                    f"expert-parallel groups {experts}")
         groups = [list(range(first, first + self.inner)) for first in range(0, self.world_size, self.inner)]
         axis = "tensor" if self.tp > 1 else "sequence"
         parts = f"; {axis}-parallel groups {groups}" if self.inner > 1 else ""

@@ -17,6 +17,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from llmtrain.config import MLP, ModelConfig, Norm, Positions
+from llmtrain.model.moe import MixtureOfExperts, Router
 
 
 class RMSNorm(nn.Module):
@@ -169,7 +170,8 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.norm1, self.attn = build_norm(cfg), CausalSelfAttention(cfg, layer)
-        self.norm2, self.mlp = build_norm(cfg), FeedForward(cfg)
+        self.norm2 = build_norm(cfg)
+        self.mlp = MixtureOfExperts(cfg, FeedForward) if cfg.is_sparse(layer) else FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: KVCache | None = None) -> torch.Tensor:
@@ -210,7 +212,7 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=std * scale)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
+        elif isinstance(module, nn.Embedding | Router):
             nn.init.normal_(module.weight, mean=0.0, std=std)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
@@ -267,11 +269,23 @@ class GPT(nn.Module):
                 n -= self.wte.weight.numel()
         return n
 
+    def active_params(self) -> int:
+        """Non-embedding parameters one token computes with: a mixture of experts' k routed experts of n_experts
+        (every parameter, for a dense model)."""
+        cfg = self.cfg
+        idle = 0
+        for block in self.blocks:
+            if isinstance(block.mlp, MixtureOfExperts):
+                per_expert = sum(p.numel() for p in block.mlp.experts[0].parameters())
+                idle += (cfg.n_experts - cfg.experts_per_token) * per_expert
+        return self.num_params() - idle
+
     def flops_per_token(self) -> float:
-        """Training FLOPs per token: 6N + 12*L*H*Q*T (PaLM appendix B / nanoGPT), N = non-embedding parameters.
+        """Training FLOPs per token: 6N + 12*L*H*Q*T (PaLM appendix B / nanoGPT), N = non-embedding parameters a
+        token computes with (``active_params``: a mixture of experts counts its k routed experts).
 
         6N counts forward + backward matmuls with the weights (the tied output head is in N), 12*L*H*Q*T the
         attention scores and weighted sums (L layers, H heads, Q head size, T context).
         """
         cfg = self.cfg
-        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.block_size
+        return 6 * self.active_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.block_size

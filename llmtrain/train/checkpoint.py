@@ -110,7 +110,7 @@ class DeepSpeedCheckpointIO:
         self.engine, self.zero_stage = engine, zero_stage
         self.rank, self.world_size = topology.rank, topology.world_size
         self.layout = {"tensor_parallel": topology.tp, "sequence_parallel": topology.sp,
-                       "pipeline_parallel": topology.pp}
+                       "pipeline_parallel": topology.pp, "expert_parallel": topology.ep}
         self.model = model
         """The model config: a pipeline layout's parameter names follow its layers (``pipeline.model_name``)."""
         self.staging: StagingCheckpointEngine | None = None
@@ -143,6 +143,13 @@ class DeepSpeedCheckpointIO:
         if marker["zero_stage"] != self.zero_stage:
             raise UserError(f"{folder} was saved with dist.zero_stage={marker['zero_stage']}, this run has "
                             f"{self.zero_stage}; resume with the same stage (or start a new run.dir)")
+        saved_ep = marker.get("expert_parallel", 1)
+        if max(saved_ep, self.layout["expert_parallel"]) > 1 and (saved_ep, marker["world_size"]) != (
+                self.layout["expert_parallel"], self.world_size):
+            raise UserError(f"{folder} was saved with dist.expert_parallel={saved_ep} on {marker['world_size']} "
+                            f"rank(s); an expert-parallel checkpoint resumes only in its own layout (DeepSpeed's "
+                            f"conversions do not join its experts): resume with dist.expert_parallel={saved_ep} on "
+                            f"{marker['world_size']} rank(s)")
         for axis in ("tensor_parallel", "pipeline_parallel"):
             saved = marker.get(axis, 1)
             if self.zero_stage == 0 and saved != self.layout[axis]:
@@ -210,6 +217,6 @@ def describe_layout(marker: dict[str, Any]) -> str:
     """A layout in words from a checkpoint's marker fields: "2 rank(s), tensor parallel 2"."""
     parts = [f"{marker['world_size']} rank(s)"]
     parts += [f"{axis.replace('_', ' ')} {marker[axis]}" for axis in ("tensor_parallel", "sequence_parallel",
-                                                                       "pipeline_parallel")
+                                                                       "pipeline_parallel", "expert_parallel")
               if marker.get(axis, 1) > 1]
     return ", ".join(parts)

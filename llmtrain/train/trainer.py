@@ -34,6 +34,7 @@ from llmtrain.distributed.deepspeed import (
     trainer_clips,
 )
 from llmtrain.distributed.env import DistEnv, init_distributed
+from llmtrain.distributed.experts import apply_expert_parallel
 from llmtrain.distributed.parallel import Topology, parallelize, sequence_loss_scale
 from llmtrain.distributed.traffic import data_parallel_bytes_per_step
 from llmtrain.dtypes import torch_dtype
@@ -49,6 +50,7 @@ from llmtrain.run.preemption import StopSignals, clear_preempted, mark_preempted
 from llmtrain.run.setup import TrainResult
 from llmtrain.run.straggler import Straggler
 from llmtrain.train.checkpoint import DeepSpeedCheckpointIO, process_group_peers
+from llmtrain.train.routing import Routing
 
 log = logging.getLogger("llmtrain")
 
@@ -97,6 +99,7 @@ class Trainer:
         with torch.device("meta"):
             shape = build_model(self.model_cfg)
         self.num_params = shape.num_params()
+        self.active_params = getattr(shape, "active_params", shape.num_params)()  # per token: k of a mixture's experts
         self.flops_per_token = shape.flops_per_token()
         all_params = shape.num_params(non_embedding=False)
         self.predicted_memory = self._predict_memory(all_params)
@@ -110,6 +113,7 @@ class Trainer:
         # 5. The model, the layout's parallel pieces, the optimizer and the DeepSpeed engine (``_build_engine``).
         self.engine = self._build_engine(started)
         started.initial = None  # its weights are in the model now; a resumed checkpoint replaces them (step 7)
+        self.routing = Routing.of(self.engine.module, self.model_cfg, cfg.train, self.engine.device, self.env.is_main)
         # 6. Data readers: this data-parallel rank's training windows (the same on every rank of a tensor- or
         #    sequence-parallel group; each sequence-parallel rank computes its positions of them); the fixed
         #    validation set.
@@ -141,9 +145,11 @@ class Trainer:
         self.metrics = MetricsLogger(self.run, self.env.is_main, cfg.wandb, resolved, cfg.train.max_steps,
                                      self.step)
         if self.env.is_main:
-            log.info("model %s: %.2fM parameters (non-embedding), %.3g FLOPs/token; ZeRO-%d, %s, %s, %s on %s, "
+            log.info("model %s: %.2fM parameters (non-embedding, %.2fM active per token), %.3g FLOPs/token; ZeRO-%d, "
+                     "%s, %s, %s on %s, "
                      "global batch %d = %d micro x %d accumulation x %d data-parallel ranks; peak %.3g FLOP/s (%s)",
-                     self.model_cfg.name, self.num_params / 1e6, self.flops_per_token, cfg.dist.zero_stage,
+                     self.model_cfg.name, self.num_params / 1e6, self.active_params / 1e6, self.flops_per_token,
+                     cfg.dist.zero_stage,
                      cfg.precision.value, "compiled" if self.compiled else "eager", self.topology.describe(),
                      self.env.device.type, cfg.train.global_batch_size, cfg.train.micro_batch_size, self.grad_accum,
                      self.topology.dp, self.peak_flops, peak_source)
@@ -159,7 +165,10 @@ class Trainer:
         if started.initial is not None:
             copy_weights(model, started.initial.state_dict, cfg.dist.zero_stage)
         mpu = parallelize(model, self.topology)
-        optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.dist.offload_optimizer, self.env.device)
+        if self.topology.ep > 1:
+            apply_expert_parallel(model, self.topology.ep)
+        optimizer = build_optimizer(cfg.optim, model.parameters(), cfg.dist.offload_optimizer, self.env.device,
+                                    expert_groups=self.topology.ep > 1)
         return initialize(model, optimizer, self.ds_config, self.compiled, mpu)
 
     def _predict_memory(self, total_params: int) -> memory.MemoryEstimate:
@@ -251,7 +260,8 @@ class Trainer:
                 if cadence.log(self.step):
                     elapsed = time.perf_counter() - interval_start
                     tokens_per_s = interval_steps * tokens_per_step / elapsed
-                    self._log_step(loss, self._grad_norm(outcome), tokens_per_s, elapsed / interval_steps)
+                    self._log_step(loss, self._grad_norm(outcome), tokens_per_s, elapsed / interval_steps,
+                                   interval_steps)
                     interval_start, interval_steps = time.perf_counter(), 0
                 if cadence.evaluate(self.step):
                     scores = self.evaluate()
@@ -284,7 +294,8 @@ class Trainer:
             x, y = self.batches.next()
             with self.straggler.micro_batch():
                 loss = self._forward(x, y)
-                engine.backward(loss * self.loss_scale if self.loss_scale != 1 else loss)
+                objective = self.routing.objective(loss)  # + a mixture of experts' router losses
+                engine.backward(objective * self.loss_scale if self.loss_scale != 1 else objective)
             loss_sum += loss.detach().float()
             discard = False
             if micro == self.grad_accum - 1:  # gradients are whole now (ZeRO-0) or reduced into partitions
@@ -374,7 +385,7 @@ class Trainer:
         batches = list(val.batches(bs, self.topology.dp_rank, dp))
         return batches, math.ceil(math.ceil(len(val) / dp) / bs), batches[0] if batches else next(val.batches(bs, 0, 1))
 
-    def _log_step(self, loss: float, grad_norm: float, tokens_per_s: float, step_time: float) -> None:
+    def _log_step(self, loss: float, grad_norm: float, tokens_per_s: float, step_time: float, steps: int) -> None:
         optimizer = self.engine.optimizer
         row = {
             "loss": loss,
@@ -390,6 +401,7 @@ class Trainer:
             "bytes_per_token": self.bytes_per_token,
             **{f"tokens_seen/{name}": samples * self.model_cfg.block_size
                for name, samples in self.batches.samples_by_source().items()},
+            **self.routing.metrics(steps),
         }
         self.metrics.log(self.step, row)
         if self.env.is_main and not self._memory_reported:

@@ -27,13 +27,16 @@ from llmtrain.distributed.exit import ended_process
 def float64_norm(engine) -> float:
     """Each counted gradient element squared in float64 and summed, over the group (``counted_gradients``: which
     weights a rank counts is llmtrain's rule; the arithmetic here is the check's own)."""
-    _, counted, group = counted_gradients(engine)
-    total = torch.zeros((), dtype=torch.float64)
-    for p in counted:
-        total += p.grad.double().pow(2).sum()
-    if group is not None:
-        dist.all_reduce(total, group=group)
-    return float(total.sqrt())
+    _, parts = counted_gradients(engine)
+    whole = torch.zeros((), dtype=torch.float64)
+    for counted, group in parts:
+        total = torch.zeros((), dtype=torch.float64)
+        for p in counted:
+            total += p.grad.double().pow(2).sum()
+        if group is not None:
+            dist.all_reduce(total, group=group)
+        whole += total
+    return float(whole.sqrt())
 
 
 def main() -> None:

@@ -37,9 +37,19 @@ LAYOUTS = {
     "pp2": (2, ["dist.pipeline_parallel=2", "dist.zero_stage=1"]),
     "pp2_dp2": (4, ["dist.pipeline_parallel=2", "dist.zero_stage=0", "dist.activation_checkpointing=true"]),
     "dualpipev": (2, ["dist.pipeline_parallel=2", "dist.pipeline_schedule=dualpipev", "dist.zero_stage=0"]),
+    # expert parallel (DeepSpeed's MoE layer) at each ZeRO stage: 2 experts a rank on 2 ranks; on 4 data-parallel
+    # ranks, two expert-parallel groups of 2
+    "ep2": (2, ["dist.expert_parallel=2", "dist.zero_stage=0"]),
+    "ep2_zero1": (2, ["dist.expert_parallel=2", "dist.zero_stage=1"]),
+    "ep2_dp4": (4, ["dist.expert_parallel=2", "dist.zero_stage=2"]),
 }
-MODEL = {"dualpipev": ["model.n_layer=4", "train.micro_batch_size=2"]}
-"""Settings of a layout that its 1-process run shares."""
+MOE = ["model.norm=rmsnorm", "model.pos=rope", "model.mlp=swiglu", "model.n_experts=4", "model.experts_per_token=2",
+       "train.router_z_coef=0.001"]
+"""The Llama-style `tiny` as a mixture of 4 experts, 2 per token, dropless."""
+MODEL = {"dualpipev": ("4_blocks", ["model.n_layer=4", "train.micro_batch_size=2"]),
+         "ep2": ("moe", MOE), "ep2_zero1": ("moe", MOE), "ep2_dp4": ("moe_micro2", [*MOE, "train.micro_batch_size=2"])}
+"""Settings of a layout that its 1-process run shares (the micro-batches the same: the router's losses are per
+micro-batch), with the reference's name."""
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +59,9 @@ def trained(run):
     def _trained(name: str) -> tuple[Path, Path]:
         ranks, overrides = LAYOUTS[name]
         sgd = "optim.name=sgd" in overrides
-        shared = MODEL.get(name, [])
+        reference, shared = MODEL.get(name, ("", []))
         return (run(name, ranks, *EXACT, *shared, *overrides),
-                run(f"one_{'sgd' if sgd else 'adamw'}{f'_{name}' if shared else ''}", 1, *EXACT, *shared,
+                run(f"one_{'sgd' if sgd else 'adamw'}{f'_{reference}' if shared else ''}", 1, *EXACT, *shared,
                     *(["optim.name=sgd"] if sgd else [])))
 
     return _trained
@@ -63,8 +73,12 @@ def relative_gap(ours: dict[int, float], theirs: dict[int, float]) -> float:
 
 
 def grad_norms(run_dir: Path) -> dict[int, float]:
+    return logged(run_dir, "grad_norm")
+
+
+def logged(run_dir: Path, key: str) -> dict[int, float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row["grad_norm"] for row in rows if "grad_norm" in row}
+    return {row["step"]: row[key] for row in rows if key in row}
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
@@ -74,14 +88,17 @@ def test_layout_trains_the_one_process_model(trained, name):
     assert relative_gap(grad_norms(layout), grad_norms(one)) < 1e-5
     assert relative_gap(val_losses(layout), val_losses(one)) < 1e-5
     assert len(losses(layout)) == 20
+    if name.startswith("ep"):  # the router's losses and the experts' loads too
+        for key in ("moe/aux_loss", "moe/z_loss", "moe/1/load/3"):
+            assert relative_gap(logged(layout, key), logged(one, key)) < 1e-5
 
 
-@pytest.mark.parametrize("name", ["tp2", "sp2", "dualpipev"])
+@pytest.mark.parametrize("name", ["tp2", "sp2", "dualpipev", "ep2"])
 def test_stop_and_resume_in_the_layout_is_bitwise(trained, prepared_small, tmp_path, name):
     layout, _ = trained(name)
     ranks, overrides = LAYOUTS[name]
     run_dir = tmp_path / "resumed"
-    shared = MODEL.get(name, [])
+    _, shared = MODEL.get(name, ("", []))
     launch(run_dir, prepared_small, ranks, *EXACT, *shared, *overrides, "train.stop_at_step=10")
     launch(run_dir, prepared_small, ranks, *EXACT, *shared, *overrides)
     assert losses(run_dir) == losses(layout)
@@ -127,7 +144,20 @@ def exported(run_dir: Path, out: Path) -> dict[str, torch.Tensor]:
     return load_file(next(out.glob("*.safetensors")))
 
 
-@pytest.mark.parametrize("name", ["tp2", "sp2", "pp2", "dualpipev"])
+def test_an_expert_parallel_checkpoint_resumes_only_in_its_layout(trained, prepared_small, tmp_path):
+    """EP = 2 -> 1 rank is refused in one line, before anything is written; the checkpoints stay as they were."""
+    layout, _ = trained("ep2")
+    run_dir = tmp_path / "moved"
+    shutil.copytree(layout, run_dir)
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    proc = launch(run_dir, prepared_small, 1, *EXACT, *MOE, check=False)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "dist.expert_parallel=2 on 2 rank(s)" in last and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+
+
+@pytest.mark.parametrize("name", ["tp2", "sp2", "pp2", "dualpipev", "ep2"])
 def test_export_of_the_layout_equals_the_one_process_export(trained, tmp_path, name):
     layout, one = trained(name)
     ours, theirs = exported(layout, tmp_path / "layout"), exported(one, tmp_path / "one")

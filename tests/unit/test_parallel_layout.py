@@ -124,13 +124,19 @@ def test_each_shard_mean_loss_counts_one_over_sp_below_zero_3():
 def test_checkpoint_layout_in_the_marker_and_zero_0_tensor_parallel_stays_in_its_layout(tmp_path):
     files = DeepSpeedCheckpointIO(None, Topology(0, 2, tp=2), zero_stage=0)
     assert files.marker_fields() == {"world_size": 2, "zero_stage": 0, "tensor_parallel": 2, "sequence_parallel": 1,
-                                     "pipeline_parallel": 1}
+                                     "pipeline_parallel": 1, "expert_parallel": 1}
     files.check(tmp_path, {"zero_stage": 0, "tensor_parallel": 2})
     plain = DeepSpeedCheckpointIO(None, Topology(0, 1), zero_stage=0)
     with pytest.raises(UserError, match="resume with dist.tensor_parallel=2"):
         plain.check(tmp_path, {"zero_stage": 0, "tensor_parallel": 2})
     assert describe_layout({"world_size": 4, "tensor_parallel": 1, "sequence_parallel": 2}) == (
         "4 rank(s), sequence parallel 2")
+    experts = DeepSpeedCheckpointIO(None, Topology(0, 4, ep=2), zero_stage=1)
+    experts.check(tmp_path, {"zero_stage": 1, "world_size": 4, "expert_parallel": 2})
+    for saved in ({"zero_stage": 1, "world_size": 2, "expert_parallel": 2},  # another world size
+                  {"zero_stage": 1, "world_size": 4}):  # dense, or experts on every rank
+        with pytest.raises(UserError, match="an expert-parallel checkpoint resumes only in its own layout"):
+            experts.check(tmp_path, saved)
 
 
 def test_pipeline_stages_are_outermost_as_in_deepspeeds_grid():
