@@ -12,7 +12,8 @@ splits over the data-parallel ranks (world / pp). Expert parallel (``dist.expert
 every mixture-of-experts layer's experts, which ZeRO splits over their expert-data-parallel group (dp / ep ranks);
 a sparse layer's MLP activations are those of its k routed experts and shared ones. Under sequence parallel
 (``dist.sequence_parallel``) every rank holds the whole model and ZeRO splits over all the ranks. Besides them:
-Adam's temporary, the communication buckets (sized from the model width, see ``deepspeed.buckets_for_width``; at stage 0 one all-reduce copy of all the gradients), stage 3's gathered working set
+Adam's temporary, the communication buckets (sized from the model width, see ``deepspeed.buckets_for_width``; at
+stage 0 one all-reduce copy of all the gradients), stage 3's gathered working set
 (two layers and the embedding) and its optimizer step's flat copy of one sub-group's gradients, the activations of one
 micro-batch (Korthikanti et al. 2022, per layer at 2 bytes: 34·b·t·h + 5·a·b·t², with tensor parallel 10·b·t·h +
 24·b·t·h/tp + 5·a·b·t²/tp; sequence parallel holds t/sp positions everywhere but attention, which sees all t positions
