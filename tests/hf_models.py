@@ -10,6 +10,10 @@ KINDS = ("llama", "gpt2", "gpt2_untied_bin", "gpt2_gelu", "mistral")
 """llama: grouped-query attention, untied, rope_theta 500, eps 1e-6. gpt2: tied. gpt2_untied_bin: untied, saved as
 PyTorch weights (pytorch_model.bin). gpt2_gelu: tied, exact GELU (activation_function=gelu) instead of GPT-2's tanh
 approximation. mistral: a Llama-family model_type without sliding windows."""
+MOE_KINDS = ("mixtral", "qwen2_moe", "qwen2_moe_gated")
+"""Mixtures of experts, 4 experts of width 24, top 2, untied. mixtral: 3 blocks, all sparse. qwen2_moe: 4 blocks, every
+second one sparse (the others dense, width 40), a shared expert of 2 experts' width behind a zero gate (what llmtrain
+computes), top-k weights not renormalized. qwen2_moe_gated: the same with a random shared-expert gate."""
 
 
 def hf_config(kind: str, vocab_size: int, context: int = 128):
@@ -20,6 +24,20 @@ def hf_config(kind: str, vocab_size: int, context: int = 128):
                                        layer_norm_epsilon=1e-5, tie_word_embeddings=kind in ("gpt2", "gpt2_gelu"),
                                        activation_function="gelu" if kind == "gpt2_gelu" else "gelu_new",
                                        bos_token_id=1, eos_token_id=1)
+    if kind == "mixtral":
+        return transformers.MixtralConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=24,
+                                          num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                          max_position_embeddings=context, rms_norm_eps=1e-6, rope_theta=500.0,
+                                          num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False,
+                                          bos_token_id=1, eos_token_id=1)
+    if kind.startswith("qwen2_moe"):
+        return transformers.Qwen2MoeConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=40,
+                                           moe_intermediate_size=24, shared_expert_intermediate_size=48,
+                                           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                           max_position_embeddings=context, rms_norm_eps=1e-6, rope_theta=500.0,
+                                           num_experts=4, num_experts_per_tok=2, decoder_sparse_step=2,
+                                           norm_topk_prob=False, qkv_bias=False, tie_word_embeddings=False,
+                                           bos_token_id=1, eos_token_id=1)
     config = transformers.MistralConfig if kind == "mistral" else transformers.LlamaConfig
     return config(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context, rms_norm_eps=1e-6,
@@ -40,6 +58,8 @@ def save_random_hf(kind: str, folder: Path, tokenizer_file: Path | None, vocab_s
                 param.add_(torch.randn_like(param) * 0.1)
             else:
                 param.normal_(0.0, 0.1)
+            if name.endswith("shared_expert_gate.weight") and kind != "qwen2_moe_gated":
+                param.zero_()  # sigmoid(0) = 1/2 on every token: a shared expert llmtrain computes (ungated)
     if kind.endswith("_bin"):  # transformers 5 saves safetensors only: write PyTorch weights as older versions did
         folder.mkdir(parents=True, exist_ok=True)
         model.config.save_pretrained(folder)

@@ -40,7 +40,7 @@ class RouterGate(nn.Module):
     def forward(self, x: torch.Tensor, used_token=None, sparse_routes: bool = True, use_tutel: bool = False):
         if used_token is not None or not sparse_routes or use_tutel:
             raise ValueError("llmtrain's router gate gives sparse routes for all tokens (no used_token, no tutel)")
-        routes: Routes = self.router(x)
+        routes: Routes = self.router.route(self.router(x))
         self.stats = routes.stats
         capacity = routes.capacity
         if capacity == 0:  # dropless: the most any expert received, over the expert group (equal buffers)

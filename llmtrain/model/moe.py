@@ -65,10 +65,14 @@ class Router(nn.Module):
         self.renormalize, self.capacity_factor = cfg.router_renormalize, cfg.capacity_factor
         self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.n_embd))
 
-    def forward(self, x: torch.Tensor) -> Routes:
-        """x: (S, C) tokens."""
-        S, E, k = x.shape[0], self.n_experts, self.k
-        logits = F.linear(x.float(), self.weight.float())  # (S, E) in fp32 whatever the model's precision
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (S, C) tokens -> (S, E) logits, in fp32 whatever the model's precision. (A tensor: ZeRO-3 gathers a
+        module's weights for its backward through hooks on the tensors it returns.)"""
+        return F.linear(x.float(), self.weight.float())
+
+    def route(self, logits: torch.Tensor) -> Routes:
+        """The routes of ``forward``'s logits."""
+        S, E, k = logits.shape[0], self.n_experts, self.k
         probs = logits.softmax(dim=-1)
         weights, experts = probs.topk(k, dim=-1)  # (S, k)
         if self.renormalize:
@@ -116,7 +120,7 @@ class MixtureOfExperts(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        routes = self.router(flat)
+        routes = self.router.route(self.router(flat))
         self.stats = routes.stats
         out = self.routed(flat, routes)
         if self.shared is not None:
@@ -125,21 +129,39 @@ class MixtureOfExperts(nn.Module):
 
     def routed(self, flat: torch.Tensor, routes: Routes) -> torch.Tensor:
         """Sum over each token's kept routes of weight x expert(token), accumulated in fp32: each expert computes its
-        tokens at once (sorted by expert; one read back of the sizes)."""
+        tokens at once (sorted by expert; one read back of the sizes), padded with zero rows to ``rows_for`` its
+        count, so that the matrix shapes repeat from step to step (a CPU's oneDNN keeps a kernel per shape, and the
+        host allocator fragments on ever new sizes: measured on ``small`` in bf16, resident memory grew by 0.6 GB
+        over 12 steps with exact sizes)."""
         E, k = len(self.experts), routes.experts.shape[1]
         expert_of = torch.where(routes.kept, routes.experts, E).reshape(-1)  # dropped routes sort last
         order = expert_of.argsort(stable=True)
-        sizes = torch.bincount(expert_of, minlength=E + 1).tolist()
-        kept = sum(sizes[:E])
+        sizes = torch.bincount(expert_of, minlength=E + 1).tolist()[:E]
+        padded = [rows_for(n) for n in sizes]
+        kept = sum(sizes)
         order = order[:kept]
         tokens = order // k
+        # where each route's row sits among the padded rows: its expert's first row + its place among them
+        expert_sorted = expert_of[order]
+        first_real = torch.tensor([0, *sizes], device=flat.device).cumsum(0)[:-1]
+        first_padded = torch.tensor([0, *padded], device=flat.device).cumsum(0)[:-1]
+        rows = first_padded[expert_sorted] + torch.arange(kept, device=flat.device) - first_real[expert_sorted]
+        source = torch.full((sum(padded),), flat.shape[0], dtype=torch.long, device=flat.device)
+        source[rows] = tokens
+        inputs = torch.cat([flat, flat.new_zeros(1, flat.shape[1])])[source]
         # An expert without tokens still runs (on none): its gradient is zeros, not None, so that the optimizer
         # moves it alike whether its tokens were on another rank (data parallel) or nowhere (Adam skips a None).
-        outputs = [expert(part) for expert, part in zip(self.experts, flat[tokens].split(sizes[:E]), strict=True)]
-        weighted = torch.cat(outputs).float() * routes.weights.reshape(-1)[order, None]
+        outputs = torch.cat([expert(part) for expert, part in zip(self.experts, inputs.split(padded), strict=True)])
+        weighted = outputs[rows].float() * routes.weights.reshape(-1)[order, None]
         out = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
         out.index_add_(0, tokens, weighted)
         return out.to(flat.dtype)
+
+
+def rows_for(n: int) -> int:
+    """``n`` rounded up to one of 4-8 sizes per power of two (at most 25% more; multiples of 16)."""
+    step = max(16, 1 << max(0, n.bit_length() - 3))
+    return -(-n // step) * step
 
 
 def router_stats(model: nn.Module) -> list[RouterStats]:

@@ -133,8 +133,9 @@ def model_config(cfg: TrainConfig, data: TrainingData) -> ModelConfig:
 
 
 def initial_model(model: ModelConfig, data: TrainingData) -> TrainedModel:
-    """The model ``model.init_from`` names, at ``model.block_size`` and ``model.dropout``; its tokenizer must be the
-    one ``data`` was prepared with, as a resumed checkpoint's must."""
+    """The model ``model.init_from`` names, at ``model.block_size``, ``model.dropout`` and ``model.capacity_factor``
+    (how a mixture of experts trains, which a transformers folder does not say); its tokenizer must be the one
+    ``data`` was prepared with, as a resumed checkpoint's must."""
     initial = open_trained(model.init_from, block_size=model.block_size)
     check_same_tokenizer(data.tokenizer_fingerprint, initial.tokenizer.fingerprint, f"data.dir={data.folder}",
                          f"model.init_from={model.init_from}",
@@ -143,9 +144,11 @@ def initial_model(model: ModelConfig, data: TrainingData) -> TrainedModel:
     if model.vocab_size not in (0, vocab) or vocab < data.vocab_size:
         raise UserError(f"model.init_from={model.init_from} has a vocabulary of {vocab} tokens; the data has "
                         f"{data.vocab_size} and model.vocab_size={model.vocab_size} (leave it 0)")
-    cfg = dataclasses.replace(initial.model_cfg, dropout=model.dropout, init_from=model.init_from)
-    log.info("model.init_from=%s: %s, step %d; model.block_size=%d and model.dropout=%s from the config, the "
-             "architecture from the folder", model.init_from, cfg, initial.step, cfg.block_size, cfg.dropout)
+    cfg = dataclasses.replace(initial.model_cfg, dropout=model.dropout, capacity_factor=model.capacity_factor,
+                              init_from=model.init_from)
+    log.info("model.init_from=%s: %s, step %d; model.block_size=%d, model.dropout=%s and model.capacity_factor=%s "
+             "from the config, the architecture from the folder", model.init_from, cfg, initial.step, cfg.block_size,
+             cfg.dropout, cfg.capacity_factor)
     return dataclasses.replace(initial, model_cfg=cfg)
 
 

@@ -3,9 +3,10 @@
 ``load_trained(path)`` accepts a run folder (its newest complete checkpoint, or ``step``), one checkpoint folder
 of any ZeRO stage saved by any number of ranks (DeepSpeed's ``zero_to_fp32`` merges the shards; the original
 world size is not needed), a folder in the consolidated format below, or a ``transformers`` folder of the GPT-2 or
-Llama family (``load_hf``). ``open_trained(path)`` is the same model for starting a run from it (``model.init_from``):
-its weights a ``WeightSource`` that reads them from the safetensors file(s) when they are copied into the model. The
-consolidated format does not depend on how the model was trained, so every training mode exports through it:
+Llama family or a Mixtral or Qwen2-MoE mixture of experts (``load_hf``). ``open_trained(path)`` is the same model
+for starting a run from it (``model.init_from``): its weights a ``WeightSource`` that reads them from the safetensors
+file(s) when they are copied into the model. The consolidated format does not depend on how the model was trained,
+so every training mode exports through it:
 
     model.safetensors   weights by llmtrain's parameter names (a tied output head is stored once, as wte.weight)
     config.json         {"format": "llmtrain", "format_version": 1, "model": {ModelConfig}, "step": ...,
@@ -18,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +36,10 @@ from llmtrain.dtypes import torch_dtype
 from llmtrain.errors import UserError
 from llmtrain.hf_mapping import (
     WeightPair,
+    fixed_problems,
+    fixed_weights,
     from_hf_weights,
-    hf_family,
+    hf_family_of,
     is_hf_folder,
     model_config_of,
     require_transformers,
@@ -261,48 +265,77 @@ def save_consolidated(trained: TrainedModel, out: str | Path, dtype: str = "fp32
 
 
 def load_hf(folder: str | Path) -> TrainedModel:
-    """A transformers folder of the GPT-2 or Llama family as a TrainedModel in fp32 (step 0), with the folder's
-    tokenizer."""
+    """A transformers folder of the GPT-2 or Llama family, or a Mixtral or Qwen2-MoE, as a TrainedModel in fp32
+    (step 0), with the folder's tokenizer."""
     folder = Path(folder).expanduser()
-    cfg, pairs, tokenizer = _hf_header(folder)
+    header = _hf_header(folder)
     from transformers import AutoModelForCausalLM  # an optional extra: imported when a folder needs it
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        with warnings.catch_warnings():  # a Qwen2-MoE without shared experts has a 0-wide one: torch warns of it
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     except (OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"transformers could not load {folder} ({str(exc).strip().splitlines()[0][:200]})") from None
-    theirs = model.state_dict()
-    left = _unmapped(theirs, pairs, cfg)
+    theirs = model.state_dict()  # a transformers 5 MoE's experts stacked: the pairs' ``loaded`` names
+    left = _unmapped(theirs, header)
     if left:
         raise UserError(f"{folder} holds weights llmtrain has no place for: {', '.join(left[:4])}")
-    return TrainedModel(cfg, from_hf_weights(pairs, theirs), tokenizer, folder, step=0, tokens_seen=0)
+    _check_fixed(folder, header, theirs.__getitem__)
+    return TrainedModel(header.cfg, from_hf_weights(header.pairs, theirs), header.tokenizer, folder, step=0,
+                        tokens_seen=0)
 
 
 def _open_hf(folder: Path) -> TrainedModel:
     """``load_hf(folder)`` with its weights left in its safetensors file(s); NotSliceable where its stored names are
     not those of ``weight_pairs`` (older GPT-2 folders name theirs without the ``transformer.`` prefix: transformers
     renames them on loading) or it has no safetensors."""
-    cfg, pairs, tokenizer = _hf_header(folder)
+    header = _hf_header(folder)
     files = _hf_safetensors(folder)
-    odd = _unmapped(files, pairs, cfg) + _unmapped_pieces(files, pairs)
+    odd = _unmapped(files, header) + _unmapped_pieces(files, header)
     if odd:
         raise NotSliceable(f"its safetensors names are not all the ones llmtrain maps (such as {odd[0]})")
-    return TrainedModel(cfg, SafetensorsWeights(files, pairs), tokenizer, folder, step=0, tokens_seen=0)
+    _check_fixed(folder, header, lambda name: _read_stored(files[name], name))
+    return TrainedModel(header.cfg, SafetensorsWeights(files, header.pairs), header.tokenizer, folder, step=0,
+                        tokens_seen=0)
 
 
-def _hf_header(folder: Path) -> tuple[ModelConfig, list[WeightPair], Tokenizer]:
-    """The model config of a transformers folder (refused when our GPT cannot compute it), the mapping of its weights
-    and its tokenizer."""
+@dataclass
+class _HfHeader:
+    """What a transformers folder's config.json and tokenizer say: our model config (refused when our GPT cannot
+    compute it), the mapping of its weights, the tensors that must hold one value (``fixed_weights``)."""
+
+    cfg: ModelConfig
+    pairs: list[WeightPair]
+    fixed: dict[str, float]
+    tokenizer: Tokenizer
+
+
+def _hf_header(folder: Path) -> _HfHeader:
     require_transformers(f"loading {folder}")
     from transformers import AutoConfig  # an optional extra: imported when a folder needs it
 
-    cfg = model_config_of(AutoConfig.from_pretrained(folder), folder)
+    hf = AutoConfig.from_pretrained(folder)
+    cfg = model_config_of(hf, folder)
     tokenizer_file = find_tokenizer(folder)
     if tokenizer_file is None:
         raise UserError(f"{folder} has no tokenizer (tokenizer.model or tokenizer.json); copy the model's "
                         "tokenizer into it")
-    pairs = weight_pairs(cfg, hf_family(cfg))
-    return cfg, pairs, Tokenizer.load(tokenizer_file)
+    family = hf_family_of(hf)  # the folder's names (a Qwen2-MoE that Mixtral could hold keeps Qwen2-MoE's)
+    return _HfHeader(cfg, weight_pairs(cfg, family), fixed_weights(cfg, family), Tokenizer.load(tokenizer_file))
+
+
+def _check_fixed(folder: Path, header: _HfHeader, read: Callable[[str], torch.Tensor]) -> None:
+    problems = fixed_problems(header.fixed, read)
+    if problems:
+        raise UserError(f"{folder}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+
+
+def _read_stored(file: Path, name: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as handle:
+        return handle.get_tensor(name)
 
 
 def _hf_safetensors(folder: Path) -> dict[str, Path]:
@@ -316,17 +349,19 @@ def _hf_safetensors(folder: Path) -> dict[str, Path]:
     raise NotSliceable(PICKLED)
 
 
-def _unmapped(theirs: Mapping[str, Any], pairs: list[WeightPair], cfg: ModelConfig) -> list[str]:
-    """Names of ``theirs`` that no pair maps (a tied head, stored or not, is our wte)."""
-    tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
-    return sorted(set(theirs) - _mapped(pairs) - tied)
+def _unmapped(theirs: Mapping[str, Any], header: _HfHeader) -> list[str]:
+    """Names of ``theirs`` (stored or loaded) that no pair maps and that are not fixed (a tied head, stored or not,
+    is our wte)."""
+    tied = {"lm_head.weight"} if header.cfg.tie_embeddings else set()
+    loaded = {pair.loaded for pair in header.pairs}
+    return sorted(set(theirs) - _mapped(header.pairs) - loaded - set(header.fixed) - tied)
 
 
-def _unmapped_pieces(theirs: Mapping[str, Any], pairs: list[WeightPair]) -> list[str]:
-    """Names the pairs map that ``theirs`` does not hold."""
-    return sorted(_mapped(pairs) - set(theirs))
+def _unmapped_pieces(theirs: Mapping[str, Any], header: _HfHeader) -> list[str]:
+    """Stored names the pairs map, or fixed ones, that ``theirs`` does not hold."""
+    return sorted((_mapped(header.pairs) | set(header.fixed)) - set(theirs))
 
 
 def _mapped(pairs: list[WeightPair]) -> set[str]:
-    """Every transformers name the pairs map."""
+    """Every stored transformers name the pairs map."""
     return {name for pair in pairs for name in pair.theirs}
