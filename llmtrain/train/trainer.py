@@ -139,7 +139,8 @@ class Trainer:
         resolved = started.resolved
         self.config_yaml = setup.write_run_config(self.run, resolved) if self.env.is_main else ""
         # 8. Metrics (rank 0 writes), with the peak FLOP/s that MFU is measured against: measured by rank 0 alone
-        #    where no data sheet gives it (a few tenths of a second of matmuls at every start; only rank 0's row carries MFU).
+        #    where no data sheet gives it (a few tenths of a second of matmuls at every start; only rank 0's row
+        #    carries MFU).
         self.peak_flops, peak_source = (peak_flops(self.env.device, torch_dtype(cfg.precision)) if self.env.is_main
                                         else (math.nan, "rank 0's"))
         self.metrics = MetricsLogger(self.run, self.env.is_main, cfg.wandb, resolved, cfg.train.max_steps,
