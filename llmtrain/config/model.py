@@ -91,8 +91,9 @@ class ModelConfig:
     capacity_factor) tokens of a micro-batch (per rank), in token order; the routes past it are dropped (the token
     keeps its residual and its other experts)."""
     init_from: str = ""
-    """Start from these weights: a transformers folder (GPT-2 or Llama family) or an llmtrain export, checkpoint or
-    run. Its architecture replaces the fields above except block_size (the training window) and dropout."""
+    """Start from these weights: a transformers folder (GPT-2, Llama, Mixtral or Qwen2-MoE) or an llmtrain export,
+    checkpoint or run. Its architecture replaces the fields above except block_size (the training window), dropout
+    and capacity_factor."""
 
     def __post_init__(self) -> None:
         problems = bounded_each("model.", self, {
