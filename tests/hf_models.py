@@ -86,3 +86,19 @@ def save_byte_level_bpe(folder: Path, vocab_size: int = 1000, documents: int = 6
                                                 bos_token="<|endoftext|>")
     fast.save_pretrained(str(folder))
     return folder / "tokenizer.json"
+
+
+def greedy_pair(ours, theirs, tokenizer, prompt: list[int], tokens: int = 16) -> tuple[list[int], list[int]]:
+    """The greedy continuations of ``prompt`` by our model (``llmtrain-generate``'s generator) and by a transformers
+    model, ``tokens`` each."""
+    import torch
+
+    from llmtrain.config import SamplingConfig
+    from llmtrain.generate import TextGenerator
+
+    greedy = SamplingConfig(max_new_tokens=tokens, temperature=0.0, stop_at_eod=False)
+    mine = TextGenerator(ours, tokenizer, torch.device("cpu")).generate_ids([prompt], greedy, seed=0)[0]
+    with torch.no_grad():
+        hf = theirs.generate(torch.tensor([prompt]), max_new_tokens=tokens, do_sample=False, min_new_tokens=tokens,
+                             pad_token_id=tokenizer.eod_id)[0, len(prompt):].tolist()
+    return mine, hf

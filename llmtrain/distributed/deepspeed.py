@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shutil
 import sys
 from argparse import Namespace
@@ -377,18 +378,21 @@ EXPERT_FILES = "layer_*_expert_*_mp_rank_00_model_states.pt"
 
 def _expert_parallel_weights(folder: Path) -> dict[str, torch.Tensor]:
     """An expert-parallel checkpoint's weights by the model's names (``experts.model_name``): the module's file
-    (everything but the experts) and one file per expert. Refused where they are not fp32: its fp32 masters are in
-    per-rank optimizer partitions of DeepSpeed's expert groups, which llmtrain does not join."""
+    (everything but the experts) and one file per expert. Trained in mixed precision, these are the module's bf16/fp16
+    weights, the ones the model computed with (its fp32 masters are in per-rank optimizer partitions of DeepSpeed's
+    expert groups, which llmtrain does not join): said in one log line."""
     from llmtrain.distributed.experts import model_name
 
     saved = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     for path in sorted(folder.glob(EXPERT_FILES)):
         saved.update(torch.load(path, map_location="cpu", weights_only=False))
-    if any(v.dtype != torch.float32 for v in saved.values()):
-        raise UserError(f"{folder} is an expert-parallel checkpoint trained in mixed precision, whose fp32 masters "
-                        "llmtrain does not join from DeepSpeed's expert partitions: train expert-parallel runs "
-                        "with precision=fp32 to export or sample them")
-    return {model_name(name, 0): value for name, value in saved.items()}
+    dtypes = {str(v.dtype).removeprefix("torch.") for v in saved.values()} - {"float32"}
+    if dtypes:
+        logging.getLogger("llmtrain").warning(
+            "%s: an expert-parallel checkpoint trained in %s: its weights as the model computed with them, not its "
+            "fp32 masters (DeepSpeed keeps those in per-rank expert partitions, which llmtrain does not join)",
+            folder, "/".join(sorted(dtypes)))
+    return {model_name(name, 0): value.float() for name, value in saved.items()}
 
 
 def _pipeline_weights(folder: Path, model_cfg: ModelConfig, stages: int) -> dict[str, torch.Tensor]:

@@ -8,12 +8,12 @@ import dataclasses
 import pytest
 import torch
 
-from llmtrain.config import MLP, Arch, ModelConfig, Norm, Positions, SamplingConfig
+from llmtrain.config import MLP, Arch, ModelConfig, Norm, Positions
 from llmtrain.data.tokenizer import Tokenizer
 from llmtrain.errors import UserError
-from llmtrain.generate import TextGenerator
 from llmtrain.model import build_model
 from llmtrain.run.trained import TrainedModel, load_trained, save_consolidated
+from tests.hf_models import greedy_pair
 
 BASE = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=1024, init_std=0.1)
 FAMILIES = {
@@ -67,12 +67,7 @@ def test_transformers_logits_and_greedy_tokens_equal_ours(name, tokenizer, tmp_p
     with torch.no_grad():
         diff = (theirs(ids).logits - ours(ids)[0]).abs().max().item()
     assert diff <= 1e-4, diff
-    prompt = [tokenizer.eod_id, *tokenizer.encode("import os\n")]
-    greedy = SamplingConfig(max_new_tokens=16, temperature=0.0, stop_at_eod=False)
-    mine = TextGenerator(ours, tokenizer, torch.device("cpu")).generate_ids([prompt], greedy, seed=0)[0]
-    with torch.no_grad():
-        hf = theirs.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, min_new_tokens=16,
-                             pad_token_id=tokenizer.eod_id)[0, len(prompt):].tolist()
+    mine, hf = greedy_pair(ours, theirs, tokenizer, [tokenizer.eod_id, *tokenizer.encode("import os\n")])
     assert mine == hf
 
 

@@ -86,6 +86,12 @@ def test_folder_without_tokenizer_is_refused(tmp_path):
      "rope_scaling type=linear is not supported"),
     ("llama", {"head_dim": 32}, "head_dim=32 is not hidden_size / num_attention_heads = 16"),
     ("mistral", {"sliding_window": 16}, "sliding_window=16 is not supported"),
+    ("mixtral", {"router_jitter_noise": 0.1}, "router_jitter_noise=0.1 is not supported"),
+    ("mixtral", {"sliding_window": 16}, "sliding_window=16 is not supported"),
+    ("mixtral", {"hidden_act": "gelu"}, "hidden_act=gelu is not supported"),
+    ("qwen2_moe", {"qkv_bias": True}, "qkv_bias=true is not supported"),
+    ("qwen2_moe", {"mlp_only_layers": [1, 2]}, r"mlp_only_layers=\[1\] is not supported"),
+    ("qwen2_moe", {"shared_expert_intermediate_size": 30}, "shared_expert_intermediate_size=30 is not a multiple"),
 ])
 def test_what_our_gpt_cannot_compute_is_refused_naming_the_field(kind, change, message, tmp_path):
     from llmtrain.hf_mapping import model_config_of

@@ -234,3 +234,26 @@ def test_memory_divides_the_experts_states_by_the_expert_parallel_ranks():
     room = (split.total + one.total) / 2  # fits with the experts split, not without
     assert any(fit.startswith("dist.expert_parallel=") for fit in what_would_fit(runs[1], total, 4, 0.0, room,
                                                                                    False, model))
+
+
+def test_an_expert_parallel_checkpoints_weights_by_the_models_names(tmp_path, caplog):
+    """The module's file (the router under DeepSpeed's MoE layer) and one file per expert by its global id; bf16
+    weights are read as they are, with one warning."""
+    from llmtrain.distributed.deepspeed import fp32_weights
+
+    moe = "blocks.0.mlp.moe.deepspeed_moe."
+    torch.save({"module": {"wte.weight": torch.ones(2, 2, dtype=torch.bfloat16),
+                           moe + "gate.router.weight": torch.zeros(4, 2, dtype=torch.bfloat16)}},
+               tmp_path / "mp_rank_00_model_states.pt")
+    for e in range(4):
+        torch.save({f"{moe}experts.deepspeed_experts.{e}.up.weight": torch.full((2, 2), float(e),
+                                                                                 dtype=torch.bfloat16)},
+                   tmp_path / f"layer_0_expert_{e}_mp_rank_00_model_states.pt")
+    with caplog.at_level(logging.WARNING, logger="llmtrain"):
+        weights = fp32_weights(tmp_path, 1, moe_config())
+    assert sorted(weights) == ["blocks.0.mlp.experts.0.up.weight", "blocks.0.mlp.experts.1.up.weight",
+                               "blocks.0.mlp.experts.2.up.weight", "blocks.0.mlp.experts.3.up.weight",
+                               "blocks.0.mlp.router.weight", "wte.weight"]
+    assert all(float(weights[f"blocks.0.mlp.experts.{e}.up.weight"][0, 0]) == e for e in range(4))
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    assert len([r for r in caplog.records if "trained in bfloat16" in r.getMessage()]) == 1
