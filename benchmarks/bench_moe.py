@@ -8,8 +8,9 @@
    or not).
 1. Sparse against dense at equal tokens: the Llama-style `small` (6 blocks of 384, SwiGLU 1024 wide), and as 8
    experts with k = 2 of half its width (the same active parameters per token) and of an eighth (the same total
-   parameters), bf16, block 128, global batch 16, the same steps: validation loss, tokens/s, MFU (active FLOPs),
-   peak resident memory against llmtrain's start-up prediction.
+   parameters), bf16, block 128, global batch 16, the same steps: validation loss, tokens/s, active GFLOP/s
+   (tokens/s x the active training FLOPs per token: MFU's numerator, beside a peak each run probes anew), peak
+   resident memory against llmtrain's start-up prediction.
 2. Expert parallel 2 against 1 on 2 ranks (ZeRO-1, the same-active model): plumbing only on CPU ranks -- both ranks
    share two cores, and the all-to-all exchanges move no faster here.
 """
@@ -89,11 +90,12 @@ def summary(rows: dict[int, dict], log: str) -> list[str]:
     steps = sorted(s for s in rows if "loss" in rows[s])
     later = [rows[s] for s in steps[len(steps) // 4:]]  # past the first quarter's warm-up
     tokens_per_s = sum(r["tokens_per_s"] for r in later) / len(later)
-    mfu = sum(r["mfu"] for r in later) / len(later)
+    flops = re.search(r"([0-9.e+]+) FLOPs/token", log)
     val = [rows[s]["val_loss"] for s in sorted(rows) if "val_loss" in rows[s]][-1]
     predicted = re.search(r"memory per rank: predicted ([0-9.]+) GB", log)
     params = re.search(r"([0-9.]+)M parameters \(non-embedding, ([0-9.]+)M active per token\)", log)
-    return [f"{params.group(1)}M", f"{params.group(2)}M", f"{val:.3f}", f"{tokens_per_s:,.0f}", f"{mfu:.3f}",
+    achieved = tokens_per_s * float(flops.group(1)) / 1e9 if flops else float("nan")
+    return [f"{params.group(1)}M", f"{params.group(2)}M", f"{val:.3f}", f"{tokens_per_s:,.0f}", f"{achieved:.0f}",
             f"{later[-1]['peak_mem_gb']:.2f}", predicted.group(1) if predicted else "-"]
 
 
@@ -109,7 +111,7 @@ def quality(data: str, work: Path, steps: int) -> None:
     rows = [[name, *summary(*train(data, work / f"q{i}", 1, *common, *extra))] for i, (name, extra) in
             enumerate(models)]
     table(f"1. small, bf16, {steps} steps of 16 x 128 tokens, 1 process: sparse against dense",
-          ["model", "params", "active", "val loss", "tokens/s", "MFU", "peak GB", "predicted GB"], rows)
+          ["model", "params", "active", "val loss", "tokens/s", "active GFLOP/s", "peak GB", "predicted GB"], rows)
 
 
 def expert_parallel(data: str, work: Path, steps: int) -> None:
@@ -120,7 +122,7 @@ def expert_parallel(data: str, work: Path, steps: int) -> None:
     rows = [[f"EP={ep}", *summary(*train(data, work / f"ep{ep}", 2, *common, f"dist.expert_parallel={ep}"))]
             for ep in (1, 2)]
     table(f"2. expert parallel on 2 ranks, ZeRO-1, {steps} steps (rank 0's memory; CPU ranks: plumbing only)",
-          ["layout", "params", "active", "val loss", "tokens/s", "MFU", "peak GB", "predicted GB"], rows)
+          ["layout", "params", "active", "val loss", "tokens/s", "active GFLOP/s", "peak GB", "predicted GB"], rows)
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from llmtrain.model.moe import MixtureOfExperts, RouterStats, Routes
+from llmtrain.model.moe import MixtureOfExperts, RouterStats, Routes, rows_for
 
 EXPERT_PREFIX = ".deepspeed_moe.experts.deepspeed_experts."
 """How DeepSpeed names an expert's parameters inside its MoE layer (``{layer}.moe`` + this + ``{expert}.``)."""
@@ -43,11 +43,12 @@ class RouterGate(nn.Module):
         routes: Routes = self.router.route(self.router(x))
         self.stats = routes.stats
         capacity = routes.capacity
-        if capacity == 0:  # dropless: the most any expert received, over the expert group (equal buffers)
+        if capacity == 0:  # dropless: the most any expert received, over the expert group (equal buffers), rounded
+            # up as the model rounds its experts' rows (``rows_for``: shapes that repeat from step to step)
             most = routes.stats.counts.max().reshape(1)
             if self.ep_group is not None and dist.get_world_size(self.ep_group) > 1:
                 dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self.ep_group)
-            capacity = int(most.item())
+            capacity = rows_for(int(most.item()))
         indices = torch.where(routes.kept, routes.experts, -1)
         return (routes.stats.aux_loss, capacity, self.router.n_experts, indices.t().contiguous().int(),
                 (routes.slots * routes.kept).t().contiguous().int(), routes.weights.t().contiguous(),
@@ -66,6 +67,8 @@ class ExpertParallelMoE(nn.Module):
         from deepspeed.utils import groups
 
         n_experts, k = len(moe.experts), moe.router.k
+        if f"ep_size_{ep_size}" not in groups._get_expert_parallel_group_dict():  # DeepSpeed's groups, made quietly
+            groups._create_expert_and_data_parallel(ep_size)
         self.moe = MoE(hidden_size=moe.router.weight.shape[1], expert=moe.experts[0], num_experts=n_experts,
                        ep_size=ep_size, k=k, drop_tokens=moe.router.capacity_factor > 0, use_rts=False,
                        top2_2nd_expert_sampling=False)

@@ -48,6 +48,7 @@ EXPECTED_OUTPUT = [
     ("run.dir=runs/tiny-z2", "skipped step(s)"),
     ("run.dir=runs/tiny-ds", "skipped step(s)"),
     ("run.dir=runs/tiny-tp2", "skipped step(s)"),
+    ("run.dir=runs/tiny-moe", '"moe/1/load/3": '),
     ("model=lstm", "skipped step(s)"),
     ("format=hf out=exports/tiny-hf", "GPT2LMHeadModel"),
     ("llmtrain-ngram", "3-gram"),
