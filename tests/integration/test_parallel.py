@@ -173,6 +173,11 @@ def test_export_of_the_layout_equals_the_one_process_export(trained, tmp_path, n
     proc = run_cli("llmtrain-generate", f"run.dir={tmp_path / 'layout'}", "prompt=def f(x):", "temperature=0",
                    "max_new_tokens=8", "stop_at_eod=false")
     assert proc.returncode == 0 and proc.stdout.startswith("def f(x):"), proc.stderr[-3000:]
+    if name == "ep2":  # llmtrain-eval reads the expert-parallel checkpoint: its validation loss, to 4 decimals
+        proc = run_cli("llmtrain-eval", f"run.dir={layout}", "max_windows=40")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        loss = float(proc.stdout.strip().splitlines()[-1].split("|")[-3])
+        assert abs(loss - val_losses(layout)[20]) < 1e-4
 
 
 NORM_PROBE = Path(__file__).with_name("norm_probe.py")
