@@ -19,14 +19,17 @@ import torch, deepspeed, datasets, sentencepiece, hydra, wandb  # noqa: F401  (f
 print(f"llmtrain set up in .venv: torch {torch.__version__} (cuda: {torch.cuda.is_available()}), "
       f"deepspeed {deepspeed.__version__}, datasets {datasets.__version__}", flush=True)
 PY
-# Without CUDA, DeepSpeed compiles its shared-memory collective op the first time a process group starts (about a
-# minute). Build it here, once: ranks that start together would otherwise all build it, and one killed while it holds
-# the build lock leaves every later start waiting on that lock. Cached under ~/.cache/torch_extensions.
+# Without CUDA, DeepSpeed compiles its shared-memory collective op the first time a process group starts (about
+# half a minute), and its CPU Adam (dist.offload_optimizer=true) the first time a run offloads (about 45 s). Build
+# them here, once: ranks that start together would otherwise all build them, and one killed while it holds the build
+# lock leaves every later start waiting on that lock. Cached under ~/.cache/torch_extensions.
 .venv/bin/python - <<'PY'
 import torch
 if not torch.cuda.is_available():
     import os
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from deepspeed.comm.torch import build_shm_op
+    from deepspeed.ops.op_builder import CPUAdamBuilder
     build_shm_op()
+    CPUAdamBuilder().load()
 PY

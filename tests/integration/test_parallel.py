@@ -98,13 +98,19 @@ def test_layout_trains_the_one_process_model(trained, name):
 
 @pytest.mark.parametrize("name", ["tp2", "sp2", "dualpipev", "ep2"])
 def test_stop_and_resume_in_the_layout_is_bitwise(trained, prepared_small, tmp_path, name):
+    """The layout's run resumed from its step-10 checkpoint (a copy, the step-20 one removed) gives steps 11-20
+    bitwise. (Stopping itself: tests/integration/test_train.py's train.stop_at_step test.)"""
     layout, _ = trained(name)
     ranks, overrides = LAYOUTS[name]
     run_dir = tmp_path / "resumed"
+    shutil.copytree(layout, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000020")
     _, shared = MODEL.get(name, ("", []))
-    launch(run_dir, prepared_small, ranks, *EXACT, *shared, *overrides, "train.stop_at_step=10")
     launch(run_dir, prepared_small, ranks, *EXACT, *shared, *overrides)
-    assert losses(run_dir) == losses(layout)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    resumed = {row["step"]: row["loss"] for row in [r for r in rows if "loss" in r][20:]}  # after the copied 20
+    assert resumed == {step: loss for step, loss in losses(layout).items() if step > 10}
+    assert sorted(resumed) == list(range(11, 21))
 
 
 def test_pipeline_dropout_is_seeded_per_micro_batch_and_resumes_bitwise(run, prepared_small, tmp_path):
