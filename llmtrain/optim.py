@@ -107,8 +107,7 @@ def build_optimizer(cfg: OptimConfig, params: Iterable[torch.Tensor], offload: b
     if expert_groups:
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-        groups = [g for g in split_params_into_different_moe_groups_for_optimizer(groups)
-                  if g["params"] or not g.get("moe")]
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
     if cfg.name == OptimizerName.sgd:
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     if offload:

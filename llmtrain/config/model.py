@@ -105,10 +105,10 @@ class ModelConfig:
             problems += self._shape_problems()
         problems += bounded("model.dropout", self.dropout, 0.0, 1.0, high_open=True)
         problems += bounded("model.capacity_factor", self.capacity_factor, 0.0, 1e6)
-        if self.n_experts and self.experts_per_token > self.n_experts:
+        if self.n_experts > 0 and self.experts_per_token > self.n_experts:
             problems.append(f"model.experts_per_token={self.experts_per_token} is more than model.n_experts="
                             f"{self.n_experts}")
-        if self.n_experts and self.arch != Arch.gpt:
+        if self.n_experts > 0 and self.arch != Arch.gpt:
             problems.append(f"model.n_experts={self.n_experts} makes the Transformer's feed-forwards mixtures of "
                             f"experts; model.arch={self.arch.value} has none")
         for name in ("norm_eps", "rope_theta", "init_std"):

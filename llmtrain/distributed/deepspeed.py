@@ -392,7 +392,7 @@ def _expert_parallel_weights(folder: Path) -> dict[str, torch.Tensor]:
             "%s: an expert-parallel checkpoint trained in %s: its weights as the model computed with them, not its "
             "fp32 masters (DeepSpeed keeps those in per-rank expert partitions, which llmtrain does not join)",
             folder, "/".join(sorted(dtypes)))
-    return {model_name(name, 0): value.float() for name, value in saved.items()}
+    return {model_name(name): value.float() for name, value in saved.items()}
 
 
 def _pipeline_weights(folder: Path, model_cfg: ModelConfig, stages: int) -> dict[str, torch.Tensor]:

@@ -75,11 +75,10 @@ class ExpertParallelMoE(nn.Module):
         self.moe.set_deepspeed_parallelism()
         self.moe.deepspeed_moe.gate = RouterGate(moe.router)  # the router's weight: moe.deepspeed_moe.gate.router
         self.moe.deepspeed_moe._set_ep_group(groups._get_expert_parallel_group(self.moe.expert_group_name))
-        self.first = groups._get_expert_parallel_rank(self.moe.expert_group_name) * self.moe.num_local_experts
-        """The global id of this rank's first expert."""
+        first = groups._get_expert_parallel_rank(self.moe.expert_group_name) * self.moe.num_local_experts
         with torch.no_grad():
             for j, local in enumerate(self.moe.deepspeed_moe.experts.deepspeed_experts):
-                for mine, theirs in zip(local.parameters(), moe.experts[self.first + j].parameters(), strict=True):
+                for mine, theirs in zip(local.parameters(), moe.experts[first + j].parameters(), strict=True):
                     mine.copy_(theirs)
         self.shared = moe.shared
 
@@ -103,13 +102,13 @@ def apply_expert_parallel(model: nn.Module, ep_size: int) -> None:
                 setattr(module, name, ExpertParallelMoE(child, ep_size))
 
 
-def model_name(name: str, layer_experts: int, first: int = 0) -> str:
-    """The model's name of an expert-parallel module's parameter: ``blocks.1.mlp.moe.deepspeed_moe.gate.router.weight``
-    -> ``blocks.1.mlp.router.weight``; ``blocks.1.mlp.moe`` + EXPERT_PREFIX + ``j.up.weight`` ->
-    ``blocks.1.mlp.experts.{first + j}.up.weight`` (checkpoint files name experts by their global id: first = 0)."""
+def model_name(name: str) -> str:
+    """The model's name of a parameter in an expert-parallel checkpoint: ``blocks.1.mlp.moe.deepspeed_moe.gate.router.
+    weight`` -> ``blocks.1.mlp.router.weight``; ``blocks.1.mlp.moe`` + EXPERT_PREFIX + ``e.up.weight`` (DeepSpeed's
+    expert files name each expert by its global id e) -> ``blocks.1.mlp.experts.e.up.weight``."""
     name = name.replace(".moe.deepspeed_moe.gate.router.", ".router.")
     if EXPERT_PREFIX in name:
         head, tail = name.split(".moe" + EXPERT_PREFIX)
         j, rest = tail.split(".", 1)
-        return f"{head}.experts.{first + int(j)}.{rest}"
+        return f"{head}.experts.{j}.{rest}"
     return name

@@ -10,7 +10,8 @@ ARCHITECTURES: dict[Arch, type[nn.Module]] = {Arch.gpt: GPT, Arch.lstm: LSTMLM}
 
 
 def build_model(cfg: ModelConfig, activation_checkpointing: bool = False, initialize: bool = True) -> nn.Module:
-    """The model of ``cfg.arch``; both share forward(idx, targets, cache), num_params, flops_per_token, new_cache.
+    """The model of ``cfg.arch``; both share forward(idx, targets, cache), num_params, active_params, flops_per_token,
+    new_cache.
     ``activation_checkpointing``: recompute each block's activations in the backward pass (memory for compute).
     ``initialize=False`` skips the model's own initial values, for weights that are copied in next."""
     model = ARCHITECTURES[cfg.arch](cfg, initialize)

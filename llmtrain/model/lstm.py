@@ -100,6 +100,10 @@ class LSTMLM(nn.Module):
             n -= self.wte.weight.numel()
         return n
 
+    def active_params(self) -> int:
+        """Non-embedding parameters one token computes with: all of them."""
+        return self.num_params()
+
     def flops_per_token(self) -> float:
         """Training FLOPs per token, 6N (forward + backward matmuls with every weight; the tied head is in N)."""
         return 6 * self.num_params()

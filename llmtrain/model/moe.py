@@ -16,6 +16,7 @@ Routing, per micro-batch of S tokens (the routing is the same function in both p
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -96,8 +97,6 @@ class Router(nn.Module):
 def expert_config(cfg: ModelConfig, width: int) -> ModelConfig:
     """The config whose feed-forward is one expert (or the shared experts together): the model's MLP kind at
     ``width``."""
-    import dataclasses
-
     return dataclasses.replace(cfg, mlp_hidden=width, n_experts=0)
 
 

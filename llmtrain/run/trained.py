@@ -295,7 +295,7 @@ def _open_hf(folder: Path) -> TrainedModel:
     odd = _unmapped(files, header) + _unmapped_pieces(files, header)
     if odd:
         raise NotSliceable(f"its safetensors names are not all the ones llmtrain maps (such as {odd[0]})")
-    _check_fixed(folder, header, lambda name: _read_stored(files[name], name))
+    _check_fixed(folder, header, SafetensorsWeights({name: files[name] for name in header.fixed}).__getitem__)
     return TrainedModel(header.cfg, SafetensorsWeights(files, header.pairs), header.tokenizer, folder, step=0,
                         tokens_seen=0)
 
@@ -329,13 +329,6 @@ def _check_fixed(folder: Path, header: _HfHeader, read: Callable[[str], torch.Te
     problems = fixed_problems(header.fixed, read)
     if problems:
         raise UserError(f"{folder}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
-
-
-def _read_stored(file: Path, name: str) -> torch.Tensor:
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt") as handle:
-        return handle.get_tensor(name)
 
 
 def _hf_safetensors(folder: Path) -> dict[str, Path]:

@@ -50,7 +50,7 @@ class Routing(NoRouting):
 
     @classmethod
     def of(cls, model: nn.Module, model_cfg, train_cfg, device: torch.device, is_main: bool) -> NoRouting:
-        if not getattr(model_cfg, "n_experts", 0):
+        if not model_cfg.n_experts:
             return NoRouting()
         return cls(model, model_cfg.sparse_layers, model_cfg.n_experts, train_cfg.router_aux_coef,
                    train_cfg.router_z_coef, train_cfg.router_collapse_steps, device, is_main)

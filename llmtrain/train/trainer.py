@@ -99,7 +99,7 @@ class Trainer:
         with torch.device("meta"):
             shape = build_model(self.model_cfg)
         self.num_params = shape.num_params()
-        self.active_params = getattr(shape, "active_params", shape.num_params)()  # per token: k of a mixture's experts
+        self.active_params = shape.active_params()  # per token: k of a mixture's experts
         self.flops_per_token = shape.flops_per_token()
         all_params = shape.num_params(non_embedding=False)
         self.predicted_memory = self._predict_memory(all_params)
