@@ -77,6 +77,10 @@ class PSConfig:
     join: bool = False
     """Start this process as one more worker of a job that is running (ps.transport=grpc) in the same run.dir,
     whatever its launcher rank; it is leased work like the job's own workers, and a stop signal makes it leave."""
+    tls_dir: str | None = None
+    """ps.transport=grpc over TLS: a folder holding cert.pem and key.pem (the servers' certificate, issued for the
+    name llmtrain-ps, and its key) and ca.pem (the authority that signed it), readable by every process of the job.
+    Without it calls travel unencrypted; either way each carries the job's secret."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -95,6 +99,8 @@ class PSConfig:
         if self.join and self.transport != Transport.grpc:
             problems.append(f"ps.join=true needs ps.transport=grpc (the job's too): TensorPipe's group takes no "
                             f"process after it started (ps.transport={self.transport.value})")
+        if self.tls_dir is not None and self.transport != Transport.grpc:
+            problems.append(f"ps.tls_dir is for ps.transport=grpc (ps.transport={self.transport.value})")
         raise_problems(problems, "ps")
 
     def _diloco_problems(self) -> list[str]:

@@ -41,17 +41,17 @@ from llmtrain.ps import rpc as calls
 from llmtrain.ps.checkpoint import ServerCheckpointIO
 from llmtrain.ps.diloco import InnerRounds
 from llmtrain.ps.grads import clip_, unit_gradient
+from llmtrain.ps.job import check_joinable, job_secret, job_settings, read_layout, write_layout
 from llmtrain.ps.leases import UpdateLog
 from llmtrain.ps.server import OuterServer, ParameterServer, RoundServer, shard_names
 from llmtrain.ps.transfers import Transfers
 from llmtrain.ps.transport import (
+    Credentials,
     Grpc,
     PSTransport,
     TensorPipe,
     check_shard_sizes,
     reachable_host,
-    read_layout,
-    write_layout,
 )
 from llmtrain.run import setup
 from llmtrain.run.cadence import Cadence
@@ -71,7 +71,9 @@ class AsyncPSTrainer:
         # 1. Roles from the launcher's environment: servers first, then workers. A worker that joins a running job
         #    (ps.join) takes the job's layout from its run folder instead, whatever its launcher rank.
         self.joined = cfg.ps.join
-        layout = read_layout(RunDir.of(cfg.run.dir).servers, cfg.ps.timeout_s) if self.joined else None
+        run_dir = RunDir.of(cfg.run.dir)
+        layout = read_layout(run_dir.servers, cfg.ps.timeout_s,
+                             lambda: finished_at(run_dir, cfg.train.max_steps)) if self.joined else None
         self.num_servers = layout["num_servers"] if layout else cfg.ps.num_servers
         if layout and layout["num_servers"] != cfg.ps.num_servers:
             raise UserError(f"ps.join=true: the job in {cfg.run.dir} runs {layout['num_servers']} server(s) and this "
@@ -101,6 +103,9 @@ class AsyncPSTrainer:
         started = setup.set_up_run(cfg, rank == 0)
         self.run, self.data, self.model_cfg, self.resolved = (started.run, started.data, started.model_cfg,
                                                                started.resolved)
+        self.settings = job_settings(self.resolved, self.data)
+        if layout:  # before the job hears of this worker: one of another model, budget or precision never joins
+            check_joinable(layout, self.settings, self.run.path)
         # 3. The model, identical on every process (same seed, or model.init_from's weights); its tensors split
         #    among the servers.
         torch.manual_seed(cfg.train.seed)
@@ -177,7 +182,9 @@ class AsyncPSTrainer:
         ps = self.cfg.ps
         if ps.transport != Transport.grpc:
             return TensorPipe(self.rank, self.env.world_size, self.name, ps.timeout_s, ps.transport.value)
-        transport = Grpc(ps.timeout_s)
+        # the job's secret: process 0 makes it; the launched processes read it in the rendezvous, a joiner in run.dir
+        secret = job_secret(self.run.secret, create=self.rank == 0) if self.rank == 0 or layout else None
+        transport = Grpc(ps.timeout_s, secret, Credentials(ps.tls_dir) if ps.tls_dir else None)
         if layout is not None:
             transport.join(layout["servers"])
             self.worker = transport.call_sync(0, calls.join)
@@ -190,7 +197,7 @@ class AsyncPSTrainer:
             address = transport.serve(reachable_host(rendezvous_host()), threads=64 + 4 * self.num_workers)
         transport.rendezvous(self.rank, self.env.world_size, self.num_servers, address)
         if self.rank == 0:
-            write_layout(self.run.servers, transport.addresses, self.num_servers, self.num_workers)
+            write_layout(self.run.servers, transport.addresses, self.num_servers, self.num_workers, self.settings)
         return transport
 
     def _call_sync(self, server: int, fn, *args):
@@ -522,6 +529,12 @@ class AsyncPSTrainer:
         except UserError as exc:
             return exc
         return None
+
+
+def finished_at(run: RunDir, max_steps: int) -> int | None:
+    """The step of the run's newest complete checkpoint where it ends a budget of ``max_steps``, else None."""
+    found = run.complete()
+    return found[-1][0] if found and found[-1][0] >= max_steps else None
 
 
 def rpc_peers(rank: int, call_sync) -> Peers:

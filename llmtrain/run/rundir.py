@@ -115,6 +115,10 @@ class RunDir:
         return self.path / "servers.json"
 
     @property
+    def secret(self) -> Path:
+        return self.path / "ps.secret"
+
+    @property
     def wandb_id(self) -> Path:
         return self.path / "wandb_id.txt"
 

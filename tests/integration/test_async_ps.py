@@ -329,6 +329,11 @@ def test_a_joined_worker_leaves_on_a_stop_signal_and_its_leases_go_back_at_once(
            "ps.timeout_s=120")
     server, *workers = start_processes(run_dir, prepared_small, 3, *job)
     wait_for_step(run_dir, 5)
+    # workers that differ from the job in what must match are refused in one line before the job hears of them
+    mismatched = {"model.n_layer=3": "this worker has model.n_layer=3 and the job in",
+                  "train.max_steps=500": "this worker has train.max_steps=500 and the job in",
+                  "precision=bf16": "this worker has precision=bf16 and the job in"}
+    refused = {o: start_joining_worker(run_dir, prepared_small, *job, o) for o in mismatched}
     joiner = start_joining_worker(run_dir, prepared_small, *job)
     deadline = time.time() + 120
     while not any(json.loads(line)["worker"] == 2 for line in (run_dir / "updates.jsonl").read_text().splitlines()):
@@ -337,10 +342,20 @@ def test_a_joined_worker_leaves_on_a_stop_signal_and_its_leases_go_back_at_once(
     joiner.send_signal(signal.SIGTERM)
     _, joiner_err = joiner.communicate(timeout=60)
     assert joiner.returncode == 0, joiner_err[-3000:]
+    for override, other in refused.items():
+        _, other_err = other.communicate(timeout=60)
+        assert other.returncode == 2 and other_err.count("\n") == 1, other_err[-2000:]
+        assert mismatched[override] in other_err and "join with the job's config" in other_err, other_err
     out, err = server.communicate(timeout=300)
     assert server.returncode == 0, err[-3000:]
     for worker in workers:
         assert worker.wait(timeout=60) == 0, worker.stderr.read()[-2000:]
     assert "worker 2 left the job" in err and "was lost" not in err and "step 150: val_loss" in out
+    assert "joined the job" not in err.replace("worker 2 joined the job", "")  # the refused ones were never counted
     applied = applied_units(run_dir)
     assert sorted(applied) == list(range(150 * 2)), (len(applied), len(set(applied)))
+    # a worker that joins the finished job is told so at once, not after ps.timeout_s (120 s)
+    start = time.time()
+    _, late_err = start_joining_worker(run_dir, prepared_small, *job).communicate(timeout=60)
+    assert "has finished (its checkpoint of step 150 ends its budget)" in late_err, late_err[-2000:]
+    assert time.time() - start < 30
