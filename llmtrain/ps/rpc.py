@@ -165,6 +165,10 @@ def stop_at(updates: int) -> int:
     return server().stop_at(updates)
 
 
+def freeze() -> int:
+    return server().freeze()
+
+
 def release(diverged: tuple[int, int] | None = None) -> None:
     """Server 0 lets this server leave (telling it whether the run diverged)."""
     server().diverged = diverged
@@ -173,5 +177,5 @@ def release(diverged: tuple[int, int] | None = None) -> None:
 
 ENTRY_POINTS = {fn.__name__: fn for fn in (shared, pull, push, finished, read_shard, first_grant, revoke, wait_grant,
                                            join, leave, diverged, stage_shard, write_staged, write_shard, stop_at,
-                                           release, heartbeat, close_round, inner_state, put_inner)}
+                                           freeze, release, heartbeat, close_round, inner_state, put_inner)}
 """What a caller may run on a server, by name (the gRPC transport sends names, never code)."""

@@ -88,6 +88,8 @@ class ParameterServer:
         self.idle: set[int] = set()
         """Workers waiting for a lease (``wait_grant``): nothing to compute, so no bound on staleness waits for them."""
         self.finished: set[int] = set()
+        self.frozen_at: float | None = None
+        """When the run was ended at the version applied then (``freeze``), by ``time.monotonic``."""
         self.released = threading.Event()
         """Set by server 0 when the run is over: the other servers may then leave."""
         self.ready = threading.Event()
@@ -173,6 +175,17 @@ class ParameterServer:
             self.lock.notify_all()
             return self.budget
 
+    def freeze(self) -> int:
+        """End the run at the version applied now: a stop that cannot wait for the units lost workers hold (they
+        return only after ps.timeout_s). No push is applied after it (each is refused and its units go back to the
+        ledger); the units leased and not applied are returned in the checkpoint's state (``Leases.state_dict``), so
+        a resumed run leases them again first. The version, which need not end a step."""
+        with self.lock:
+            self.budget = self.version
+            self.frozen_at = time.monotonic()
+            self.lock.notify_all()
+            return self.version
+
     def _seen(self, worker: int) -> None:
         """``worker`` called now (lock held); one that joined later is known from its first call on."""
         if worker not in self.clock:
@@ -224,13 +237,17 @@ class ParameterServer:
             self.finished.add(worker)
             self.lock.notify_all()
 
-    def wait_until_done(self) -> bool:
-        """Block until the budget is spent and every live worker has finished; True if none was lost."""
+    def wait_until_done(self, linger_s: float = 2.0) -> bool:
+        """Block until the budget is spent and every live worker has finished; True if none was lost. Once the run
+        is frozen, the workers still alive are waited for ``linger_s`` at most (each hears at its next call that the
+        run is over): a lost one is not waited for."""
         with self.lock:
             while True:
                 if len(self.finished) == len(self.clock):
                     return True
                 if not self.live_workers():  # the rest were lost (silent for longer than the timeout)
+                    return False
+                if self.frozen_at is not None and time.monotonic() - self.frozen_at > linger_s:
                     return False
                 self.lock.wait(timeout=0.2)
 
@@ -498,6 +515,15 @@ class RoundServer(OuterServer):
             self._count_steps(before, len(finite) < len(entries))
             self.arrived.clear()
             self.lock.notify_all()
+
+    def freeze(self) -> int:
+        """As ``ParameterServer.freeze``, at the last closed round: the open round's pseudo-gradients are dropped
+        (its units are leased again after a resume)."""
+        with self.lock:
+            self.arrived.clear()
+            self.open.clear()
+            self.grants.clear()
+            return super().freeze()
 
     def proceed(self, step: int) -> None:
         with self.lock:

@@ -58,11 +58,16 @@ from llmtrain.run.cadence import Cadence
 from llmtrain.run.checkpoint import Checkpoints, Peers, client_state, diverged
 from llmtrain.run.metrics import MetricsLogger, last_scores
 from llmtrain.run.preemption import StopSignals, clear_preempted, mark_preempted
-from llmtrain.run.rundir import RunDir
+from llmtrain.run.rundir import RunDir, read_state
 from llmtrain.run.setup import TrainResult
 from llmtrain.run.straggler import Straggler
 
 log = logging.getLogger("llmtrain")
+
+STOP_WAIT_S = 5.0
+"""How long server 0 waits, after a stop signal, for the steps it stops at; then it ends the run at the version
+applied (``ParameterServer.freeze``: the units lost workers still hold go back to the ledger) and writes its
+checkpoint, well within a launcher's grace before SIGKILL (torchrun's and Slurm's: 30 s)."""
 
 
 class AsyncPSTrainer:
@@ -113,7 +118,7 @@ class AsyncPSTrainer:
         if started.initial is not None:
             copy_weights(self._model, started.initial.state_dict, zero_stage=0)
             started.initial = None
-        self.start_step = 0
+        self.start_step = self.resumed_step = self.start_version = 0
         sizes = [(n, p.numel()) for n, p in self._model.named_parameters()]  # a tied weight appears once
         self.shards = shard_names(sizes, self.num_servers)
         if cfg.ps.transport == Transport.grpc:  # on every process alike, before any waits for another
@@ -151,7 +156,11 @@ class AsyncPSTrainer:
         #    precision, as sync mode does. Workers compile where it pays.
         if self.is_server:
             if self._resume_from is not None:
-                self.start_step = self.checkpoints.load(self._resume_from)["step"]
+                self.resumed_step = self.checkpoints.load(self._resume_from)["step"]
+                # the run continues at the version saved, which need not end a step (a stop that could not wait
+                # for lost workers' units, or Downpour's workers pushing while a save was copied)
+                self.start_version = calls.server().version
+                self.start_step = self.start_version // self.num_workers
             self._model.to(self.dtype)
             calls.server().start()
         elif should_compile(cfg.train.compile, self.env.device, zero_stage=0):
@@ -359,11 +368,13 @@ class AsyncPSTrainer:
         result = TrainResult(unigram_entropy=self.data.unigram_entropy())
         self._lost: list[bool] = []
         cadence = Cadence.of(cfg)
-        seen, units, step = 0, 0, self.start_step
+        # units: local steps applied since the start of the step in progress (some may be the resumed checkpoint's)
+        start_units = self.start_version - self.start_step * self.num_workers
+        seen, units, step = 0, start_units, self.start_step
         # tokens/s: over at least the last second (a DiLoCo update ends many steps at once, and two workers' updates
         # may land milliseconds apart), from the first update on
-        rate, rate_units, rate_time = 0.0, 0, time.time()
-        evaluated = saved = -1
+        rate, rate_units, rate_time = 0.0, start_units, time.time()
+        evaluated, saved = -1, self.resumed_step if self._resume_from is not None else -1
         interval: list[dict] = []
         this_step: list[dict] = []  # the updates of the step in progress
         # The loss of step s: the mean over the W units of data applied as step s (in the order applied; a DiLoCo
@@ -371,13 +382,16 @@ class AsyncPSTrainer:
         unit_losses: collections.deque[float] = collections.deque()
         done = threading.Thread(target=lambda: self._lost.append(not server.wait_until_done()), daemon=True)
         done.start()
-        running, stopping = True, False
+        running, stopping = True, None
         while running:
             running = done.is_alive()  # read once more after the end: the last updates land just before it
             done.join(timeout=0.2)
-            if self._signals.requested and not stopping:
+            if self._signals.requested and stopping is None:
                 self._stop_soon()
-                stopping = True
+                stopping = time.monotonic()
+            if stopping is not None and running and server.frozen_at is None and \
+                    time.monotonic() - stopping > STOP_WAIT_S:
+                self._freeze()
             with server.lock:
                 new = server.records[seen:]
             for i, record in enumerate(new):  # W local steps make one step (as many tokens as one synchronous step)
@@ -390,8 +404,9 @@ class AsyncPSTrainer:
                 while step < self.start_step + units // self.num_workers:  # an update of K local steps may end several
                     step += 1
                     metrics.advance()
-                    loss = float(np.mean([unit_losses.popleft() for _ in range(min(self.num_workers,
-                                                                                   len(unit_losses)))]))
+                    # the first step's units applied before a resume are not here: its loss is the rest's
+                    need = self.num_workers - (start_units if step == self.start_step + 1 else 0)
+                    loss = float(np.mean([unit_losses.popleft() for _ in range(min(need, len(unit_losses)))]))
                     if any(r["skipped"] for r in this_step):
                         log.warning("step %d skipped (a worker's loss or gradient was non-finite)", step)
                     if cadence.log(step):
@@ -414,7 +429,7 @@ class AsyncPSTrainer:
                         saved = step
                     server.proceed(step)
         updates.close()
-        if self._lost[0]:
+        if self._lost[0] and server.frozen_at is None:
             log.warning("%d worker(s) were lost (silent for more than ps.timeout_s=%d s); the others finished "
                         "the run", len(server.clock) - len(server.finished), self.cfg.ps.timeout_s)
         result.steps, result.stopped_early = step, step < cfg.max_steps
@@ -424,21 +439,37 @@ class AsyncPSTrainer:
             error = self.checkpoints.diverged(*server.diverged, cfg.max_nonfinite_steps)
             self._release_servers(server.diverged)
             raise error
-        if step == self.start_step:  # finished already: nothing was trained, its last scores stand
+        frozen = server.frozen_at is not None
+        # a frozen run's checkpoint is named by the step in progress (it holds part of it), after every earlier one
+        last = -(-server.version // self.num_workers) if frozen else step
+        if server.version == self.start_version:  # finished already: nothing was trained, its last scores stand
             scores = last_scores(self.run, step)
             result.val_loss, result.val_ppl = scores.get("val_loss", math.nan), scores.get("val_ppl", math.nan)
-        elif cadence.evaluate(step) and evaluated != step:
+        elif cadence.evaluate(step) and evaluated != step and not frozen:
             self._evaluate_into(result, metrics, step)
         metrics.close()
-        if saved != step and step != self.start_step:  # a run always ends with a checkpoint, as a synchronous one
-            self._save(step, last=True)
+        if saved != last and server.version != self.start_version:  # a run always ends with a checkpoint
+            self._save(last, last=True, version=server.version if frozen else None)
         try:
             self.checkpoints.in_flight.wait("at the end")  # the other servers write their shards until then
         finally:
-            if stopping and result.stopped_early:
-                mark_preempted(self.run, step, self._signals.requested)
+            if stopping is not None and result.stopped_early:
+                mark_preempted(self.run, last, self._signals.requested)
             self._release_servers(None)
         return result
+
+    def _freeze(self) -> None:
+        """A stop signal's steps were not applied within ``STOP_WAIT_S`` (lost workers hold some of their units):
+        every server ends the run at the version it has applied (server 0 last: the others may be ahead by the pushes
+        in flight to it, as when a worker is lost between its pushes), for a checkpoint of part of a step."""
+        for i in range(1, self.num_servers):
+            self.transport.call_sync(i, calls.freeze)
+        version = calls.freeze()
+        held = calls.server().leases.outstanding(calls.server().clock)
+        log.warning("stopping at once, after %g s: %d local step(s) of data are still held by workers that have not "
+                    "pushed them (lost?); the checkpoint holds %d of the %d local steps of step %d, and a resumed run "
+                    "leases the rest first", STOP_WAIT_S, held, version % self.num_workers, self.num_workers,
+                    -(-version // self.num_workers))
 
     def _release_servers(self, stopped: tuple[int, int] | None) -> None:
         """Let the other servers leave, telling them whether the run diverged (``stopped``: its non-finite steps)."""
@@ -515,9 +546,15 @@ class AsyncPSTrainer:
         """Tokens trained on after ``step`` steps (W updates of global_batch_size / W sequences each)."""
         return step * self.cfg.train.global_batch_size * self.model_cfg.block_size
 
-    def _save(self, step: int, last: bool = False) -> None:
-        state = client_state(step, self._tokens_seen(step), self.data.tokenizer_fingerprint, self.model_cfg,
-                             self.cfg.train.seed)
+    def _save(self, step: int, last: bool = False, version: int | None = None) -> None:
+        """A checkpoint named ``step``; of part of that step where ``version`` (the local steps applied) ends none:
+        its state records them, and its tokens are theirs."""
+        tokens = self._tokens_seen(step) if version is None else version * self._tokens_per_unit()
+        state = client_state(step, tokens, self.data.tokenizer_fingerprint, self.model_cfg, self.cfg.train.seed)
+        if version is not None and version % self.num_workers:
+            state["partial_step"] = {"version": version, "units_applied": version % self.num_workers,
+                                     "units_per_step": self.num_workers,
+                                     "lr_step": version // self.num_workers}
         self.checkpoints.save(step, state, self.config_yaml, last=last)
 
     def _agree_on_start(self) -> UserError | None:
@@ -532,9 +569,12 @@ class AsyncPSTrainer:
 
 
 def finished_at(run: RunDir, max_steps: int) -> int | None:
-    """The step of the run's newest complete checkpoint where it ends a budget of ``max_steps``, else None."""
+    """The step of the run's newest complete checkpoint where it ends a budget of ``max_steps`` (and holds no part
+    of a step only), else None."""
     found = run.complete()
-    return found[-1][0] if found and found[-1][0] >= max_steps else None
+    if not found or found[-1][0] < max_steps or "partial_step" in read_state(found[-1][1]):
+        return None
+    return found[-1][0]
 
 
 def rpc_peers(rank: int, call_sync) -> Peers:

@@ -359,3 +359,42 @@ def test_a_joined_worker_leaves_on_a_stop_signal_and_its_leases_go_back_at_once(
     _, late_err = start_joining_worker(run_dir, prepared_small, *job).communicate(timeout=60)
     assert "has finished (its checkpoint of step 150 ends its budget)" in late_err, late_err[-2000:]
     assert time.time() - start < 30
+
+
+def test_a_worker_killed_under_torchrun_costs_no_work(prepared_small, tmp_path):
+    """torchrun ends the job when a worker dies (SIGTERM, then SIGKILL 30 s later): server 0 must not wait for the
+    units the dead worker holds (they return after ps.timeout_s=60 s), but write a checkpoint of the version it has,
+    part of a step, at once; the same command then resumes from it and applies every unit of the budget once."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import BIN, REPO
+    from tests.integration.conftest import COMMON
+
+    run_dir = tmp_path / "run"
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=3", "-m", "llmtrain.cli.train",
+           f"data.dir={prepared_small}", f"run.dir={run_dir}", *COMMON, "precision=fp32", "mode=async_ps",
+           "ps.transport=grpc", "train.max_steps=60", "train.slow_rank_factor=4", "train.eval_every=30"]
+    job = subprocess.Popen(cmd, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_step(run_dir, 10)
+    ranks = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split()
+    victim = max(int(pid) for pid in ranks)  # the last rank started: worker 1
+    killed = time.time()
+    os.kill(victim, signal.SIGKILL)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode != 0 and time.time() - killed < 20, err[-3000:]  # well within torchrun's 30 s grace
+    saved = sorted((run_dir / "checkpoints").glob("step_*"))
+    assert saved and (saved[-1] / "COMPLETE.json").is_file(), err[-3000:]
+    state = json.loads((saved[-1] / "llmtrain_state.json").read_text())
+    assert f"checkpoint of step {state['step']}" in err
+    if "partial_step" in state:  # the dead worker held units of the step in progress: it holds part of it
+        assert "stopping at once" in err
+        assert state["partial_step"]["units_per_step"] == 2 and state["partial_step"]["units_applied"] == 1
+    again = subprocess.run(cmd, cwd=REPO, text=True, capture_output=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {saved[-1]}" in again.stderr
+    assert sorted(losses(run_dir)) == list(range(1, 61))  # every step logged once across the two starts
+    applied = applied_units(run_dir)
+    assert sorted(applied) == list(range(60 * 2)), (len(applied), len(set(applied)))
