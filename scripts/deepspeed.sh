@@ -13,6 +13,8 @@ if [ -n "${SLURM_JOB_NODELIST:-}" ]; then
   eval "$("$PY" -m llmtrain.distributed.slurm env)"
   HOSTFILE=${HOSTFILE:-${TMPDIR:-/tmp}/llmtrain-hostfile-${SLURM_JOB_ID}}
   "$PY" -m llmtrain.distributed.slurm hostfile "$HOSTFILE"
+  # The layout checked first (llmtrain-train --check): a refusal is one line and exit 2, before the launcher starts.
+  "$PY" -m llmtrain.cli.train --check --nproc_per_node "$NPROC_PER_NODE" --nnodes "$NNODES" "$@" || exit $?
   LAUNCHER=${DS_LAUNCHER:-slurm}
   NO_SSH=(); [ "$LAUNCHER" = slurm ] && NO_SSH=(--no_ssh_check)  # srun reaches the nodes; ssh is not needed
   # The console script, not --module llmtrain.cli.train: DeepSpeed's slurm launcher (SlurmRunner.get_cmd, 0.19.8)
@@ -22,5 +24,6 @@ if [ -n "${SLURM_JOB_NODELIST:-}" ]; then
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$BIN/llmtrain-train" "$@"
 fi
 NPROC_PER_NODE=${NPROC_PER_NODE:-$("$PY" -c 'import torch; print(torch.cuda.device_count() or 1)')}
+"$PY" -m llmtrain.cli.train --check --nproc_per_node "$NPROC_PER_NODE" --nnodes 1 "$@" || exit $?
 exec "$BIN/deepspeed" --num_gpus "$NPROC_PER_NODE" --master_port "${MASTER_PORT:-29500}" \
   --module llmtrain.cli.train "$@"

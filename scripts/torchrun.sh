@@ -22,6 +22,11 @@ NPROC_PER_NODE=${NPROC_PER_NODE:-$("$PY" -c 'import torch; print(torch.cuda.devi
 # guessing from the hostname is how multi-node jobs end up listening on the wrong network and hang.
 eval "$("$PY" -m llmtrain.distributed.slurm net "$MASTER_ADDR")"
 IS_HOST=false; [ "$NODE_RANK" = 0 ] && IS_HOST=true  # node 0 serves the rendezvous, whatever its hostname says
+# The layout checked first (llmtrain-train --check): a refusal is one line and exit 2, before torchrun starts (its
+# own report of a failed rank is a traceback). Node 0 prints the grid and predicted memory; the others check quietly.
+if [ "$NODE_RANK" = 0 ]; then CHECK_OUT=/dev/stdout; else CHECK_OUT=/dev/null; fi
+"$PY" -m llmtrain.cli.train --check --nproc_per_node "$NPROC_PER_NODE" --nnodes "$NNODES" "$@" >"$CHECK_OUT" \
+  || exit $?
 # torchrun's agent ignores SIGUSR1 (an ignored signal stays ignored across exec), so Slurm's pre-emption
 # signal, sent to every process of the step, reaches the trainers (which checkpoint) without killing the agent.
 trap '' USR1

@@ -8,6 +8,12 @@ llmtrain_run_dir() {
     | sed -n 's/^dir: *//p'
 }
 
+# The layout checked before any rank starts (llmtrain-train --check): a refusal is one line and exit 2, with no
+# srun step and no launcher traceback. Usage: llmtrain_check <nproc per node> <nodes, or MIN:MAX>
+llmtrain_check() {
+  "$PY" -m llmtrain.cli.train --check --nproc_per_node "$1" --nnodes "$2" "${TRAIN_ARGS[@]}"
+}
+
 llmtrain_step() {
   local srun_opts=() rc run_dir
   while [ "$#" -gt 0 ] && [ "$1" != -- ]; do srun_opts+=("$1"); shift; done

@@ -77,6 +77,16 @@ def fail(command: str, message: str, code: int = USER_ERROR_EXIT, every_process:
     sys.exit(code)
 
 
+JOB_RANKS: str | None = None
+"""The ranks the command is checked for (``llmtrain-train --check``), where no launcher says it."""
+
+
+def with_job_size(message: str) -> str:
+    """A layout error (it names a ``dist.`` setting) with the ranks of the job it is refused for."""
+    ranks = JOB_RANKS or (f"{os.environ['WORLD_SIZE']} rank(s)" if "WORLD_SIZE" in os.environ else None)
+    return f"{message} (this job: {ranks})" if ranks and "dist." in message else message
+
+
 def _is_main_process() -> bool:
     if not {"RANK", "SLURM_PROCID"} & os.environ.keys():  # a single process: no launcher, no torch to import
         return True
@@ -149,7 +159,7 @@ def _precheck(command: str, config_name: str, schema: type, argv: list[str]) -> 
             cfg = compose(config_name=config_name, overrides=overrides)
         to_typed(cfg, schema)
     except (OmegaConfBaseException, ValueError, UserError) as exc:
-        fail(command, one_line(exc), every_process=True)
+        fail(command, with_job_size(one_line(exc)), every_process=True)
     except Exception as exc:  # Hydra's override/composition errors have no common public base
         if type(exc).__module__.startswith(("hydra", "omegaconf")):
             fail(command, quoting_hint(overrides) or one_line(exc), every_process=True)
@@ -279,7 +289,7 @@ def hydra_command(command: str, config_name: str, schema: type[T], task: Callabl
         try:
             typed = to_typed(cfg, schema)
         except (ValueError, OmegaConfBaseException) as exc:
-            fail(command, one_line(exc), every_process=True)
+            fail(command, with_job_size(one_line(exc)), every_process=True)
         run_task(command, task, typed)
 
     def main() -> None:

@@ -4,12 +4,20 @@
     torchrun --nproc_per_node 2 -m llmtrain.cli.train data.dir=data/stdlib run.dir=runs/z2 dist.zero_stage=2
     deepspeed --num_gpus 8 -m llmtrain.cli.train data.dir=... run.dir=... model=gpt2-124m precision=bf16
     torchrun --nproc_per_node 3 -m llmtrain.cli.train ... mode=async_ps   # 1 server + 2 workers
+    llmtrain-train --check --nproc_per_node 8 --nnodes 2 ...   # check a layout without starting it
+
+--check [--nproc_per_node N] [--nnodes M|MIN:MAX] [--device-memory-gb G]: validate the config against that launch
+(the data's vocabulary, model.init_from's shapes, every degree and batch size, the memory per rank) and print the
+grid and predicted memory; exit 0, or 2 with one line. Nothing is started or written.
 
 A data.dir that holds no prepared dataset is refused, unless the source is named (data=stdlib|text|hf): then it is
 prepared first from the data.* settings.
 """
 
 from __future__ import annotations
+
+import sys
+from collections.abc import Callable
 
 from llmtrain.allocator import use_tuned_malloc
 from llmtrain.cli._entry import hydra_command
@@ -56,8 +64,36 @@ def run(cfg: TrainConfig) -> None:
               f"of the val tokens {result.unigram_entropy:.4f}; {result.skipped_steps} skipped step(s)", flush=True)
 
 
+def check(launch) -> Callable[[TrainConfig], None]:
+    """``--check``'s task: the layout's lines on stdout (a refusal is the command's one-line error)."""
+
+    def task(cfg: TrainConfig) -> None:
+        from llmtrain.run.check import check as check_layout
+
+        print("\n".join(check_layout(cfg, launch)), flush=True)
+
+    return task
+
+
 # A rank leaves its process group and ends; over gloo without interpreter finalization (llmtrain/distributed/exit.py).
-main = ended_process(hydra_command("llmtrain-train", "train", TrainConfig, run))
+_train = ended_process(hydra_command("llmtrain-train", "train", TrainConfig, run))
+
+
+def main() -> None:
+    """``llmtrain-train``; with ``--check``, the layout check instead (its flags taken out before Hydra's)."""
+    if "--check" not in sys.argv[1:]:
+        return _train()
+    from llmtrain.cli import _entry
+    from llmtrain.errors import UserError
+    from llmtrain.run.check import Launch
+
+    try:
+        launch, overrides = Launch.parse(sys.argv[1:])
+    except UserError as exc:
+        _entry.fail("llmtrain-train", str(exc))
+    _entry.JOB_RANKS = launch.describe()
+    sys.argv = [sys.argv[0], *overrides]
+    return hydra_command("llmtrain-train", "train", TrainConfig, check(launch))()
 
 if __name__ == "__main__":
     main()

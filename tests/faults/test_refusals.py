@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, REPO
+from tests.conftest import BIN, REPO, run_cli
 from tests.integration.conftest import launch
 
 pytestmark = pytest.mark.slow  # every test here starts processes (the CLI, ranks)
@@ -116,3 +116,50 @@ def test_a_diverged_run_exits_3_with_one_truthful_line(prepared_small, tmp_path,
         assert line.endswith(f"no checkpoint was saved in {run_dir}/checkpoints: lower optim.lr or check the data, "
                              "then re-run (it starts at step 0)")
         assert not (run_dir / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(("launch_flags", "overrides", "refusal"), [
+    (["--nproc_per_node", "2"], ["dist.tensor_parallel=3"],
+     "dist.tensor_parallel=3 does not divide model.n_head=2: each rank takes whole heads; dist.tensor_parallel=3 "
+     "does not divide the MLP width 256 (this job: 2 rank(s), 2 per node x 1 node(s))"),
+    (["--nproc_per_node=3", "--nnodes=1:2"], ["train.global_batch_size=12"],
+     "on 6 rank(s) (3 per node x 2 node(s)): train.global_batch_size=12 is not divisible by "
+     "train.micro_batch_size=4 x 6 data-parallel ranks = 24; choose a multiple of 24"),
+    (["--nproc_per_node", "2", "--device-memory-gb", "0.05"], ["model=small"],
+     "on 2 rank(s) (2 per node x 1 node(s)): 11,113,344 parameters need 0.2 GB of model states per rank, more than "
+     "the 0.1 GB of the device"),
+    (["--nproc_per_node", "3"], ["dist.expert_parallel=2", "model.n_experts=4"],
+     "on 3 rank(s) (3 per node x 1 node(s)): dist.expert_parallel=2 does not divide the 3 data-parallel rank(s)"),
+])
+def test_check_refuses_a_layout_before_any_rank_starts(prepared_small, tmp_path, launch_flags, overrides, refusal):
+    proc = run_cli("llmtrain-train", "--check", *launch_flags, f"data.dir={prepared_small}",
+                   f"run.dir={tmp_path / 'run'}", *FAST, *overrides)
+    errors = [line for line in proc.stderr.splitlines() if "llmtrain-train: error:" in line]
+    assert proc.returncode == 2 and len(errors) == 1 and refusal in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()  # nothing started, nothing written
+
+
+def test_check_prints_the_grid_and_memory_of_every_world_size(prepared_small, tmp_path):
+    proc = run_cli("llmtrain-train", "--check", "--nproc_per_node", "2", "--nnodes", "1:2",
+                   f"data.dir={prepared_small}", f"run.dir={tmp_path / 'run'}", *FAST, "dist.zero_stage=2",
+                   "train.micro_batch_size=2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "model tiny: 0.17M parameters, 2 blocks, vocabulary 1,024" in out  # the data's vocabulary
+    assert "2 rank(s) = 2 data x 1 tensor x 1 sequence parallel" in out and "4 rank(s) = 4 data" in out
+    assert "global batch 8 = 2 micro x 2 accumulation x 2 data-parallel ranks" in out
+    assert "global batch 8 = 2 micro x 1 accumulation x 4 data-parallel ranks" in out
+    assert out.count("memory per rank, predicted:") == 2
+    assert "the target device's memory is unknown here" in out  # no GPU here, and none given
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_launch_script_refuses_a_layout_in_one_line_without_starting_torchrun(prepared_small, tmp_path):
+    proc = subprocess.run(["bash", "scripts/torchrun.sh", f"data.dir={prepared_small}", f"run.dir={tmp_path / 'run'}",
+                           *FAST, "dist.tensor_parallel=2", "dist.zero_stage=3"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "NPROC_PER_NODE": "2"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("llmtrain-train: error: invalid dist config: "
+                                                           "dist.tensor_parallel>1 combines with dist.zero_stage=0|1|2")
+    assert "(this job: 2 rank(s), 2 per node x 1 node(s))" in proc.stderr
+    assert "ChildFailedError" not in proc.stderr and "Traceback" not in proc.stderr
