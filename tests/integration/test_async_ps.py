@@ -398,3 +398,44 @@ def test_a_worker_killed_under_torchrun_costs_no_work(prepared_small, tmp_path):
     assert sorted(losses(run_dir)) == list(range(1, 61))  # every step logged once across the two starts
     applied = applied_units(run_dir)
     assert sorted(applied) == list(range(60 * 2)), (len(applied), len(set(applied)))
+
+
+def test_calls_travel_over_tls_with_ps_tls_dir(tmp_path):
+    """ps.tls_dir: a certificate for the name llmtrain-ps, signed by the folder's ca.pem, whatever the host; a caller
+    that does not trust that authority is refused at the handshake."""
+    import shutil
+    import subprocess
+
+    from llmtrain.errors import UserError
+    from llmtrain.ps import rpc as calls
+    from llmtrain.ps.transport import Credentials, Grpc
+    from tests.unit.test_ps_transport import SECRET
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+
+    def ssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "ext.cnf").write_text("subjectAltName=DNS:llmtrain-ps\n")
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+        "-subj", "/CN=test-ca")
+    ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "key.pem", "-out", "req.csr", "-subj", "/CN=llmtrain-ps")
+    ssl("x509", "-req", "-in", "req.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+        "cert.pem", "-days", "2", "-extfile", "ext.cnf")
+    transport = Grpc(timeout_s=5, secret=SECRET, tls=Credentials(str(tmp_path)))
+    address = transport.serve("127.0.0.1", threads=2)
+    transport.join([address])
+    calls.publish("over tls")
+    index = len(calls._SHARED) - 1
+    try:
+        assert transport.call_sync(0, calls.shared, index) == "over tls"
+        plain = Grpc(timeout_s=2, secret=SECRET)  # no TLS: the server answers no plain call
+        plain.join([address])
+        with pytest.raises(RuntimeError, match="on server 0"):
+            plain.call_sync(0, calls.shared, index)
+        plain.close()
+    finally:
+        transport.close()
+    with pytest.raises(UserError, match="ps.tls_dir=.* must hold cert.pem, key.pem, ca.pem"):
+        Credentials(str(tmp_path / "none"))
