@@ -5,7 +5,8 @@ against, where it runs, and the upstream functions it replaces or calls (their p
 their source it is written against). All of them follow the same rules:
 
 - A workaround runs only where it was measured to help: DeepSpeed's CPU accelerator, gloo groups, the ZeRO stages
-  it names. None was measured on CUDA/NCCL, so there DeepSpeed's and torch's own code runs.
+  it names. None was measured on CUDA/NCCL, so there DeepSpeed's and torch's own code runs. The one exception,
+  :data:`ZERO3_UNIVERSAL_LOAD`, mends values rather than speed: it runs after every ZeRO-3 universal load.
 - Before one is installed its upstream functions are looked up and their parameters compared (:func:`usable`): one
   missing or changed skips the workaround with one warning line, and the run goes on with upstream's behaviour.
   tests/unit/test_workarounds.py makes the same check and reads the source lines too, so CI fails on such an upgrade.
@@ -182,6 +183,56 @@ CHUNKED_ADAMW = Workaround(
                   "params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps", "foreach",
                   "capturable", "differentiable", "fused", "grad_scale", "found_inf", "has_complex",
                   "decoupled_weight_decay", "amsgrad", "beta1", "beta2", "lr", "weight_decay", "eps", "maximize"))))
+
+
+ZERO3_UNIVERSAL_LOAD = Workaround(
+    name="ZeRO-3 universal load: each optimizer group's settings, each sub-group's own step",
+    works_around="DeepSpeed ZeRO-3's universal load (load_hp_checkpoint_state_from_checkpoint_dir_stage3) restores "
+                 "the fp32 weights and Adam moments exactly, but (1) hands the one step tensor of the checkpoint's "
+                 "first state to every sub-group: torch's Adam counts a step in place, once per sub-group, so with "
+                 "4 sub-groups each optimizer step after the resume counted 4 (bias corrections of steps 21-24 in "
+                 "step 21, of 25-28 in step 22, ...); and (2) copies the settings of the checkpoint's first "
+                 "optimizer group into every group, so llmtrain's no_decay group (norms, biases) took the decay "
+                 "group's weight_decay. A ZeRO-3 run resumed on another world size drifted from the uninterrupted "
+                 "run from its second step on (`tiny`, 2 ranks -> 1: 6e-6 relative at step 22, 1e-3 by step 33). "
+                 "ZeRO-1/2 restore group by group (base_optimizer.load_hp_checkpoint_state_from_checkpoint_dir). "
+                 "Each sub-group's step is made its own tensor and each group's settings are set again, group by "
+                 "group, from the same file; no upstream issue found",
+    checked_with="deepspeed 0.19.8, torch 2.13.0",
+    runs_where="after every ZeRO-3 load through the universal format, on any accelerator: it restores values "
+               "(2 ranks -> 1 then matches the uninterrupted run within 1e-7, as ZeRO-2 does)",
+    upstream=(Upstream(f"{_STAGE3}.load_hp_checkpoint_state_from_checkpoint_dir_stage3", source=(
+        "state_step = optim_sd[OPTIMIZER_STATE_DICT]['state'][0]['step']",
+        "self.optimizer.state[fp32_param]['step'] = state_step",
+        'optim_sd[OPTIMIZER_STATE_DICT]["param_groups"][0].items()',
+        "param_group['params'] = []")),))
+
+
+def mend_zero3_universal_load(optimizer: Any, universal: str) -> None:
+    """:data:`ZERO3_UNIVERSAL_LOAD`: after DeepSpeed's ZeRO-3 load of the universal checkpoint in folder ``universal``
+    (its ``zero/optimizer_state.pt``), give each state of ``optimizer``'s torch optimizer a step tensor of its own
+    (same value), and set each group to the saved group of the same index, every setting but ``params`` (which
+    DeepSpeed's ZeRO-3 keeps empty between steps). Where the saved groups are not as many as this optimizer's, one
+    warning and the groups as DeepSpeed left them."""
+    if not usable(ZERO3_UNIVERSAL_LOAD):
+        return
+    import os
+
+    import torch
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARAM_GROUPS
+
+    for state in optimizer.optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
+    saved = torch.load(os.path.join(universal, "zero", "optimizer_state.pt"), map_location="cpu",
+                       weights_only=False)[OPTIMIZER_STATE_DICT][PARAM_GROUPS]
+    groups = optimizer.optimizer.param_groups
+    if len(saved) != len(groups):
+        log.warning("llmtrain: %s: the checkpoint has %d optimizer group(s), this optimizer %d; every group keeps the "
+                    "first saved group's settings", ZERO3_UNIVERSAL_LOAD.name, len(saved), len(groups))
+        return
+    for group, saved_group in zip(groups, saved, strict=True):
+        group.update({key: value for key, value in saved_group.items() if key != "params"})
 
 
 def on_cpu_accelerator() -> bool:

@@ -74,7 +74,17 @@ def fail(command: str, message: str, code: int = USER_ERROR_EXIT, every_process:
         if every_process:
             sys.exit(code)
     print(f"{command}: error: {message}", file=sys.stderr, flush=True)
+    if code == USER_ERROR_EXIT:
+        stop_elastic_agent()
     sys.exit(code)
+
+
+def stop_elastic_agent() -> None:
+    """Under torchrun's elastic agent with restarts (``--max-restarts K``), a refusal -- the same at every restart --
+    is not retried: the agent that started this process is asked to stop (SIGTERM), so that it ends the job instead
+    of starting the ranks again into the same line."""
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+        os.kill(os.getppid(), signal.SIGTERM)
 
 
 JOB_RANKS: str | None = None

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from llmtrain import workarounds
 from llmtrain.config import Mode, ModelConfig
 from llmtrain.distributed.deepspeed import CONVERTED, UNIVERSAL, universal_checkpoint
 from llmtrain.distributed.memory import choose_copies
@@ -155,10 +156,19 @@ class DeepSpeedCheckpointIO:
             if self.zero_stage == 0 and saved != self.layout[axis]:
                 raise UserError(f"{folder} was saved at ZeRO-0 with dist.{axis}={saved}; DeepSpeed converts only "
                                 f"ZeRO 1-3 checkpoints between layouts: resume with dist.{axis}={saved}")
+        if self.zero_stage == 3 and self._converts(marker) and not workarounds.usable(workarounds.ZERO3_UNIVERSAL_LOAD):
+            raise UserError(f"{folder} was saved at ZeRO-3 on {describe_layout(marker)}: this DeepSpeed's universal "
+                            "load is not the one llmtrain mends (llmtrain.workarounds.ZERO3_UNIVERSAL_LOAD), so the "
+                            "resume would not be known exact; resume on that layout (or check "
+                            "tests/integration/zero3_universal_repro.py against this DeepSpeed)")
+
+    def _converts(self, marker: dict[str, Any]) -> bool:
+        """Whether the checkpoint of ``marker`` loads through DeepSpeed's universal format (another layout)."""
+        same_layout = all(marker.get(axis, 1) == degree for axis, degree in self.layout.items())
+        return not (marker["world_size"] == self.world_size and same_layout) and self.zero_stage != 0
 
     def read(self, folder: Path, marker: dict[str, Any]) -> None:
-        same_layout = all(marker.get(axis, 1) == degree for axis, degree in self.layout.items())
-        if (marker["world_size"] == self.world_size and same_layout) or self.zero_stage == 0:
+        if not self._converts(marker):
             path, _ = self.engine.load_checkpoint(str(folder.parent), tag=folder.name, load_lr_scheduler_states=False)
         else:
             path, _ = self._load_universal(folder, marker)
@@ -181,9 +191,12 @@ class DeepSpeedCheckpointIO:
         engine = self.engine
         engine._config.load_universal_checkpoint = True  # DeepSpeed reads it from its config at load time
         try:
-            return engine.load_checkpoint(str(folder), tag=tag, load_lr_scheduler_states=False)
+            loaded = engine.load_checkpoint(str(folder), tag=tag, load_lr_scheduler_states=False)
         finally:
             engine._config.load_universal_checkpoint = False
+        if self.zero_stage == 3 and loaded[0] is not None:  # one shared step tensor, the first group's settings
+            workarounds.mend_zero3_universal_load(engine.optimizer, str(folder / tag))
+        return loaded
 
     def _renamed(self, universal: Path, from_pipeline: bool) -> str:
         """The universal checkpoint under this layout's parameter names: a pipeline's names follow its layers

@@ -168,11 +168,11 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
     return sorted(json.loads(m.read_text())["step"] for m in (run_dir / "checkpoints").glob("step_*/COMPLETE.json"))
 
 
-def wait_until(condition, timeout: float) -> None:
+def wait_until(condition, timeout: float, every: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"not reached within {timeout} s"
-        time.sleep(0.2)
+        time.sleep(every)
 
 
 # The settings of tests/conftest.py's small_data_config, as overrides: the same prepare as `prepared_small`.

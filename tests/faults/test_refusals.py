@@ -163,3 +163,19 @@ def test_the_launch_script_refuses_a_layout_in_one_line_without_starting_torchru
                                                            "dist.tensor_parallel>1 combines with dist.zero_stage=0|1|2")
     assert "(this job: 2 rank(s), 2 per node x 1 node(s))" in proc.stderr
     assert "ChildFailedError" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_refusal_under_an_elastic_agent_is_not_retried(prepared_small, tmp_path):
+    """torchrun --max-restarts 3 restarts failed ranks; a refusal would be the same at each restart, so the rank asks
+    its agent to stop: one line, one attempt."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([str(BIN / "torchrun"), "--nnodes=1:1", "--nproc-per-node=1", "--max-restarts=3",
+                           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "-m", "llmtrain.cli.train",
+                           f"data.dir={prepared_small}", f"run.dir={tmp_path / 'run'}", *FAST,
+                           "train.global_batch_size=7"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("llmtrain-train: error:")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
+    assert "train.global_batch_size=7 is not a multiple of train.micro_batch_size=4" in errors[0]
+    assert "attempts left" not in proc.stderr

@@ -128,8 +128,8 @@ def test_pipeline_dropout_is_seeded_per_micro_batch_and_resumes_bitwise(run, pre
 
 @pytest.mark.parametrize(("name", "ranks", "overrides"), [
     ("tp2", 1, ["dist.zero_stage=1"]),  # tensor parallel 2 on 2 ranks -> 1 rank
-    # sequence parallel 2 x data 2 on 4 ranks -> data parallel on 2 (a ZeRO-3 checkpoint resumes in another layout
-    # too, but DeepSpeed's universal load of ZeRO-3's Adam state is not exact: docs/training.md)
+    # sequence parallel 2 x data 2 on 4 ranks -> data parallel on 2 (ZeRO-3 through the universal format:
+    # tests/integration/test_train.py)
     ("sp2_dp2", 2, ["dist.zero_stage=1"]),
     # pipeline 2 -> 1 rank, and -> 2 data-parallel ranks: the universal form under the whole model's names
     ("pp2", 1, ["dist.zero_stage=1"]),

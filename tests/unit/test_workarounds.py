@@ -23,11 +23,13 @@ from llmtrain.workarounds import (
     FP32_MASTER,
     GATHER_PARAMETERS,
     LONE_ALLREDUCE,
+    ZERO3_UNIVERSAL_LOAD,
     Upstream,
     usable,
 )
 
-ALL = [FP32_MASTER, BROADCAST_GATHER, LONE_ALLREDUCE, CHUNKED_ADAMW, TUNED_MALLOC, NO_FINALIZATION, LINGER]
+ALL = [FP32_MASTER, BROADCAST_GATHER, LONE_ALLREDUCE, CHUNKED_ADAMW, ZERO3_UNIVERSAL_LOAD, TUNED_MALLOC,
+       NO_FINALIZATION, LINGER]
 UPSTREAM = [u for w in ALL for u in w.upstream]
 
 
@@ -246,3 +248,40 @@ def test_torchrun_names_the_earliest_failure_by_whole_seconds_then_the_first_ran
     assert isinstance(ProcessFailure(0, 1, 1, "/nonexistent").timestamp, int)  # whole seconds
     assert ChildFailedError("train", failures(r0=100, r1=100)).get_first_failure()[0] == 0  # same second: rank 0
     assert ChildFailedError("train", failures(r0=102, r1=100)).get_first_failure()[0] == 1  # lingered: the peer
+
+
+def zero3_after_universal_load(tmp_path, saved_groups):
+    """A ZeRO-3 optimizer as DeepSpeed's universal load leaves it (one step tensor in every sub-group's state, every
+    group with the first saved group's settings), and the universal folder it read (``saved_groups``)."""
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARAM_GROUPS
+
+    (tmp_path / "zero").mkdir()
+    torch.save({OPTIMIZER_STATE_DICT: {"state": {}, PARAM_GROUPS: saved_groups}},
+               tmp_path / "zero" / "optimizer_state.pt")
+    step = torch.tensor(20.0)
+    flats = [torch.zeros(3) for _ in range(3)]
+    first = {k: v for k, v in saved_groups[0].items() if k != "params"}
+    torch_optimizer = SimpleNamespace(state={flat: {"step": step, "exp_avg": torch.zeros(3)} for flat in flats},
+                                      param_groups=[{**first, "params": []} for _ in range(2)])
+    return SimpleNamespace(optimizer=torch_optimizer), flats
+
+
+def test_the_zero3_universal_load_mend_gives_each_sub_group_its_step_and_each_group_its_settings(tmp_path):
+    saved = [{"weight_decay": 0.1, "name": "decay", "lr": 1e-3, "params": [0, 1]},
+             {"weight_decay": 0.0, "name": "no_decay", "lr": 1e-3, "params": [2]}]
+    optimizer, flats = zero3_after_universal_load(tmp_path, saved)
+    workarounds.mend_zero3_universal_load(optimizer, str(tmp_path))
+    steps = [optimizer.optimizer.state[flat]["step"] for flat in flats]
+    assert len({id(step) for step in steps}) == 3 and all(float(step) == 20.0 for step in steps)
+    steps[0] += 1  # torch's Adam counts in place: one sub-group's step no longer moves the others'
+    assert [float(step) for step in steps] == [21.0, 20.0, 20.0]
+    assert [(g["name"], g["weight_decay"], g["params"]) for g in optimizer.optimizer.param_groups] == [
+        ("decay", 0.1, []), ("no_decay", 0.0, [])]  # params: DeepSpeed's ZeRO-3 keeps them empty between steps
+
+
+def test_the_zero3_universal_load_mend_leaves_groups_it_cannot_pair_with_a_warning(tmp_path, caplog):
+    optimizer, _ = zero3_after_universal_load(tmp_path, [{"weight_decay": 0.1, "params": [0]}])
+    with caplog.at_level(logging.WARNING):
+        workarounds.mend_zero3_universal_load(optimizer, str(tmp_path))
+    assert "the checkpoint has 1 optimizer group(s), this optimizer 2" in caplog.text
+    assert [g["weight_decay"] for g in optimizer.optimizer.param_groups] == [0.1, 0.1]
