@@ -8,8 +8,9 @@ them. Layout of ``<run.dir>``:
     metrics.jsonl               one JSON row per log step / evaluation (rank 0, or parameter server 0)
     updates.jsonl               async mode: one JSON row per applied update (its worker, version, staleness and
                                 units of data; parameter server 0)
-    servers.json                async mode over gRPC, while the job runs: where its servers answer (read by a
-                                worker that joins, ps.join=true)
+    servers.json                async mode over gRPC, while the job runs: where its servers answer and the settings
+                                a worker must share to join it (read by a worker that joins, ps.join=true)
+    ps.secret                   async mode over gRPC: the job's secret, owner-only, made anew at each start
     wandb_id.txt                the wandb run id, so an auto-resume continues the same wandb run
     PREEMPTED                   left by a run that stopped on a signal with a checkpoint (see preemption.py)
     DAMAGED.json                left when every checkpoint was found damaged: what was found and when; every later
