@@ -130,6 +130,9 @@ def target_memory(launch: Launch) -> tuple[str, float | None]:
 def _layout(cfg: TrainConfig, model_cfg, params: int, world: int, launch: Launch,
             visible: float | None) -> list[str]:
     """One world size: its grid and predicted memory per rank, or the ``UserError`` a start would raise."""
+    if cfg.mode == Mode.async_ps and cfg.ps.join:  # more workers of a running job: its layout is the job's
+        return [f"{world} more worker(s) for the job in run.dir={cfg.run.dir} (its servers, batch split and budget "
+                "are the job's; each joiner checks its settings against them as it starts)"]
     if cfg.mode == Mode.async_ps:
         workers = world - cfg.ps.num_servers
         if workers < 1:

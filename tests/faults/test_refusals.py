@@ -154,6 +154,13 @@ def test_check_prints_the_grid_and_memory_of_every_world_size(prepared_small, tm
     assert not (tmp_path / "run").exists()
 
 
+def test_check_of_joining_workers_takes_the_jobs_layout(prepared_small, tmp_path):
+    proc = run_cli("llmtrain-train", "--check", "--nproc_per_node", "1", f"data.dir={prepared_small}",
+                   f"run.dir={tmp_path / 'run'}", *FAST, "mode=async_ps", "ps.transport=grpc", "ps.join=true")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "1 more worker(s) for the job in run.dir=" in proc.stdout
+
+
 def test_the_launch_script_refuses_a_layout_in_one_line_without_starting_torchrun(prepared_small, tmp_path):
     proc = subprocess.run(["bash", "scripts/torchrun.sh", f"data.dir={prepared_small}", f"run.dir={tmp_path / 'run'}",
                            *FAST, "dist.tensor_parallel=2", "dist.zero_stage=3"], cwd=REPO, capture_output=True,
