@@ -32,6 +32,20 @@ llmtrain_step() {
     scontrol requeue "$SLURM_JOB_ID"
     return 0
   fi
+  if [ "$rc" != 0 ] && [ -n "${MIN_NODES:-}" ] && llmtrain_finished "$run_dir"; then  # elastic: srun names the lost
+    echo "llmtrain: a node was lost during the job (srun: exit code $rc); the nodes left finished it" >&2  # task
+    return 0
+  fi
   [ "$rc" = 0 ] || echo "llmtrain: error: job step failed with exit code $rc (see the lines above for the rank)" >&2
   return "$rc"
+}
+
+# Whether the run in $1 has finished: its newest complete checkpoint is at its train.max_steps.
+llmtrain_finished() {
+  local max_steps newest
+  max_steps=$("$PY" -m llmtrain.cli.train "${TRAIN_ARGS[@]}" --cfg job --resolve --package train 2>/dev/null \
+    | sed -n 's/^max_steps: *//p')
+  newest=$(find "$1/checkpoints" -maxdepth 2 -name COMPLETE.json 2>/dev/null | sed -n 's|.*/step_0*\([0-9][0-9]*\)/COMPLETE.json|\1|p' \
+    | sort -n | tail -1)
+  [ -n "$max_steps" ] && [ -n "$newest" ] && [ "$newest" -ge "$max_steps" ]
 }
