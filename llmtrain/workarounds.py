@@ -224,8 +224,9 @@ def mend_zero3_universal_load(optimizer: Any, universal: str) -> None:
     for state in optimizer.optimizer.state.values():
         if isinstance(state.get("step"), torch.Tensor):
             state["step"] = state["step"].clone()
+    # at ZeRO-3 the file also holds rank 0's fp32 partition and Adam moments: mapped, never read, for its groups
     saved = torch.load(os.path.join(universal, "zero", "optimizer_state.pt"), map_location="cpu",
-                       weights_only=False)[OPTIMIZER_STATE_DICT][PARAM_GROUPS]
+                       weights_only=False, mmap=True)[OPTIMIZER_STATE_DICT][PARAM_GROUPS]
     groups = optimizer.optimizer.param_groups
     if len(saved) != len(groups):
         log.warning("llmtrain: %s: the checkpoint has %d optimizer group(s), this optimizer %d; every group keeps the "
