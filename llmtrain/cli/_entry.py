@@ -72,19 +72,18 @@ def fail(command: str, message: str, code: int = USER_ERROR_EXIT, every_process:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher's stop ends the wait, and this process, quietly
         linger_for_local_peers()
         if every_process:
-            sys.exit(code)
+            _exit(code)
     print(f"{command}: error: {message}", file=sys.stderr, flush=True)
-    if code == USER_ERROR_EXIT:
-        stop_elastic_agent()
-    sys.exit(code)
+    _exit(code)
 
 
-def stop_elastic_agent() -> None:
-    """Under torchrun's elastic agent with restarts (``--max-restarts K``), a refusal -- the same at every restart --
-    is not retried: the agent that started this process is asked to stop (SIGTERM), so that it ends the job instead
-    of starting the ranks again into the same line."""
-    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+def _exit(code: int) -> NoReturn:
+    """Exit ``code``. Under torchrun's elastic agent with restarts (``--max-restarts K``), a refusal -- the same at
+    every restart -- is not retried: each process's agent (every node's) is asked to stop (SIGTERM), so that it ends
+    the job instead of starting the ranks again into the same line."""
+    if code == USER_ERROR_EXIT and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
         os.kill(os.getppid(), signal.SIGTERM)
+    sys.exit(code)
 
 
 JOB_RANKS: str | None = None

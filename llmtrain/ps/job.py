@@ -16,8 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from llmtrain.config import TrainConfig
 from llmtrain.data.mixture import MixedData, TrainingData
-from llmtrain.errors import UserError
+from llmtrain.errors import AgreedError, UserError
 from llmtrain.run.checkpoint import RESUMABLE_MODEL_CHANGES
 
 SECRET_ENV = "LLMTRAIN_PS_SECRET"
@@ -48,6 +49,17 @@ def job_settings(resolved: dict[str, Any], data: TrainingData) -> dict[str, Any]
     settings["data.train_tokens"] = [int(s.meta["splits"]["train"]["tokens"]) for s in sources]
     settings["data.weights"] = [round(w, 12) for w in weights]
     return settings
+
+
+def check_workers(cfg: TrainConfig, num_servers: int, num_workers: int, world: int) -> None:
+    """Refuse, in one line, a launch of ``world`` processes that leaves no worker beside ``num_servers`` servers, or
+    whose global batch does not split among ``num_workers`` workers' micro-batches (at start-up and ``--check``)."""
+    if num_workers < 1:
+        raise AgreedError(f"mode=async_ps with ps.num_servers={num_servers} needs at least {num_servers + 1} "
+                          f"processes; the launcher started {world}")
+    if cfg.train.global_batch_size % (num_workers * cfg.train.micro_batch_size):
+        raise AgreedError(f"train.global_batch_size={cfg.train.global_batch_size} must be a multiple of "
+                          f"{num_workers} workers x train.micro_batch_size={cfg.train.micro_batch_size}")
 
 
 def check_joinable(layout: dict[str, Any], mine: dict[str, Any], folder: Path) -> None:

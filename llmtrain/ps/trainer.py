@@ -34,14 +34,14 @@ from llmtrain.distributed import memory
 from llmtrain.distributed.deepspeed import copy_weights, should_compile
 from llmtrain.distributed.env import rendezvous_host, rpc_env
 from llmtrain.dtypes import torch_dtype
-from llmtrain.errors import AgreedError, UserError
+from llmtrain.errors import UserError
 from llmtrain.evaluate import mean_loss, validation_scores
 from llmtrain.model import build_model
 from llmtrain.ps import rpc as calls
 from llmtrain.ps.checkpoint import ServerCheckpointIO
 from llmtrain.ps.diloco import InnerRounds
 from llmtrain.ps.grads import clip_, unit_gradient
-from llmtrain.ps.job import check_joinable, job_secret, job_settings, read_layout, write_layout
+from llmtrain.ps.job import check_joinable, check_workers, job_secret, job_settings, read_layout, write_layout
 from llmtrain.ps.leases import UpdateLog
 from llmtrain.ps.server import OuterServer, ParameterServer, RoundServer, shard_names
 from llmtrain.ps.transfers import Transfers
@@ -90,12 +90,7 @@ class AsyncPSTrainer:
         self.rank = rank = self.num_servers + self.num_workers if layout else self.env.rank
         if layout:  # the job's process 0 reports the run, not the first process of a joining launch
             self.env = dataclasses.replace(self.env, rank=rank)
-        if self.num_workers < 1:
-            raise AgreedError(f"mode=async_ps with ps.num_servers={self.num_servers} needs at least "
-                              f"{self.num_servers + 1} processes; the launcher started {world}")
-        if cfg.train.global_batch_size % (self.num_workers * cfg.train.micro_batch_size):
-            raise AgreedError(f"train.global_batch_size={cfg.train.global_batch_size} must be a multiple of "
-                              f"{self.num_workers} workers x train.micro_batch_size={cfg.train.micro_batch_size}")
+        check_workers(cfg, self.num_servers, self.num_workers, world)
         self.is_server = rank < self.num_servers
         # A stop signal reaches every process of a Slurm job: server 0 decides when to stop, the others go on.
         # A joined worker listens too: its own job's signal (scancel of the second sbatch) makes it leave.

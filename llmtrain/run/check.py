@@ -104,11 +104,12 @@ def check(cfg: TrainConfig, launch: Launch) -> list[str]:
     lines.append(f"model {model_cfg.name}: {params / 1e6:.2f}M parameters, {model_cfg.n_layer} blocks, vocabulary "
                  f"{model_cfg.vocab_size:,}")
     device, visible = target_memory(launch)
+    baseline = memory.process_baseline() if cfg.mode != Mode.async_ps else 0.0  # what a rank holds before its model
     for nodes, world in launch.worlds():
         where = f"{world} rank(s) ({launch.nproc_per_node} per node x {nodes} node(s))"
         try:
             lines += [f"on {where}:", *(f"  {line}" for line in _layout(cfg, model_cfg, params, world, launch,
-                                                                           visible))]
+                                                                           visible, baseline))]
         except UserError as exc:
             raise UserError(f"on {where}: {exc}") from None
     lines.append(f"memory per rank checked against {device}")
@@ -127,20 +128,17 @@ def target_memory(launch: Launch) -> tuple[str, float | None]:
             "a run on this host's CPUs checks its memory as it starts)"), None
 
 
-def _layout(cfg: TrainConfig, model_cfg, params: int, world: int, launch: Launch,
-            visible: float | None) -> list[str]:
+def _layout(cfg: TrainConfig, model_cfg, params: int, world: int, launch: Launch, visible: float | None,
+            baseline: float) -> list[str]:
     """One world size: its grid and predicted memory per rank, or the ``UserError`` a start would raise."""
     if cfg.mode == Mode.async_ps and cfg.ps.join:  # more workers of a running job: its layout is the job's
         return [f"{world} more worker(s) for the job in run.dir={cfg.run.dir} (its servers, batch split and budget "
                 "are the job's; each joiner checks its settings against them as it starts)"]
     if cfg.mode == Mode.async_ps:
+        from llmtrain.ps.job import check_workers
+
         workers = world - cfg.ps.num_servers
-        if workers < 1:
-            raise UserError(f"mode=async_ps with ps.num_servers={cfg.ps.num_servers} needs at least "
-                            f"{cfg.ps.num_servers + 1} processes")
-        if cfg.train.global_batch_size % (workers * cfg.train.micro_batch_size):
-            raise UserError(f"train.global_batch_size={cfg.train.global_batch_size} must be a multiple of {workers} "
-                            f"workers x train.micro_batch_size={cfg.train.micro_batch_size}")
+        check_workers(cfg, cfg.ps.num_servers, workers, world)
         shard = params / cfg.ps.num_servers
         server = sum(memory.server_bytes(cfg, shard, workers, params).values())
         return [f"{cfg.ps.num_servers} parameter server(s) + {workers} worker(s)",
@@ -151,7 +149,7 @@ def _layout(cfg: TrainConfig, model_cfg, params: int, world: int, launch: Launch
     topology = Topology.of(cfg.dist, 0, world)
     accum = grad_accumulation_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size, topology.dp)
     on_gpu = launch.device_memory_gb is not None or torch.cuda.is_available()
-    predicted = memory.estimate(cfg, params, world, memory.process_baseline(), on_gpu, model_cfg)
+    predicted = memory.estimate(cfg, params, world, baseline, on_gpu, model_cfg)
     lines = [topology.describe(),
              f"global batch {cfg.train.global_batch_size} = {cfg.train.micro_batch_size} micro x {accum} accumulation"
              f" x {topology.dp} data-parallel ranks",
