@@ -29,7 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -192,12 +192,13 @@ class Credentials:
         return grpc.ssl_channel_credentials(root_certificates=self.ca)
 
 
-def _refuse(context: Any, code: str, why: str) -> None:
+def _refuse(context: Any, code: str, why: str) -> NoReturn:
     """End a call that is not the job's: one line in this server's log, and the caller's error; the job goes on."""
     import grpc
 
     log.warning("refused a call from %s: %s", context.peer(), why)
-    context.abort(getattr(grpc.StatusCode, code), f"refused: {why}")
+    context.abort(getattr(grpc.StatusCode, code), f"refused: {why}")  # raises: the handler ends here
+    raise AssertionError("grpc's abort returned")
 
 
 def _answer(transport: Grpc, request: bytes, context: Any) -> bytes:
